@@ -1,0 +1,12 @@
+"""gemforge.kernels: the op functions the model calls, each with triton / cuda / torch backends."""
+from .registry import BackendUnavailable, backends, register, select
+from .rms_norm import rms_norm
+from .gelu_and_mul import gelu_and_mul
+from .rotary import rope_inv_freq, rotary
+from .attention import AttnMetadata, attention, write_kv
+from .linear import linear
+
+__all__ = [
+    "AttnMetadata", "BackendUnavailable", "attention", "backends", "gelu_and_mul", "linear",
+    "register", "rms_norm", "rope_inv_freq", "rotary", "select", "write_kv",
+]

@@ -1,0 +1,80 @@
+"""Install gemforge: `kernels/` -> gemforge.kernels, `engine/` -> gemforge.engine.
+
+The CUDA extension gemforge.kernels._C is built by CMake from csrc/ when nvcc is found.
+GEMFORGE_SKIP_CUDA_BUILD=1 skips it; GEMFORGE_CUDA_ARCHS (default "80;90a") picks the targets.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt into the extension's output directory."""
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        import pybind11
+
+        archs = os.environ.get("GEMFORGE_CUDA_ARCHS", "80;90a")
+        cfg = [
+            "cmake", str(ROOT), "-DCMAKE_BUILD_TYPE=Release",
+            f"-DGEMFORGE_OUTPUT_DIR={out_dir}",
+            f"-DGEMFORGE_CUDA_ARCHS={archs}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+        ]
+        if shutil.which("ninja"):
+            cfg += ["-G", "Ninja"]
+        print(f"gemforge: building CUDA extension for sm archs {archs}", flush=True)
+        subprocess.run(cfg, cwd=build_dir, check=True)
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+
+
+def ext_modules():
+    if os.environ.get("GEMFORGE_SKIP_CUDA_BUILD") == "1":
+        print("gemforge: GEMFORGE_SKIP_CUDA_BUILD=1, skipping the CUDA extension", flush=True)
+        return []
+    if not (ROOT / "CMakeLists.txt").exists():
+        return []
+    if find_nvcc() is None:
+        print("gemforge: nvcc not found, installing without the CUDA extension", flush=True)
+        return []
+    return [CMakeExtension("gemforge.kernels._C")]
+
+
+setup(
+    packages=["gemforge.kernels", "gemforge.engine", "gemforge.engine.server"],
+    package_dir={"gemforge.kernels": "kernels", "gemforge.engine": "engine",
+                 "gemforge.engine.server": "engine/server"},
+    ext_modules=ext_modules(),
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
