@@ -1,0 +1,87 @@
+"""Incremental detokenization with stop strings.
+
+Each `push(token_id)` returns the new text that is now certain:
+- UTF-8 safe: a token that ends in the middle of a multi-byte character (byte-fallback pieces)
+  yields nothing until the character is complete, so '\ufffd' is never emitted half-way;
+- stop strings: text that could still be the start of a stop string is held back until decided;
+  once a stop string appears, the text ends right before it and `stopped` becomes True.
+The pieces returned by push() and flush() concatenate to exactly the final `text`, which equals
+`tokenizer.decode(all ids)` truncated at the first stop string.
+"""
+from __future__ import annotations
+
+from .tokenizer import Tokenizer
+
+# Decode a window that starts this many tokens before the unread ones, so sentencepiece sees the
+# context it needs to place spaces and join byte pieces.
+_CONTEXT = 6
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.tok = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.prefix_offset = 0   # window start
+        self.read_offset = 0     # tokens whose text is already in self._decoded
+        self._decoded = ""       # all certain text, including any held-back part
+        self.emitted = 0         # characters of _decoded handed out
+        self.stopped = False
+        self.stop_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self._decoded[: self.emitted] if self.stopped else self._decoded
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly certain text (possibly '')."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        window = self.tok.decode(self.ids[self.prefix_offset:])
+        if window.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 character: wait for its remaining bytes
+        self._advance(window)
+        return self._release()
+
+    def flush(self) -> str:
+        """At the end of generation: release everything still held (incomplete bytes included)."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            self._advance(self.tok.decode(self.ids[self.prefix_offset:]))
+        if self.stopped:
+            return ""
+        out = self._decoded[self.emitted:]
+        self.emitted = len(self._decoded)
+        return out
+
+    def _advance(self, window: str) -> None:
+        prefix = self.tok.decode(self.ids[self.prefix_offset: self.read_offset])
+        self._decoded += window[len(prefix):]
+        self.read_offset = len(self.ids)
+        self.prefix_offset = max(0, self.read_offset - _CONTEXT)
+
+    def _release(self) -> str:
+        text = self._decoded
+        if self.stop:
+            start = max(0, self.emitted - max(map(len, self.stop)))
+            hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
+            if hits:
+                cut, s = min(hits)
+                self.stopped, self.stop_reason = True, s
+                out = text[self.emitted: cut]
+                self.emitted = cut
+                return out
+        end = len(text) - self._held_back(text)
+        out = text[self.emitted: end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best

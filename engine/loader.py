@@ -1,0 +1,175 @@
+"""Load HF-layout Gemma checkpoints (safetensors, single or sharded) into GemmaWeights.
+
+Tensors stream one at a time from each shard into the fused parameters, so peak host memory is
+about the model plus one tensor. Every problem raises CheckpointError naming the file and tensor;
+a model is returned whole or not at all.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .weights import GemmaWeights, assemble, fused_shapes, hf_slots
+
+log = logging.getLogger("gemforge.loader")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Present in some checkpoints, never needed: the tied LM head and HF's rotary buffers.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED = ("lm_head.weight",)
+
+
+def to_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded (via its index)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: model directory not found")
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({e!r})") from None
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard {missing[0]!r}, which is not in {d}")
+        return [d / f for f in files]
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json found")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device="cpu",
+                 on_complete: Callable[[str, torch.Tensor], object] | None = None,
+                 progress: bool = True) -> GemmaWeights:
+    """Read every tensor of the checkpoint into the fused layout, cast to `dtype` on `device`.
+
+    `on_complete(name, tensor)` is called once per fused parameter as soon as all its parts have
+    been read, and its return value replaces the parameter (quantize-on-load uses this).
+    """
+    slots, shapes = hf_slots(cfg), fused_shapes(cfg)
+    parts_left = {name: 0 for name in shapes}
+    for s in slots.values():
+        parts_left[s.target] += 1
+    params: dict[str, object] = {}
+    seen: dict[str, Path] = {}
+    files = checkpoint_files(model_dir)
+    bar = tqdm(total=len(slots), desc=f"loading {Path(model_dir).name}", unit="tensor",
+               disable=not progress, leave=False)
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                if key in _IGNORED or key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                slot = slots.get(key)
+                if slot is None:
+                    raise CheckpointError(f"{path}: unexpected tensor {key!r} (not part of a "
+                                          f"GemmaForCausalLM with this config)")
+                if key in seen:
+                    raise CheckpointError(f"{path}: tensor {key!r} appears twice (also in {seen[key]})")
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {key!r}: corrupt or truncated ({e})") from None
+                if tuple(t.shape) != slot.shape:
+                    raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
+                                          f"{slot.shape} from config.json")
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected floating point")
+                seen[key] = path
+                if slot.target not in params:
+                    params[slot.target] = torch.empty(shapes[slot.target], dtype=dtype, device=device)
+                params[slot.target][slot.start: slot.start + slot.shape[0]].copy_(t)
+                del t
+                parts_left[slot.target] -= 1
+                if parts_left[slot.target] == 0 and on_complete is not None:
+                    params[slot.target] = on_complete(slot.target, params[slot.target])
+                bar.update(1)
+    bar.close()
+    missing = [k for k in slots if k not in seen]
+    if missing:
+        where = ", ".join(p.name for p in files)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{model_dir}: missing tensor {missing[0]!r}{more} in {where}")
+    return assemble(cfg, params)
+
+
+def hf_state_dict(cfg: ModelConfig, weights: GemmaWeights) -> dict[str, torch.Tensor]:
+    """Unfuse dense GemmaWeights back into HF tensor names (contiguous copies)."""
+    params = {"embed": weights.embed, "final_norm": weights.final_norm}
+    for i, layer in enumerate(weights.layers):
+        for name in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"):
+            params[f"layers.{i}.{name}"] = getattr(layer, name)
+    return {key: params[s.target][s.start: s.start + s.shape[0]].contiguous()
+            for key, s in hf_slots(cfg).items()}
+
+
+def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, weights: GemmaWeights,
+                    tokenizer_model: str | Path | None = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """Write an HF-layout checkpoint (config.json, safetensors shards + index, tokenizer.model)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.cpu() for k, v in hf_state_dict(cfg, weights).items()}
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf["eos_token_id"],
+         "pad_token_id": cfg.pad_token_id}, indent=2) + "\n")
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+             "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},
+            indent=2) + "\n")
+    return out

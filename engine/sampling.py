@@ -1,0 +1,165 @@
+"""SamplingParams (validated against one table of ranges) and the batched sampler.
+
+Sampling of one row of fp32 logits l over the vocabulary:
+  1. penalties: repetition r (HF rule: l/r where l > 0 else l*r, over prompt and output tokens),
+     presence p and frequency f (OpenAI rule: l - p*[count > 0] - f*count over output tokens);
+  2. temperature 0 -> argmax; else l / T, then top-k, top-p (nucleus) and min-p filtering;
+  3. a draw from softmax with the request's own torch.Generator (seeded when `seed` is set), so a
+     seed gives the same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .errors import RequestError
+
+INF = math.inf
+# field: (minimum, maximum, min_inclusive, max_inclusive, description). One table drives the
+# checks, the error messages, the server's validation and the docs.
+RANGES: dict[str, tuple] = {
+    "n": (1, 64, True, True, "number of completions"),
+    "max_tokens": (1, 1 << 20, True, True, "tokens to generate at most"),
+    "min_tokens": (0, 1 << 20, True, True, "tokens before eos/stop may end the output"),
+    "temperature": (0.0, 100.0, True, True, "0 = greedy"),
+    "top_k": (-1, 1 << 20, True, True, "-1 or 0 = whole vocabulary"),
+    "top_p": (0.0, 1.0, False, True, "nucleus mass"),
+    "min_p": (0.0, 1.0, True, True, "drop tokens below min_p * max probability"),
+    "repetition_penalty": (0.0, 10.0, False, True, "1 = off"),
+    "presence_penalty": (-2.0, 2.0, True, True, "0 = off"),
+    "frequency_penalty": (-2.0, 2.0, True, True, "0 = off"),
+    "logprobs": (0, 20, True, True, "top log-probabilities per token"),
+    "seed": (-(1 << 63), (1 << 63) - 1, True, True, "random seed"),
+}
+_INTS = {"n", "max_tokens", "min_tokens", "top_k", "logprobs", "seed"}
+
+
+def check_range(name: str, value) -> None:
+    """Raise RequestError(field=name) unless `value` is of the right type and in RANGES[name]."""
+    lo, hi, lo_in, hi_in, desc = RANGES[name]
+    if name in _INTS:
+        ok_type = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok_type:
+        kind = "an integer" if name in _INTS else "a finite number"
+        raise RequestError(f"{name} must be {kind} ({desc}), got {value!r}", field=name)
+    if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):
+        interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+        raise RequestError(f"{name} must be in {interval} ({desc}), got {value!r}", field=name)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (OpenAI / vLLM names and defaults)."""
+    n: int = 1
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in RANGES and v is not None:
+                check_range(f.name, v)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise RequestError(f"stop must be a non-empty string or a list of them, got {self.stop!r}", field="stop")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}",
+                               field="stop_token_ids")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", field="ignore_eos")
+        if self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}", field="min_tokens")
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self, device) -> torch.Generator | None:
+        """The request's private random stream (None for greedy)."""
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed & ((1 << 64) - 1))
+        return g
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    prompt_ids: list[list[int]], output_ids: list[list[int]]) -> torch.Tensor:
+    """In place on fp32 logits [B, V]; rows without penalties are untouched."""
+    for row, (p, prompt, out) in enumerate(zip(params, prompt_ids, output_ids)):
+        if p.repetition_penalty != 1.0 and (prompt or out):
+            ids = torch.tensor(sorted(set(prompt) | set(out)), device=logits.device)
+            vals = logits[row, ids]
+            logits[row, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and out:
+            ids, counts = torch.tensor(out, device=logits.device).unique(return_counts=True)
+            logits[row, ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
+    return logits
+
+
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set; [B, V] fp32."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    ranks = torch.arange(V, device=logits.device)
+    k = torch.where(top_k <= 0, V, top_k.clamp(max=V))
+    drop = ranks[None, :] >= k[:, None]
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, -INF)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of fp32 logits [B, V] (penalties already applied) -> int64 [B]."""
+    out = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    dev = logits.device
+    sub = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+    if any(params[i].top_k > 0 or params[i].top_p < 1.0 or params[i].min_p > 0 for i in rows):
+        sub = _filter(sub,
+                      torch.tensor([params[i].top_k for i in rows], device=dev),
+                      torch.tensor([params[i].top_p for i in rows], device=dev),
+                      torch.tensor([params[i].min_p for i in rows], device=dev))
+    probs = sub.softmax(-1)
+    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) drawn from each request's stream.
+    noise = torch.stack([torch.empty(probs.shape[-1], device=dev).exponential_(generator=generators[i])
+                         for i in rows])
+    out[rows] = (probs / noise).argmax(-1)
+    return out
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprob of the chosen token [B], top-n logprobs [B, n], their ids [B, n]) of raw logits."""
+    lp = logits.log_softmax(-1)
+    chosen = lp.gather(-1, tokens[:, None])[:, 0]
+    top = lp.topk(max(top_n, 1), dim=-1)
+    return chosen, top.values[:, :top_n], top.indices[:, :top_n]

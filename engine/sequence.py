@@ -1,0 +1,96 @@
+"""A request's sequence: its tokens, its place in the cache, its stop rules, and its outputs."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import Detokenizer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+_ids = itertools.count()
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None        # "stop" | "length" | "abort" | None while running
+    logprobs: list[dict] | None = None
+    stop_reason: object = None       # the stop string or token id that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class Sequence:
+    """One completion being generated. `num_cached` tokens of `token_ids` are in the KV cache."""
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: Detokenizer
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    finish_reason: str | None = None
+    stop_reason: object = None
+    logprobs: list[dict] | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    @classmethod
+    def create(cls, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
+               tokenizer: Tokenizer, eos_ids, extra_stop_ids=(), device="cpu") -> "Sequence":
+        stop_ids = set(params.stop_token_ids) | set(extra_stop_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(eos_ids)
+        gen = params.make_generator(device)
+        if gen is not None and params.seed is not None and index:
+            gen.manual_seed((params.seed + 7919 * index) & ((1 << 64) - 1))
+        return cls(request_id, index, list(prompt_ids), params, Detokenizer(tokenizer, params.stop),
+                   frozenset(stop_ids), gen, logprobs=[] if params.logprobs is not None else None)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, logprob: dict | None = None) -> str:
+        """Add a sampled token, apply the stop rules, and return the newly certain text."""
+        self.output_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        n = len(self.output_ids)
+        if token in self.stop_ids and n > self.params.min_tokens:
+            self.finish_reason, self.stop_reason = "stop", token
+            return self.detok.flush()
+        delta = self.detok.push(token)
+        if self.detok.stopped:
+            self.finish_reason, self.stop_reason = "stop", self.detok.stop_reason
+            return delta
+        if n >= self.params.max_tokens:
+            self.finish_reason = "length"
+            return delta + self.detok.flush()
+        return delta
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finish_reason = "abort"
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.detok.text, list(self.output_ids), self.finish_reason,
+                                self.logprobs, self.stop_reason)

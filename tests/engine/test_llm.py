@@ -1,0 +1,82 @@
+"""The LLM API end to end on a tiny random checkpoint: infill, stops, n, limits, the CLI."""
+import pytest
+
+from gemforge.engine import LLM, RequestError, SamplingParams
+from gemforge.engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def llm(make_checkpoint):
+    d, _ = make_checkpoint("mqa", seed=5)
+    return LLM(d, dtype="float32", device="cpu", progress=False, kv_cache_tokens=512)
+
+
+def test_outputs_shape_and_order(llm):
+    outs = llm.generate(["a = 1", "def g():", [2, 50, 60]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.prompt for o in outs] == ["a = 1", "def g():", None]
+    assert outs[2].prompt_token_ids == [2, 50, 60]
+    for o in outs:
+        c = o.outputs[0]
+        assert len(c.token_ids) == 5 and c.finish_reason == "length" and isinstance(c.text, str)
+        assert c.text == llm.tokenizer.decode(c.token_ids)
+    assert llm.cache.blocks.num_used == 0
+
+
+def test_batched_equals_alone(llm):
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = ["import sys\n", "x", "class A:\n    pass\n" * 3]
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    alone = [llm.generate(q, p, use_tqdm=False)[0].outputs[0].token_ids for q in prompts]
+    assert batched == alone
+
+
+def test_infill_prompt_and_file_separator_stop(llm):
+    fsep = llm.tokenizer.special_ids["<|file_separator|>"]
+    p = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    out = llm.generate(["def f(x):\n"], p, suffixes=["    return y\n"], use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    assert ids[1] == llm.tokenizer.special_ids["<|fim_prefix|>"] and ids[-1] == llm.tokenizer.special_ids["<|fim_middle|>"]
+    # force the stop: make <|file_separator|> the only token the request may end on early
+    first = out.outputs[0].token_ids[0]
+    stop_p = SamplingParams(max_tokens=4, temperature=0.0, stop_token_ids=[first])
+    stopped = llm.generate(["def f(x):\n"], stop_p, suffixes=["    return y\n"], use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.text == ""
+    assert fsep in llm.tokenizer.fim_stop_ids()
+
+
+def test_stop_string_ends_text(llm):
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    full = llm.generate("def g():", p, use_tqdm=False)[0].outputs[0]
+    text = full.text
+    if len(text) < 3:
+        pytest.skip("random model produced too little text")
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    out = llm.generate("def g():", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.find(stop)] and out.stop_reason == stop
+
+
+def test_n_completions_with_seed_are_reproducible(llm):
+    p = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    a = llm.generate("x =", p, use_tqdm=False)[0]
+    b = llm.generate("x =", p, use_tqdm=False)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+
+
+def test_request_beyond_context_is_rejected(llm):
+    with pytest.raises(RequestError, match="exceeds the model's context") as e:
+        llm.generate("x", SamplingParams(max_tokens=600), use_tqdm=False)
+    assert e.value.field == "max_tokens"
+    with pytest.raises(RequestError, match="prompt token ids"):
+        llm.generate([[2, 10**7]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_cli_generate_and_infill(make_checkpoint, capsys):
+    d, _ = make_checkpoint("mqa", seed=5)
+    assert main(["generate", "--model", str(d), "--prompt", "def f():", "--max-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("def f():")
+    assert main(["generate", "--model", str(d), "--prompt", "a", "--suffix", "b", "--max-tokens", "3", "--device", "cpu"]) == 0
+    assert main(["generate", "--model", str(d / "nope"), "--prompt", "a"]) == 2
+    assert "config.json not found" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""SamplingParams validation (one table of ranges) and the sampler's contracts."""
+import math
+
+import pytest
+import torch
+
+from gemforge.engine.errors import RequestError
+from gemforge.engine.sampling import RANGES, SamplingParams, apply_penalties, sample
+
+BAD = [("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 1.5), ("temperature", -0.1),
+       ("temperature", math.nan), ("temperature", math.inf), ("top_p", 0.0), ("top_p", 1.01),
+       ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
+       ("frequency_penalty", -3), ("n", 0), ("logprobs", 21), ("seed", "7"), ("temperature", True),
+       ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", "yes")]
+
+
+@pytest.mark.parametrize("field, value", BAD)
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(RequestError, match=field) as e:
+        SamplingParams(**{field: value})
+    assert e.value.field == field
+
+
+def test_openai_defaults_and_every_range_edge_are_valid():
+    SamplingParams(temperature=1.0, top_p=1.0, n=1, presence_penalty=0.0, frequency_penalty=0.0)
+    for name, (lo, hi, lo_in, hi_in, _) in RANGES.items():
+        for v, ok in ((lo, lo_in), (hi, hi_in)):
+            if ok and name != "n" or (name == "n" and v <= 64):
+                kw = {name: v}
+                if name == "min_tokens":
+                    kw["max_tokens"] = max(1, v)
+                SamplingParams(**kw)
+
+
+def test_min_tokens_cannot_exceed_max_tokens():
+    with pytest.raises(RequestError, match="min_tokens"):
+        SamplingParams(min_tokens=10, max_tokens=5)
+
+
+def test_seeded_sampling_is_independent_of_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5000)
+    p = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=42)
+    alone = [sample(logits[2:3].clone(), [p], [p.make_generator("cpu")]).item() for _ in range(3)]
+    others = [SamplingParams(temperature=1.0, seed=i) for i in range(3)]
+    batch = [p if i == 2 else others[i if i < 2 else 2] for i in range(4)]
+    batched = []
+    for _ in range(3):
+        gens = [q.make_generator("cpu") for q in batch]
+        batched.append(sample(logits.clone(), batch, gens)[2].item())
+    assert alone == batched
+
+
+def test_greedy_top_k_1_and_filters():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 1000)
+    greedy = SamplingParams(temperature=0.0)
+    topk1 = SamplingParams(temperature=1.0, top_k=1, seed=3)
+    tiny_p = SamplingParams(temperature=1.0, top_p=1e-6, seed=3)
+    out = sample(logits.clone(), [greedy, topk1, tiny_p], [None, topk1.make_generator("cpu"), tiny_p.make_generator("cpu")])
+    assert out.tolist() == logits.argmax(-1).tolist()
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    p = SamplingParams(temperature=1.0, seed=7)
+    g = p.make_generator("cpu")
+    counts = torch.bincount(torch.stack([sample(logits.clone(), [p], [g]) for _ in range(4000)]).flatten(), minlength=3)
+    freq = counts.float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.035)  # > 4.5 sigma
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    p = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, [p], [[0]], [[1, 1, 2]])
+    assert torch.allclose(logits, torch.tensor([[1.0, -4.0 - 1.0, 0.5 - 0.75, 0.5]]))
