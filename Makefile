@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.gemforge-installed
-MODEL ?= models/nano-codegemma
+MODEL ?= models/tiny-random-codegemma
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean-venv

@@ -65,6 +65,19 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
+def _hf_tensors(files: list[Path]):
+    """Yield (key, read(), file) for every tensor of the safetensors files, one file open at a time."""
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                def read(f=f, key=key, path=path):
+                    try:
+                        return f.get_tensor(key)
+                    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                        raise CheckpointError(f"{path}: cannot read tensor {key!r}: corrupt or truncated ({e})") from None
+                yield key, read, path
+
+
 def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device="cpu",
                  on_complete: Callable[[str, torch.Tensor], object] | None = None,
                  progress: bool = True) -> GemmaWeights:
@@ -73,50 +86,57 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
     `on_complete(name, tensor)` is called once per fused parameter as soon as all its parts have
     been read, and its return value replaces the parameter (quantize-on-load uses this).
     """
+    files = checkpoint_files(model_dir)
+    return fuse_tensors(_hf_tensors(files), cfg, dtype, device, on_complete, progress,
+                        where=", ".join(p.name for p in files), desc=f"loading {Path(model_dir).name}")
+
+
+def weights_from_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype,
+                            device="cpu") -> GemmaWeights:
+    """GemmaWeights from an in-memory HF state dict (e.g. a transformers model's)."""
+    items = ((k, (lambda v=v: v), "state_dict") for k, v in state_dict.items())
+    return fuse_tensors(items, cfg, dtype, device, None, False, where="state_dict", desc="")
+
+
+def fuse_tensors(items, cfg: ModelConfig, dtype: torch.dtype, device, on_complete, progress: bool,
+                 where: str, desc: str) -> GemmaWeights:
+    """Copy (HF name, read(), source) items into the fused parameters, checking names and shapes."""
     slots, shapes = hf_slots(cfg), fused_shapes(cfg)
     parts_left = {name: 0 for name in shapes}
     for s in slots.values():
         parts_left[s.target] += 1
     params: dict[str, object] = {}
-    seen: dict[str, Path] = {}
-    files = checkpoint_files(model_dir)
-    bar = tqdm(total=len(slots), desc=f"loading {Path(model_dir).name}", unit="tensor",
-               disable=not progress, leave=False)
-    for path in files:
-        with _open(path) as f:
-            for key in f.keys():
-                if key in _IGNORED or key.endswith(_IGNORED_SUFFIXES):
-                    continue
-                slot = slots.get(key)
-                if slot is None:
-                    raise CheckpointError(f"{path}: unexpected tensor {key!r} (not part of a "
-                                          f"GemmaForCausalLM with this config)")
-                if key in seen:
-                    raise CheckpointError(f"{path}: tensor {key!r} appears twice (also in {seen[key]})")
-                try:
-                    t = f.get_tensor(key)
-                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {key!r}: corrupt or truncated ({e})") from None
-                if tuple(t.shape) != slot.shape:
-                    raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
-                                          f"{slot.shape} from config.json")
-                if not t.is_floating_point():
-                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected floating point")
-                seen[key] = path
-                if slot.target not in params:
-                    params[slot.target] = torch.empty(shapes[slot.target], dtype=dtype, device=device)
-                params[slot.target][slot.start: slot.start + slot.shape[0]].copy_(t)
-                del t
-                parts_left[slot.target] -= 1
-                if parts_left[slot.target] == 0 and on_complete is not None:
-                    params[slot.target] = on_complete(slot.target, params[slot.target])
-                bar.update(1)
+    seen: dict[str, object] = {}
+    bar = tqdm(total=len(slots), desc=desc, unit="tensor", disable=not progress, leave=False)
+    for key, read, path in items:
+        if key in _IGNORED or key.endswith(_IGNORED_SUFFIXES):
+            continue
+        slot = slots.get(key)
+        if slot is None:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r} (not part of a "
+                                  f"GemmaForCausalLM with this config)")
+        if key in seen:
+            raise CheckpointError(f"{path}: tensor {key!r} appears twice (also in {seen[key]})")
+        t = read()
+        if tuple(t.shape) != slot.shape:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
+                                  f"{slot.shape} from config.json")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected floating point")
+        seen[key] = path
+        if slot.target not in params:
+            params[slot.target] = torch.empty(shapes[slot.target], dtype=dtype, device=device)
+        params[slot.target][slot.start: slot.start + slot.shape[0]].copy_(t)
+        del t
+        parts_left[slot.target] -= 1
+        if parts_left[slot.target] == 0 and on_complete is not None:
+            params[slot.target] = on_complete(slot.target, params[slot.target])
+        bar.update(1)
     bar.close()
     missing = [k for k in slots if k not in seen]
     if missing:
-        where = ", ".join(p.name for p in files)
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{model_dir}: missing tensor {missing[0]!r}{more} in {where}")
+        raise CheckpointError(f"missing tensor {missing[0]!r}{more} in {where}")
     return assemble(cfg, params)
 
 

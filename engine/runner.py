@@ -54,12 +54,95 @@ def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnM
 
 
 class ModelRunner:
-    def __init__(self, model: GemmaModel, cache: KVCache):
+    """Runs WorkItems; decode-only batches replay a captured CUDA graph when graphs are enabled."""
+
+    def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False,
+                 max_graph_batch: int = 64, max_context: int | None = None):
         self.model, self.cache, self.device = model, cache, model.device
+        self.graphs = None
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graphs=True needs a CUDA device")
+            self.graphs = DecodeGraphs(model, cache, max_graph_batch,
+                                       max_context or model.cfg.max_position_embeddings)
 
     def run(self, items: list[WorkItem]) -> torch.Tensor:
         """fp32 logits [rows, V]: one row per item, or one per token for `all_logits` items."""
+        if self.graphs is not None and self.graphs.accepts(items):
+            return self.graphs.run(items)
         meta, rows = build_metadata(items, self.cache, self.device)
         ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device)
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device)
         return self.model.forward(ids, meta, self.cache, logits_indices=idx)
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode steps (one new token per sequence), one per batch-size bucket.
+
+    Inputs live in static buffers sized for the largest bucket; a batch is padded up to its
+    bucket with dummy rows (slot -1: nothing written; context 1 over block 0: harmless reads)
+    whose logits are dropped. Attention is captured with max_context_len = `max_context`, so
+    kernels size their grids for the longest context and stop at each row's real length.
+    """
+    BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+    def __init__(self, model: GemmaModel, cache: KVCache, max_batch: int, max_context: int):
+        self.model, self.cache = model, cache
+        self.buckets = [b for b in self.BUCKETS if b < max_batch] + [max_batch]
+        self.max_context = max_context
+        self.width = -(-max_context // cache.block_size)
+        dev, B = model.device, max_batch
+        self.ids = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.slots = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        self.context = torch.ones(B, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def accepts(self, items: list[WorkItem]) -> bool:
+        return (0 < len(items) <= self.buckets[-1]
+                and all(len(it.token_ids) == 1 and not it.all_logits and it.start + 1 <= self.max_context
+                        for it in items))
+
+    def _meta(self, b: int) -> AttnMetadata:
+        return AttnMetadata(positions=self.positions[:b], cu_seqlens_q=self.cu[: b + 1],
+                            context_lens=self.context[:b], block_tables=self.tables[:b],
+                            slot_mapping=self.slots[:b], max_query_len=1, max_context_len=self.max_context)
+
+    def _capture(self, b: int):
+        meta = self._meta(b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile kernels and settle the allocator outside the capture
+                self.model.forward(self.ids[:b], meta, self.cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model.forward(self.ids[:b], meta, self.cache)
+        self.pool = graph.pool()
+        self.graphs[b] = (graph, out)
+        return self.graphs[b]
+
+    def run(self, items: list[WorkItem]) -> torch.Tensor:
+        n = len(items)
+        b = next(x for x in self.buckets if x >= n)
+        blocks = self.cache.blocks
+        ids = [it.token_ids[0] for it in items] + [0] * (b - n)
+        pos = [it.start for it in items] + [0] * (b - n)
+        slots = [blocks.slots(it.seq_id, it.start, 1)[0] for it in items] + [-1] * (b - n)
+        ctx = [it.start + 1 for it in items] + [1] * (b - n)
+        table = torch.zeros(b, self.width, dtype=torch.int32)
+        for i, it in enumerate(items):
+            t = blocks.tables[it.seq_id]
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.ids[:b].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(pos), non_blocking=True)
+        self.slots[:b].copy_(torch.tensor(slots), non_blocking=True)
+        self.context[:b].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
+        self.tables[:b].copy_(table, non_blocking=True)
+        graph, out = self.graphs.get(b) or self._capture(b)
+        graph.replay()
+        return out[:n]

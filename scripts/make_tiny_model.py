@@ -31,4 +31,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "models/nano-codegemma")
+    main(sys.argv[1] if len(sys.argv) > 1 else "models/tiny-random-codegemma")

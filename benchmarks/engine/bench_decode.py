@@ -1,0 +1,162 @@
+"""End-to-end decode speed on random-weight checkpoints of the real CodeGemma shapes.
+
+For each model and batch size: prefill `--prompt-len` tokens per sequence, then time `--steps`
+greedy decode steps through gemforge's runner (host work, metadata and sampling included), and
+the same with HF transformers `generate` (static cache) on the same weights. Reports tokens/s and
+the fraction of the bandwidth roofline: (weight bytes + KV bytes read per step) / copy bandwidth.
+
+    python benchmarks/engine/bench_decode.py --models codegemma-2b codegemma-7b --batches 1 8 64 \
+        --bandwidth-GBps 3000 --out decode.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from gemforge.engine.config import ModelConfig, preset
+from gemforge.engine.kv_cache import KVCache
+from gemforge.engine.loader import weights_from_state_dict
+from gemforge.engine.model import GemmaModel
+from gemforge.engine.runner import ModelRunner, WorkItem
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def weight_bytes_per_step(model: GemmaModel) -> int:
+    """Bytes of every weight a decode step reads: all linears, the LM head, the norms."""
+    def nbytes(w):
+        return w.nbytes if hasattr(w, "nbytes") and not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
+    total = nbytes(model.w.embed) + nbytes(model.w.final_norm)
+    for layer in model.w.layers:
+        total += sum(nbytes(getattr(layer, n)) for n in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"))
+    return total
+
+
+def hf_model(cfg: ModelConfig, dtype, device):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    hf_cfg = GemmaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type",
+                                                                                   "torch_dtype")})
+    with torch.device(device):
+        model = GemmaForCausalLM(hf_cfg).to(dtype).eval()
+    return model
+
+
+def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, cuda_graphs: bool,
+                   block_size: int = 16) -> dict:
+    cfg = model.cfg
+    total = prompt_len + steps + 1
+    cache = KVCache(cfg.num_layers, batch * -(-total // block_size), block_size, cfg.num_kv_heads,
+                    cfg.head_dim, model.dtype, model.device)
+    runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=batch, max_context=total)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    for i in range(batch):
+        cache.blocks.append(i, prompt_len)
+    logits = runner.run([WorkItem(i, prompts[i], 0) for i in range(batch)])
+    last = logits.argmax(-1).tolist()
+
+    def step(pos):
+        for i in range(batch):
+            cache.blocks.append(i, 1)
+        return runner.run([WorkItem(i, [last[i]], pos) for i in range(batch)]).argmax(-1).tolist()
+
+    last = step(prompt_len)  # warm-up (compiles Triton kernels)
+    sync()
+    t = time.perf_counter()
+    for s in range(steps):
+        last = step(prompt_len + 1 + s)
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    kv_bytes = batch * (prompt_len + steps // 2) * KVCache.bytes_per_token(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.tensor([], dtype=model.dtype).element_size())
+    return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt, "kv_bytes": kv_bytes}
+
+
+def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device) -> dict:
+    ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           cache_implementation="static", pad_token_id=0)
+        sync()
+        return time.perf_counter() - t
+
+    run(4)  # warm-up
+    short, long = run(4), run(4 + steps)
+    dt = (long - short) / steps
+    return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["codegemma-2b", "codegemma-7b"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="eager decode steps only")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for name in args.models:
+        cfg = preset(name)
+        hf = hf_model(cfg, dtype, device)
+        model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device), dtype, device,
+                           args.backend)
+        if args.no_hf:
+            del hf
+            hf = None
+            gc.collect()
+        wbytes = weight_bytes_per_step(model)
+        for b in args.batches:
+            row = {"model": name, "dtype": args.dtype, "batch": b, "prompt_len": args.prompt_len,
+                   "weight_GB": round(wbytes / 1e9, 3), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+            graphs = device == "cuda" and not args.no_graphs
+            ours = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=graphs)
+            row.update({"gemforge_tok_s": round(ours["tokens_per_s"], 1), "gemforge_step_ms": round(ours["step_ms"], 3),
+                        "cuda_graphs": graphs})
+            if graphs:
+                eager = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=False)
+                row["gemforge_eager_tok_s"] = round(eager["tokens_per_s"], 1)
+            if args.bandwidth_GBps:
+                roof_s = (wbytes + ours["kv_bytes"]) / (args.bandwidth_GBps * 1e9)
+                row["roofline_tok_s"] = round(b / roof_s, 1)
+                row["roofline_frac"] = round(row["gemforge_tok_s"] / row["roofline_tok_s"], 3)
+            if hf is not None:
+                try:
+                    peer = bench_hf(hf, b, args.prompt_len, args.steps, cfg.vocab_size, device)
+                    row.update({"hf_static_tok_s": round(peer["tokens_per_s"], 1),
+                                "speedup_vs_hf": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2)})
+                except Exception as e:  # the peer failing must not lose our numbers
+                    row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del model, hf
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The one GPU run: build csrc/, test every kernel on the GPU, measure the ceilings, benchmark the
+# kernels and end-to-end decode against HF transformers, and summarise. Each part has its own
+# time limit; a part that fails is reported and the rest still runs.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR        (GPU machine: python3 with torch, triton, transformers)
+# Env: SUITE_QUICK=1 runs fewer shapes; GEMFORGE_CUDA_ARCHS (default 90a) picks the build target.
+set -u
+OUT=${1:?usage: gpu_suite.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+LOG="$OUT/suite.log"
+STATUS="$OUT/status.txt"
+: > "$STATUS"
+export PYTHONUNBUFFERED=1
+
+# Import gemforge from this checkout without installing: gemforge/{kernels,engine} -> the folders.
+SHIM=$(mktemp -d)
+mkdir -p "$SHIM/gemforge"
+ln -s "$ROOT/kernels" "$SHIM/gemforge/kernels"
+ln -s "$ROOT/engine" "$SHIM/gemforge/engine"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== [$name] start (limit ${limit}s)" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local verdict=ok; [ $rc -ne 0 ] && verdict="FAILED rc=$rc"; [ $rc -eq 124 ] && verdict="TIMEOUT"
+  echo "$name: $verdict ($((SECONDS - t0))s)" | tee -a "$STATUS" "$LOG"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+} >>"$LOG" 2>&1
+
+build() {
+  local arch=${GEMFORGE_CUDA_ARCHS:-90a}
+  cmake -S "$ROOT" -B /tmp/gemforge-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGEMFORGE_OUTPUT_DIR="$ROOT/kernels" -DGEMFORGE_CUDA_ARCHS="$arch" \
+    -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
+    && cmake --build /tmp/gemforge-build -j "$(nproc)"
+}
+part build 240 build
+
+part tests 200 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
+  --junitxml="$OUT/tests.xml" 2>/dev/null || true
+grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
+
+part ceilings 60 $PY "$ROOT/benchmarks/ceilings.py" "$OUT/ceilings.json"
+BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps'])" 2>/dev/null || echo 3000)
+
+BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
+part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches $BATCHES --steps 32 --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+
+part kernel_bench 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
+  --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-json="$OUT/kernels.json"
+
+part summary 60 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
+cat "$STATUS"
+[ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"

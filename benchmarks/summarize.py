@@ -1,0 +1,79 @@
+"""Turn a GPU suite's JSON into summary.md and decode.png.   python benchmarks/summarize.py OUTDIR"""
+import json
+import sys
+from pathlib import Path
+
+
+def load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def kernel_rows(bench: dict) -> list[dict]:
+    rows = []
+    for b in bench.get("benchmarks", []):
+        extra = b.get("extra_info", {})
+        rows.append({"benchmark": b["name"], "median_us": round(b["stats"]["median"] * 1e6, 1),
+                     **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()}})
+    return rows
+
+
+def plot(decode: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in decode})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = [r for r in decode if r["model"] == m]
+        bs = [r["batch"] for r in rows]
+        for key, label in (("gemforge_tok_s", "gemforge"), ("hf_static_tok_s", "HF static cache"),
+                           ("roofline_tok_s", "bandwidth roofline")):
+            if all(key in r for r in rows):
+                ax.plot(bs, [r[key] for r in rows], marker="o", label=label,
+                        linestyle="--" if "roofline" in key else "-")
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"{m} ({rows[0]['dtype']})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(outdir: str) -> None:
+    d = Path(outdir)
+    parts = [f"# gemforge GPU suite\n"]
+    ceil = load(d / "ceilings.json")
+    if ceil:
+        parts.append(f"Device: **{ceil['device']}**, torch {ceil['torch']}. Measured ceilings: copy "
+                     f"{ceil['copy_GBps']} GB/s (read + write), bf16 matmul {ceil['bf16_matmul_TFLOPs']} TFLOP/s.\n")
+    status = (d / "status.txt").read_text() if (d / "status.txt").exists() else ""
+    parts.append("## Parts\n```\n" + status + "```\n")
+    decode = load(d / "decode.json")
+    if decode:
+        parts.append("## End-to-end greedy decode (random weights, real shapes, prompt 128)\n")
+        parts.append(table(decode, ["model", "dtype", "batch", "gemforge_tok_s", "gemforge_eager_tok_s", "roofline_tok_s", "roofline_frac",
+                                    "hf_static_tok_s", "speedup_vs_hf"]) + "\n")
+        try:
+            plot(decode, d / "decode.png")
+            parts.append("![decode](decode.png)\n")
+        except Exception as e:  # a plot must not lose the table
+            parts.append(f"(plot failed: {e})\n")
+    kern = load(d / "kernels.json")
+    if kern:
+        rows = kernel_rows(kern)
+        cols = ["benchmark", "median_us"] + sorted({k for r in rows for k in r} - {"benchmark", "median_us"})
+        parts.append("## Kernel benchmarks\n")
+        parts.append(table(rows, cols) + "\n")
+    (d / "summary.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
