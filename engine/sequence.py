@@ -21,6 +21,7 @@ class CompletionOutput:
     finish_reason: str | None        # "stop" | "length" | "abort" | None while running
     logprobs: list[dict] | None = None
     stop_reason: object = None       # the stop string or token id that ended it
+    delta: str = ""                  # text new since the previous output of this request (streaming)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: object = None
     logprobs: list[dict] | None = None
+    delta: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     @classmethod
@@ -64,6 +66,10 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:
@@ -93,4 +99,4 @@ class Sequence:
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(self.index, self.detok.text, list(self.output_ids), self.finish_reason,
-                                self.logprobs, self.stop_reason)
+                                self.logprobs, self.stop_reason, self.delta)

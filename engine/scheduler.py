@@ -1,0 +1,111 @@
+"""Iteration-level scheduler (pure Python, no torch): which tokens of which sequences run next.
+
+Each `schedule()` fills one flat batch under two budgets, `max_num_batched_tokens` and
+`max_num_seqs`:
+  1. running sequences first, oldest first: one decode token each, or the next chunk of a prompt
+     still being prefilled (chunked prefill); when the KV pool cannot hold a running sequence's
+     next tokens, the newest running sequence is preempted (its blocks freed, it is requeued at
+     the front of the waiting queue and later recomputed from its prompt + output so far);
+  2. then waiting sequences, first come first served, while the budgets and free blocks allow.
+A sequence is anything with `seq_id`, `num_cached` (tokens in the cache) and `num_tokens`
+(prompt + output so far). The scheduler reserves the cache slots of what it schedules.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockManager
+
+
+@dataclass
+class ScheduledSeq:
+    seq: object
+    num_tokens: int          # tokens of this sequence in the batch
+    start: int               # its tokens already cached
+    @property
+    def completes(self) -> bool:
+        """True when the batch brings the sequence fully up to date (a token will be sampled)."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[object] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        if max_num_seqs <= 0 or max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.num_preemptions = 0
+
+    def add(self, seq) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an older sequence
+                continue
+            if budget == 0:
+                break
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            while not self.blocks.can_append(seq.seq_id, n):
+                self._preempt(self.running[-1], out)
+                if seq not in self.running:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached))
+                self.blocks.append(seq.seq_id, n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            if not self.blocks.can_append(seq.seq_id, n) or (out.preempted and seq in out.preempted):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached))
+            self.blocks.append(seq.seq_id, n)
+            budget -= n
+        return out
+
+    def finish(self, seq) -> None:
+        """Drop a finished or aborted sequence wherever it is and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.blocks.free(seq.seq_id)
+
+    def check_invariants(self) -> None:
+        self.blocks.check_invariants()
+        owners = set(self.blocks.tables)
+        assert owners <= {s.seq_id for s in self.running}, "a block table belongs to no running sequence"
+        assert len(self.running) <= self.max_num_seqs
+        assert not set(map(id, self.running)) & set(map(id, self.waiting)), "a sequence is running and waiting"
