@@ -23,6 +23,7 @@ from .model import GemmaModel
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
+from .speculative import Drafter, accept
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -70,6 +71,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     cuda_graphs: bool = True
     gpu_memory_utilization: float = 0.85
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+    adaptive_lookahead: bool = True
 
 
 class Engine:
@@ -94,11 +98,32 @@ class Engine:
         self.runner = ModelRunner(self.model, self.cache, cuda_graphs=graphs,
                                   max_graph_batch=min(ec.max_num_seqs, 256), max_context=self.max_model_len)
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.drafter = self._load_draft(graphs) if ec.draft_model else None
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         log.info("gemforge: %s on %s in %s; KV cache %d tokens", self.model_dir.name, self.device, self.dtype,
                  self.capacity)
+
+    def _load_draft(self, graphs: bool) -> Drafter:
+        """The draft model: same tokenizer and vocabulary, its own KV pool of the same block count."""
+        d = Path(self.ec.draft_model)
+        if not 1 <= self.ec.num_speculative_tokens <= 16:
+            raise RequestError(f"num_speculative_tokens must be in [1, 16], got {self.ec.num_speculative_tokens}",
+                               field="num_speculative_tokens")
+        dcfg = ModelConfig.from_pretrained(d)
+        dtok = Tokenizer(d / "tokenizer.model")
+        if dcfg.vocab_size != self.cfg.vocab_size or not self.tokenizer.same_vocab(dtok):
+            raise RequestError(f"draft model {d}: its vocabulary (size {dcfg.vocab_size}, {dtok.path}) differs from "
+                               f"the target's (size {self.cfg.vocab_size}, {self.tokenizer.path}); speculative "
+                               f"decoding needs the same tokenizer", field="draft_model")
+        weights = load_weights(d, dcfg, self.dtype, self.device, progress=False)
+        model = GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend)
+        blocks = self.cache.blocks
+        cache = KVCache(dcfg.num_layers, blocks.num_blocks, blocks.block_size, dcfg.num_kv_heads, dcfg.head_dim,
+                        self.dtype, self.device)
+        return Drafter(model, cache, cuda_graphs=graphs, max_batch=min(self.ec.max_num_seqs, 256),
+                       max_context=self.max_model_len)
 
     @property
     def capacity(self) -> int:
@@ -163,6 +188,7 @@ class Engine:
         for s in req.seqs:
             s.abort()
             self.scheduler.finish(s)
+            self._forget_draft(s)
             self._by_seq.pop(s.seq_id, None)
         return req.output()
 
@@ -170,52 +196,111 @@ class Engine:
         return bool(self.requests)
 
     # -- one iteration ----------------------------------------------------------------------
+    def _set_lookahead(self) -> None:
+        """Speculative tokens each running sequence verifies next step: adaptive to its recent
+        acceptance, never past max_tokens or the context, and 0 for requests with penalties
+        (their logits depend on the tokens inside the window)."""
+        k = self.ec.num_speculative_tokens
+        for s in self.scheduler.running:
+            p = s.params
+            if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
+                s.lookahead = 0
+                continue
+            want = min(k, round(s.spec_rate * k) + 1) if self.ec.adaptive_lookahead else k
+            s.lookahead = max(0, min(want, p.max_tokens - len(s.output_ids) - 1,
+                                     self.max_model_len - s.num_tokens - 1))
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that produced tokens."""
+        if self.drafter is not None:
+            self._set_lookahead()
         plan = self.scheduler.schedule()
+        for s in plan.preempted:
+            self._forget_draft(s)
         if not plan.scheduled:
             return []
-        items = [WorkItem(sc.seq.seq_id, sc.seq.token_ids[sc.start: sc.start + sc.num_tokens], sc.start)
-                 for sc in plan.scheduled]
+        spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
+        drafts, qs = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else ([], [])
+        window = {id(sc): (d, q) for sc, d, q in zip(spec, drafts, qs)}
+        items, rows, r = [], [], 0
+        for sc in plan.scheduled:
+            toks = sc.seq.token_ids[sc.start: sc.start + sc.num_tokens]
+            if id(sc) in window:
+                items.append(WorkItem(sc.seq.seq_id, toks + window[id(sc)][0], sc.start, all_logits=True))
+                rows.append(slice(r, r + 1 + sc.lookahead))
+                r += 1 + sc.lookahead
+            else:
+                items.append(WorkItem(sc.seq.seq_id, toks, sc.start))
+                rows.append(slice(r, r + 1))
+                r += 1
         logits = self.runner.run(items)
         for sc in plan.scheduled:
             sc.seq.num_cached = sc.start + sc.num_tokens
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += sum(sc.num_tokens for sc in plan.scheduled if not sc.seq.output_ids)
-        done = [i for i, sc in enumerate(plan.scheduled) if sc.completes]
-        if not done:
-            return []
-        seqs = [plan.scheduled[i].seq for i in done]
-        logits = logits[done]
+        touched: dict[str, Request] = {}
+        plain = [i for i, sc in enumerate(plan.scheduled) if sc.completes and id(sc) not in window]
+        if plain:
+            seqs = [plan.scheduled[i].seq for i in plain]
+            picked = logits[[rows[i].start for i in plain]]
+            for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
+                self._append(s, [tok], [lp], touched)
+        for sc in spec:
+            d, q = window[id(sc)]
+            s = sc.seq
+            toks = accept(s.params, s.generator, d, logits[rows[plan.scheduled.index(sc)]], q)
+            accepted = len(toks) - 1
+            s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
+                                                              s.spec_steps + 1)
+            s.spec_rate = 0.7 * s.spec_rate + 0.3 * accepted / len(d)
+            self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
+            self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
+            self._append(s, toks, [None] * len(toks), touched)
+            if not s.finished:  # keep the KV of the last token and the accepted drafts
+                s.num_cached = sc.start + 1 + accepted
+                self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
+                self.drafter.keep(s.seq_id, s.num_cached)
+        return self._collect(touched)
+
+    def _sample(self, seqs, logits):
+        """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""
         params = [s.params for s in seqs]
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             apply_penalties(logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
         tokens = sample(logits, params, [s.generator for s in seqs])
-        want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        lps = (logprobs_of(logits[want_lp], tokens[want_lp], max(seqs[i].params.logprobs for i in want_lp))
-               if want_lp else None)
-        tokens = tokens.tolist()
-        touched: dict[str, Request] = {}
-        now = time.monotonic()
-        for i, s in enumerate(seqs):
-            lp = None
-            if lps is not None and i in want_lp:
-                r, k = want_lp.index(i), s.params.logprobs
-                lp = {"token": tokens[i], "logprob": lps[0][r].item(),
-                      "top": dict(zip(lps[2][r, :k].tolist(), lps[1][r, :k].tolist()))}
-            s.delta += s.append(tokens[i], lp)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        lp_dicts: list[dict | None] = [None] * len(seqs)
+        if want:
+            chosen, top_v, top_i = logprobs_of(logits[want], tokens[want], max(seqs[i].params.logprobs for i in want))
+            for r, i in enumerate(want):
+                k = seqs[i].params.logprobs
+                lp_dicts[i] = {"token": int(tokens[i]), "logprob": chosen[r].item(),
+                               "top": dict(zip(top_i[r, :k].tolist(), top_v[r, :k].tolist()))}
+        return tokens.tolist(), lp_dicts
+
+    def _append(self, s: Sequence, tokens: list[int], lps: list, touched: dict) -> None:
+        """Append tokens one by one until the sequence finishes (nothing past a stop is kept)."""
+        for tok, lp in zip(tokens, lps):
+            s.delta += s.append(tok, lp)
             self.stats["generation_tokens"] += 1
-            req = self._by_seq[s.seq_id]
-            req.first_token_time = req.first_token_time or now
-            touched[req.request_id] = req
             if s.finished:
                 self.scheduler.finish(s)
+                self._forget_draft(s)
+                break
+        req = self._by_seq[s.seq_id]
+        req.first_token_time = req.first_token_time or time.monotonic()
+        touched[req.request_id] = req
+
+    def _forget_draft(self, s: Sequence) -> None:
+        if self.drafter is not None:
+            self.drafter.free(s.seq_id)
+
+    def _collect(self, touched: dict) -> list[RequestOutput]:
         outs = []
         for req in touched.values():
-            out = req.output()
+            outs.append(req.output())
             for s in req.seqs:
                 s.delta = ""
-            outs.append(out)
             if req.finished:
                 self.requests.pop(req.request_id, None)
                 for s in req.seqs:

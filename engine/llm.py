@@ -23,14 +23,17 @@ class LLM:
     def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None,
                  backend: str = "auto", kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 cuda_graphs: bool = True, quantization: str | None = None, progress: bool = True):
+                 cuda_graphs: bool = True, quantization: str | None = None, draft_model: str | Path | None = None,
+                 num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, progress: bool = True):
         if quantization is not None:
             raise NotImplementedError("quantization is not implemented yet (see the quantization issue)")
         self.engine = Engine(model, EngineConfig(dtype=dtype, device=device, backend=backend,
                                                  kv_cache_tokens=kv_cache_tokens, block_size=block_size,
                                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                                  max_num_batched_tokens=max_num_batched_tokens,
-                                                 cuda_graphs=cuda_graphs), progress=progress)
+                                                 cuda_graphs=cuda_graphs, draft_model=draft_model,
+                                                 num_speculative_tokens=num_speculative_tokens,
+                                                 adaptive_lookahead=adaptive_lookahead), progress=progress)
         self._ids = itertools.count()
 
     @property

@@ -135,25 +135,32 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each (non-greedy) row samples from: softmax of logits / T after the
+    top-k / top-p / min-p filters; [B, V] fp32. Speculative decoding uses it for p and q alike."""
+    dev = logits.device
+    scaled = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
+        scaled = _filter(scaled, torch.tensor([p.top_k for p in params], device=dev),
+                         torch.tensor([p.top_p for p in params], device=dev),
+                         torch.tensor([p.min_p for p in params], device=dev))
+    return scaled.softmax(-1)
+
+
+def draw(p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probabilities p [B, V], each row from its own generator.
+    Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p."""
+    noise = torch.stack([torch.empty(p.shape[-1], device=p.device).exponential_(generator=g) for g in generators])
+    return (p / noise).argmax(-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of fp32 logits [B, V] (penalties already applied) -> int64 [B]."""
     out = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return out
-    dev = logits.device
-    sub = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
-    if any(params[i].top_k > 0 or params[i].top_p < 1.0 or params[i].min_p > 0 for i in rows):
-        sub = _filter(sub,
-                      torch.tensor([params[i].top_k for i in rows], device=dev),
-                      torch.tensor([params[i].top_p for i in rows], device=dev),
-                      torch.tensor([params[i].min_p for i in rows], device=dev))
-    probs = sub.softmax(-1)
-    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) drawn from each request's stream.
-    noise = torch.stack([torch.empty(probs.shape[-1], device=dev).exponential_(generator=generators[i])
-                         for i in rows])
-    out[rows] = (probs / noise).argmax(-1)
+    if rows:
+        out[rows] = draw(probs(logits[rows], [params[i] for i in rows]), [generators[i] for i in rows])
     return out
 
 

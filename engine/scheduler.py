@@ -7,8 +7,10 @@ Each `schedule()` fills one flat batch under two budgets, `max_num_batched_token
      next tokens, the newest running sequence is preempted (its blocks freed, it is requeued at
      the front of the waiting queue and later recomputed from its prompt + output so far);
   2. then waiting sequences, first come first served, while the budgets and free blocks allow.
-A sequence is anything with `seq_id`, `num_cached` (tokens in the cache) and `num_tokens`
-(prompt + output so far). The scheduler reserves the cache slots of what it schedules.
+A sequence is anything with `seq_id`, `num_cached` (tokens in the cache), `num_tokens` (prompt +
+output so far) and `lookahead` (speculative tokens to verify after its next decode token). The
+scheduler reserves the cache slots of what it schedules, lookahead slots included; the engine
+rolls back those of rejected tokens.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class ScheduledSeq:
     seq: object
     num_tokens: int          # tokens of this sequence in the batch
     start: int               # its tokens already cached
+    lookahead: int = 0       # speculative slots reserved after them
     @property
     def completes(self) -> bool:
         """True when the batch brings the sequence fully up to date (a token will be sampled)."""
@@ -72,14 +75,15 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(seq.num_tokens - seq.num_cached, budget)
-            while not self.blocks.can_append(seq.seq_id, n):
+            la = min(seq.lookahead, budget - n) if seq.num_tokens - seq.num_cached == 1 else 0
+            while not self.blocks.can_append(seq.seq_id, n + la):
                 self._preempt(self.running[-1], out)
                 if seq not in self.running:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached))
-                self.blocks.append(seq.seq_id, n)
-                budget -= n
+                out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached, la))
+                self.blocks.append(seq.seq_id, n + la)
+                budget -= n + la
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_cached, budget)

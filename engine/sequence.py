@@ -22,6 +22,7 @@ class CompletionOutput:
     logprobs: list[dict] | None = None
     stop_reason: object = None       # the stop string or token id that ended it
     delta: str = ""                  # text new since the previous output of this request (streaming)
+    spec: dict | None = None         # speculative decoding: proposed/accepted tokens, verify steps
 
 
 @dataclass
@@ -49,6 +50,11 @@ class Sequence:
     stop_reason: object = None
     logprobs: list[dict] | None = None
     delta: str = ""
+    lookahead: int = 0               # speculative tokens to verify next step (set by the engine)
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    spec_steps: int = 0
+    spec_rate: float = 1.0           # recent acceptance rate (drives the adaptive lookahead)
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     @classmethod
@@ -99,4 +105,11 @@ class Sequence:
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(self.index, self.detok.text, list(self.output_ids), self.finish_reason,
-                                self.logprobs, self.stop_reason, self.delta)
+                                self.logprobs, self.stop_reason, self.delta, self._spec_stats())
+
+    def _spec_stats(self) -> dict | None:
+        if not self.spec_steps:
+            return None
+        return {"proposed": self.spec_proposed, "accepted": self.spec_accepted, "verify_steps": self.spec_steps,
+                "acceptance_rate": self.spec_accepted / max(1, self.spec_proposed),
+                "tokens_per_step": (self.spec_accepted + self.spec_steps) / self.spec_steps}

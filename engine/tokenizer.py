@@ -49,6 +49,11 @@ class Tokenizer:
                             if self.special_ids else None)
         self._control = {i for i in range(self.vocab_size) if self.sp.IsControl(i)}
 
+    def same_vocab(self, other: "Tokenizer") -> bool:
+        """True when both tokenizers map every id to the same piece."""
+        return self.vocab_size == other.vocab_size and all(
+            self.sp.IdToPiece(i) == other.sp.IdToPiece(i) for i in range(self.vocab_size))
+
     def token_id(self, piece: str) -> int:
         """The id of a special token; TokenizerError if this tokenizer lacks it."""
         if piece not in self.special_ids:

@@ -37,18 +37,23 @@ SHAPES = {
 }
 
 
-def make_hf_model(seed: int, dtype=torch.float32, **kw):
-    """A random HF Gemma with norm weights and a spread of logits large enough for clear argmaxes."""
+def make_hf_model(seed: int, dtype=torch.float32, noise: float = 0.0, noise_seed: int = 0, **kw):
+    """A random HF Gemma whose greedy continuations vary (small embeddings, strong layers: with
+    large tied embeddings a random model just repeats its input token), with random norm weights.
+    `noise` adds N(0, noise^2) relative perturbations from `noise_seed`: a draft that mostly agrees."""
     from transformers import GemmaForCausalLM
 
     torch.manual_seed(seed)
     model = GemmaForCausalLM(hf_config(**kw)).eval()
+    g = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(-0.5, 0.5)
             else:
-                p.normal_(0.0, 0.15 if "embed" in name else 0.1)
+                p.normal_(0.0, 0.05 if "embed" in name else 0.25)
+            if noise:
+                p.mul_(1 + noise * torch.randn(p.shape, generator=g))
     return model.to(dtype)
 
 
@@ -57,10 +62,10 @@ def make_checkpoint(tmp_path_factory, tokenizer_model):
     """make_checkpoint(shape, seed, dtype) -> (directory, HF model); cached per arguments."""
     cache = {}
 
-    def make(shape="mqa", seed=0, dtype=torch.float32, **save_kw):
-        key = (shape, seed, dtype, tuple(sorted(save_kw.items())))
+    def make(shape="mqa", seed=0, dtype=torch.float32, noise=0.0, **save_kw):
+        key = (shape, seed, dtype, noise, tuple(sorted(save_kw.items())))
         if key not in cache:
-            model = make_hf_model(seed, dtype, **SHAPES[shape])
+            model = make_hf_model(seed, dtype, noise=noise, **SHAPES[shape])
             d = tmp_path_factory.mktemp(f"ckpt-{shape}")
             model.save_pretrained(d, safe_serialization=True, **save_kw)
             shutil.copyfile(tokenizer_model, d / "tokenizer.model")

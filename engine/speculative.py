@@ -1,0 +1,96 @@
+"""Speculative decoding: a small draft model proposes, the target verifies, losslessly.
+
+Per step and per sequence with lookahead k (its last token t already sampled, not yet cached):
+  1. the draft catches up on the tokens it has not cached, then proposes d1..dk one token at a
+     time (greedy requests: argmax; sampled ones: draws from the draft's processed distribution q);
+  2. the target scores [t, d1..dk] in ONE forward (a k+1 verify window in the flat batch), giving
+     p_0..p_k;
+  3. `accept`: greedy — keep d_i while d_i == argmax p_{i-1}, then append argmax at the first
+     mismatch (or the bonus argmax p_k); sampled — keep d_i with probability min(1, p(d_i)/q(d_i)),
+     on rejection draw from norm(max(0, p - q)) (Leviathan et al. 2023; Chen et al. 2023), so
+     the output is distributed exactly as the target's;
+  4. both caches roll back the slots of rejected tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+from .model import GemmaModel
+from .runner import ModelRunner, WorkItem
+from .sampling import draw, probs
+
+
+class Drafter:
+    """The draft model and its own paged KV pool; `cached[seq_id]` tokens of each are cached."""
+
+    def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False, max_batch: int = 64,
+                 max_context: int | None = None):
+        self.model, self.cache = model, cache
+        self.runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=max_batch,
+                                  max_context=max_context)
+        self.cached: dict[int, int] = {}
+
+    def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Draft ks[i] tokens for each sequence; also each sampled sequence's q rows [ks[i], V]."""
+        drafts: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        blocks = self.cache.blocks
+        for j in range(max(ks, default=0)):
+            live = [i for i, k in enumerate(ks) if k > j]
+            items = []
+            for i in live:
+                s = seqs[i]
+                toks = s.token_ids + drafts[i]
+                start = self.cached.get(s.seq_id, 0)
+                feed = toks[start: len(toks)]
+                blocks.append(s.seq_id, len(feed))
+                items.append(WorkItem(s.seq_id, feed, start))
+                self.cached[s.seq_id] = len(toks)
+            logits = self.runner.run(items)
+            nxt = logits.argmax(-1)
+            sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
+            if sampled:
+                q = probs(logits[sampled], [seqs[live[r]].params for r in sampled])
+                nxt[sampled] = draw(q, [seqs[live[r]].generator for r in sampled])
+                for row, r in enumerate(sampled):
+                    qs[live[r]].append(q[row])
+            for r, tok in enumerate(nxt.tolist()):
+                drafts[live[r]].append(tok)
+        # the last proposal is never fed to the draft: it holds tokens up to d_{k-1}
+        return drafts, [torch.stack(q) if q else None for q in qs]
+
+    def keep(self, seq_id: int, n: int) -> None:
+        """Roll the draft cache of `seq_id` back to its first n tokens."""
+        have = self.cached.get(seq_id, 0)
+        if n < have:
+            self.cache.blocks.rollback(seq_id, have - n)
+            self.cached[seq_id] = n
+
+    def free(self, seq_id: int) -> None:
+        self.cache.blocks.free(seq_id)
+        self.cached.pop(seq_id, None)
+
+
+def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
+           q: torch.Tensor | None) -> list[int]:
+    """Tokens to append for one sequence: the accepted prefix of `drafts` plus one target token.
+    target_logits: [k+1, V] fp32 (row i scores the token after d_i; row 0 follows the last token)."""
+    k = len(drafts)
+    if params.greedy:
+        best = target_logits.argmax(-1).tolist()
+        for i, d in enumerate(drafts):
+            if d != best[i]:
+                return drafts[:i] + [best[i]]
+        return drafts + [best[k]]
+    p = probs(target_logits, [params] * (k + 1))
+    u = torch.rand(k, generator=generator, device=p.device).tolist()
+    for i, d in enumerate(drafts):
+        pd, qd = p[i, d].item(), q[i, d].item()
+        if u[i] * qd < pd:  # accept with probability min(1, p/q)
+            continue
+        residual = (p[i] - q[i]).clamp_(min=0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p[i]
+        return drafts[:i] + [draw(residual[None], [generator]).item()]
+    return drafts + [draw(p[k:k + 1], [generator]).item()]

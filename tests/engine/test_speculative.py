@@ -1,0 +1,129 @@
+"""Speculative decoding: greedy output identical to the target alone, the rejection sampler's
+output distribution equal to the target's, and caches after rollback equal to never drafting."""
+import pytest
+import torch
+
+from gemforge.engine import SamplingParams
+from gemforge.engine.engine import Engine, EngineConfig
+from gemforge.engine.errors import RequestError
+from gemforge.engine.runner import WorkItem
+from gemforge.engine.speculative import accept
+
+from test_engine import prompts_of, run_all
+
+
+@pytest.fixture(scope="module")
+def pair(make_checkpoint):
+    """The target and a draft that is a perturbed copy of it: it agrees often, not always."""
+    target, _ = make_checkpoint("mha", seed=11)
+    draft, _ = make_checkpoint("mha", seed=11, noise=0.1)
+    return target, draft
+
+
+def engine(target, draft=None, k=4, **kw):
+    return Engine(target, EngineConfig(dtype="float32", device="cpu", draft_model=draft, num_speculative_tokens=k,
+                                       **kw), progress=False)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_speculative_equals_target_alone(pair, batch):
+    target, draft = pair
+    prompts = prompts_of(batch, seed=batch)
+    params = [SamplingParams(max_tokens=9 + 4 * (i % 5), temperature=0.0, ignore_eos=True) for i in range(batch)]
+    reqs = [(f"r{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+    plain = run_all(engine(target), reqs)
+    spec_engine = engine(target, draft, k=3)
+    spec = run_all(spec_engine, reqs)
+    for rid in plain:
+        assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
+        assert len(spec[rid].outputs[0].token_ids) == params[int(rid[1:])].max_tokens  # max_tokens mid-window
+    st = spec_engine.stats
+    assert 0 < st["spec_accepted"] < st["spec_proposed"], st  # both accepted and rejected drafts
+    assert spec_engine.drafter.cache.blocks.num_used == 0
+
+
+def test_self_drafting_accepts_everything(pair):
+    target, _ = pair
+    eng = engine(target, target, k=4, adaptive_lookahead=False)
+    out = run_all(eng, [("a", prompts_of(1, 5)[0], SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True))])
+    stats = out["a"].outputs[0].spec
+    assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_step"] == 5.0
+
+
+def test_stop_string_mid_window(pair):
+    target, draft = pair
+    p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    text = run_all(engine(target), [("a", "def f(x):", p)])["a"].outputs[0].text
+    if len(text) < 6:
+        pytest.skip("random model produced too little text")
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    ps = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop])
+    plain = run_all(engine(target), [("a", "def f(x):", ps)])["a"].outputs[0]
+    spec = run_all(engine(target, draft, k=5), [("a", "def f(x):", ps)])["a"].outputs[0]
+    assert spec.text == plain.text == text[: text.find(stop)] and spec.finish_reason == "stop"
+    assert spec.token_ids == plain.token_ids
+
+
+def test_sampled_seeded_run_is_reproducible(pair):
+    target, draft = pair
+    p = SamplingParams(max_tokens=16, temperature=0.8, top_k=50, seed=3, ignore_eos=True)
+    a = run_all(engine(target, draft), [("a", "import os", p)])["a"].outputs[0].token_ids
+    b = run_all(engine(target, draft), [("a", "import os", p)])["a"].outputs[0].token_ids
+    assert a == b
+
+
+def test_rejection_sampler_output_distribution_is_the_targets():
+    """Chi-square goodness of fit of the first emitted token against p, over 6 tokens (df = 5):
+    20.52 is the 0.999 quantile, so a correct sampler fails this test with probability 0.001."""
+    g = torch.Generator().manual_seed(2024)
+    p = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
+    q = torch.tensor([0.05, 0.40, 0.05, 0.30, 0.10, 0.10])  # a poor draft: many rejections
+    params = SamplingParams(temperature=1.0)
+    logits = p.log()[None].repeat(2, 1)
+    trials = 12000
+    counts = torch.zeros(6)
+    for _ in range(trials):
+        d = int(torch.multinomial(q, 1, generator=g))
+        first = accept(params, g, [d], logits, q[None])[0]
+        counts[first] += 1
+    expected = p * trials
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.52, (chi2, counts.tolist())
+
+
+def test_kv_after_rollback_equals_never_drafting(pair):
+    target, draft = pair
+    spec = engine(target, draft, k=4)
+    prompt = prompts_of(1, 7)[0]
+    spec.add_request("a", prompt, SamplingParams(max_tokens=60, temperature=1.5, seed=1, ignore_eos=True))
+    seq = spec.requests["a"].seqs[0]
+    for _ in range(12):
+        spec.step()
+        if seq.spec_proposed > seq.spec_accepted + 2:
+            break
+    assert seq.spec_steps > 0 and seq.spec_proposed > seq.spec_accepted  # some drafts were rejected
+    cached = seq.token_ids[: seq.num_cached]
+    assert spec.cache.blocks.lengths[seq.seq_id] == seq.num_cached
+    ref = engine(target)
+    ref.cache.blocks.append("x", len(cached))
+    ref.runner.run([WorkItem("x", cached, 0)])
+    for layer in range(ref.cfg.num_layers):
+        for kv in (0, 1):
+            ours = spec.cache.data[layer, kv].view(-1, *spec.cache.data.shape[-2:])[
+                spec.cache.blocks.slots(seq.seq_id, 0, len(cached))]
+            theirs = ref.cache.data[layer, kv].view(-1, *ref.cache.data.shape[-2:])[
+                ref.cache.blocks.slots("x", 0, len(cached))]
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_with_other_vocabulary_is_refused(make_checkpoint, tmp_path, pair):
+    import json
+    import shutil
+    target, draft = pair
+    other = tmp_path / "other"
+    shutil.copytree(draft, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine(target, other)
