@@ -125,26 +125,27 @@ class Tokenizer:
 
 
 def train_tokenizer(files, model_prefix: str | Path, vocab_size: int = 8000, max_chars: int = 20_000_000) -> Path:
-    """Train a Gemma-style sentencepiece model (BPE, byte fallback, no dummy prefix, digits split,
-    ids pad 0 / eos 1 / bos 2 / unk 3, CodeGemma's special tokens as single pieces) on text files."""
+    """Train a Gemma-style sentencepiece model on source files: BPE with byte fallback, no dummy
+    prefix, digits split, whitespace kept (indentation pieces), newline as a piece of its own, ids
+    pad 0 / eos 1 / bos 2 / unk 3, and CodeGemma's special tokens as single pieces."""
     import io
 
-    def sentences():
+    def blocks():  # paragraphs separated by blank lines, newlines kept
         used = 0
         for f in files:
             text = Path(f).read_text(encoding="utf-8", errors="ignore")
-            for line in text.splitlines():
+            for block in text.split("\n\n"):
                 if used > max_chars:
                     return
-                used += len(line)
-                if line.strip():
-                    yield line
+                if block.strip():
+                    used += len(block)
+                    yield block[:8000] + "\n"
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=sentences(), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=blocks(), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_TOKENS), byte_fallback=True,
+        unk_piece="<unk>", user_defined_symbols=list(SPECIAL_TOKENS) + ["\n"], byte_fallback=True,
         add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True,
         split_by_whitespace=True, character_coverage=1.0, max_sentence_length=16384,

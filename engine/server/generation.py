@@ -1,0 +1,138 @@
+"""The engine side of one HTTP request: its engine requests (one per prompt), their merged outputs,
+and their abort when the client goes away.
+
+    gen = Generation(engine, metrics, "cmpl-1", prompts, params)  # validates every prompt first
+    async for i, out in gen.outputs(): ...   # (prompt index, cumulative RequestOutput)
+    gen.close()                                # idempotent: aborts whatever is still running
+
+`until_disconnected(request, awaitable)` runs a non-streaming await and cancels it (so the
+generator's finally aborts the engine requests) when the client disconnects first.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+from starlette.requests import ClientDisconnect, Request
+
+from ..async_engine import AsyncEngine
+from ..sampling import SamplingParams
+from ..sequence import RequestOutput
+from .errors import api_error
+from .metrics import Metrics
+
+_DONE = object()
+
+
+class Generation:
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, request_id: str, prompts: list, params: SamplingParams,
+                 suffix: str | None = None, fim_mode: str = "psm", extra_stop_ids=()):
+        core = engine.engine
+        self.prompt_texts: list[str] = []
+        self.prompt_ids: list[list[int]] = []
+        for p in prompts:  # the engine's own validation, for all prompts before any of them runs
+            text, ids = core.encode_prompt(p, suffix, fim_mode)
+            core.check_fits(len(ids), params)
+            self.prompt_texts.append(text if text is not None else core.tokenizer.decode(ids))
+            self.prompt_ids.append(ids)
+        self.engine, self.metrics, self.params = engine, metrics, params
+        self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self._args = [(p, params, rid, suffix, fim_mode, tuple(extra_stop_ids)) for p, rid in zip(prompts, self.ids)]
+        self.final: list[RequestOutput | None] = [None] * len(prompts)
+        self.error: BaseException | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._start = time.monotonic()
+        self._last: list[float | None] = [None] * len(prompts)
+        self._closed = False
+
+    async def _pump(self, i: int, queue: asyncio.Queue) -> None:
+        try:
+            async for out in self.engine.generate(*self._args[i]):
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, _DONE))
+        except Exception as e:  # delivered to the consumer; cancellation just ends the task
+            queue.put_nowait((i, e))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as the engine produces them; raises the first error."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.get_running_loop().create_task(self._pump(i, queue)) for i in range(len(self.ids))]
+        try:
+            running = len(self._tasks)
+            while running:
+                i, item = await queue.get()
+                if item is _DONE:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    self.error = item
+                    raise item
+                else:
+                    self._observe(i, item)
+                    yield i, item
+        finally:
+            self.close()
+
+    async def collect(self) -> list[RequestOutput]:
+        """The final output of every prompt (non-streaming)."""
+        async for _ in self.outputs():
+            pass
+        return self.final
+
+    def _observe(self, i: int, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if any(o.token_ids for o in out.outputs):
+            if self._last[i] is None:
+                self.metrics.ttft.observe(now - self._start)
+            else:
+                self.metrics.itl.observe(now - self._last[i])
+            self._last[i] = now
+        if out.finished:
+            self.final[i] = out
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.final)
+
+    def usage(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) of the finished requests."""
+        return (sum(map(len, self.prompt_ids)),
+                sum(len(o.token_ids) for f in self.final if f is not None for o in f.outputs))
+
+    def close(self) -> None:
+        """Abort what still runs and count the outcome. Cancelling a pump task ends its engine
+        generator, which aborts the request and frees its blocks; nothing here awaits, so it is
+        safe inside a cancellation."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        prompt, generated = self.usage()
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.generation_tokens.inc(generated)
+        if self.error is not None:
+            if api_error(self.error).status >= 500:
+                self.metrics.outcome("failed")
+        else:
+            self.metrics.outcome("ok" if self.done else "aborted")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, awaitable):
+    """Await `awaitable` unless the client disconnects first: then cancel it, raise ClientDisconnect."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        raise ClientDisconnect()
+    return work.result()
