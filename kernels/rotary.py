@@ -14,6 +14,12 @@ import torch
 
 from .registry import register, select
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend works without Triton
+    triton = None
+
 
 @functools.lru_cache(maxsize=32)
 def _inv_freq_cached(head_dim: int, theta: float, device: str) -> torch.Tensor:
@@ -50,6 +56,47 @@ def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta:
     cos, sin = angle.cos(), angle.sin()
     _rotate_ref(q, cos, sin)
     _rotate_ref(k, cos, sin)
+
+
+if triton is not None:
+    from ._triton_utils import round_to, row_config
+
+    @triton.jit
+    def _rotate_heads(ptr, t, n_heads, stride_t, stride_h, stride_d, cos, sin,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        i = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (heads < n_heads) & (i < HALF)
+        p1 = ptr + t * stride_t + heads * stride_h + i * stride_d
+        p2 = p1 + HALF * stride_d
+        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+        tl.store(p1, round_to(x1 * cos - x2 * sin, ptr.dtype.element_ty), mask=mask)
+        tl.store(p2, round_to(x2 * cos + x1 * sin, ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, pos_ptr, inv_freq_ptr, n_q_heads, n_k_heads,
+                       stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK_HALF)
+        angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+        cos = tl.cos(angle)[None, :]  # fp32 libdevice cosf/sinf on NVIDIA, as torch uses
+        sin = tl.sin(angle)[None, :]
+        _rotate_heads(q_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qd, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+        _rotate_heads(k_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kd, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+
+    @register("rotary", "triton")
+    def rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
+        if q.shape[0] == 0:
+            return
+        half = q.shape[-1] // 2
+        block_half = triton.next_power_of_2(half)
+        hq, hk = triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(k.shape[1])
+        _rotary_kernel[(q.shape[0],)](
+            q, k, positions, rope_inv_freq(q.shape[-1], theta, q.device), q.shape[1], k.shape[1],
+            *q.stride(), *k.stride(), HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=hq, BLOCK_HK=hk,
+            num_warps=row_config(2 * max(hq, hk) * block_half)[1])
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,

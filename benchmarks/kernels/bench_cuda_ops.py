@@ -1,0 +1,144 @@
+"""CUDA (gemforge.kernels._C) backends against their peers on CodeGemma shapes, on a CUDA device.
+
+Peers: the Triton backend and the torch reference of the same op; for the quantized GEMVs also
+dense bf16 cuBLAS (F.linear) and torch's own weight-only kernels (torch._weight_int8pack_mm,
+torch._weight_int4pack_mm) where this torch build has them on CUDA. GB/s in benchmark.extra_info
+counts every input read once and every output written once (common.compare); for the GEMVs that is
+dominated by the packed weight bytes. Skipped without CUDA or without the built extension.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import DTYPE, MODELS, ON_GPU, compare, nbytes
+import gemforge.kernels._cuda  # noqa: F401  (registers the cuda backends)
+from gemforge.kernels import AttnMetadata, select
+from gemforge.kernels.quant import quantize_int4, quantize_int8
+
+
+def _skip_reason():
+    if not ON_GPU:
+        return "needs a CUDA device"
+    try:
+        importlib.import_module("gemforge.kernels._C")
+    except ImportError as e:
+        return f"gemforge.kernels._C is not built ({e})"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+DEV = "cuda"
+DECODE_TOKENS = (1, 16, 128)
+
+
+def impls(op, *args):
+    """cuda first (the benchmarked subject), then triton and torch."""
+    return {b: (lambda fn=select(op, b, DEV): fn(*args)) for b in ("cuda", "triton", "torch")}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("tokens", DECODE_TOKENS)
+@pytest.mark.parametrize("fused", (False, True))
+def test_rms_norm(benchmark, model, tokens, fused):
+    h = MODELS[model]["hidden"]
+    x, w = torch.randn(tokens, h, device=DEV, dtype=DTYPE), torch.randn(h, device=DEV, dtype=DTYPE)
+    res = torch.randn_like(x) if fused else None
+    compare(benchmark, impls("rms_norm", x, w, 1e-6, res), nbytes(x, w, x) + (2 * nbytes(x) if fused else 0))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("tokens", DECODE_TOKENS)
+def test_gelu_and_mul(benchmark, model, tokens):
+    gu = torch.randn(tokens, 2 * MODELS[model]["inter"], device=DEV, dtype=DTYPE)
+    compare(benchmark, impls("gelu_and_mul", gu), nbytes(gu) * 3 // 2)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("tokens", DECODE_TOKENS)
+def test_rotary(benchmark, model, tokens):
+    c = MODELS[model]
+    hq, hk, d = c["heads"], c["kv_heads"], c["head_dim"]
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, device=DEV, dtype=DTYPE)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d: (hq + hk) * d].view(tokens, hk, d)
+    pos = torch.randint(0, 4096, (tokens,), device=DEV)
+    compare(benchmark, impls("rotary", q, k, pos, 10000.0), 2 * (nbytes(q) + nbytes(k)) + nbytes(pos))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("batch", (1, 16, 64))
+@pytest.mark.parametrize("context", (512, 4096))
+def test_decode_attention(benchmark, model, batch, context):
+    c = MODELS[model]
+    hq, hk, d, bs = c["heads"], c["kv_heads"], c["head_dim"], 16
+    per = math.ceil(context / bs)
+    k_cache = torch.randn(batch * per, bs, hk, d, device=DEV, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(batch * per, device=DEV, dtype=torch.int32).view(batch, per)
+    meta = AttnMetadata(positions=torch.full((batch,), context - 1, device=DEV),
+                        cu_seqlens_q=torch.arange(batch + 1, device=DEV, dtype=torch.int32),
+                        context_lens=torch.full((batch,), context, device=DEV, dtype=torch.int32),
+                        block_tables=table, slot_mapping=torch.full((batch,), -1, device=DEV),
+                        max_query_len=1, max_context_len=context)
+    q = torch.randn(batch, hq, d, device=DEV, dtype=DTYPE)
+    fns = impls("attention", q, k_cache, v_cache, meta, d ** -0.5)
+    if batch * context > 16 * 512:
+        fns.pop("torch")  # the per-sequence Python loop reference takes seconds here
+    compare(benchmark, fns, 2 * batch * context * hk * d * k_cache.element_size() + 2 * nbytes(q))
+
+
+# --------------------------------------------------------------------------- quantized GEMV
+GEMV_SHAPES = {  # (N, K) of the projections that dominate decode
+    "2b_qkv": (2560, 2048), "2b_gate_up": (32768, 2048), "2b_down": (2048, 16384),
+    "7b_qkv": (12288, 3072), "7b_gate_up": (49152, 3072), "7b_down": (3072, 24576),
+}
+
+
+def _try_peer(name, fn):
+    try:
+        fn()
+        return fn
+    except Exception as e:  # a peer this torch build lacks on CUDA is left out
+        warnings.warn(f"{name} unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+def _torch_int8_peer(x, qw):
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return None
+    return _try_peer("torch._weight_int8pack_mm", lambda: torch._weight_int8pack_mm(x, qw.qweight, qw.scales))
+
+
+def _torch_int4_peer(x, n, k, group):
+    if not (hasattr(torch, "_weight_int4pack_mm") and hasattr(torch, "_convert_weight_to_int4pack")):
+        return None
+    try:  # tinygemm layout; random codes, as only the timing matters
+        packed = torch._convert_weight_to_int4pack(
+            torch.randint(0, 256, (n, k // 2), device=DEV, dtype=torch.uint8), 8)
+        sz = torch.randn(k // group, n, 2, device=DEV, dtype=torch.bfloat16)
+    except Exception as e:
+        warnings.warn(f"torch._convert_weight_to_int4pack unavailable: {type(e).__name__}: {e}")
+        return None
+    return _try_peer("torch._weight_int4pack_mm", lambda: torch._weight_int4pack_mm(x, packed, group, sz))
+
+
+@pytest.mark.parametrize("shape", GEMV_SHAPES)
+@pytest.mark.parametrize("m", (1, 4, 16))
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+def test_linear_quant(benchmark, shape, m, fmt):
+    n, k = GEMV_SHAPES[shape]
+    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
+    x = torch.randn(m, k, device=DEV, dtype=DTYPE)
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
+    args = (x, qw.qweight, qw.scales, qw.zeros, qw.group_size, None)
+    fns = impls(f"linear_{fmt}", *args)
+    fns["cublas_bf16"] = lambda: F.linear(x, w)
+    fns[f"torch_{fmt}"] = _torch_int8_peer(x, qw) if fmt == "int8" else _torch_int4_peer(x, n, k, 128)
+    parts = [t for t in (qw.qweight, qw.scales, qw.zeros, x) if t is not None]
+    compare(benchmark, fns, nbytes(*parts) + m * n * x.element_size())

@@ -1,0 +1,71 @@
+"""Weight-only quantized linear (W8A16, W4A16 g128) on the CodeGemma-2B / 7B projections.
+
+On CUDA, per (model, projection, rows, format) the subject is our Triton kernel; its peers are bf16
+F.linear on the dense weight, torch's own torch._weight_int8pack_mm / torch._weight_int4pack_mm
+where this torch build runs them, and our torch backend (dequantize, then matmul). The bytes are the
+subject's: packed weight + scales (+ zeros) + bf16 activations in and out, so every entry's GB/s is
+an effective bandwidth over the quantized weight (bf16 F.linear really moves 2x / 4x more) and
+speedup_vs_bf16 is the headline. On CPU: the tiny stand-in shape through the torch backend only.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from common import DEVICE, DTYPE, MODELS, ON_GPU, TOKENS, compare
+
+from gemforge.kernels import select
+from gemforge.kernels.quant import quantize_int4, quantize_int8, unpack_int4
+
+ROWS = (1, 8, 64, 512) if ON_GPU else TOKENS
+GROUP = 128 if ON_GPU else 32  # the tiny CPU stand-in has K = 64
+
+
+def _projections(cfg: dict) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the model's linear layers (y = x @ W^T, W [N, K])."""
+    h, d, inter = cfg["hidden"], cfg["head_dim"], cfg["inter"]
+    return {"qkv": ((cfg["heads"] + 2 * cfg["kv_heads"]) * d, h), "o": (h, cfg["heads"] * d),
+            "gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+CASES = [(model, proj, n, k) for model, cfg in MODELS.items() for proj, (n, k) in _projections(cfg).items()]
+
+
+def _torch_native(x, qw):
+    """torch's weight-only kernel on the same weight, or None where this torch build lacks it. Its
+    int4 layout is [K/g, N, 2] (scale, zero) with W = (q - 8) * scale + zero, high nibble first."""
+    try:
+        if qw.fmt == "int8":
+            fn = lambda: torch._weight_int8pack_mm(x, qw.qweight, qw.scales)  # noqa: E731
+        else:
+            q = unpack_int4(qw.qweight)
+            packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
+            sz = torch.stack([qw.scales.t(), torch.zeros_like(qw.scales.t())], dim=-1).contiguous()
+            fn = lambda: torch._weight_int4pack_mm(x, packed, qw.group_size, sz)  # noqa: E731
+        fn()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    return fn
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("model,proj,n,k", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_linear_quant(benchmark, model, proj, n, k, rows, fmt):
+    benchmark.group = f"linear-{model}-{proj}"
+    x = torch.randn(rows, k, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, group_size=GROUP)
+    args = (x, qw.qweight, qw.scales, qw.zeros, qw.group_size, None)
+    ref = select(f"linear_{fmt}", "torch", DEVICE)
+    if ON_GPU:
+        tri = select(f"linear_{fmt}", "triton", DEVICE)
+        impls = {"triton": lambda: tri(*args), "bf16": lambda: F.linear(x, w),
+                 "torch_native": _torch_native(x, qw), "torch": lambda: ref(*args)}
+    else:
+        impls = {"torch": lambda: ref(*args)}
+    benchmark.extra_info.update(model=model, proj=proj, n=n, k=k, rows=rows, fmt=fmt)
+    expect = ref(*args).float()
+    for name in ("triton", "torch_native"):  # the peers must compute the same product
+        if impls.get(name) is not None:
+            rel = (impls[name]().float() - expect).abs().max() / expect.abs().max()
+            benchmark.extra_info[f"{name}_max_rel_err"] = float(rel)
+    compare(benchmark, impls, qw.nbytes + 2 * rows * (k + n))

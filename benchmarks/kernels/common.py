@@ -1,0 +1,93 @@
+"""Timing and bandwidth accounting shared by the kernel benchmarks.
+
+On a CUDA device each benchmark times gemforge's "triton" backend against its peers (torch eager,
+torch.compile of the reference, and for attention SDPA on dense tensors); on CPU it runs small
+shapes through the torch backend only, so CI exercises the files in seconds. The subject is timed by
+pytest-benchmark (wall clock, synchronised) and, like every peer, by CUDA events (median, L2 flushed);
+benchmark.extra_info gets each one's microseconds and GB/s — bytes counted once: every input read
+once, every output written once — and the subject's speedup over each peer.
+GEMFORGE_BENCH_COMPILE=0 leaves out the torch.compile peers (they compile for minutes).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from gemforge.kernels import select
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+COMPILE = os.environ.get("GEMFORGE_BENCH_COMPILE", "1") != "0"
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def device_time(fn: Callable[[], object]) -> float:
+    """Seconds per call: median over CUDA-event timings on GPU, over perf_counter timings on CPU."""
+    if ON_GPU:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def compiled(fn: Callable, *args) -> Callable[[], object] | None:
+    """A zero-argument call of torch.compile(fn) on args, or None (with a warning) if compiling fails."""
+    if not COMPILE:
+        return None
+    try:
+        cfn = torch.compile(fn)
+        cfn(*args)
+    except Exception as e:  # a peer that cannot compile is left out, not a failure
+        warnings.warn(f"torch.compile of {getattr(fn, '__name__', fn)} failed: {type(e).__name__}: {e}")
+        return None
+    return lambda: cfn(*args)
+
+
+def op_impls(op: str, *args, compile_ref: bool = True) -> dict[str, Callable[[], object] | None]:
+    """Zero-argument calls of `op` on args: {"triton", "torch", "torch.compile"} on GPU, {"torch"} on CPU."""
+    ref = select(op, "torch", DEVICE)
+    if not ON_GPU:
+        return {"torch": lambda: ref(*args)}
+    tri = select(op, "triton", DEVICE)
+    return {"triton": lambda: tri(*args), "torch": lambda: ref(*args),
+            "torch.compile": compiled(ref, *args) if compile_ref else None}
+
+
+def compare(benchmark, impls: dict[str, Callable[[], object] | None], bytes_moved: int) -> None:
+    """Benchmark the first entry of impls with pytest-benchmark; record GB/s and speedups vs the others."""
+    name, subject = next(iter(impls.items()))
+    times = {k: device_time(fn) for k, fn in impls.items() if fn is not None}
+    info = benchmark.extra_info
+    info["impl"], info["bytes"] = name, bytes_moved
+    for k, t in times.items():
+        info[f"{k}_us"] = round(t * 1e6, 2)
+        info[f"{k}_GBps"] = round(bytes_moved / t / 1e9, 1)
+        if k != name:
+            info[f"speedup_vs_{k}"] = round(t / times[name], 2)
+    sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
+    rounds = max(3, min(50, int(0.2 / max(times[name], 1e-6))))
+    benchmark.pedantic(lambda: (subject(), sync()), rounds=rounds, warmup_rounds=1)
+
+
+# The CodeGemma shapes on GPU; a tiny stand-in on CPU, where only the torch backend runs.
+if ON_GPU:
+    MODELS = {"2b": dict(hidden=2048, heads=8, kv_heads=1, head_dim=256, inter=16384),
+              "7b": dict(hidden=3072, heads=16, kv_heads=16, head_dim=256, inter=24576)}
+    TOKENS = (1, 16, 128, 512)
+else:
+    MODELS = {"tiny": dict(hidden=64, heads=4, kv_heads=1, head_dim=16, inter=128)}
+    TOKENS = (1, 8)
+DTYPE = torch.bfloat16

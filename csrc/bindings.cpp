@@ -1,0 +1,37 @@
+// The only PYBIND11_MODULE of gemforge: exposes the launch functions of ops.h as gemforge.kernels._C.
+// Nothing here touches CUDA at import time.
+#include <pybind11/pybind11.h>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gemforge CUDA kernels; pointers and streams are passed as integers (see csrc/ops.h)";
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(0);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(1);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(2);
+
+  m.def("rms_norm", &gf::rms_norm, py::arg("y"), py::arg("r_out"), py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("rows"), py::arg("hidden"), py::arg("x_stride"), py::arg("res_stride"),
+        py::arg("eps"), py::arg("dtype"), py::arg("stream"));
+  m.def("gelu_and_mul", &gf::gelu_and_mul, py::arg("out"), py::arg("gate_up"), py::arg("rows"), py::arg("n"),
+        py::arg("dtype"), py::arg("stream"));
+  m.def("rotary", &gf::rotary, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"),
+        py::arg("tokens"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("q_stride"),
+        py::arg("k_stride"), py::arg("dtype"), py::arg("stream"));
+  m.def("write_kv", &gf::write_kv, py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slots"), py::arg("tokens"), py::arg("row_elems"), py::arg("k_stride"), py::arg("v_stride"),
+        py::arg("elem_size"), py::arg("stream"));
+  m.def("decode_partition_size", &gf::decode_partition_size, py::arg("hq"), py::arg("hk"), py::arg("head_dim"));
+  m.def("decode_attention", &gf::decode_attention, py::arg("out"), py::arg("part_acc"), py::arg("part_max"),
+        py::arg("part_sum"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"),
+        py::arg("context_lens"), py::arg("block_tables"), py::arg("num_seqs"), py::arg("q_stride"),
+        py::arg("bt_stride"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("block_size"),
+        py::arg("max_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));
+  m.def("w8a16_gemm", &gf::w8a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype"), py::arg("stream"));
+  m.def("w4a16_gemm", &gf::w4a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
+        py::arg("dtype"), py::arg("stream"));
+}

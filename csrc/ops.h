@@ -1,0 +1,42 @@
+// Host launch functions exported by bindings.cpp. Every pointer is a raw device address, every
+// stream a cudaStream_t, both passed as integers; `dtype` is a gf::DType code; strides count
+// elements. Each function validates its arguments (ValueError) and checks the launch
+// (RuntimeError naming the op and the CUDA error).
+#pragma once
+#include <cstdint>
+
+namespace gf {
+
+// y = rms_norm(r) * (1 + w), r = x (+ residual, rounded, also written to r_out). x/residual rows
+// are strided, y/r_out/w contiguous. residual == r_out == 0 selects the plain variant.
+void rms_norm(int64_t y, int64_t r_out, int64_t x, int64_t residual, int64_t weight, int64_t rows,
+              int64_t hidden, int64_t x_stride, int64_t res_stride, double eps, int dtype, int64_t stream);
+
+// out[r, i] = gelu_tanh(in[r, i]) * in[r, n + i]; in [rows, 2n], out [rows, n], both contiguous.
+void gelu_and_mul(int64_t out, int64_t in, int64_t rows, int64_t n, int dtype, int64_t stream);
+
+// In-place rotate-half RoPE of q [T, hq, D] and k [T, hk, D] (token strides given, heads dense).
+void rotary(int64_t q, int64_t k, int64_t positions, int64_t inv_freq, int64_t tokens, int64_t hq,
+            int64_t hk, int64_t head_dim, int64_t q_stride, int64_t k_stride, int dtype, int64_t stream);
+
+// Copies token t's row of row_elems elements of k and v into cache slot slots[t] (skip if < 0).
+void write_kv(int64_t k, int64_t v, int64_t k_cache, int64_t v_cache, int64_t slots, int64_t tokens,
+              int64_t row_elems, int64_t k_stride, int64_t v_stride, int64_t elem_size, int64_t stream);
+
+// Tokens per split-K partition the decode kernel uses for this shape (sizes the workspace).
+int64_t decode_partition_size(int64_t hq, int64_t hk, int64_t head_dim);
+
+// Paged decode attention, one query token per sequence (see attention.cu).
+void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t part_sum, int64_t q,
+                      int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q, int64_t context_lens,
+                      int64_t block_tables, int64_t num_seqs, int64_t q_stride, int64_t bt_stride,
+                      int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size, int64_t max_parts,
+                      double scale, int dtype, int64_t stream);
+
+// y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu and docs/QUANT_FORMAT.md).
+void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M,
+                int64_t N, int64_t K, int dtype, int64_t stream);
+void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias,
+                int64_t M, int64_t N, int64_t K, int64_t group_size, int dtype, int64_t stream);
+
+}  // namespace gf

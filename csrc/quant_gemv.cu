@@ -1,0 +1,203 @@
+// Weight-only quantized GEMV / skinny GEMM: y [M, N] = x [M, K] @ dequant(W [N, K])^T (+ bias),
+// M <= 16, formats of docs/QUANT_FORMAT.md, fp32 accumulation:
+//   int8: W[n, k] = q[n, k] * s[n]                   (s applied once per row at the end)
+//   int4: W[n, k] = (q[n, k] - z[n, k/g]) * s[n, k/g]  (z = 8 when symmetric; s applied per chunk)
+// CTA = 8 warps; warp w owns kRowsPerWarp rows and splits K across its lanes in 16-byte weight
+// chunks (16 int8 or 32 int4 weights; a 32-wide int4 chunk never straddles a group, g >= 32), so
+// each warp load is 512 contiguous bytes per row; partial dots are warp-reduced at the end.
+// x is staged in shared memory as fp32 (in K tiles when it does not fit), padded by 4 floats per
+// chunk so the lanes' float4 reads are bank-conflict free. Dequantisation is exact in fp32: a byte
+// b is placed in the mantissa of 2^23 (one PRMT) and 2^23 + zero subtracted (one FADD).
+#include "common/check.h"
+#include "common/reduce.cuh"
+#include "common/vec.cuh"
+#include "ops.h"
+
+namespace gf {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = 2;
+constexpr int kXPad = 4;                       // floats of padding after each chunk of x
+constexpr int kXSmemFloats = 48 * 1024 / 4;    // x tile budget
+constexpr float kMagic = 8388608.f;            // 2^23
+
+// out[i] = (byte i of v) - zero, exactly: float(0x4B0000bb) = 2^23 + b, minus biased_zero = 2^23 + zero.
+__device__ __forceinline__ void bytes_minus(uint32_t v, float biased_zero, float (&out)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7650u + i)) - biased_zero;
+}
+
+// Per-chunk quantization parameters, loaded together with the chunk's weights.
+struct ChunkMeta {
+  float scale = 1.f, biased_zero = 0.f;
+};
+
+// Per-chunk dequant-and-dot of a format. `xs` points at the chunk's x values (row m at m * ldx).
+template <typename T>
+struct Int8Format {
+  static constexpr int kPerChunk = 16;
+  static constexpr int kUnrollSmallM = 4;  // chunks in flight per lane and row for M <= 4 (measured)
+  const T* scales;
+  __device__ Int8Format(const T* s, const T*, int, int) : scales(s) {}
+
+  __device__ __forceinline__ ChunkMeta meta(int64_t, int) const { return {}; }
+  template <int MT>
+  __device__ __forceinline__ void accumulate(float (&acc)[MT], uint4 w, ChunkMeta, const float* xs, int ldx) const {
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float qv[4];
+      bytes_minus(words[i] ^ 0x80808080u, kMagic + 128.f, qv);  // int8 -> biased uint8 -> int8 value
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float4 a = *reinterpret_cast<const float4*>(xs + m * ldx + 4 * i);
+        acc[m] += a.x * qv[0] + a.y * qv[1] + a.z * qv[2] + a.w * qv[3];
+      }
+    }
+  }
+  __device__ __forceinline__ float row_scale(int64_t row) const { return to_float(scales[row]); }
+};
+
+template <typename T>
+struct Int4Format {
+  static constexpr int kPerChunk = 32;
+  static constexpr int kUnrollSmallM = 2;  // more costs occupancy (registers), measured slower
+  const T* scales;
+  const T* zeros;  // nullptr: symmetric, zero point 8
+  int groups, chunk_shift;  // group of chunk c: c >> chunk_shift (g = 32 << chunk_shift)
+  __device__ Int4Format(const T* s, const T* z, int K, int g)
+      : scales(s), zeros(z), groups(K / g), chunk_shift(g == 32 ? 0 : g == 64 ? 1 : 2) {}
+
+  __device__ __forceinline__ ChunkMeta meta(int64_t row, int chunk) const {
+    const int64_t gi = row * groups + (chunk >> chunk_shift);
+    return {to_float(scales[gi]), kMagic + (zeros ? to_float(zeros[gi]) : 8.f)};
+  }
+  template <int MT>
+  __device__ __forceinline__ void accumulate(float (&acc)[MT], uint4 w, ChunkMeta md, const float* xs, int ldx) const {
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    float part[MT] = {};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // word i holds k = 8i .. 8i+7: low nibbles even k, high odd k
+      float lo[4], hi[4];
+      bytes_minus(words[i] & 0x0F0F0F0Fu, md.biased_zero, lo);
+      bytes_minus((words[i] >> 4) & 0x0F0F0F0Fu, md.biased_zero, hi);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float4 a = *reinterpret_cast<const float4*>(xs + m * ldx + 8 * i);
+        const float4 b = *reinterpret_cast<const float4*>(xs + m * ldx + 8 * i + 4);
+        part[m] += a.x * lo[0] + a.y * hi[0] + a.z * lo[1] + a.w * hi[1] + b.x * lo[2] + b.y * hi[2] +
+                   b.z * lo[3] + b.w * hi[3];
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] += md.scale * part[m];
+  }
+  __device__ __forceinline__ float row_scale(int64_t) const { return 1.f; }
+};
+
+// Chunks of x (per row) that one shared-memory tile holds.
+template <class Fmt>
+int tile_chunks(int MT, int64_t K) {
+  return static_cast<int>(std::min<int64_t>(K / Fmt::kPerChunk, kXSmemFloats / (MT * (Fmt::kPerChunk + kXPad))));
+}
+
+template <typename T, int MT, class Fmt>
+__global__ void __launch_bounds__(kThreads)
+quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+                  const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M,
+                  int N, int K, int group_size, int tile) {
+  constexpr int P = Fmt::kPerChunk, PS = P + kXPad;
+  constexpr int kUnroll = MT <= 4 ? Fmt::kUnrollSmallM : 2;  // chunks per lane and row loaded before use
+  extern __shared__ float xs[];  // [MT][tile * PS]
+  const Fmt fmt(scales, zeros, K, group_size);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row0 = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
+  const int64_t row_bytes = int64_t{K} / P * 16;  // K (int8) or K / 2 (int4)
+  const int ldx = tile * PS;
+
+  float acc[kRowsPerWarp][MT] = {};
+  for (int c0 = 0; c0 < K / P; c0 += tile) {
+    const int nc = min(tile, K / P - c0);
+    __syncthreads();  // the previous tile is consumed
+    for (int i = threadIdx.x; i < MT * nc * P; i += kThreads) {
+      const int m = i / (nc * P), kk = i - m * nc * P;
+      xs[m * ldx + kk / P * PS + kk % P] = m < M ? to_float(x[int64_t{m} * K + int64_t{c0} * P + kk]) : 0.f;
+    }
+    __syncthreads();
+    for (int c = lane; c < nc; c += 32 * kUnroll) {
+      uint4 w[kUnroll][kRowsPerWarp];
+      ChunkMeta md[kUnroll][kRowsPerWarp];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+          if (c + 32 * u < nc && row0 + r < N) {
+            w[u][r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (row0 + r) * row_bytes) + c0 + c + 32 * u);
+            md[u][r] = fmt.meta(row0 + r, c0 + c + 32 * u);
+          }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+          if (c + 32 * u < nc && row0 + r < N) fmt.accumulate(acc[r], w[u][r], md[u][r], xs + (c + 32 * u) * PS, ldx);
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t row = row0 + r;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == 0 && m < M && row < N)
+        y[int64_t{m} * N + row] = from_float<T>(v * fmt.row_scale(row) + (bias ? to_float(bias[row]) : 0.f));
+    }
+  }
+}
+
+template <template <typename> class Format>
+void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros,
+                 int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int dtype, int64_t stream) {
+  require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
+  require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
+  require(aligned16(qweight), op, "qweight must be 16-byte aligned");
+  dispatch_half(dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Fmt = Format<T>;
+    require(K % Fmt::kPerChunk == 0, op, "K must be a multiple of " + std::to_string(Fmt::kPerChunk));
+    auto go = [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      const int tile = tile_chunks<Fmt>(MT, K);
+      const size_t smem = size_t(MT) * tile * (Fmt::kPerChunk + kXPad) * sizeof(float);
+      const unsigned grid = static_cast<unsigned>(ceil_div(N, kWarps * kRowsPerWarp));
+      quant_gemv_kernel<T, MT, Fmt><<<grid, kThreads, smem, as_stream(stream)>>>(
+          as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
+          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile);
+    };
+    if (M == 1) go(std::integral_constant<int, 1>{});
+    else if (M == 2) go(std::integral_constant<int, 2>{});
+    else if (M <= 4) go(std::integral_constant<int, 4>{});
+    else if (M <= 8) go(std::integral_constant<int, 8>{});
+    else go(std::integral_constant<int, 16>{});
+  });
+  check_launch(op);
+}
+
+}  // namespace
+
+void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
+                int64_t K, int dtype, int64_t stream) {
+  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, dtype, stream);
+}
+
+void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
+                int64_t N, int64_t K, int64_t group_size, int dtype, int64_t stream) {
+  require(group_size == 32 || group_size == 64 || group_size == 128, "w4a16_gemm",
+          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  require(K % group_size == 0, "w4a16_gemm", "K must be a multiple of group_size");
+  launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, dtype, stream);
+}
+
+}  // namespace gf

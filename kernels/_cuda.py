@@ -1,0 +1,271 @@
+"""The "cuda" backend of each op: thin wrappers over gemforge.kernels._C (csrc/).
+
+Each wrapper has exactly its op's torch-reference signature, validates devices, dtypes, shapes and
+strides (ValueError naming the tensor and what was expected), allocates the outputs and launches on
+torch's current stream with raw data pointers. _C is imported on first call, never at import time,
+so this module imports fine where the extension was not built; registry.select() only hands out
+these backends when _C imports.
+
+Coverage: rms_norm, gelu_and_mul, rotary, write_kv (fp32/fp16/bf16); attention for decode batches
+(max_query_len == 1; anything else is delegated to the "triton" backend) and linear_int8 /
+linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+
+import torch
+
+from .attention import AttnMetadata
+from .registry import register, select
+from .rotary import rope_inv_freq
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
+_HALF = (torch.float16, torch.bfloat16)
+MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
+
+
+@functools.cache
+def _ext():
+    return importlib.import_module("gemforge.kernels._C")
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _check_cuda(op: str, **tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    for name, dev in devices.items():
+        if dev.type != "cuda":
+            raise ValueError(f"{op}: {name} must be a CUDA tensor, got device {dev}")
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: tensors are on different devices: {devices}")
+    first = next(iter(devices.values()))
+    if first.index is not None and first.index != torch.cuda.current_device():
+        raise ValueError(f"{op}: tensors are on {first} but the current CUDA device is "
+                         f"cuda:{torch.cuda.current_device()} (use torch.cuda.device)")
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype}, expected one of {tuple(allowed)}")
+
+
+def _check_like(op: str, name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype} of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def _check_heads_dense(op: str, name: str, t: torch.Tensor) -> None:
+    """t is [T, H, D] with any token stride but dense heads and dims (a view into a fused qkv row)."""
+    if t.dim() != 3 or t.stride(2) != 1 or (t.shape[1] > 1 and t.stride(1) != t.shape[2]):
+        raise ValueError(f"{op}: {name} must be [tokens, heads, head_dim] with head/dim strides "
+                         f"({t.shape[2] if t.dim() == 3 else 'D'}, 1), got shape {tuple(t.shape)} strides {t.stride()}")
+
+
+def _row_stride(op: str, name: str, t: torch.Tensor) -> int:
+    """Stride between rows of t viewed as [rows, last dim]; needs a unit last stride."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{op}: {name} must have a contiguous last dim, got strides {t.stride()}")
+    if t.dim() == 2:
+        return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} with {t.dim()} dims must be contiguous (2-D inputs may have a row stride)")
+    return t.shape[-1]
+
+
+# ---------------------------------------------------------------------------- elementwise ops
+@register("rms_norm", "cuda")
+def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    op = "rms_norm"
+    _check_cuda(op, x=x, weight=weight, residual=residual)
+    _check_dtype(op, "x", x, _DTYPE_CODES)
+    hidden = x.shape[-1]
+    _check_like(op, "weight", weight, (hidden,), x.dtype)
+    _check_contiguous(op, "weight", weight)
+    x_stride = _row_stride(op, "x", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    r, res_stride = None, 0
+    if residual is not None:
+        _check_like(op, "residual", residual, x.shape, x.dtype)
+        res_stride = _row_stride(op, "residual", residual)
+        r = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = x.numel() // hidden if hidden else 0
+    _ext().rms_norm(y.data_ptr(), 0 if r is None else r.data_ptr(), x.data_ptr(),
+                    0 if residual is None else residual.data_ptr(), weight.data_ptr(), rows, hidden,
+                    x_stride, res_stride, float(eps), _DTYPE_CODES[x.dtype], _stream(x))
+    return y if residual is None else (y, r)
+
+
+@register("gelu_and_mul", "cuda")
+def gelu_and_mul_cuda(gate_up: torch.Tensor) -> torch.Tensor:
+    op = "gelu_and_mul"
+    _check_cuda(op, gate_up=gate_up)
+    _check_dtype(op, "gate_up", gate_up, _DTYPE_CODES)
+    _check_contiguous(op, "gate_up", gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"{op}: last dim of gate_up must be even, got shape {tuple(gate_up.shape)}")
+    n = gate_up.shape[-1] // 2
+    out = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
+    rows = out.numel() // n if n else 0
+    _ext().gelu_and_mul(out.data_ptr(), gate_up.data_ptr(), rows, n, _DTYPE_CODES[gate_up.dtype], _stream(gate_up))
+    return out
+
+
+@register("rotary", "cuda")
+def rotary_cuda(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
+    op = "rotary"
+    _check_cuda(op, q=q, k=k, positions=positions)
+    _check_dtype(op, "q", q, _DTYPE_CODES)
+    _check_heads_dense(op, "q", q)
+    _check_heads_dense(op, "k", k)
+    tokens, hq, head_dim = q.shape
+    if k.dtype != q.dtype or k.shape[0] != tokens or k.shape[2] != head_dim or head_dim % 2:
+        raise ValueError(f"{op}: k {k.dtype} {tuple(k.shape)} must match q {q.dtype} {tuple(q.shape)} "
+                         "in dtype, tokens and (even) head_dim")
+    _check_like(op, "positions", positions, (tokens,), torch.int64)
+    _check_contiguous(op, "positions", positions)
+    inv_freq = rope_inv_freq(head_dim, theta, q.device)
+    _ext().rotary(q.data_ptr(), k.data_ptr(), positions.data_ptr(), inv_freq.data_ptr(), tokens, hq, k.shape[1],
+                  head_dim, q.stride(0), k.stride(0), _DTYPE_CODES[q.dtype], _stream(q))
+
+
+# ---------------------------------------------------------------------------------- attention
+def _check_caches(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_contiguous(op, name, c)
+        if c.dim() != 4 or c.dtype != dtype:
+            raise ValueError(f"{op}: {name} must be {dtype} [blocks, block_size, kv_heads, head_dim], "
+                             f"got {c.dtype} {tuple(c.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+
+
+@register("write_kv", "cuda")
+def write_kv_cuda(k, v, k_cache, v_cache, slot_mapping) -> None:
+    op = "write_kv"
+    _check_cuda(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    _check_dtype(op, "k", k, _DTYPE_CODES)
+    _check_caches(op, k_cache, v_cache, k.dtype)
+    _check_heads_dense(op, "k", k)
+    _check_heads_dense(op, "v", v)
+    if k.shape != v.shape or v.dtype != k.dtype or tuple(k.shape[1:]) != tuple(k_cache.shape[2:]):
+        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                         f"[tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] of dtype {k_cache.dtype}")
+    _check_like(op, "slot_mapping", slot_mapping, (k.shape[0],), torch.int64)
+    _check_contiguous(op, "slot_mapping", slot_mapping)
+    _ext().write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+                    k.shape[0], k.shape[1] * k.shape[2], k.stride(0), v.stride(0), k.element_size(), _stream(k))
+
+
+@functools.lru_cache(maxsize=None)
+def _partition_size(hq: int, hk: int, head_dim: int) -> int:
+    return _ext().decode_partition_size(hq, hk, head_dim)
+
+
+@register("attention", "cuda")
+def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Split-K decode kernel when every sequence has at most one new token; else the Triton kernel."""
+    if meta.max_query_len > 1:
+        return select("attention", "triton", q.device)(q, k_cache, v_cache, meta, scale)
+    op = "attention"
+    _check_cuda(op, q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=meta.cu_seqlens_q,
+                context_lens=meta.context_lens, block_tables=meta.block_tables)
+    _check_dtype(op, "q", q, _HALF)
+    _check_heads_dense(op, "q", q)
+    _check_caches(op, k_cache, v_cache, q.dtype)
+    tokens, hq, head_dim = q.shape
+    hk = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or hq % hk:
+        raise ValueError(f"{op}: q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)} "
+                         "(head_dim must match, query heads a multiple of kv heads)")
+    if head_dim not in (64, 128, 256):
+        raise ValueError(f"{op}: the CUDA decode kernel supports head_dim 64, 128, 256, got {head_dim}")
+    b = meta.num_seqs
+    _check_like(op, "meta.context_lens", meta.context_lens, (b,), torch.int32)
+    _check_like(op, "meta.cu_seqlens_q", meta.cu_seqlens_q, (b + 1,), torch.int32)
+    if meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != b or meta.block_tables.dtype != torch.int32 \
+            or meta.block_tables.stride(1) != 1:
+        raise ValueError(f"{op}: meta.block_tables must be int32 [{b}, max_blocks] with unit column stride, got "
+                         f"{meta.block_tables.dtype} {tuple(meta.block_tables.shape)} strides {meta.block_tables.stride()}")
+    for name in ("context_lens", "cu_seqlens_q"):
+        _check_contiguous(op, f"meta.{name}", getattr(meta, name))
+    out = torch.empty((tokens, hq, head_dim), dtype=q.dtype, device=q.device)
+    if tokens == 0 or b == 0:
+        return out
+    part = _partition_size(hq, hk, head_dim)
+    max_parts = max(1, math.ceil(meta.max_context_len / part))
+    acc = m = s = None
+    if max_parts > 1:
+        acc = torch.empty((b, hq, max_parts, head_dim), dtype=torch.float32, device=q.device)
+        m = torch.empty((b, hq, max_parts), dtype=torch.float32, device=q.device)
+        s = torch.empty((b, hq, max_parts), dtype=torch.float32, device=q.device)
+    _ext().decode_attention(
+        out.data_ptr(), 0 if acc is None else acc.data_ptr(), 0 if m is None else m.data_ptr(),
+        0 if s is None else s.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        meta.cu_seqlens_q.data_ptr(), meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), b, q.stride(0),
+        meta.block_tables.stride(0), hq, hk, head_dim, k_cache.shape[1], max_parts, float(scale),
+        _DTYPE_CODES[q.dtype], _stream(q))
+    return out
+
+
+# ------------------------------------------------------------------------- quantized linear
+def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias):
+    op = f"linear_{fmt}"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
+    m, k = x.shape
+    if m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16):
+        return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
+    _check_cuda(op, x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
+    _check_dtype(op, "x", x, _HALF)
+    _check_contiguous(op, "x", x)
+    n = qweight.shape[0]
+    if fmt == "int8":
+        _check_like(op, "qweight", qweight, (n, k), torch.int8)
+        _check_like(op, "scales", scales, (n,), x.dtype)
+        if zeros is not None:
+            raise ValueError(f"{op}: int8 weights are symmetric; zeros must be None")
+    else:
+        if group_size not in (32, 64, 128) or k % group_size:
+            raise ValueError(f"{op}: group_size must be 32, 64 or 128 and divide K={k}, got {group_size}")
+        _check_like(op, "qweight", qweight, (n, k // 2), torch.uint8)
+        _check_like(op, "scales", scales, (n, k // group_size), x.dtype)
+        if zeros is not None:
+            _check_like(op, "zeros", zeros, (n, k // group_size), x.dtype)
+            _check_contiguous(op, "zeros", zeros)
+    for name, t in (("qweight", qweight), ("scales", scales)):
+        _check_contiguous(op, name, t)
+    if bias is not None:
+        _check_like(op, "bias", bias, (n,), x.dtype)
+        _check_contiguous(op, "bias", bias)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    b = 0 if bias is None else bias.data_ptr()
+    if fmt == "int8":
+        _ext().w8a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k,
+                          _DTYPE_CODES[x.dtype], _stream(x))
+    else:
+        _ext().w4a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size,
+                          _DTYPE_CODES[x.dtype], _stream(x))
+    return y
+
+
+@register("linear_int8", "cuda")
+def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    return _linear_quant("int8", x, qweight, scales, zeros, group_size, bias)
+
+
+@register("linear_int4", "cuda")
+def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    return _linear_quant("int4", x, qweight, scales, zeros, group_size, bias)

@@ -1,0 +1,241 @@
+"""Every "cuda" backend against its torch reference on random data (fresh seed per case, odd sizes,
+fp16 and bf16), judged by numerics.assert_close: error(cuda) <= 2 x error(torch in the same low
+precision) + floor, both against the reference run in fp32. Outputs are NaN-poisoned (nan_empty)."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import gemforge.kernels._cuda  # noqa: F401  (registers the cuda backends)
+from gemforge.kernels import AttnMetadata, select
+from gemforge.kernels.quant import quantize_int4, quantize_int8
+from numerics import assert_close
+
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        importlib.import_module("gemforge.kernels._C")
+    except ImportError as e:
+        return f"gemforge.kernels._C is not built ({e})"
+    return None
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+HALF = (torch.float16, torch.bfloat16)
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+def cuda(op):
+    return select(op, "cuda", DEV)
+
+
+def ref(op):
+    return select(op, "torch", DEV)
+
+
+# -------------------------------------------------------------------------------- rms_norm
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("hidden", (8, 769, 2048, 3072))
+@pytest.mark.parametrize("tokens", (1, 7, 83))
+@pytest.mark.parametrize("fused", (False, True))
+def test_rms_norm(nan_empty, dtype, hidden, tokens, fused):
+    x = torch.randn(tokens, hidden, device=DEV).to(dtype)
+    w = (0.1 * torch.randn(hidden, device=DEV)).to(dtype)
+    res = torch.randn(tokens, hidden, device=DEV).to(dtype) if fused else None
+    out = cuda("rms_norm")(x, w, 1e-6, res)
+    lp = ref("rms_norm")(x, w, 1e-6, res)
+    r32 = ref("rms_norm")(x.float(), w.float(), 1e-6, None if res is None else res.float())
+    if fused:
+        assert torch.equal(out[1], lp[1]), "residual sum must equal torch's x + residual exactly"
+        out, lp, r32 = out[0], lp[0], r32[0]
+    assert_close(out, r32, lp, what=f"rms_norm {dtype} {hidden}")
+
+
+def test_rms_norm_strided_rows(nan_empty):
+    buf = torch.randn(5, 3 * 1024, device=DEV, dtype=torch.bfloat16)
+    x = buf[:, 1024:2048]  # a row-strided view
+    w = torch.randn(1024, device=DEV, dtype=torch.bfloat16)
+    assert_close(cuda("rms_norm")(x, w, 1e-6), ref("rms_norm")(x.float(), w.float(), 1e-6),
+                 ref("rms_norm")(x, w, 1e-6))
+
+
+# ---------------------------------------------------------------------------- gelu_and_mul
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("inter", (8, 769, 2048, 16384))
+@pytest.mark.parametrize("tokens", (1, 7, 83))
+def test_gelu_and_mul(nan_empty, dtype, inter, tokens):
+    gu = (2 * torch.randn(tokens, 2 * inter, device=DEV)).to(dtype)
+    assert_close(cuda("gelu_and_mul")(gu), ref("gelu_and_mul")(gu.float()), ref("gelu_and_mul")(gu))
+
+
+# ---------------------------------------------------------------------------------- rotary
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("head_dim", (64, 128, 256, 6))
+@pytest.mark.parametrize("tokens", (1, 7, 83))
+@pytest.mark.parametrize("heads", ((8, 1), (16, 16)))
+def test_rotary(dtype, head_dim, tokens, heads):
+    hq, hk = heads
+    qkv = torch.randn(tokens, (hq + 2 * hk) * head_dim, device=DEV).to(dtype)
+    pos = torch.randint(0, 8192, (tokens,), device=DEV)
+
+    def split(buf):  # q, k views into the fused row, as the model passes them
+        return (buf[:, : hq * head_dim].view(tokens, hq, head_dim),
+                buf[:, hq * head_dim: (hq + hk) * head_dim].view(tokens, hk, head_dim))
+
+    ours, lp, f32 = qkv.clone(), qkv.clone(), qkv.float()
+    cuda("rotary")(*split(ours), pos, 10000.0)
+    ref("rotary")(*split(lp), pos, 10000.0)
+    ref("rotary")(*split(f32), pos, 10000.0)
+    n = (hq + hk) * head_dim
+    assert_close(ours[:, :n], f32[:, :n], lp[:, :n], what="rotary q,k")
+    assert torch.equal(ours[:, n:], qkv[:, n:]), "rotary wrote outside q and k"
+
+
+# ------------------------------------------------------------------------------ attention
+def _paged_batch(ctx_lens, hk, head_dim, block_size, dtype, num_blocks_extra=3):
+    """Random caches and a shuffled block table holding len(ctx_lens) sequences."""
+    blocks_per = [math.ceil(c / block_size) for c in ctx_lens]
+    nblocks = sum(blocks_per) + num_blocks_extra
+    k_cache = torch.randn(nblocks, block_size, hk, head_dim, device=DEV).to(dtype)
+    v_cache = torch.randn(nblocks, block_size, hk, head_dim, device=DEV).to(dtype)
+    perm = torch.randperm(nblocks, device=DEV).int()
+    table = torch.zeros(len(ctx_lens), max(blocks_per) + 1, dtype=torch.int32, device=DEV)
+    at = 0
+    for i, nb in enumerate(blocks_per):
+        table[i, :nb] = perm[at: at + nb]
+        at += nb
+    return k_cache, v_cache, table
+
+
+def _decode_meta(ctx_lens, table, has_token=None):
+    has_token = has_token or [1] * len(ctx_lens)
+    cu = torch.tensor([0, *torch.tensor(has_token).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    t = int(cu[-1])
+    pos = torch.tensor([c - 1 for c, h in zip(ctx_lens, has_token) if h], dtype=torch.int64, device=DEV)
+    return AttnMetadata(positions=pos, cu_seqlens_q=cu,
+                        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=DEV), block_tables=table,
+                        slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=DEV),
+                        max_query_len=1, max_context_len=max(ctx_lens))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("heads", ((8, 1), (16, 16), (8, 2)))
+@pytest.mark.parametrize("head_dim", (256, 128, 64))
+@pytest.mark.parametrize("block_size", (16, 32))
+def test_decode_attention(nan_empty, dtype, heads, head_dim, block_size):
+    hq, hk = heads
+    ctx = [1, 17, 255, 256, 257, 1000, 1537]  # around partition edges (256 / 512 tokens)
+    k_cache, v_cache, table = _paged_batch(ctx, hk, head_dim, block_size, dtype)
+    meta = _decode_meta(ctx, table)
+    qkv = torch.randn(len(ctx), (hq + 2 * hk) * head_dim, device=DEV).to(dtype)
+    q = qkv[:, : hq * head_dim].view(len(ctx), hq, head_dim)  # token-strided view
+    scale = head_dim ** -0.5
+    out = cuda("attention")(q, k_cache, v_cache, meta, scale)
+    r32 = ref("attention")(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    lp = ref("attention")(q, k_cache, v_cache, meta, scale)
+    assert_close(out, r32, lp, what=f"decode attention {heads} D={head_dim}")
+
+
+def test_decode_attention_sequences_without_token(nan_empty):
+    """Sequences with no new token this step (cu_seqlens_q repeats) are skipped."""
+    ctx = [40, 700, 9]
+    k_cache, v_cache, table = _paged_batch(ctx, 1, 256, 16, torch.bfloat16)
+    meta = _decode_meta(ctx, table, has_token=[1, 0, 1])
+    q = torch.randn(2, 8, 256, device=DEV, dtype=torch.bfloat16)
+    out = cuda("attention")(q, k_cache, v_cache, meta, 0.0625)
+    assert_close(out, ref("attention")(q.float(), k_cache.float(), v_cache.float(), meta, 0.0625),
+                 ref("attention")(q, k_cache, v_cache, meta, 0.0625))
+
+
+def test_attention_prefill_delegates_to_triton():
+    pytest.importorskip("triton")
+    dtype, hq, hk, d, bs = torch.bfloat16, 8, 1, 256, 16
+    ctx, new = [30, 5], [4, 5]
+    k_cache, v_cache, table = _paged_batch(ctx, hk, d, bs, dtype)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEV)
+    meta = AttnMetadata(positions=torch.zeros(9, dtype=torch.int64, device=DEV), cu_seqlens_q=cu,
+                        context_lens=torch.tensor(ctx, dtype=torch.int32, device=DEV), block_tables=table,
+                        slot_mapping=torch.full((9,), -1, dtype=torch.int64, device=DEV),
+                        max_query_len=max(new), max_context_len=max(ctx))
+    q = torch.randn(9, hq, d, device=DEV, dtype=dtype)
+    assert_close(cuda("attention")(q, k_cache, v_cache, meta, 0.0625),
+                 ref("attention")(q.float(), k_cache.float(), v_cache.float(), meta, 0.0625),
+                 ref("attention")(q, k_cache, v_cache, meta, 0.0625))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("head_dim", (256, 6))
+def test_write_kv(dtype, head_dim):
+    tokens, hk, bs, nb = 83, 2, 16, 12
+    kv = torch.randn(tokens, 3 * hk * head_dim, device=DEV).to(dtype)  # strided views, like fused qkv
+    k = kv[:, : hk * head_dim].view(tokens, hk, head_dim)
+    v = kv[:, 2 * hk * head_dim:].view(tokens, hk, head_dim)
+    slots = torch.randperm(nb * bs, device=DEV)[:tokens]
+    slots[::5] = -1
+    caches = [torch.full((nb, bs, hk, head_dim), float("nan"), device=DEV, dtype=dtype) for _ in range(4)]
+    cuda("write_kv")(k, v, caches[0], caches[1], slots)
+    ref("write_kv")(k, v, caches[2], caches[3], slots)
+    for ours, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.nan_to_num(123.0), theirs.nan_to_num(123.0))
+
+
+# ---------------------------------------------------------------------- quantized linear
+def _check_linear(fmt, qw, x, bias):
+    args = (qw.qweight, qw.scales, qw.zeros, qw.group_size, bias)
+    out = cuda(f"linear_{fmt}")(x, *args)
+    r32 = ref(f"linear_{fmt}")(x.float(), *args[:-1], None if bias is None else bias.float())
+    lp = ref(f"linear_{fmt}")(x, *args)
+    assert_close(out, r32, lp, what=f"linear_{fmt} M={x.shape[0]} {tuple(qw.shape)}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", (1, 2, 3, 8, 16))
+@pytest.mark.parametrize("nk", ((257, 784), (1024, 2048), (96, 24576)))
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_linear_int8(nan_empty, dtype, m, nk, with_bias):
+    n, k = nk
+    qw = quantize_int8(torch.randn(n, k, device=DEV).to(dtype))
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype) if with_bias else None
+    _check_linear("int8", qw, x, bias)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", (1, 3, 5, 16))
+@pytest.mark.parametrize("nk", ((257, 768), (1024, 2048), (96, 24576)))
+@pytest.mark.parametrize("group", (32, 64, 128))
+@pytest.mark.parametrize("symmetric", (True, False))
+def test_linear_int4(nan_empty, dtype, m, nk, group, symmetric):
+    n, k = nk
+    qw = quantize_int4(torch.randn(n, k, device=DEV).to(dtype), group, symmetric)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype) if m == 3 else None
+    _check_linear("int4", qw, x, bias)
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+def test_linear_quant_many_rows_delegates_to_triton(fmt):
+    pytest.importorskip("triton")
+    w = torch.randn(64, 256, device=DEV, dtype=torch.bfloat16)
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 64)
+    _check_linear(fmt, qw, torch.randn(17, 256, device=DEV, dtype=torch.bfloat16), None)
+
+
+def test_bad_inputs_raise_value_error():
+    x = torch.randn(2, 64, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="weight"):
+        cuda("rms_norm")(x, torch.ones(63, device=DEV, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="x has dtype"):
+        qw = quantize_int8(torch.randn(8, 64, device=DEV))
+        cuda("linear_int8")(x.float(), qw.qweight, qw.scales, None, None, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda("gelu_and_mul")(torch.randn(8, 4, device=DEV, dtype=torch.float16).t())

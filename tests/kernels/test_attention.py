@@ -1,0 +1,157 @@
+"""write_kv and paged attention: the Triton kernels against the torch references (interpreter on CPU)."""
+import importlib
+import math
+
+import pytest
+import torch
+from numerics import DTYPES, assert_close
+
+from gemforge.kernels import AttnMetadata, attention, select, write_kv
+from gemforge.kernels.attention import _attn_config, _num_partitions, attention_ref, attention_triton, write_kv_triton
+
+attention_mod = importlib.import_module("gemforge.kernels.attention")  # the package re-exports the function
+
+
+def make_batch(seqs, hq, hk, d, block_size, dtype, device, seed):
+    """A flat batch for `seqs` = [(new tokens n, context length ctx), ...] over a random paged cache
+    whose blocks are handed out in a random order. Returns (q, k_cache, v_cache, meta)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(ctx / block_size) for _, ctx in seqs]
+    num_blocks = sum(blocks_per_seq) + 2  # two blocks nobody owns
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(seqs), max(blocks_per_seq, default=1)), -1, dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(blocks_per_seq):
+        tables[b, :nb] = perm[used:used + nb]
+        used += nb
+    positions, slots = [], []
+    for b, (n, ctx) in enumerate(seqs):
+        pos = torch.arange(ctx - n, ctx)
+        positions.append(pos)
+        slots.append(tables[b, pos // block_size].long() * block_size + pos % block_size)
+    lens = torch.tensor([n for n, _ in seqs], dtype=torch.int32)
+    meta = AttnMetadata(
+        positions=torch.cat(positions).long().to(device) if seqs else torch.empty(0, dtype=torch.long, device=device),
+        cu_seqlens_q=torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]).to(device),
+        context_lens=torch.tensor([ctx for _, ctx in seqs], dtype=torch.int32).to(device),
+        block_tables=tables.to(device),
+        slot_mapping=torch.cat(slots).to(device) if seqs else torch.empty(0, dtype=torch.long, device=device),
+        max_query_len=max((n for n, _ in seqs), default=0),
+        max_context_len=max((ctx for _, ctx in seqs), default=0),
+    )
+    cache_shape = (num_blocks, block_size, hk, d)
+    k_cache = torch.randn(cache_shape, generator=g).to(device, dtype)
+    v_cache = torch.randn(cache_shape, generator=g).to(device, dtype)
+    # q as the leading head slice of a fused qkv output: rows strided, as the model passes it
+    q = torch.randn(meta.num_tokens, hq + 2 * hk, d, generator=g).to(device, dtype)[:, :hq]
+    return q, k_cache, v_cache, meta
+
+
+def check_attention(seqs, hq, hk, d, block_size, dtype, device, seed=0):
+    q, k_cache, v_cache, meta = make_batch(seqs, hq, hk, d, block_size, dtype, device, seed)
+    scale = d ** -0.5
+    out = attention(q, k_cache, v_cache, meta, scale, backend="triton")
+    ref32 = attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    assert_close(out, ref32, attention_ref(q, k_cache, v_cache, meta, scale))
+    return meta
+
+
+@pytest.fixture
+def big_gpu(monkeypatch):
+    """Pretend the device has many SMs, so that small batches split their contexts into partitions."""
+    monkeypatch.setattr(attention_mod, "_num_sms", lambda device: 1000)
+
+
+def test_select_picks_triton(device):
+    assert select("attention", "triton", device) is attention_triton
+    assert select("write_kv", "triton", device) is write_kv_triton
+
+
+# prefill (whole prompt), chunked prefill, decode, verify window, 1- and 2-token prompts
+MIXED = [(17, 17), (1, 40), (5, 45), (9, 33), (1, 1), (2, 2)]
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (8, 1)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_mixed_batch(heads, dtype, device, nan_empty):
+    check_attention(MIXED, *HEADS[heads], d=16, block_size=16, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+def test_mixed_batch_block_32_head_dim_48(heads, device, nan_empty):
+    """Block size 32 and a head_dim that is not a power of two (padded and masked)."""
+    check_attention(MIXED, *HEADS[heads], d=48, block_size=32, dtype=torch.bfloat16, device=device, seed=1)
+
+
+@pytest.mark.parametrize("heads", ["mha", "mqa"])
+def test_long_prefill_several_tiles(heads, device, nan_empty):
+    """300 new tokens span several query tiles of one sequence (tile -> sequence by binary search)."""
+    hq, hk = HEADS[heads]
+    meta = check_attention([(300, 300), (3, 20)], hq, hk, d=16, block_size=16, dtype=torch.float16,
+                           device=device, seed=2)
+    assert meta.max_query_len > _attn_config(16, hq // hk, meta.max_query_len)["QT"]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads", ["mha", "mqa"])
+def test_decode_split_k(heads, block_size, device, nan_empty, big_gpu):
+    """Decode-only batch: the split-K path with many partitions per sequence (more than one chunk of the
+    reduction), some partitions of the shorter sequences empty (their scratch stays NaN, to be ignored)."""
+    hq, hk = HEADS[heads]
+    seqs = [(1, 1100), (1, 17), (1, 300), (1, 1)]
+    meta = check_attention(seqs, hq, hk, d=32, block_size=block_size, dtype=torch.bfloat16, device=device, seed=3)
+    block_n = _attn_config(32, hq // hk, 1)["BLOCK_N"]
+    assert _num_partitions(meta, hk, block_n, torch.device(device))[1] > 16
+
+
+def test_verify_windows_split_k(device, nan_empty, big_gpu):
+    """Speculative verify windows (k + 1 tokens each) with long contexts also split the context."""
+    meta = check_attention([(5, 200), (5, 9), (3, 150)], 8, 1, d=16, block_size=16, dtype=torch.float16,
+                           device=device, seed=4)
+    assert _num_partitions(meta, 1, _attn_config(16, 8, 5)["BLOCK_N"], torch.device(device))[1] > 1
+
+
+def test_head_dim_256_mqa(device, nan_empty):
+    """The CodeGemma-2B shape: 8 query heads on one KV head of 256 dims."""
+    check_attention([(3, 20), (1, 33)], 8, 1, d=256, block_size=16, dtype=torch.bfloat16, device=device, seed=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size shapes are too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads", [(8, 1), (16, 16)], ids=["2b", "7b"])
+def test_codegemma_shapes(heads, dtype, device, nan_empty):
+    """Full-size CodeGemma heads: a mixed batch with long contexts, then a decode batch (split-K)."""
+    check_attention([(512, 512), (1, 8192), (5, 3000), (64, 1100), (1, 100)], *heads, d=256, block_size=16,
+                    dtype=dtype, device=device, seed=7)
+    ctx = torch.randint(1, 4096, (64,), generator=torch.Generator().manual_seed(8)).tolist()
+    check_attention([(1, c) for c in ctx], *heads, d=256, block_size=32, dtype=dtype, device=device, seed=9)
+
+
+def test_empty_batch(device):
+    q, k_cache, v_cache, meta = make_batch([], 4, 2, 16, 16, torch.float16, device, seed=0)
+    out = attention(q, k_cache, v_cache, meta, 0.25, backend="triton")
+    assert out.shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_write_kv(dtype, device):
+    """Written slots equal the input exactly; skipped (-1) and unowned slots keep their NaN."""
+    g = torch.Generator().manual_seed(6)
+    num_blocks, block_size, hk, d, tokens = 5, 16, 2, 24, 23
+    kv = torch.randn(tokens, 3 * hk, d, generator=g).to(device, dtype)  # k, v: strided slices of a fused output
+    k, v = kv[:, hk:2 * hk], kv[:, 2 * hk:]
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[::4] = -1
+    slots = slots.to(device)
+    k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype, device=device)
+    v_cache = k_cache.clone()
+    write_kv(k, v, k_cache, v_cache, slots, backend="triton")
+    keep = slots >= 0
+    for cache, src in ((k_cache, k), (v_cache, v)):
+        flat = cache.view(-1, hk, d)
+        assert torch.equal(flat[slots[keep]], src[keep])
+        untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
+        untouched[slots[keep]] = False
+        assert flat[untouched].isnan().all()

@@ -1,0 +1,107 @@
+"""linear: dense, and weight-only int8 / int4 (W8A16, W4A16) on every available backend."""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_close
+
+from gemforge.kernels import BackendUnavailable, backends, linear, select
+from gemforge.kernels.linear import TileConfig, quant_matmul_triton
+from gemforge.kernels.quant import dequantize, quantize_int4, quantize_int8
+from gemforge.kernels.registry import unavailable_reason
+
+FORMATS = {  # name -> (quantize, group_size)
+    "int8": (lambda w: quantize_int8(w), None),
+    "int4-g128": (lambda w: quantize_int4(w, 128), 128),
+    "int4-g64-asym": (lambda w: quantize_int4(w, 64, symmetric=False), 64),
+    "int4-g32": (lambda w: quantize_int4(w, 32), 32),
+}
+LOWP = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test id: a fresh seed per case, reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def _problem(fmt, m, n, k, dtype, device, gen, bias=True):
+    """x [m, k], a quantized [n, k] weight, bias [n] (all in dtype, on device) and the fp32 reference."""
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype) * 0.05
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    qw = FORMATS[fmt][0](w).to(device)
+    ref32 = F.linear(x.float(), dequantize(qw).cpu().float(), None if b is None else b.float())
+    return x.to(device), qw, None if b is None else b.to(device), ref32
+
+
+def _available(op, device):
+    dev = torch.device(device).type
+    return [b for b in backends(op) if unavailable_reason(op, b, dev) is None]
+
+
+@pytest.mark.parametrize("dtype", LOWP + (torch.float32,))
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 130])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_quant_matmul(fmt, m, dtype, device, gen, nan_empty):
+    """Every output written (torch.empty NaN-filled), within 2x the low-precision torch error of fp32."""
+    n, k = 97, 256
+    x, qw, b, ref32 = _problem(fmt, m, n, k, dtype, device, gen, bias=m != 16)
+    y = quant_matmul_triton(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, b)
+    ref_lp = linear(x, qw, b, backend="torch")
+    assert_close(y.cpu(), ref32, ref_lp.cpu(), what=f"{fmt} M={m} {dtype}")
+
+
+@pytest.mark.parametrize("config", [TileConfig(16, 32, 64, 4, 2, split_k=3), TileConfig(32, 16, 32, 4, 2, split_k=2)])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_split_k_and_tiles(fmt, config, device, gen, nan_empty):
+    """Explicit tile shapes and K split in uneven parts (int8: K = 200 leaves a ragged last K tile);
+    the fp32 partials' workspace is NaN-filled too."""
+    m, n, k = 5, 37, 200 if fmt == "int8" else 384
+    x, qw, b, ref32 = _problem(fmt, m, n, k, torch.float16, device, gen)
+    y = quant_matmul_triton(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, b, config=config)
+    assert_close(y.cpu(), ref32, linear(x, qw, b, backend="torch").cpu(), what=f"{fmt} {config}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_dispatch_every_backend(fmt, device, gen):
+    """linear() on a QuantizedWeight, leading dims flattened, on each backend this device can run."""
+    x, qw, b, ref32 = _problem(fmt, 6, 769, 256, torch.bfloat16, device, gen)
+    x3 = x.reshape(2, 3, 256)
+    ref_lp = linear(x3, qw, b, backend="torch")
+    assert ref_lp.shape == (2, 3, 769) and ref_lp.dtype == torch.bfloat16
+    for backend in _available(f"linear_{qw.fmt}", device):
+        y = linear(x3, qw, b, backend=backend)
+        assert_close(y.cpu(), ref32.reshape(2, 3, 769), ref_lp.cpu(), what=f"{fmt} {backend}")
+
+
+@pytest.mark.parametrize("dtype", LOWP + (torch.float32,))
+def test_dense_linear_every_backend(dtype, device, gen):
+    x = torch.randn(2, 7, 96, generator=gen).to(dtype)
+    w = torch.randn(769, 96, generator=gen).to(dtype)
+    b = torch.randn(769, generator=gen).to(dtype)
+    ref32 = F.linear(x.float(), w.float(), b.float())
+    ref_lp = F.linear(x, w, b)
+    for backend in _available("linear", device):
+        y = linear(x.to(device), w.to(device), b.to(device), backend=backend)
+        assert_close(y.cpu(), ref32, ref_lp, what=f"dense {backend} {dtype}")
+
+
+def test_select(device):
+    assert select("linear_int4", "triton", device) is quant_matmul_triton  # CPU: TRITON_INTERPRET=1
+    assert select("linear_int8", "triton", device) is quant_matmul_triton
+    assert select("linear_int8", "auto", "cpu") is select("linear_int8", "torch", "cpu")
+    with pytest.raises(BackendUnavailable, match="linear_int4: backend 'cuda' unavailable"):
+        select("linear_int4", "cuda", "cpu")
+
+
+def test_feature_mismatch_is_a_clear_error(device):
+    qw = quantize_int4(torch.randn(8, 128)).to(device)
+    with pytest.raises(ValueError, match="linear_int4: x has 96 features, the weight 128"):
+        linear(torch.randn(1, 96, device=device), qw, backend="triton")
+
+
+def test_empty_batch(device):
+    qw = quantize_int8(torch.randn(8, 32)).to(device)
+    assert linear(torch.randn(0, 32, device=device), qw, backend="triton").shape == (0, 8)
