@@ -20,6 +20,7 @@ from .errors import RequestError
 from .kv_cache import KVCache
 from .loader import load_weights, to_dtype
 from .model import GemmaModel
+from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
@@ -71,7 +72,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     cuda_graphs: bool = True
     gpu_memory_utilization: float = 0.85
+    quantization: str | None = None      # "int8" | "int4": quantize while loading
+    quantize_lm_head: bool = False
+    group_size: int = 128
     draft_model: str | None = None
+    draft_quantization: str | None = None
     num_speculative_tokens: int = 4
     adaptive_lookahead: bool = True
 
@@ -87,7 +92,9 @@ class Engine:
                                f"config.json's vocab_size is {self.cfg.vocab_size}", field="tokenizer")
         self.device = ec.device or default_device()
         self.dtype = resolve_dtype(ec.dtype, self.cfg, self.device)
-        weights = load_weights(self.model_dir, self.cfg, self.dtype, self.device, progress=progress)
+        weights = load_weights(self.model_dir, self.cfg, self.dtype, self.device,
+                               self._quant(ec.quantization, ec.quantize_lm_head), progress=progress)
+        self.weight_bytes = weight_bytes(weights)
         self.model = GemmaModel(self.cfg, weights, self.dtype, self.device, ec.backend)
         self.max_model_len = min(ec.max_model_len or self.cfg.max_position_embeddings,
                                  self.cfg.max_position_embeddings)
@@ -102,8 +109,21 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        log.info("gemforge: %s on %s in %s; KV cache %d tokens", self.model_dir.name, self.device, self.dtype,
-                 self.capacity)
+        log.info("gemforge: %s on %s in %s; weights %.1f MB (%s); KV cache %d tokens (%.1f MB)",
+                 self.model_dir.name, self.device, self.dtype, self.weight_bytes["total"] / 1e6,
+                 ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in self.weight_bytes.items() if v and k != "total"),
+                 self.capacity, self.cache.nbytes / 1e6)
+
+    def _quant(self, method: str | None, lm_head: bool) -> QuantConfig | None:
+        return QuantConfig(method, self.ec.group_size, True, lm_head) if method else None
+
+    def memory_report(self) -> dict:
+        """Bytes of the loaded weights (by format) and of the KV cache(s)."""
+        rep = {"weights": dict(self.weight_bytes), "kv_cache": self.cache.nbytes, "kv_cache_tokens": self.capacity}
+        if self.drafter is not None:
+            rep["draft_weights"] = weight_bytes(self.drafter.model.w)
+            rep["draft_kv_cache"] = self.drafter.cache.nbytes
+        return rep
 
     def _load_draft(self, graphs: bool) -> Drafter:
         """The draft model: same tokenizer and vocabulary, its own KV pool of the same block count."""
@@ -117,7 +137,8 @@ class Engine:
             raise RequestError(f"draft model {d}: its vocabulary (size {dcfg.vocab_size}, {dtok.path}) differs from "
                                f"the target's (size {self.cfg.vocab_size}, {self.tokenizer.path}); speculative "
                                f"decoding needs the same tokenizer", field="draft_model")
-        weights = load_weights(d, dcfg, self.dtype, self.device, progress=False)
+        weights = load_weights(d, dcfg, self.dtype, self.device, self._quant(self.ec.draft_quantization, False),
+                               progress=False)
         model = GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend)
         blocks = self.cache.blocks
         cache = KVCache(dcfg.num_layers, blocks.num_blocks, blocks.block_size, dcfg.num_kv_heads, dcfg.head_dim,

@@ -23,15 +23,16 @@ class LLM:
     def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None,
                  backend: str = "auto", kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 cuda_graphs: bool = True, quantization: str | None = None, draft_model: str | Path | None = None,
+                 cuda_graphs: bool = True, quantization: str | None = None, quantize_lm_head: bool = False,
+                 group_size: int = 128, draft_model: str | Path | None = None, draft_quantization: str | None = None,
                  num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, progress: bool = True):
-        if quantization is not None:
-            raise NotImplementedError("quantization is not implemented yet (see the quantization issue)")
         self.engine = Engine(model, EngineConfig(dtype=dtype, device=device, backend=backend,
                                                  kv_cache_tokens=kv_cache_tokens, block_size=block_size,
                                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                                  max_num_batched_tokens=max_num_batched_tokens,
-                                                 cuda_graphs=cuda_graphs, draft_model=draft_model,
+                                                 cuda_graphs=cuda_graphs, quantization=quantization,
+                                                 quantize_lm_head=quantize_lm_head, group_size=group_size,
+                                                 draft_model=draft_model, draft_quantization=draft_quantization,
                                                  num_speculative_tokens=num_speculative_tokens,
                                                  adaptive_lookahead=adaptive_lookahead), progress=progress)
         self._ids = itertools.count()
@@ -51,6 +52,10 @@ class LLM:
     @property
     def cache(self):
         return self.engine.cache
+
+    def memory_report(self) -> dict:
+        """Bytes of the loaded weights by format ('dense', 'int8', 'int4', 'total') and of the KV cache."""
+        return self.engine.memory_report()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  suffixes: list[str | None] | None = None, fim_mode: str = "psm",

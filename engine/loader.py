@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
-
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from gemforge.kernels.quant import QuantizedWeight
+
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .quantization import QuantConfig
 from .weights import GemmaWeights, assemble, fused_shapes, hf_slots
 
 log = logging.getLogger("gemforge.loader")
@@ -79,80 +80,144 @@ def _hf_tensors(files: list[Path]):
 
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device="cpu",
-                 on_complete: Callable[[str, torch.Tensor], object] | None = None,
-                 progress: bool = True) -> GemmaWeights:
+                 quant: QuantConfig | None = None, progress: bool = True) -> GemmaWeights:
     """Read every tensor of the checkpoint into the fused layout, cast to `dtype` on `device`.
 
-    `on_complete(name, tensor)` is called once per fused parameter as soon as all its parts have
-    been read, and its return value replaces the parameter (quantize-on-load uses this).
+    A checkpoint saved quantized (config.json has a quantization_config) loads as it is. Otherwise
+    `quant` quantizes each parameter as soon as all its parts are read, so only one dense
+    parameter at a time exists beside the quantized model.
     """
     files = checkpoint_files(model_dir)
-    return fuse_tensors(_hf_tensors(files), cfg, dtype, device, on_complete, progress,
+    saved = QuantConfig.from_dict(cfg.quantization) if cfg.quantization else None
+    if saved is not None and quant is not None and quant != saved:
+        raise ConfigError(f"{model_dir}: checkpoint is quantized as {saved}, which differs from the requested {quant}")
+    return fuse_tensors(_hf_tensors(files), cfg, dtype, device, saved, quant if saved is None else None, progress,
                         where=", ".join(p.name for p in files), desc=f"loading {Path(model_dir).name}")
 
 
 def weights_from_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype,
-                            device="cpu") -> GemmaWeights:
+                            device="cpu", quant: QuantConfig | None = None) -> GemmaWeights:
     """GemmaWeights from an in-memory HF state dict (e.g. a transformers model's)."""
     items = ((k, (lambda v=v: v), "state_dict") for k, v in state_dict.items())
-    return fuse_tensors(items, cfg, dtype, device, None, False, where="state_dict", desc="")
+    return fuse_tensors(items, cfg, dtype, device, None, quant, False, where="state_dict", desc="")
 
 
-def fuse_tensors(items, cfg: ModelConfig, dtype: torch.dtype, device, on_complete, progress: bool,
-                 where: str, desc: str) -> GemmaWeights:
-    """Copy (HF name, read(), source) items into the fused parameters, checking names and shapes."""
+_COMPONENTS = ("qweight", "scales", "zeros")
+
+
+def _part_spec(slot, part: str, q: QuantConfig, dtype: torch.dtype):
+    """(shape of this HF tensor, stored dtype) of one component of a quantized slot."""
+    rows, k = slot.shape
+    if part == "qweight":
+        return ((rows, k), torch.int8) if q.method == "int8" else ((rows, k // 2), torch.uint8)
+    if q.method == "int8":
+        return (rows,), dtype
+    return (rows, k // q.group_size), dtype
+
+
+def fuse_tensors(items, cfg: ModelConfig, dtype: torch.dtype, device, saved: QuantConfig | None,
+                 quant: QuantConfig | None, progress: bool, where: str, desc: str) -> GemmaWeights:
+    """Copy (HF name, read(), source) items into the fused parameters, checking names and shapes.
+    `saved`: the checkpoint holds quantized components; `quant`: quantize dense ones on the fly."""
     slots, shapes = hf_slots(cfg), fused_shapes(cfg)
+    expected: dict[str, tuple] = {}  # checkpoint key -> (slot, component)
+    for key, slot in slots.items():
+        if saved is not None and saved.applies_to(slot.target):
+            base = key[: -len(".weight")]
+            for part in _COMPONENTS:
+                if part != "zeros" or (saved.method == "int4" and not saved.symmetric):
+                    expected[f"{base}.{part}"] = (slot, part)
+        else:
+            expected[key] = (slot, "weight")
     parts_left = {name: 0 for name in shapes}
-    for s in slots.values():
-        parts_left[s.target] += 1
+    for slot, _ in expected.values():
+        parts_left[slot.target] += 1
     params: dict[str, object] = {}
     seen: dict[str, object] = {}
-    bar = tqdm(total=len(slots), desc=desc, unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress, leave=False)
     for key, read, path in items:
         if key in _IGNORED or key.endswith(_IGNORED_SUFFIXES):
             continue
-        slot = slots.get(key)
-        if slot is None:
+        if key not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {key!r} (not part of a "
-                                  f"GemmaForCausalLM with this config)")
+                                  f"GemmaForCausalLM with this config{' and quantization' if saved else ''})")
         if key in seen:
             raise CheckpointError(f"{path}: tensor {key!r} appears twice (also in {seen[key]})")
+        slot, part = expected[key]
         t = read()
-        if tuple(t.shape) != slot.shape:
+        if part == "weight":
+            shape, want = slot.shape, None
+        else:
+            shape, want = _part_spec(slot, part, saved, dtype)
+        if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
-                                  f"{slot.shape} from config.json")
-        if not t.is_floating_point():
+                                  f"{tuple(shape)} from config.json")
+        if part == "qweight" and t.dtype != want:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected {want} for "
+                                  f"{saved.method} weights")
+        if part != "qweight" and not t.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected floating point")
         seen[key] = path
-        if slot.target not in params:
-            params[slot.target] = torch.empty(shapes[slot.target], dtype=dtype, device=device)
-        params[slot.target][slot.start: slot.start + slot.shape[0]].copy_(t)
+        if part == "weight":
+            if slot.target not in params:
+                params[slot.target] = torch.empty(shapes[slot.target], dtype=dtype, device=device)
+            dest = params[slot.target]
+        else:
+            comps = params.setdefault(slot.target, {})
+            if part not in comps:
+                fused_rows = shapes[slot.target][0]
+                comps[part] = torch.empty((fused_rows, *shape[1:]), dtype=want, device=device)
+            dest = comps[part]
+        dest[slot.start: slot.start + slot.shape[0]].copy_(t)
         del t
         parts_left[slot.target] -= 1
-        if parts_left[slot.target] == 0 and on_complete is not None:
-            params[slot.target] = on_complete(slot.target, params[slot.target])
+        if parts_left[slot.target] == 0:
+            params[slot.target] = _finish(slot.target, params[slot.target], saved, quant, shapes)
         bar.update(1)
     bar.close()
-    missing = [k for k in slots if k not in seen]
+    missing = [k for k in expected if k not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"missing tensor {missing[0]!r}{more} in {where}")
     return assemble(cfg, params)
 
 
+def _finish(name: str, value, saved: QuantConfig | None, quant: QuantConfig | None, shapes):
+    """A fully read parameter: assemble saved quantized components, or quantize a dense one."""
+    if isinstance(value, dict):
+        try:
+            return QuantizedWeight(saved.method, value["qweight"], value["scales"], value.get("zeros"),
+                                   saved.group_size if saved.method == "int4" else None, tuple(shapes[name]))
+        except ValueError as e:
+            raise CheckpointError(f"quantized parameter {name}: {e}") from None
+    return quant.on_load(name, value) if quant is not None else value
+
+
 def hf_state_dict(cfg: ModelConfig, weights: GemmaWeights) -> dict[str, torch.Tensor]:
-    """Unfuse dense GemmaWeights back into HF tensor names (contiguous copies)."""
+    """Unfuse GemmaWeights back into HF tensor names (contiguous copies); a quantized parameter
+    gives `<name>.qweight`, `.scales` (and `.zeros`) rows instead of `<name>.weight`."""
     params = {"embed": weights.embed, "final_norm": weights.final_norm}
     for i, layer in enumerate(weights.layers):
         for name in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"):
             params[f"layers.{i}.{name}"] = getattr(layer, name)
-    return {key: params[s.target][s.start: s.start + s.shape[0]].contiguous()
-            for key, s in hf_slots(cfg).items()}
+    out = {}
+    for key, s in hf_slots(cfg).items():
+        p, rows = params[s.target], slice(s.start, s.start + s.shape[0])
+        if isinstance(p, QuantizedWeight):
+            base = key[: -len(".weight")]
+            for part in _COMPONENTS:
+                if getattr(p, part) is not None:
+                    out[f"{base}.{part}"] = getattr(p, part)[rows].contiguous()
+        else:
+            out[key] = p[rows].contiguous()
+    return out
 
 
 def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, weights: GemmaWeights,
-                    tokenizer_model: str | Path | None = None, max_shard_bytes: int = 4 << 30) -> Path:
-    """Write an HF-layout checkpoint (config.json, safetensors shards + index, tokenizer.model)."""
+                    tokenizer_model: str | Path | None = None, max_shard_bytes: int = 4 << 30,
+                    quant: QuantConfig | None = None, progress: bool = False) -> Path:
+    """Write an HF-layout checkpoint (config.json, safetensors shards + index, tokenizer.model);
+    with `quant`, the weights are quantized ones and config.json records how."""
     import shutil
 
     from safetensors.torch import save_file
@@ -173,15 +238,15 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, weights: GemmaWeights
         save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
     else:
         weight_map = {}
-        for i, shard in enumerate(shards):
+        for i, shard in enumerate(tqdm(shards, desc="saving", unit="shard", disable=not progress, leave=False)):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(out / name), metadata=meta)
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in sd.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    hf = cfg.to_hf_dict()
-    hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    hf = cfg.replace(quantization=quant.to_dict() if quant else None).to_hf_dict()
+    hf["torch_dtype"] = str(sd["model.norm.weight"].dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf["eos_token_id"],
