@@ -55,8 +55,8 @@ part ceilings 60 $PY "$ROOT/benchmarks/ceilings.py" "$OUT/ceilings.json"
 BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps'])" 2>/dev/null || echo 3000)
 
 BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
-part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+part decode 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches $BATCHES --steps 32 --quant none int8 int4 --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
 part kernel_bench 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
   --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-json="$OUT/kernels.json"

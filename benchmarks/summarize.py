@@ -31,10 +31,10 @@ def plot(decode: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in decode})
+    models = sorted({r["model"] for r in decode if "batch" in r})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        rows = [r for r in decode if r["model"] == m]
+        rows = [r for r in decode if r["model"] == m and r.get("weights", "none") == "none" and "batch" in r]
         bs = [r["batch"] for r in rows]
         for key, label in (("gemforge_tok_s", "gemforge"), ("hf_static_tok_s", "HF static cache"),
                            ("roofline_tok_s", "bandwidth roofline")):
@@ -59,8 +59,16 @@ def main(outdir: str) -> None:
     decode = load(d / "decode.json")
     if decode:
         parts.append("## End-to-end greedy decode (random weights, real shapes, prompt 128)\n")
-        parts.append(table(decode, ["model", "dtype", "batch", "gemforge_tok_s", "gemforge_eager_tok_s", "roofline_tok_s", "roofline_frac",
-                                    "hf_static_tok_s", "speedup_vs_hf"]) + "\n")
+        steps = [r for r in decode if "batch" in r]
+        parts.append(table(steps, ["model", "dtype", "weights", "batch", "gemforge_tok_s", "gemforge_eager_tok_s",
+                                   "roofline_tok_s", "roofline_frac", "hf_static_tok_s", "speedup_vs_hf"]) + "\n")
+        windows = [r for r in decode if "verify_window" in r]
+        if windows:
+            parts.append("### Speculative verify window cost (batch 1)\n")
+            parts.append(table(windows, ["model", "verify_window", "window_ms", "decode_step_ms", "window_over_step"]) + "\n")
+        errors = [r for r in decode if "error" in r]
+        if errors:
+            parts.append(table(errors, ["model", "weights", "error"]) + "\n")
         try:
             plot(decode, d / "decode.png")
             parts.append("![decode](decode.png)\n")

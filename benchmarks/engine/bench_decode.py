@@ -21,6 +21,7 @@ from gemforge.engine.config import ModelConfig, preset
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.loader import weights_from_state_dict
 from gemforge.engine.model import GemmaModel
+from gemforge.engine.quantization import QuantConfig
 from gemforge.engine.runner import ModelRunner, WorkItem
 
 
@@ -80,6 +81,32 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt, "kv_bytes": kv_bytes}
 
 
+def bench_window(model: GemmaModel, window: int, prompt_len: int, iters: int = 20, block_size: int = 16) -> float:
+    """ms of one batch-1 forward over a verify window of `window` new tokens after `prompt_len`."""
+    cfg = model.cfg
+    cache = KVCache(cfg.num_layers, -(-(prompt_len + window) // block_size), block_size, cfg.num_kv_heads,
+                    cfg.head_dim, model.dtype, model.device)
+    runner = ModelRunner(model, cache)
+    cache.blocks.append(0, prompt_len + window)
+    runner.run([WorkItem(0, [5] * prompt_len, 0)])
+    item = [WorkItem(0, [7] * window, prompt_len, all_logits=True)]
+    runner.run(item)
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        runner.run(item)
+    sync()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
+    """Expected speedup of speculative decoding over target-alone decode: tokens per step
+    (1 - alpha^(k+1)) / (1 - alpha) over the step's cost in target decode steps
+    (k draft steps + one verify window)."""
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+    return tokens / (k * draft_ratio + verify_ratio)
+
+
 def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device) -> dict:
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
@@ -94,9 +121,51 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device)
         return time.perf_counter() - t
 
     run(4)  # warm-up
-    short, long = run(4), run(4 + steps)
+    short, long = min(run(4), run(4)), min(run(4 + steps), run(4 + steps))
     dt = (long - short) / steps
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
+
+
+def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device) -> list[dict]:
+    """Decode rows (and verify-window rows) for one model in one weight format; HF beside it if given."""
+    quant = None if method == "none" else QuantConfig(method)
+    model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant), dtype, device,
+                       args.backend)
+    wbytes = weight_bytes_per_step(model)
+    rows = []
+    for b in args.batches:
+        row = {"model": name, "dtype": args.dtype, "weights": method, "batch": b, "prompt_len": args.prompt_len,
+               "weight_GB": round(wbytes / 1e9, 3),
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+        graphs = device == "cuda" and not args.no_graphs
+        ours = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=graphs)
+        row.update({"gemforge_tok_s": round(ours["tokens_per_s"], 1), "gemforge_step_ms": round(ours["step_ms"], 3),
+                    "cuda_graphs": graphs})
+        if graphs:
+            eager = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=False)
+            row["gemforge_eager_tok_s"] = round(eager["tokens_per_s"], 1)
+        if args.bandwidth_GBps:
+            roof_s = (wbytes + ours["kv_bytes"]) / (args.bandwidth_GBps * 1e9)
+            row["roofline_tok_s"] = round(b / roof_s, 1)
+            row["roofline_frac"] = round(row["gemforge_tok_s"] / row["roofline_tok_s"], 3)
+        if method == "none" and not args.no_hf:
+            try:
+                peer = bench_hf(hf, b, args.prompt_len, args.steps, cfg.vocab_size, device)
+                row.update({"hf_static_tok_s": round(peer["tokens_per_s"], 1),
+                            "speedup_vs_hf": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2)})
+            except Exception as e:  # the peer failing must not lose our numbers
+                row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.verify and method == "none":
+        one = bench_window(model, 1, args.prompt_len)
+        for k in range(1, 9):
+            ms = bench_window(model, k + 1, args.prompt_len)
+            row = {"model": name, "dtype": args.dtype, "verify_window": k + 1, "window_ms": round(ms, 3),
+                   "decode_step_ms": round(one, 3), "window_over_step": round(ms / one, 3)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -107,9 +176,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                    help="weight formats to run (the HF peer runs beside 'none')")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode steps only")
+    ap.add_argument("--verify", action="store_true",
+                    help="also time batch-1 verify windows of k+1 tokens (k = 1..8) relative to one decode step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,43 +191,20 @@ def main(argv=None) -> list[dict]:
     for name in args.models:
         cfg = preset(name)
         hf = hf_model(cfg, dtype, device)
-        model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device), dtype, device,
-                           args.backend)
-        if args.no_hf:
-            del hf
-            hf = None
+        for method in args.quant:
+            try:
+                rows += bench_model(args, name, cfg, hf, method, dtype, device)
+            except Exception as e:  # one failing format must not lose the others
+                rows.append({"model": name, "weights": method, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(json.dumps(rows[-1]), flush=True)
             gc.collect()
-        wbytes = weight_bytes_per_step(model)
-        for b in args.batches:
-            row = {"model": name, "dtype": args.dtype, "batch": b, "prompt_len": args.prompt_len,
-                   "weight_GB": round(wbytes / 1e9, 3), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-            graphs = device == "cuda" and not args.no_graphs
-            ours = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=graphs)
-            row.update({"gemforge_tok_s": round(ours["tokens_per_s"], 1), "gemforge_step_ms": round(ours["step_ms"], 3),
-                        "cuda_graphs": graphs})
-            if graphs:
-                eager = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=False)
-                row["gemforge_eager_tok_s"] = round(eager["tokens_per_s"], 1)
-            if args.bandwidth_GBps:
-                roof_s = (wbytes + ours["kv_bytes"]) / (args.bandwidth_GBps * 1e9)
-                row["roofline_tok_s"] = round(b / roof_s, 1)
-                row["roofline_frac"] = round(row["gemforge_tok_s"] / row["roofline_tok_s"], 3)
-            if hf is not None:
-                try:
-                    peer = bench_hf(hf, b, args.prompt_len, args.steps, cfg.vocab_size, device)
-                    row.update({"hf_static_tok_s": round(peer["tokens_per_s"], 1),
-                                "speedup_vs_hf": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2)})
-                except Exception as e:  # the peer failing must not lose our numbers
-                    row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        del model, hf
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if args.out:  # keep what is measured so far, whatever happens next
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=2)
+        del hf
         gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
     return rows
 
 

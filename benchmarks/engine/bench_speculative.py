@@ -1,0 +1,83 @@
+"""Speculative decoding on the bundled nano pair: tokens/s and tokens per target forward against
+the target alone, for k = 1..8, on held-out code prompts and on FIM prompts (greedy).
+
+    python benchmarks/engine/bench_speculative.py [--target models/nano-codegemma] [--ks 1 2 4 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+from gemforge.engine import LLM, SamplingParams
+
+
+def heldout_prompts(target: Path, n: int, seed: int = 0) -> tuple[list[str], list[tuple[str, str]]]:
+    """Code prompts (a held-out file's first lines) and FIM (prefix, suffix) pairs around a line."""
+    files = json.loads((target / "training.json").read_text())["heldout_files"]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rng = random.Random(seed)
+    texts = [(root / f).read_text(errors="ignore").splitlines(keepends=True) for f in files if (root / f).exists()]
+    texts = [t for t in texts if len(t) > 30]
+    code, fim = [], []
+    while len(code) < n:
+        lines = rng.choice(texts)
+        i = rng.randrange(10, len(lines) - 10)
+        code.append("".join(lines[max(0, i - 30): i]))
+        fim.append(("".join(lines[max(0, i - 30): i]), "".join(lines[i + 1: i + 15])))
+    return code, fim
+
+
+def run(llm: LLM, prompts, suffixes, max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, suffixes=suffixes, use_tqdm=False)
+    dt = time.perf_counter() - t
+    toks = sum(len(o.outputs[0].token_ids) for o in outs)
+    spec = [o.outputs[0].spec for o in outs if o.outputs[0].spec]
+    res = {"tokens_per_s": round(toks / dt, 1), "tokens": toks}
+    if spec:
+        res["acceptance_rate"] = round(sum(s["accepted"] for s in spec) / max(1, sum(s["proposed"] for s in spec)), 3)
+        res["tokens_per_target_forward"] = round(
+            sum(s["accepted"] + s["verify_steps"] for s in spec) / sum(s["verify_steps"] for s in spec), 2)
+    return res
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", default="models/nano-codegemma")
+    ap.add_argument("--draft", default="models/nano-codegemma-draft")
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1, help="requests in flight together")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    target = Path(args.target)
+    code, fim = heldout_prompts(target, args.prompts)
+    workloads = {"code": (code, None), "fim": ([p for p, _ in fim], [s for _, s in fim])}
+    rows = []
+    base = LLM(target, device=args.device, progress=False, max_num_seqs=args.batch)
+    for name, (prompts, suffixes) in workloads.items():
+        alone = run(base, prompts, suffixes, args.max_tokens)
+        rows.append({"workload": name, "k": 0, **alone, "speedup": 1.0})
+        print(json.dumps(rows[-1]), flush=True)
+    for k in args.ks:
+        spec = LLM(target, device=args.device, progress=False, max_num_seqs=args.batch, draft_model=args.draft,
+                   num_speculative_tokens=k, adaptive_lookahead=False)
+        for name, (prompts, suffixes) in workloads.items():
+            res = run(spec, prompts, suffixes, args.max_tokens)
+            base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)
+            rows.append({"workload": name, "k": k, **res, "speedup": round(res["tokens_per_s"] / base_tps, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
