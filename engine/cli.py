@@ -1,9 +1,11 @@
-"""The `gemforge` command line: `gemforge generate ...`."""
+"""The `gemforge` command line: `gemforge generate ...`, `gemforge serve MODEL ...`."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from .errors import GemforgeError
 
@@ -12,7 +14,8 @@ def _generate(args) -> int:
     from .llm import LLM
     from .sampling import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+              quantization=args.quantization, draft_model=args.draft_model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     out = llm.generate([args.prompt], params, suffixes=[args.suffix] if args.suffix is not None else None,
@@ -22,6 +25,47 @@ def _generate(args) -> int:
     else:
         print(args.prompt + out.text)
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .async_engine import AsyncEngine
+    from .engine import Engine, EngineConfig
+    from .server.app import build_app
+
+    logging.getLogger("gemforge").setLevel(logging.INFO)
+    config = EngineConfig(dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=args.max_num_seqs,
+                          kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len,
+                          draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
+    engine = AsyncEngine(Engine(args.model, config))
+    app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
+                    api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _quantize(args) -> int:
+    import torch
+
+    from .config import ModelConfig
+    from .loader import load_weights, save_checkpoint, to_dtype
+    from .quantization import QuantConfig, weight_bytes
+
+    src = Path(args.model)
+    cfg = ModelConfig.from_pretrained(src)
+    if cfg.quantization:
+        raise GemforgeError(f"{src}: already quantized ({cfg.quantization})")
+    quant = QuantConfig(args.method, args.group_size, not args.asymmetric, args.quantize_lm_head)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = to_dtype(cfg.dtype if args.dtype == "auto" else args.dtype)
+    weights = load_weights(src, cfg, dtype, device, quant, progress=True)
+    save_checkpoint(args.out, cfg.replace(dtype=str(dtype).replace("torch.", "")), weights,
+                    tokenizer_model=src / "tokenizer.model", quant=quant, progress=True)
+    size = weight_bytes(weights)
+    print(f"wrote {args.out}: {quant.method} weights, {size['total'] / 1e6:.1f} MB "
+          f"({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in size.items() if v and k != 'total')})")
     return 0
 
 
@@ -42,7 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights while loading")
+    g.add_argument("--draft-model", default=None, help="a small model of the same tokenizer: speculative decoding")
     g.set_defaults(func=_generate)
+
+    q = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized copy of a checkpoint")
+    q.add_argument("model", help="HF-layout model directory")
+    q.add_argument("out", help="output directory")
+    q.add_argument("--method", required=True, choices=["int8", "int4"])
+    q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], help="int4 group along K")
+    q.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize the tied embedding / LM head")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of scales and unquantized weights (default: the checkpoint's)")
+    q.add_argument("--device", default=None, help="where to quantize (default: cuda if available)")
+    q.set_defaults(func=_quantize)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (completions, infill, chat)")
+    s.add_argument("model", help="HF-layout model directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GEMFORGE_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the directory name)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size (default: from free memory)")
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--draft-model", default=None, help="a small model of the same tokenizer: speculative decoding")
+    s.add_argument("--num-speculative-tokens", type=int, default=4)
+    s.set_defaults(func=_serve)
     return p
 
 

@@ -38,6 +38,12 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        piece = self.tok.token_text(token_id) if self.read_offset == len(self.ids) - 1 else None
+        if piece is not None:  # fast path: no pending bytes and a piece whose text is fixed
+            self._decoded += piece
+            self.read_offset = len(self.ids)
+            self.prefix_offset = max(0, self.read_offset - _CONTEXT)
+            return self._release()
         window = self.tok.decode(self.ids[self.prefix_offset:])
         if window.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 character: wait for its remaining bytes

@@ -266,10 +266,12 @@ class Engine:
             picked = logits[[rows[i].start for i in plain]]
             for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
                 self._append(s, [tok], [lp], touched)
-        for sc in spec:
+        for i, sc in enumerate(plan.scheduled):
+            if id(sc) not in window:
+                continue
             d, q = window[id(sc)]
             s = sc.seq
-            toks = accept(s.params, s.generator, d, logits[rows[plan.scheduled.index(sc)]], q)
+            toks = accept(s.params, s.generator, d, logits[rows[i]], q)
             accepted = len(toks) - 1
             s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
                                                               s.spec_steps + 1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .kv_cache import BlockManager
 
 
-@dataclass
+@dataclass(eq=False)
 class ScheduledSeq:
     seq: object
     num_tokens: int          # tokens of this sequence in the batch
@@ -69,16 +69,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        gone: set[int] = set()  # ids of sequences preempted during this schedule()
         for seq in list(self.running):
-            if seq not in self.running:  # preempted while making room for an older sequence
+            if id(seq) in gone:  # preempted while making room for an older sequence
                 continue
             if budget == 0:
                 break
             n = min(seq.num_tokens - seq.num_cached, budget)
             la = min(seq.lookahead, budget - n) if seq.num_tokens - seq.num_cached == 1 else 0
             while not self.blocks.can_append(seq.seq_id, n + la):
-                self._preempt(self.running[-1], out)
-                if seq not in self.running:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                gone.add(id(victim))
+                if victim is seq:
                     break
             else:
                 out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached, la))
@@ -87,7 +90,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_cached, budget)
-            if not self.blocks.can_append(seq.seq_id, n) or (out.preempted and seq in out.preempted):
+            if not self.blocks.can_append(seq.seq_id, n) or id(seq) in gone:
                 break
             self.waiting.popleft()
             self.running.append(seq)

@@ -34,7 +34,7 @@ class RequestOutput:
     finished: bool
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler tests membership in its queues
 class Sequence:
     """One completion being generated. `num_cached` tokens of `token_ids` are in the KV cache."""
     request_id: str

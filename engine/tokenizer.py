@@ -48,6 +48,24 @@ class Tokenizer:
         self._special_re = (re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
                             if self.special_ids else None)
         self._control = {i for i in range(self.vocab_size) if self.sp.IsControl(i)}
+        self._texts = self._piece_texts()
+
+    def _piece_texts(self) -> list[str | None] | None:
+        """Each id's text when decoding is plain concatenation of pieces ('▁' -> ' '; true for
+        Gemma's identity normalizer without dummy prefix); None for byte and unknown pieces, whose
+        text depends on their neighbours. None overall if this model does not decode that way."""
+        sp = self.sp
+        texts = [None if sp.IsByte(i) or sp.IsUnknown(i) else "" if sp.IsControl(i)
+                 else sp.IdToPiece(i).replace("\u2581", " ") for i in range(self.vocab_size)]
+        probe = [i for i in self.encode(" def f(x):\n    return  x[0] + 1  # ok\n pass <|fim_prefix|>", add_bos=False)
+                 if texts[i] is not None]
+        if self.decode(probe) != "".join(texts[i] for i in probe):
+            return None
+        return texts
+
+    def token_text(self, token_id: int) -> str | None:
+        """The text `token_id` always adds when appended, or None if it depends on its neighbours."""
+        return self._texts[token_id] if self._texts is not None and 0 <= token_id < self.vocab_size else None
 
     def same_vocab(self, other: "Tokenizer") -> bool:
         """True when both tokenizers map every id to the same piece."""

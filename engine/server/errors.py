@@ -4,7 +4,8 @@
 
 RequestError (a bad field) -> 400 naming the field in `param`; APIError carries its own status
 (401, 404, 413, ...); a client that went away -> 499 (nobody reads it); EngineError and anything
-unexpected -> 500. `install()` registers the one handler for all of them on the app.
+unexpected -> 500. `install()` registers the one handler for all of them on the app; `sse()` uses
+`report()` for errors that arrive after a stream has started.
 """
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import logging
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..async_engine import EngineError
 from ..errors import GemforgeError, RequestError
 from .protocol import ErrorBody, ErrorResponse
 
@@ -48,11 +47,9 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), exc.field)
     if isinstance(exc, HTTPException):
         return APIError(exc.status_code, str(exc.detail))
-    if isinstance(exc, RequestValidationError):
-        return APIError(400, str(exc.errors()))
     if isinstance(exc, ClientDisconnect):
         return APIError(499, "client disconnected")
-    if isinstance(exc, (EngineError, GemforgeError)):
+    if isinstance(exc, GemforgeError):  # EngineError: a failed step, a dead engine
         return APIError(500, f"engine error: {exc}")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -73,5 +70,5 @@ def install(app: FastAPI, on_error: Callable[[APIError], None]) -> None:
         on_error(err)
         return JSONResponse(err.response().model_dump(), status_code=err.status)
 
-    for cls in (APIError, GemforgeError, HTTPException, RequestValidationError, ClientDisconnect, Exception):
+    for cls in (APIError, GemforgeError, HTTPException, ClientDisconnect, Exception):
         app.add_exception_handler(cls, handler)

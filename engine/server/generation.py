@@ -36,14 +36,13 @@ class Generation:
             core.check_fits(len(ids), params)
             self.prompt_texts.append(text if text is not None else core.tokenizer.decode(ids))
             self.prompt_ids.append(ids)
-        self.engine, self.metrics, self.params = engine, metrics, params
+        self.engine, self.metrics = engine, metrics
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self._args = [(p, params, rid, suffix, fim_mode, tuple(extra_stop_ids)) for p, rid in zip(prompts, self.ids)]
-        self.final: list[RequestOutput | None] = [None] * len(prompts)
+        self.latest: list[RequestOutput | None] = [None] * len(prompts)  # per prompt, its last output
         self.error: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
-        self._start = time.monotonic()
-        self._last: list[float | None] = [None] * len(prompts)
+        self._last = [(time.monotonic(), 0)] * len(prompts)  # per prompt: (time, tokens) of its last news
         self._closed = False
 
     async def _pump(self, i: int, queue: asyncio.Queue) -> None:
@@ -77,27 +76,27 @@ class Generation:
         """The final output of every prompt (non-streaming)."""
         async for _ in self.outputs():
             pass
-        return self.final
+        return self.latest
 
     def _observe(self, i: int, out: RequestOutput) -> None:
-        now = time.monotonic()
-        if any(o.token_ids for o in out.outputs):
-            if self._last[i] is None:
-                self.metrics.ttft.observe(now - self._start)
-            else:
-                self.metrics.itl.observe(now - self._last[i])
-            self._last[i] = now
-        if out.finished:
-            self.final[i] = out
+        now, tokens = time.monotonic(), max(len(o.token_ids) for o in out.outputs)
+        then, before = self._last[i]
+        if tokens > before:  # a speculative step may bring several tokens: they share the gap
+            if before == 0:
+                self.metrics.ttft.observe(now - then)
+            for _ in range(tokens - before if before else 0):
+                self.metrics.itl.observe((now - then) / (tokens - before))
+            self._last[i] = (now, tokens)
+        self.latest[i] = out
 
     @property
     def done(self) -> bool:
-        return all(f is not None for f in self.final)
+        return all(o is not None and o.finished for o in self.latest)
 
     def usage(self) -> tuple[int, int]:
-        """(prompt tokens, completion tokens) of the finished requests."""
+        """(prompt tokens, completion tokens so far)."""
         return (sum(map(len, self.prompt_ids)),
-                sum(len(o.token_ids) for f in self.final if f is not None for o in f.outputs))
+                sum(len(c.token_ids) for o in self.latest if o is not None for c in o.outputs))
 
     def close(self) -> None:
         """Abort what still runs and count the outcome. Cancelling a pump task ends its engine

@@ -2,7 +2,9 @@
 
 Counters: requests by outcome (ok | aborted | failed | rejected), prompt and generation tokens.
 Gauges read from the engine when scraped: requests running and waiting, KV-cache blocks in use.
-Histograms: time to first token, and inter-token latency (the gap between a request's outputs).
+Histograms: time to first token, and inter-token latency (the gap between a request's outputs,
+shared by the tokens that output brought: speculative decoding may bring several).
+With a draft model, a gauge of the engine's speculative acceptance rate (accepted / proposed).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ class Metrics:
             lambda: core.cache.blocks.num_used)
         Gauge("gemforge_kv_cache_blocks_total", "KV-cache blocks in all", registry=r).set_function(
             lambda: core.cache.blocks.num_blocks)
+        if core.drafter is not None:
+            Gauge("gemforge_spec_acceptance_rate", "Draft tokens accepted / proposed", registry=r).set_function(
+                lambda: core.stats.get("spec_accepted", 0) / max(1, core.stats.get("spec_proposed", 0)))
 
     def outcome(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()

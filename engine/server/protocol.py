@@ -48,14 +48,20 @@ class _GenerateRequest(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    # Each endpoint spells these its own way.
+    requested_max_tokens: int | None
+    num_logprobs: int | None
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The engine's SamplingParams; a RequestError names the offending field."""
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", field="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream: true", field="stream_options")
         given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
+        max_tokens = self.requested_max_tokens
+        return SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+                              logprobs=self.num_logprobs, **given)
 
     @property
     def include_usage(self) -> bool:
@@ -65,11 +71,19 @@ class _GenerateRequest(_Request):
 class CompletionRequest(_GenerateRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool | None = False
     best_of: int | None = None
     fim_mode: Literal["psm", "spm"] = "psm"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one prompt (text or token ids) per engine request."""
@@ -112,6 +126,10 @@ class ChatCompletionRequest(_GenerateRequest):
     def check(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", field="top_logprobs")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
     def num_logprobs(self) -> int | None:

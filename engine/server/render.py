@@ -31,7 +31,7 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
 
 
 class Renderer:
-    """Base: ids, the per-choice stream state, and the token strings of logprobs."""
+    """One endpoint's JSON shapes; the base holds the ids and the token strings of logprobs."""
 
     def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, n: int):
         self.id, self.model, self.tok, self.n = request_id, model, tokenizer, n
@@ -139,7 +139,7 @@ def _usage(gen: Generation) -> Usage:
 
 def response(gen: Generation, renderer: Renderer) -> BaseModel:
     """The whole response of a finished generation."""
-    choices = [renderer.final_choice(i, renderer.index(i, o), o) for i, f in enumerate(gen.final) for o in f.outputs]
+    choices = [renderer.final_choice(i, renderer.index(i, o), o) for i, f in enumerate(gen.latest) for o in f.outputs]
     return renderer.response(choices, _usage(gen))
 
 
@@ -159,10 +159,10 @@ async def sse(gen: Generation, renderer: Renderer, outputs: AsyncIterator, inclu
                 c = renderer.index(i, o)
                 if c in ended:
                     continue
-                first, start = c not in sent, sent.get(c, 0)
+                first, entries = c not in sent, _entries(o, sent.get(c, 0))
                 sent[c] = len(o.token_ids)
-                if first or o.delta or o.finish_reason or sent[c] > start:
-                    choices.append(renderer.stream_choice(i, c, o.delta, _entries(o, start), o.finish_reason, first))
+                if first or o.delta or o.finish_reason or entries:
+                    choices.append(renderer.stream_choice(i, c, o.delta, entries, o.finish_reason, first))
                 if o.finish_reason:
                     ended.add(c)
             if choices:
