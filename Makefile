@@ -26,7 +26,7 @@ demo: $(STAMP) $(MODEL)/config.json
 	$(VENV)/bin/gemforge generate --model $(MODEL) --prompt 'def add(a, b):' --suffix '    return result' --max-tokens 32
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/gemforge bench --model $(MODEL)
