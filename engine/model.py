@@ -35,10 +35,18 @@ class Ops:
 
     @classmethod
     def resolve(cls, backend: str, device) -> "Ops":
-        from gemforge.kernels import linear
-        impls = {op: select(op, backend, device) for op in OPS if op != "linear"}
+        """Each op from `backend`; an op that has no such implementation at all (dense linear has
+        only torch's, i.e. cuBLAS) takes "auto". An existing but unavailable backend raises."""
+        from gemforge.kernels import backends, linear
+
+        def pick(op):
+            return backend if backend == "auto" or backend in backends(op) else "auto"
+
+        impls = {op: select(op, pick(op), device) for op in OPS if op != "linear"}
         # `linear` dispatches on the weight's format (dense / int8 / int4) itself.
-        impls["linear"] = lambda x, w, b=None: linear(x, w, b, backend=backend)
+        fmt_backend = {fmt: pick(op) for fmt, op in (("dense", "linear"), ("int8", "linear_int8"),
+                                                     ("int4", "linear_int4"))}
+        impls["linear"] = lambda x, w, b=None: linear(x, w, b, backend=fmt_backend[getattr(w, "fmt", "dense")])
         return cls(**impls)
 
 
