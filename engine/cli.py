@@ -38,7 +38,8 @@ def _serve(args) -> int:
     logging.getLogger("gemforge").setLevel(logging.INFO)
     config = EngineConfig(dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=args.max_num_seqs,
                           kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len,
-                          draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
+                          quantization=args.quantization, draft_model=args.draft_model,
+                          num_speculative_tokens=args.num_speculative_tokens)
     engine = AsyncEngine(Engine(args.model, config))
     app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
                     api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
@@ -66,6 +67,45 @@ def _quantize(args) -> int:
     size = weight_bytes(weights)
     print(f"wrote {args.out}: {quant.method} weights, {size['total'] / 1e6:.1f} MB "
           f"({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in size.items() if v and k != 'total')})")
+    return 0
+
+
+def _bench(args) -> int:
+    """The CPU-capable benchmarks in one go: kernels (small shapes), host overhead, throughput
+    against HF transformers and, with a draft, speculative decoding; a table at the end."""
+    import importlib.util
+    import json
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (bench_dir / "engine").is_dir():
+        raise GemforgeError(f"gemforge bench runs from a source checkout; {bench_dir} not found")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def module(name):
+        spec = importlib.util.spec_from_file_location(name, bench_dir / "engine" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    draft = Path(args.draft) if args.draft else None
+    parts = [("kernels", None), ("host_overhead", ["--model", args.model, "--batches", "1", "64", "256"]),
+             ("throughput", ["--model", args.model, "--concurrency", "1", "8", "64", "--max-tokens", "32"])]
+    if draft is not None and draft.is_dir():
+        parts.append(("speculative", ["--target", args.model, "--draft", str(draft), "--ks", "2", "4"]))
+    results = {}
+    for name, argv in tqdm(parts, desc="gemforge bench", unit="part"):
+        if name == "kernels":
+            rc = subprocess.call([sys.executable, "-m", "pytest", "-q", str(bench_dir / "kernels"), "--benchmark-only",
+                                  f"--benchmark-json={out / 'kernels.json'}", "-p", "no:cacheprovider"],
+                                 stdout=subprocess.DEVNULL)
+            results[name] = "ok" if rc == 0 else f"failed (pytest exit {rc})"
+            continue
+        results[name] = module(f"bench_{name}").main(argv + ["--out", str(out / f"{name}.json")])
+    print(json.dumps(results, indent=1))
     return 0
 
 
@@ -102,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="where to quantize (default: cuda if available)")
     q.set_defaults(func=_quantize)
 
+    b = sub.add_parser("bench", help="CPU-capable benchmarks: kernels, host overhead, throughput vs HF transformers")
+    b.add_argument("--model", default="models/nano-codegemma")
+    b.add_argument("--draft", default="models/nano-codegemma-draft", help="draft for the speculative sweep, if present")
+    b.add_argument("--out", default="bench-results", help="directory for the JSON results")
+    b.set_defaults(func=_bench)
+
     s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (completions, infill, chat)")
     s.add_argument("model", help="HF-layout model directory")
     s.add_argument("--host", default="127.0.0.1")
@@ -114,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size (default: from free memory)")
     s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights while loading")
     s.add_argument("--draft-model", default=None, help="a small model of the same tokenizer: speculative decoding")
     s.add_argument("--num-speculative-tokens", type=int, default=4)
     s.set_defaults(func=_serve)

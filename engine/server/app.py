@@ -60,6 +60,7 @@ async def _chain(first, rest):
 
 
 async def _close(gen: Generation) -> None:
+    """Runs after a stream however it ended, also when it was cancelled before its body began."""
     gen.close()
 
 
@@ -94,7 +95,6 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
             metrics.outcome("rejected")
 
     errors.install(app, on_error=count_rejected)
-    app.state.async_engine, app.state.metrics = async_engine, metrics
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -105,7 +105,6 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
     async def completions(request: Request) -> Response:
         req = parse_request(CompletionRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
-        req.check()
         params = req.sampling_params(default_max_tokens=16)  # OpenAI's default
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen = Generation(async_engine, metrics, rid, req.prompts(), params, req.suffix, req.fim_mode)
@@ -116,14 +115,14 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
     async def chat_completions(request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
-        req.check()
         prompt = tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
-        room = 1  # OpenAI's default: as much as the context leaves
-        if req.requested_max_tokens is None:
-            room = max(1, min(core.max_model_len, core.capacity) - len(core.encode_prompt(prompt)[1]))
+        default_max_tokens = 1
+        if req.requested_max_tokens is None:  # OpenAI's default: as much as the context leaves
+            left = min(core.max_model_len, core.capacity) - len(core.encode_prompt(prompt)[1])
+            default_max_tokens = max(1, left)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            params = req.sampling_params(default_max_tokens=room)
+            params = req.sampling_params(default_max_tokens)
             gen = Generation(async_engine, metrics, rid, [prompt], params,
                              extra_stop_ids=tokenizer.chat_stop_ids())
         except RequestError as e:  # name the field as the client spelled it

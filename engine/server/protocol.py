@@ -28,7 +28,8 @@ class StreamOptions(_Request):
 
 
 class _GenerateRequest(_Request):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extensions)."""
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extensions).
+    Each endpoint defines `requested_max_tokens` and `num_logprobs`, which it spells its own way."""
     model: str
     n: int | None = None
     temperature: float | None = None
@@ -48,16 +49,16 @@ class _GenerateRequest(_Request):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
 
-    # Each endpoint spells these its own way.
-    requested_max_tokens: int | None
-    num_logprobs: int | None
-
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams; a RequestError names the offending field."""
+    def check(self) -> None:
+        """Rules across fields and what gemforge does not support; RequestError names the field."""
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", field="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream: true", field="stream_options")
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's SamplingParams, after check(); a RequestError names the offending field."""
+        self.check()
         given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
         max_tokens = self.requested_max_tokens
         return SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -95,6 +96,7 @@ class CompletionRequest(_GenerateRequest):
         return list(p)
 
     def check(self) -> None:
+        super().check()
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise RequestError(f"best_of must equal n (got best_of={self.best_of}, n={self.n or 1})", field="best_of")
         if self.echo and self.logprobs is not None:
@@ -124,6 +126,7 @@ class ChatCompletionRequest(_GenerateRequest):
     top_logprobs: int | None = None
 
     def check(self) -> None:
+        super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", field="top_logprobs")
 

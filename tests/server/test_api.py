@@ -1,0 +1,180 @@
+"""The OpenAI API through the official `openai` client: completions, infill, chat, streaming,
+models, health, metrics and auth."""
+import httpx2 as httpx
+import openai
+import pytest
+from harness import CONTEXT, MODEL, TIMEOUT, start_server
+
+GREEDY = dict(model=MODEL, temperature=0.0, max_tokens=8)
+
+
+def test_completion_defaults_and_usage(client, server):
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):")  # the client's defaults
+    assert r.object == "text_completion" and r.model == MODEL and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.finish_reason in ("stop", "length") and c.index == 0
+    n_prompt = len(server.core.tokenizer.encode("def add(a, b):"))
+    assert r.usage.prompt_tokens == n_prompt
+    assert 1 <= r.usage.completion_tokens <= 16  # OpenAI's default max_tokens
+    assert r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+
+
+def test_greedy_completion_is_the_engine_output(client, server):
+    prompt = "import os\nfor x in"
+    r = client.completions.create(prompt=prompt, extra_body={"ignore_eos": True}, **GREEDY)
+    ids = server.core.tokenizer.encode(prompt)
+    r_ids = client.completions.create(prompt=ids, extra_body={"ignore_eos": True}, **GREEDY)
+    assert r.choices[0].text == r_ids.choices[0].text
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+
+
+def test_batch_prompts_n_and_echo(client):
+    prompts = ["def f(x):", "class A:"]
+    r = client.completions.create(prompt=prompts, n=2, echo=True, **GREEDY)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in r.choices}
+    assert by_index[0].startswith(prompts[0]) and by_index[2].startswith(prompts[1])
+    assert by_index[0] == by_index[1]  # greedy: both samples agree
+    single = client.completions.create(prompt=prompts[1], **GREEDY)
+    assert by_index[3] == prompts[1] + single.choices[0].text
+
+
+def test_logprobs_legacy_format(client):
+    r = client.completions.create(prompt="x = ", logprobs=3, extra_body={"ignore_eos": True}, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert all(len(t) <= 3 and max(t.values()) <= 0 for t in lp.top_logprobs)
+    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert tok in top and top[tok] == pytest.approx(chosen) and chosen == pytest.approx(max(top.values()))
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_infill_via_suffix_is_the_fim_prompt(client, server):
+    tok = server.core.tokenizer
+    prefix, suffix = "def add(a, b):\n    ", "\n    return result\n"
+    r = client.completions.create(prompt=prefix, suffix=suffix, **GREEDY)
+    fim = tok.fim_prompt(prefix, suffix)
+    assert r.usage.prompt_tokens == len(tok.encode(fim))
+    raw = client.completions.create(prompt=fim, extra_body={"stop_token_ids": tok.fim_stop_ids()}, **GREEDY)
+    assert r.choices[0].text == raw.choices[0].text
+    assert r.choices[0].finish_reason == raw.choices[0].finish_reason
+
+
+def test_stop_string(client):
+    kw = dict(prompt="import os", extra_body={"ignore_eos": True}, **GREEDY)
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[3:6]
+    if len(stop) < 3 or full.index(stop) < 1:
+        pytest.skip(f"the random model's text {full!r} has no usable stop string")
+    r = client.completions.create(stop=stop, **kw)
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_completion(client, server):
+    msgs = [{"role": "system", "content": "Answer in code."}, {"role": "user", "content": "sum a list"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and c.message.role == "assistant" and c.finish_reason in ("stop", "length")
+    prompt = server.core.tokenizer.chat_prompt(msgs)
+    assert r.usage.prompt_tokens == len(server.core.tokenizer.encode(prompt))
+    same = client.completions.create(prompt=prompt, extra_body={"stop_token_ids": server.core.tokenizer.chat_stop_ids()},
+                                     model=MODEL, max_tokens=6, temperature=0)
+    assert c.message.content == same.choices[0].text
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=6, temperature=0, n=2,
+                                        logprobs=True, top_logprobs=2)
+    assert [x.message.content for x in r2.choices] == [c.message.content] * 2
+    assert all(len(t.top_logprobs) == 2 for t in r2.choices[0].logprobs.content)
+
+
+def test_chat_default_max_tokens_fills_the_context(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                       extra_body={"ignore_eos": True, "stop_token_ids": []}, stop=None)
+    assert r.usage.total_tokens == CONTEXT
+
+
+@pytest.mark.parametrize("kind", ["completion", "completion_logprobs", "infill", "chat"])
+def test_streaming_concatenates_to_the_non_streamed_text(client, kind):
+    if kind == "chat":
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": "write a loop"}], max_tokens=12, temperature=0,
+                  n=2)
+        full = client.chat.completions.create(**kw)
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        texts = {c.index: "" for c in full.choices}
+        for ch in chunks[:-1]:
+            for c in ch.choices:
+                texts[c.index] += c.delta.content or ""
+        assert texts == {c.index: c.message.content for c in full.choices}
+        assert chunks[0].choices[0].delta.role == "assistant"
+    else:
+        kw = dict(prompt=["for i in range(", "while True:"], model=MODEL, max_tokens=12, temperature=0)
+        if kind == "infill":
+            kw.update(prompt="def f(x):\n    ", suffix="\n    return y")
+        if kind == "completion_logprobs":
+            kw.update(logprobs=2)
+        full = client.completions.create(**kw)
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        texts = {c.index: "" for c in full.choices}
+        for ch in chunks[:-1]:
+            for c in ch.choices:
+                texts[c.index] += c.text
+        assert texts == {c.index: c.text for c in full.choices}
+        if kind == "completion_logprobs":
+            streamed = [t for ch in chunks[:-1] for c in ch.choices if c.index == 0 and c.logprobs
+                        for t in c.logprobs.token_logprobs]
+            assert streamed == pytest.approx(full.choices[0].logprobs.token_logprobs)
+    finishes = {c.index: c.finish_reason for ch in chunks[:-1] for c in ch.choices if c.finish_reason}
+    assert finishes == {c.index: c.finish_reason for c in full.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def test_raw_sse_framing(server):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_models_health_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code == 200
+    text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    for name in ("gemforge_requests_total", "gemforge_requests_running", "gemforge_requests_waiting",
+                 "gemforge_kv_cache_blocks_used", "gemforge_prompt_tokens_total", "gemforge_generation_tokens_total",
+                 "gemforge_time_to_first_token_seconds_bucket", "gemforge_inter_token_latency_seconds_bucket"):
+        assert name in text
+    assert 'gemforge_requests_total{outcome="ok"}' in text
+
+
+def test_bad_requests_through_the_client(client):
+    cases = [(dict(max_tokens=-1), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
+             (dict(model="gpt-4"), "model"), (dict(prompt=""), "prompt"), (dict(prompt=[5, 10**6]), "prompt"),
+             (dict(max_tokens=100000), "max_tokens"), (dict(n=65), "n"), (dict(best_of=3), "best_of")]
+    for kw, param in cases:
+        args = dict(model=MODEL, prompt="x") | kw
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**args)
+        assert e.value.status_code == 400 and e.value.body["param"] == param, (kw, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "assistant", "content": "hi"}])
+    assert e.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model=MODEL, input="x")
+
+
+def test_api_key(checkpoint):
+    s = start_server(checkpoint, api_key="sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError) as e:
+            s.client(api_key="wrong").completions.create(model=MODEL, prompt="x", max_tokens=1)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(f"{s.url}{path}", timeout=TIMEOUT)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{s.url}/health", timeout=TIMEOUT).status_code == 200
+        ok = s.client(api_key="sesame").completions.create(model=MODEL, prompt="x", max_tokens=1)
+        assert ok.usage.completion_tokens == 1
+    finally:
+        s.stop()
