@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU run: build csrc/, test every kernel on the GPU, measure the ceilings, benchmark the
 # kernels and end-to-end decode against HF transformers, and summarise. Each part has its own
-# time limit; a part that fails is reported and the rest still runs.
+# time limit, cut further so that the whole run ends within SUITE_BUDGET seconds (default 480) with
+# the summary written; a part that fails or times out is reported and the rest still runs.
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR        (GPU machine: python3 with torch, triton, transformers)
 # Env: SUITE_QUICK=1 runs fewer shapes; GEMFORGE_CUDA_ARCHS (default 90a) picks the build target.
@@ -23,9 +24,15 @@ ln -s "$ROOT/kernels" "$SHIM/gemforge/kernels"
 ln -s "$ROOT/engine" "$SHIM/gemforge/engine"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 
-part() {  # part NAME SECONDS COMMAND...
+BUDGET=${SUITE_BUDGET:-480}
+SUMMARY_RESERVE=25
+
+part() {  # part NAME SECONDS COMMAND...   (SECONDS is cut to what the budget leaves)
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((BUDGET - SECONDS - SUMMARY_RESERVE))
+  [ "$name" = summary ] && left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 10 ]; then echo "$name: SKIPPED (suite budget spent)" | tee -a "$STATUS" "$LOG"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== [$name] start (limit ${limit}s)" | tee -a "$LOG"
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
@@ -45,22 +52,22 @@ build() {
     -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
     && cmake --build /tmp/gemforge-build -j "$(nproc)"
 }
-part build 240 build
-
-part tests 200 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
-  --junitxml="$OUT/tests.xml" 2>/dev/null || true
-grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
+part build 200 build
 
 part ceilings 60 $PY "$ROOT/benchmarks/ceilings.py" "$OUT/ceilings.json"
 BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps'])" 2>/dev/null || echo 3000)
 
 BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
-part decode 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none int8 int4 --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
-part kernel_bench 150 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
+part tests 150 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
+  --junitxml="$OUT/tests.xml" 2>/dev/null || true
+grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
+
+part kernel_bench 90 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
   --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-json="$OUT/kernels.json"
 
-part summary 60 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
+part summary 25 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
 cat "$STATUS"
 [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"

@@ -24,7 +24,11 @@ def _generate(args) -> int:
         print(f"{args.prompt}\033[1m{out.text}\033[0m{args.suffix}" if sys.stdout.isatty() else out.text)
     else:
         print(args.prompt + out.text)
-    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+    spec = ""
+    if out.spec:
+        spec = (f", speculative: {out.spec['accepted']}/{out.spec['proposed']} drafts accepted, "
+                f"{out.spec['tokens_per_step']:.2f} tokens per target forward")
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}{spec}]", file=sys.stderr)
     return 0
 
 

@@ -53,11 +53,14 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        for s in self.seqs:
+            if s.finish_reason is None:
+                return False
+        return True
 
-    def output(self) -> RequestOutput:
+    def output(self, finished: bool) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
-                             self.finished)
+                             finished)
 
 
 @dataclass
@@ -211,7 +214,7 @@ class Engine:
             self.scheduler.finish(s)
             self._forget_draft(s)
             self._by_seq.pop(s.seq_id, None)
-        return req.output()
+        return req.output(True)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -231,8 +234,9 @@ class Engine:
             s.lookahead = max(0, min(want, p.max_tokens - len(s.output_ids) - 1,
                                      self.max_model_len - s.num_tokens - 1))
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of requests that produced tokens."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of requests that produced tokens (of those
+        that finished, with `finished_only`: a caller that does not stream skips building the rest)."""
         if self.drafter is not None:
             self._set_lookahead()
         plan = self.scheduler.schedule()
@@ -245,7 +249,7 @@ class Engine:
         window = {id(sc): (d, q) for sc, d, q in zip(spec, drafts, qs)}
         items, rows, r = [], [], 0
         for sc in plan.scheduled:
-            toks = sc.seq.token_ids[sc.start: sc.start + sc.num_tokens]
+            toks = sc.seq.tokens(sc.start, sc.num_tokens)
             if id(sc) in window:
                 items.append(WorkItem(sc.seq.seq_id, toks + window[id(sc)][0], sc.start, all_logits=True))
                 rows.append(slice(r, r + 1 + sc.lookahead))
@@ -263,7 +267,8 @@ class Engine:
         plain = [i for i, sc in enumerate(plan.scheduled) if sc.completes and id(sc) not in window]
         if plain:
             seqs = [plan.scheduled[i].seq for i in plain]
-            picked = logits[[rows[i].start for i in plain]]
+            starts = [rows[i].start for i in plain]
+            picked = logits if starts == list(range(len(logits))) else logits[starts]  # pure decode: no copy
             for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
                 self._append(s, [tok], [lp], touched)
         for i, sc in enumerate(plan.scheduled):
@@ -283,7 +288,7 @@ class Engine:
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
                 self.drafter.keep(s.seq_id, s.num_cached)
-        return self._collect(touched)
+        return self._collect(touched, finished_only)
 
     def _sample(self, seqs, logits):
         """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""
@@ -303,28 +308,31 @@ class Engine:
 
     def _append(self, s: Sequence, tokens: list[int], lps: list, touched: dict) -> None:
         """Append tokens one by one until the sequence finishes (nothing past a stop is kept)."""
-        for tok, lp in zip(tokens, lps):
+        for i, (tok, lp) in enumerate(zip(tokens, lps)):
             s.delta += s.append(tok, lp)
-            self.stats["generation_tokens"] += 1
-            if s.finished:
+            if s.finish_reason is not None:
                 self.scheduler.finish(s)
                 self._forget_draft(s)
                 break
+        self.stats["generation_tokens"] += i + 1
         req = self._by_seq[s.seq_id]
-        req.first_token_time = req.first_token_time or time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         touched[req.request_id] = req
 
     def _forget_draft(self, s: Sequence) -> None:
         if self.drafter is not None:
             self.drafter.free(s.seq_id)
 
-    def _collect(self, touched: dict) -> list[RequestOutput]:
+    def _collect(self, touched: dict, finished_only: bool = False) -> list[RequestOutput]:
         outs = []
         for req in touched.values():
-            outs.append(req.output())
+            done = req.finished
+            if done or not finished_only:
+                outs.append(req.output(done))
             for s in req.seqs:
                 s.delta = ""
-            if req.finished:
+            if done:
                 self.requests.pop(req.request_id, None)
                 for s in req.seqs:
                     self._by_seq.pop(s.seq_id, None)

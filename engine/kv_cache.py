@@ -7,6 +7,7 @@ head_dim] each, the layout kernels/attention.py reads.
 """
 from __future__ import annotations
 
+from array import array
 
 class BlockManager:
     """Allocates cache slots to sequences, block by block. Running out is not an error here:
@@ -17,7 +18,7 @@ class BlockManager:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low block ids first
-        self.tables: dict[object, list[int]] = {}
+        self.tables: dict[object, array] = {}  # block ids per sequence (int32 arrays: cheap to pack)
         self.lengths: dict[object, int] = {}
 
     @property
@@ -37,15 +38,27 @@ class BlockManager:
     def can_append(self, seq_id, n: int) -> bool:
         return self.blocks_needed(seq_id, n) <= len(self._free)
 
+    def reserve(self, seq_id, n: int) -> bool:
+        """Reserve n more slots for `seq_id` (created on first use) if the pool holds them;
+        return False, changing nothing, if it does not."""
+        start = self.lengths.get(seq_id, 0)
+        table = self.tables.get(seq_id)
+        need = -(-(start + n) // self.block_size) - (len(table) if table is not None else 0)
+        if need > len(self._free):
+            return False
+        if table is None:
+            table = self.tables[seq_id] = array("i")
+        for _ in range(need):
+            table.append(self._free.pop())
+        self.lengths[seq_id] = start + n
+        return True
+
     def append(self, seq_id, n: int) -> list[int]:
         """Reserve n more slots for `seq_id` (created on first use); return their slot ids."""
-        need = self.blocks_needed(seq_id, n)
-        if need > len(self._free):
-            raise MemoryError(f"KV cache: {need} blocks needed for sequence {seq_id!r}, {len(self._free)} free")
-        table = self.tables.setdefault(seq_id, [])
-        table.extend(self._free.pop() for _ in range(need))
         start = self.lengths.get(seq_id, 0)
-        self.lengths[seq_id] = start + n
+        if not self.reserve(seq_id, n):
+            raise MemoryError(f"KV cache: {self.blocks_needed(seq_id, n)} blocks needed for sequence {seq_id!r}, "
+                              f"{len(self._free)} free")
         return self.slots(seq_id, start, n)
 
     def slots(self, seq_id, start: int, n: int) -> list[int]:

@@ -81,7 +81,7 @@ class LLM:
                 while len(final) < n:
                     if not eng.scheduler.has_work():
                         raise RuntimeError("engine has unfinished requests but nothing to schedule")
-                    for out in eng.step():
+                    for out in eng.step(finished_only=True):
                         if out.finished:
                             final[out.request_id] = out
                             bar.update(1)

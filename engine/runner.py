@@ -7,6 +7,7 @@ token of each item (or for every token of items that ask for all, as verificatio
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -25,20 +26,37 @@ class WorkItem:
     all_logits: bool = False  # logits for every token (verify windows), not just the last
 
 
+def padded_tables(tables: list[array], width: int, rows: int) -> torch.Tensor:
+    """Host int32 [rows, width]: the block tables (int32 arrays), each padded with block 0, then
+    all-zero rows. Packed with array concatenation (memcpy), not element by element."""
+    flat = array("i")
+    for t in tables:
+        flat += t
+        if len(t) < width:
+            flat += array("i", bytes(4 * (width - len(t))))
+    flat += array("i", bytes(4 * width * (rows - len(tables))))
+    if not flat:
+        return torch.zeros(rows, width, dtype=torch.int32)
+    return torch.frombuffer(flat, dtype=torch.int32).view(rows, width)
+
+
 def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnMetadata, list[int]]:
     """AttnMetadata for `items` and the flat-batch rows whose logits are wanted."""
-    blocks = cache.blocks
+    blocks, bs = cache.blocks, cache.block_size
     positions, slots, cu, ctx, tables, rows = [], [], [0], [], [], []
     for it in items:
-        n = len(it.token_ids)
-        positions.extend(range(it.start, it.start + n))
-        slots.extend(blocks.slots(it.seq_id, it.start, n))
+        n, p, table = len(it.token_ids), it.start, blocks.tables[it.seq_id]
+        if n == 1:  # a decode token: the common case, kept cheap
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+        else:
+            positions.extend(range(p, p + n))
+            slots.extend(blocks.slots(it.seq_id, p, n))
         rows.extend(range(cu[-1], cu[-1] + n) if it.all_logits else [cu[-1] + n - 1])
         cu.append(cu[-1] + n)
-        ctx.append(it.start + n)
-        tables.append(blocks.tables[it.seq_id])
+        ctx.append(p + n)
+        tables.append(table)
     width = max((len(t) for t in tables), default=0)
-    table_rows = [t + [0] * (width - len(t)) for t in tables]
 
     def dev(x, dtype):
         return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
@@ -46,7 +64,7 @@ def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnM
     meta = AttnMetadata(
         positions=dev(positions, torch.int64), cu_seqlens_q=dev(cu, torch.int32),
         context_lens=dev(ctx, torch.int32),
-        block_tables=dev(table_rows, torch.int32).reshape(len(items), width),
+        block_tables=padded_tables(tables, width, len(items)).to(device, non_blocking=True),
         slot_mapping=dev(slots, torch.int64),
         max_query_len=max((len(it.token_ids) for it in items), default=0),
         max_context_len=max(ctx, default=0))
@@ -134,10 +152,7 @@ class DecodeGraphs:
         pos = [it.start for it in items] + [0] * (b - n)
         slots = [blocks.slots(it.seq_id, it.start, 1)[0] for it in items] + [-1] * (b - n)
         ctx = [it.start + 1 for it in items] + [1] * (b - n)
-        table = torch.zeros(b, self.width, dtype=torch.int32)
-        for i, it in enumerate(items):
-            t = blocks.tables[it.seq_id]
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        table = padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b)
         self.ids[:b].copy_(torch.tensor(ids), non_blocking=True)
         self.positions[:b].copy_(torch.tensor(pos), non_blocking=True)
         self.slots[:b].copy_(torch.tensor(slots), non_blocking=True)

@@ -73,6 +73,15 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, n: int) -> list[int]:
+        """token_ids[start: start + n] without building token_ids (O(n), not O(length))."""
+        p = len(self.prompt_ids)
+        if start + n <= p:
+            return self.prompt_ids[start: start + n]
+        if start >= p:
+            return self.output_ids[start - p: start - p + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -18,7 +18,7 @@ import torch
 from .kv_cache import KVCache
 from .model import GemmaModel
 from .runner import ModelRunner, WorkItem
-from .sampling import draw, probs
+from .sampling import draw, greedy, probs
 
 
 class Drafter:
@@ -41,14 +41,13 @@ class Drafter:
             items = []
             for i in live:
                 s = seqs[i]
-                toks = s.token_ids + drafts[i]
-                start = self.cached.get(s.seq_id, 0)
-                feed = toks[start: len(toks)]
+                start, n = self.cached.get(s.seq_id, 0), s.num_tokens   # feed token_ids + drafts from start
+                feed = s.tokens(start, n - start) + drafts[i] if start < n else drafts[i][start - n:]
                 blocks.append(s.seq_id, len(feed))
                 items.append(WorkItem(s.seq_id, feed, start))
-                self.cached[s.seq_id] = len(toks)
+                self.cached[s.seq_id] = n + len(drafts[i])
             logits = self.runner.run(items)
-            nxt = logits.argmax(-1)
+            nxt = greedy(logits)
             sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
             if sampled:
                 q = probs(logits[sampled], [seqs[live[r]].params for r in sampled])
@@ -78,7 +77,7 @@ def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
     target_logits: [k+1, V] fp32 (row i scores the token after d_i; row 0 follows the last token)."""
     k = len(drafts)
     if params.greedy:
-        best = target_logits.argmax(-1).tolist()
+        best = greedy(target_logits).tolist()
         for i, d in enumerate(drafts):
             if d != best[i]:
                 return drafts[:i] + [best[i]]

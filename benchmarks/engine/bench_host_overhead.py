@@ -1,5 +1,7 @@
 """Host overhead of one engine step with a do-nothing model: scheduling, metadata, sampling,
 detokenization and stop checks, at 1..256 running sequences (goal: <= 300 us at 1, <= 2 ms at 256).
+`greedy_us` is the part of it that is the greedy pick over the [batch, vocab] logits, which runs on
+the device when there is one; `python_us` is the rest.
 
     python benchmarks/engine/bench_host_overhead.py --model models/nano-codegemma
 """
@@ -12,28 +14,34 @@ import time
 import torch
 
 from gemforge.engine import SamplingParams
+from gemforge.engine.config import ModelConfig
 from gemforge.engine.engine import Engine, EngineConfig
+from gemforge.engine.sampling import greedy
 
 
 class NullModel:
-    """Stands in for GemmaModel: returns constant logits, so only host work is timed."""
+    """Stands in for GemmaModel: returns constant (contiguous, as a real model's) logits, so only host
+    work is timed."""
 
-    def __init__(self, vocab: int):
-        self.logits = torch.zeros(1, vocab)
-        self.logits[0, vocab - 1] = 1.0  # a merged piece, as most generated tokens are
+    def __init__(self, vocab: int, max_rows: int):
+        self.logits = torch.zeros(max_rows, vocab)
+        self.logits[:, vocab - 1] = 1.0  # a merged piece, as most generated tokens are
 
     def forward(self, input_ids, meta, cache, logits_indices=None):
         n = input_ids.shape[0] if logits_indices is None else logits_indices.shape[0]
-        return self.logits.expand(n, -1)
+        return self.logits[:n]
 
 
-def step_us(model_dir: str, batch: int, steps: int = 50) -> float:
+def step_us(model_dir: str, batch: int, steps: int = 50, prompt_len: int = 4) -> float:
+    """Mean wall time of a decode step with `batch` running sequences of `prompt_len`-token prompts."""
+    ctx = prompt_len + steps + 32
     eng = Engine(model_dir, EngineConfig(dtype="float32", device="cpu", max_num_seqs=max(batch, 1),
-                                         kv_cache_tokens=batch * 512 + 512), progress=False)
-    eng.runner.model = NullModel(eng.cfg.vocab_size)
+                                         max_num_batched_tokens=max(2048, batch * prompt_len),
+                                         max_model_len=ctx, kv_cache_tokens=batch * ctx + 512), progress=False)
+    eng.runner.model = NullModel(eng.cfg.vocab_size, max(batch, 1) * 8)
     p = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        eng.add_request(f"r{i}", [2, 10, 11, 12], p)
+        eng.add_request(f"r{i}", [2] + [10 + (j % 50) for j in range(prompt_len - 1)], p)
     for _ in range(3):  # prefill and warm-up
         eng.step()
     t = time.perf_counter()
@@ -42,16 +50,31 @@ def step_us(model_dir: str, batch: int, steps: int = 50) -> float:
     return (time.perf_counter() - t) / steps * 1e6
 
 
+def greedy_us(vocab: int, batch: int, iters: int = 50) -> float:
+    logits = torch.randn(batch, vocab)
+    greedy(logits)
+    t = time.perf_counter()
+    for _ in range(iters):
+        greedy(logits)
+    return (time.perf_counter() - t) / iters * 1e6
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/nano-codegemma")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    ap.add_argument("--prompt-lens", nargs="+", type=int, default=[4, 1024],
+                    help="context per sequence (long ones expose per-step work that grows with length)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = []
-    for b in args.batches:
-        rows.append({"running_seqs": b, "step_us": round(step_us(args.model, b), 1)})
-        print(json.dumps(rows[-1]), flush=True)
+    vocab = ModelConfig.from_pretrained(args.model).vocab_size
+    for plen in args.prompt_lens:
+        for b in args.batches:
+            step, pick = step_us(args.model, b, prompt_len=plen), greedy_us(vocab, b)
+            rows.append({"running_seqs": b, "prompt_len": plen, "step_us": round(step, 1), "greedy_us": round(pick, 1),
+                         "python_us": round(step - pick, 1)})
+            print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

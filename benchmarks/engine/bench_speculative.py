@@ -26,13 +26,14 @@ def heldout_prompts(target: Path, n: int, seed: int = 0) -> tuple[list[str], lis
     while len(code) < n:
         lines = rng.choice(texts)
         i = rng.randrange(10, len(lines) - 10)
-        code.append("".join(lines[max(0, i - 30): i]))
-        fim.append(("".join(lines[max(0, i - 30): i]), "".join(lines[i + 1: i + 15])))
+        code.append("".join(lines[max(0, i - 12): i]))        # fits the models' 256-token training rows
+        fim.append(("".join(lines[max(0, i - 12): i]), "".join(lines[i + 1: i + 7])))
     return code, fim
 
 
 def run(llm: LLM, prompts, suffixes, max_tokens: int) -> dict:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    # code runs to max_tokens; an infill stops at its <|file_separator|> (what follows would be noise)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=suffixes is None)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, suffixes=suffixes, use_tqdm=False)
     dt = time.perf_counter() - t
@@ -66,13 +67,16 @@ def main(argv=None) -> list[dict]:
         alone = run(base, prompts, suffixes, args.max_tokens)
         rows.append({"workload": name, "k": 0, **alone, "speedup": 1.0})
         print(json.dumps(rows[-1]), flush=True)
-    for k in args.ks:
+    variants = [(k, "fixed", None) for k in args.ks] + [(4, "adaptive", None), (4, "adaptive", "int4")]
+    for k, lookahead, draft_quant in variants:
         spec = LLM(target, device=args.device, progress=False, max_num_seqs=args.batch, draft_model=args.draft,
-                   num_speculative_tokens=k, adaptive_lookahead=False)
+                   num_speculative_tokens=k, adaptive_lookahead=lookahead == "adaptive",
+                   draft_quantization=draft_quant)
         for name, (prompts, suffixes) in workloads.items():
             res = run(spec, prompts, suffixes, args.max_tokens)
             base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)
-            rows.append({"workload": name, "k": k, **res, "speedup": round(res["tokens_per_s"] / base_tps, 2)})
+            rows.append({"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense", **res,
+                         "speedup": round(res["tokens_per_s"] / base_tps, 2)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

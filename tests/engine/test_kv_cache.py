@@ -11,7 +11,7 @@ def test_slots_follow_block_table():
     assert m.append("a", 6) == [0, 1, 2, 3, 4, 5]
     assert m.append("b", 1) == [8]
     assert m.append("a", 3) == [6, 7, 12]
-    assert m.tables == {"a": [0, 1, 3], "b": [2]}
+    assert {k: list(t) for k, t in m.tables.items()} == {"a": [0, 1, 3], "b": [2]}
     m.check_invariants()
 
 
