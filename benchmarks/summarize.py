@@ -26,6 +26,35 @@ def kernel_rows(bench: dict) -> list[dict]:
     return rows
 
 
+def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
+    """Speculative speedup over target-alone decode: expected tokens per step (1 - alpha^(k+1)) /
+    (1 - alpha) over the step's cost in target decode steps (k draft steps + one verify window)."""
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+    return tokens / (k * draft_ratio + verify_ratio)
+
+
+def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: str = "codegemma-2b") -> list[dict]:
+    """Batch-1 speedups that the measured costs imply: a draft step (2B, bf16 or int4) and a k+1
+    verify window, both relative to one 7B bf16 decode step; for each acceptance rate the best k."""
+    step = {(r["model"], r["weights"]): r["gemforge_step_ms"] for r in decode
+            if r.get("batch") == 1 and "gemforge_step_ms" in r}
+    window = {r["verify_window"] - 1: r["window_over_step"] for r in decode
+              if r.get("model") == target and "verify_window" in r}
+    if (target, "none") not in step or not window:
+        return []
+    rows = []
+    for weights in ("none", "int4"):
+        if (draft, weights) not in step:
+            continue
+        ratio = step[(draft, weights)] / step[(target, "none")]
+        for alpha in (0.6, 0.7, 0.8, 0.9):
+            k, best = max(((k, implied_speedup(alpha, k, ratio, v)) for k, v in window.items()), key=lambda kv: kv[1])
+            rows.append({"draft": f"{draft} {'bf16' if weights == 'none' else weights}", "draft_over_target_step":
+                         round(ratio, 3), "acceptance": alpha, "best_k": k, "verify_over_step": window[k],
+                         "implied_speedup": round(best, 2)})
+    return rows
+
+
 def plot(decode: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -66,6 +95,11 @@ def main(outdir: str) -> None:
         if windows:
             parts.append("### Speculative verify window cost (batch 1)\n")
             parts.append(table(windows, ["model", "verify_window", "window_ms", "decode_step_ms", "window_over_step"]) + "\n")
+        spec = speculative_rows(decode)
+        if spec:
+            parts.append("### Speculative decoding speedup these costs imply (batch 1, 2B drafts for 7B)\n")
+            parts.append(table(spec, ["draft", "draft_over_target_step", "acceptance", "best_k", "verify_over_step",
+                                      "implied_speedup"]) + "\n")
         errors = [r for r in decode if "error" in r]
         if errors:
             parts.append(table(errors, ["model", "weights", "error"]) + "\n")

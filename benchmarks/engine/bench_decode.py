@@ -99,14 +99,6 @@ def bench_window(model: GemmaModel, window: int, prompt_len: int, iters: int = 2
     return (time.perf_counter() - t) / iters * 1e3
 
 
-def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
-    """Expected speedup of speculative decoding over target-alone decode: tokens per step
-    (1 - alpha^(k+1)) / (1 - alpha) over the step's cost in target decode steps
-    (k draft steps + one verify window)."""
-    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-    return tokens / (k * draft_ratio + verify_ratio)
-
-
 def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device) -> dict:
     ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
