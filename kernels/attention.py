@@ -19,6 +19,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .registry import register, select
 
@@ -85,31 +86,51 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     select("write_kv", backend, k.device)(k, v, k_cache, v_cache, slot_mapping)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n cached tokens of one sequence: [n, kv_heads, head_dim]."""
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n cache slots of each sequence of `block_tables` [B, W] (table entries past a
+    sequence's `lens` [B] tokens are never read: block 0 stands in), as a [B, kv_heads, n, head_dim]
+    view of whole blocks gathered by index_select (on CPU much faster than advanced indexing)."""
     bs = cache.shape[1]
-    blocks = block_table[: (n + bs - 1) // bs].long()
-    return cache[blocks].reshape(-1, *cache.shape[2:])[:n]
+    w = (n + bs - 1) // bs
+    used = torch.arange(w, device=cache.device)[None, :] * bs < lens[:, None]
+    blocks = cache.index_select(0, torch.where(used, block_tables[:, :w], 0).reshape(-1).long())
+    return blocks.view(block_tables.shape[0], w * bs, *cache.shape[2:])[:, :n].transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q.k over the allowed keys) @ v in fp32, each kv head serving its group of query
+    heads: q [B, Q, Hq, D], k/v [B, Hk, L, D], allowed [B, Q, L] bool -> [B, Q, Hq, D] fp32."""
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float(), v.float(), attn_mask=allowed[:, None],
+                                         scale=scale, enable_gqa=q.shape[2] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 @register("attention", "torch")
 def attention_ref(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Single-token (decode) sequences all at once, over their contexts padded to the longest;
+    every other sequence (prefill chunk, verify window) on its own, causal within its new tokens."""
     out = torch.empty_like(q)
-    hq, hk = q.shape[1], k_cache.shape[2]
     cu = meta.cu_seqlens_q.tolist()
     ctx = meta.context_lens.tolist()
-    for b in range(len(ctx)):
-        s, e = cu[b], cu[b + 1]
-        n = e - s
-        if n == 0:
+    new = [e - s for s, e in zip(cu, cu[1:])]
+    single = [b for b, n in enumerate(new) if n == 1]
+    if single:
+        rows = torch.tensor(single, device=q.device)
+        tok = torch.tensor([cu[b] for b in single], device=q.device)
+        longest = max(ctx[b] for b in single)
+        tables, lens = meta.block_tables[rows], meta.context_lens[rows]
+        k, v = gather_kv(k_cache, tables, lens, longest), gather_kv(v_cache, tables, lens, longest)
+        allowed = torch.arange(longest, device=q.device)[None, :] < lens[:, None]
+        out[tok] = _attend(q[tok][:, None], k, v, allowed[:, None], scale)[:, 0].to(q.dtype)
+    for b, n in enumerate(new):
+        if n <= 1:
             continue
-        k = gather_kv(k_cache, meta.block_tables[b], ctx[b]).float().repeat_interleave(hq // hk, dim=1)
-        v = gather_kv(v_cache, meta.block_tables[b], ctx[b]).float().repeat_interleave(hq // hk, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale
-        qpos = torch.arange(ctx[b] - n, ctx[b], device=q.device)[:, None]
-        kpos = torch.arange(ctx[b], device=q.device)[None, :]
-        scores.masked_fill_(kpos > qpos, float("-inf"))
-        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+        s, c = cu[b], ctx[b]
+        tables, lens = meta.block_tables[b: b + 1], meta.context_lens[b: b + 1]
+        k, v = gather_kv(k_cache, tables, lens, c), gather_kv(v_cache, tables, lens, c)
+        qpos = torch.arange(c - n, c, device=q.device)[:, None]
+        allowed = torch.arange(c, device=q.device)[None, :] <= qpos
+        out[s: s + n] = _attend(q[s: s + n][None], k, v, allowed[None], scale)[0].to(q.dtype)
     return out
 
 
