@@ -77,7 +77,7 @@ class Scheduler:
                 break
             n = min(seq.num_tokens - seq.num_cached, budget)
             la = min(seq.lookahead, budget - n) if seq.num_tokens - seq.num_cached == 1 else 0
-            while not self.blocks.can_append(seq.seq_id, n + la):
+            while not self.blocks.reserve(seq.seq_id, n + la):
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 gone.add(id(victim))
@@ -85,17 +85,15 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached, la))
-                self.blocks.append(seq.seq_id, n + la)
                 budget -= n + la
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_cached, budget)
-            if not self.blocks.can_append(seq.seq_id, n) or id(seq) in gone:
+            if id(seq) in gone or not self.blocks.reserve(seq.seq_id, n):
                 break
             self.waiting.popleft()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached))
-            self.blocks.append(seq.seq_id, n)
             budget -= n
         return out
 
