@@ -1,10 +1,13 @@
 # Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (the test suite).
 # Both create ./.venv on first use and install everything gemforge needs into it (idempotent).
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.gemforge-installed
-MODEL ?= models/tiny-random-codegemma
+MODEL ?= models/nano-codegemma
+DRAFT ?= models/nano-codegemma-draft
+GF := $(VENV)/bin/gemforge
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean-venv
@@ -18,18 +21,19 @@ $(STAMP): pyproject.toml setup.py $(wildcard CMakeLists.txt) $(wildcard csrc/*.c
 	$(PIP) --no-build-isolation -e '.[serve,test]'
 	touch $@
 
-$(MODEL)/config.json:
-	$(PY) scripts/make_tiny_model.py $(MODEL)
-
-demo: $(STAMP) $(MODEL)/config.json
-	$(VENV)/bin/gemforge generate --model $(MODEL) --prompt 'def fibonacci(n):' --max-tokens 32
-	$(VENV)/bin/gemforge generate --model $(MODEL) --prompt 'def add(a, b):' --suffix '    return result' --max-tokens 32
+demo: $(STAMP)
+	@echo "== completion ($(MODEL))"
+	$(GF) generate --model $(MODEL) --prompt $$'import os\n\n\ndef list_files(directory):\n    """Return the names of the files in directory."""\n' --max-tokens 40
+	@echo "== infill: fill-in-the-middle between a prefix and a suffix"
+	$(GF) generate --model $(MODEL) --prompt $$'class Person:\n    def __init__(self, name):\n' --suffix $$'        self.value = None\n' --max-tokens 8
+	@echo "== speculative decoding: $(DRAFT) drafts, $(MODEL) verifies (same output as the target alone)"
+	$(GF) generate --model $(MODEL) --draft-model $(DRAFT) --prompt $$'def read_file(path):\n    with open(path) as f:\n' --max-tokens 64
 
 test: $(STAMP)
 	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/gemforge bench --model $(MODEL)
+	$(GF) bench --model $(MODEL) --draft $(DRAFT)
 
 clean-venv:
 	rm -rf $(VENV)

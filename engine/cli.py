@@ -78,7 +78,6 @@ def _bench(args) -> int:
     """The CPU-capable benchmarks in one go: kernels (small shapes), host overhead, throughput
     against HF transformers and, with a draft, speculative decoding; a table at the end."""
     import importlib.util
-    import json
     import subprocess
 
     from tqdm.auto import tqdm
@@ -89,8 +88,8 @@ def _bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def module(name):
-        spec = importlib.util.spec_from_file_location(name, bench_dir / "engine" / f"{name}.py")
+    def module(path: Path):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
@@ -108,8 +107,12 @@ def _bench(args) -> int:
                                  stdout=subprocess.DEVNULL)
             results[name] = "ok" if rc == 0 else f"failed (pytest exit {rc})"
             continue
-        results[name] = module(f"bench_{name}").main(argv + ["--out", str(out / f"{name}.json")])
-    print(json.dumps(results, indent=1))
+        results[name] = module(bench_dir / "engine" / f"bench_{name}.py").main(argv + ["--out", str(out / f"{name}.json")])
+    table = module(bench_dir / "summarize.py").table
+    for name, rows in results.items():
+        print(f"\n## {name}")
+        print(table(rows, list(dict.fromkeys(k for r in rows for k in r))) if isinstance(rows, list) else rows)
+    print(f"\n(JSON in {out})")
     return 0
 
 

@@ -1,0 +1,85 @@
+"""The bundled nano-codegemma pair: HF transformers and gemforge agree, the tokenizer round-trips
+held-out source exactly, and quantization keeps its quality (held-out perplexity, agreement)."""
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemforge.engine import LLM, SamplingParams
+from gemforge.engine.evaluate import greedy_agreement, perplexity
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+TARGET, DRAFT = MODELS / "nano-codegemma", MODELS / "nano-codegemma-draft"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def heldout_texts(n: int) -> list[str]:
+    files = json.loads((TARGET / "training.json").read_text())["heldout_files"]
+    texts = [(STDLIB / f).read_text(encoding="utf-8") for f in files if (STDLIB / f).is_file()]
+    if len(texts) < n:
+        pytest.skip(f"this interpreter lacks the held-out stdlib files ({len(texts)} found)")
+    return texts[:n]
+
+
+@pytest.fixture(scope="module")
+def heldout_ids():
+    from gemforge.engine.tokenizer import Tokenizer
+    tok = Tokenizer(TARGET / "tokenizer.model")
+    ids = []
+    for text in heldout_texts(12):
+        ids += tok.encode(text, add_bos=False)
+    return ids[:2048]
+
+
+def test_tokenizer_round_trips_heldout_files():
+    from gemforge.engine.tokenizer import Tokenizer
+    tok = Tokenizer(TARGET / "tokenizer.model")
+    assert tok.same_vocab(Tokenizer(DRAFT / "tokenizer.model"))
+    for text in heldout_texts(20):
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("model_dir", [TARGET, DRAFT], ids=["target", "draft"])
+def test_greedy_continuations_match_transformers(model_dir):
+    from transformers import GemmaForCausalLM
+
+    hf = GemmaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(model_dir, dtype="float32", device="cpu", progress=False)
+    prompts = [t[:300] for t in heldout_texts(3)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+    for out in outs:
+        ids = out.prompt_token_ids
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        ref = ref[: ref.index(1) + 1] if 1 in ref else ref
+        assert out.outputs[0].token_ids == ref
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return LLM(TARGET, dtype="float32", device="cpu", progress=False)
+
+
+# The issue's bounds on perplexity; agreement floors below what was measured on these 2048 tokens
+# when the models were bundled (int8: -0.00% perplexity, 99.8% agreement; int4: -0.24%, 93.8%).
+@pytest.mark.parametrize("method, max_ppl_increase, min_agreement", [("int8", 0.01, 0.98), ("int4", 0.05, 0.9)])
+def test_quantized_quality(dense, heldout_ids, method, max_ppl_increase, min_agreement):
+    q = LLM(TARGET, dtype="float32", device="cpu", progress=False, quantization=method)
+    base, ppl = perplexity(dense, heldout_ids), perplexity(q, heldout_ids)
+    assert ppl <= base * (1 + max_ppl_increase), (method, base, ppl)
+    assert greedy_agreement(dense, q, heldout_ids) >= min_agreement
+
+
+def test_target_beats_draft_and_speculation_is_lossless(dense, heldout_ids):
+    draft = LLM(DRAFT, dtype="float32", device="cpu", progress=False)
+    assert perplexity(dense, heldout_ids) < perplexity(draft, heldout_ids)
+    spec = LLM(TARGET, dtype="float32", device="cpu", progress=False, draft_model=DRAFT, num_speculative_tokens=4)
+    prompts = [t[:200] for t in heldout_texts(4)]
+    p = SamplingParams(max_tokens=32, temperature=0.0)
+    a = [o.outputs[0].token_ids for o in dense.generate(prompts, p, use_tqdm=False)]
+    b = spec.generate(prompts, p, use_tqdm=False)
+    assert a == [o.outputs[0].token_ids for o in b]
+    assert sum(o.outputs[0].spec["accepted"] for o in b) > 0
