@@ -247,30 +247,34 @@ class Engine:
         spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
         drafts, qs = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else ([], [])
         window = {id(sc): (d, q) for sc, d, q in zip(spec, drafts, qs)}
-        items, rows, r = [], [], 0
-        for sc in plan.scheduled:
-            toks = sc.seq.tokens(sc.start, sc.num_tokens)
-            if id(sc) in window:
-                items.append(WorkItem(sc.seq.seq_id, toks + window[id(sc)][0], sc.start, all_logits=True))
+        items, rows, plain, r, prompt_tokens = [], [], [], 0, 0
+        for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
+            seq, start, n = sc.seq, sc.start, sc.num_tokens
+            if not seq.output_ids:
+                prompt_tokens += n
+            toks = seq.tokens(start, n)
+            w = window.get(id(sc)) if window else None
+            if w is not None:
+                items.append(WorkItem(seq.seq_id, toks + w[0], start, all_logits=True))
                 rows.append(slice(r, r + 1 + sc.lookahead))
                 r += 1 + sc.lookahead
             else:
-                items.append(WorkItem(sc.seq.seq_id, toks, sc.start))
+                items.append(WorkItem(seq.seq_id, toks, start))
                 rows.append(slice(r, r + 1))
+                if start + n == seq.num_tokens:  # brought up to date: a token is sampled
+                    plain.append(i)
                 r += 1
         logits = self.runner.run(items)
         for sc in plan.scheduled:
             sc.seq.num_cached = sc.start + sc.num_tokens
         self.stats["steps"] += 1
-        self.stats["prompt_tokens"] += sum(sc.num_tokens for sc in plan.scheduled if not sc.seq.output_ids)
+        self.stats["prompt_tokens"] += prompt_tokens
         touched: dict[str, Request] = {}
-        plain = [i for i, sc in enumerate(plan.scheduled) if sc.completes and id(sc) not in window]
         if plain:
             seqs = [plan.scheduled[i].seq for i in plain]
-            starts = [rows[i].start for i in plain]
-            picked = logits if starts == list(range(len(logits))) else logits[starts]  # pure decode: no copy
+            picked = logits if len(plain) == len(logits) else logits[[rows[i].start for i in plain]]  # no copy
             for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
-                self._append(s, [tok], [lp], touched)
+                self._append(s, (tok,), (lp,), touched)
         for i, sc in enumerate(plan.scheduled):
             if id(sc) not in window:
                 continue
