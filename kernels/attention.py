@@ -86,48 +86,65 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     select("write_kv", backend, k.device)(k, v, k_cache, v_cache, slot_mapping)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n cache slots of each sequence of `block_tables` [B, W] (table entries past a
-    sequence's `lens` [B] tokens are never read: block 0 stands in), as a [B, kv_heads, n, head_dim]
-    view of whole blocks gathered by index_select (on CPU much faster than advanced indexing)."""
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The first n cache slots of each sequence of `block_tables` [B, W], as a [B, kv_heads, n,
+    head_dim] view of whole blocks gathered by index_select (on CPU much faster than advanced
+    indexing). With `lens` [B], table entries past a sequence's own blocks are never read (block 0
+    stands in); None says every sequence owns all the blocks the n slots span."""
     bs = cache.shape[1]
     w = (n + bs - 1) // bs
-    used = torch.arange(w, device=cache.device)[None, :] * bs < lens[:, None]
-    blocks = cache.index_select(0, torch.where(used, block_tables[:, :w], 0).reshape(-1).long())
+    tables = block_tables[:, :w]
+    if lens is not None:
+        tables = torch.where(torch.arange(w, device=cache.device)[None, :] * bs < lens[:, None], tables, 0)
+    blocks = cache.index_select(0, tables.reshape(-1).long())
     return blocks.view(block_tables.shape[0], w * bs, *cache.shape[2:])[:, :n].transpose(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale q.k over the allowed keys) @ v in fp32, each kv head serving its group of query
-    heads: q [B, Q, Hq, D], k/v [B, Hk, L, D], allowed [B, Q, L] bool -> [B, Q, Hq, D] fp32."""
-    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float(), v.float(), attn_mask=allowed[:, None],
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """softmax(scale q.k over the allowed keys; None: all) @ v in fp32, each kv head serving its
+    group of query heads: q [B, Q, Hq, D], k/v [B, Hk, L, D], allowed [B, Q, L] bool -> [B, Q, Hq, D]."""
+    mask = None if allowed is None else allowed[:, None]
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float(), v.float(), attn_mask=mask,
                                          scale=scale, enable_gqa=q.shape[2] != k.shape[1])
     return out.transpose(1, 2)
 
 
+def _attend_decode(q, k_cache, v_cache, tables, lens, lens_host: list[int], scale: float) -> torch.Tensor:
+    """One query token per sequence, all sequences at once, over contexts padded to the longest
+    (masks and per-sequence block masking only where the lengths differ): [B, Hq, D] fp32."""
+    longest, bs = max(lens_host), k_cache.shape[1]
+    ragged = any((n + bs - 1) // bs < (longest + bs - 1) // bs for n in lens_host)
+    k = gather_kv(k_cache, tables, lens if ragged else None, longest)
+    v = gather_kv(v_cache, tables, lens if ragged else None, longest)
+    allowed = None
+    if min(lens_host) < longest:
+        allowed = (torch.arange(longest, device=q.device)[None, :] < lens[:, None])[:, None]
+    return _attend(q[:, None], k, v, allowed, scale)[:, 0]
+
+
 @register("attention", "torch")
 def attention_ref(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """Single-token (decode) sequences all at once, over their contexts padded to the longest;
-    every other sequence (prefill chunk, verify window) on its own, causal within its new tokens."""
-    out = torch.empty_like(q)
+    """Single-token (decode) sequences all at once; every other sequence (prefill chunk, verify
+    window) on its own, causal within its new tokens."""
     cu = meta.cu_seqlens_q.tolist()
     ctx = meta.context_lens.tolist()
     new = [e - s for s, e in zip(cu, cu[1:])]
     single = [b for b, n in enumerate(new) if n == 1]
+    if single and len(single) == len(new):  # a pure decode batch: no gathers or scatters of q
+        return _attend_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, ctx, scale).to(q.dtype)
+    out = torch.empty_like(q)
     if single:
         rows = torch.tensor(single, device=q.device)
         tok = torch.tensor([cu[b] for b in single], device=q.device)
-        longest = max(ctx[b] for b in single)
-        tables, lens = meta.block_tables[rows], meta.context_lens[rows]
-        k, v = gather_kv(k_cache, tables, lens, longest), gather_kv(v_cache, tables, lens, longest)
-        allowed = torch.arange(longest, device=q.device)[None, :] < lens[:, None]
-        out[tok] = _attend(q[tok][:, None], k, v, allowed[:, None], scale)[:, 0].to(q.dtype)
+        out[tok] = _attend_decode(q[tok], k_cache, v_cache, meta.block_tables[rows], meta.context_lens[rows],
+                                  [ctx[b] for b in single], scale).to(q.dtype)
     for b, n in enumerate(new):
         if n <= 1:
             continue
         s, c = cu[b], ctx[b]
-        tables, lens = meta.block_tables[b: b + 1], meta.context_lens[b: b + 1]
-        k, v = gather_kv(k_cache, tables, lens, c), gather_kv(v_cache, tables, lens, c)
+        k = gather_kv(k_cache, meta.block_tables[b: b + 1], None, c)
+        v = gather_kv(v_cache, meta.block_tables[b: b + 1], None, c)
         qpos = torch.arange(c - n, c, device=q.device)[:, None]
         allowed = torch.arange(c, device=q.device)[None, :] <= qpos
         out[s: s + n] = _attend(q[s: s + n][None], k, v, allowed[None], scale)[0].to(q.dtype)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .registry import register, select
 
@@ -22,9 +23,7 @@ except ImportError:  # the torch backend works without Triton
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None):
     r = x if residual is None else x + residual
-    rf = r.float()
-    y = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())
-    y = y.to(x.dtype)
+    y = F.rms_norm(r.float(), r.shape[-1:], weight.float() + 1.0, eps).to(x.dtype)
     return y if residual is None else (y, r)
 
 

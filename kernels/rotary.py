@@ -42,17 +42,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
 
 
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x <- x * cos + rotate_half(x) * sin in fp32 (cos, sin over the full head_dim), rounded once."""
     h = x.shape[-1] // 2
     xf = x.float()
-    x1, x2 = xf[..., :h], xf[..., h:]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    x.copy_(out.to(x.dtype))
+    x.copy_(xf * cos + torch.cat([-xf[..., h:], xf[..., :h]], dim=-1) * sin)
 
 
 @register("rotary", "torch")
 def rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
     inv_freq = rope_inv_freq(q.shape[-1], theta, q.device)
     angle = (positions.float()[:, None] * inv_freq[None, :])[:, None, :]
+    angle = torch.cat([angle, angle], dim=-1)
     cos, sin = angle.cos(), angle.sin()
     _rotate_ref(q, cos, sin)
     _rotate_ref(k, cos, sin)
