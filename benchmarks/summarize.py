@@ -34,8 +34,8 @@ def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: floa
 
 
 def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: str = "codegemma-2b") -> list[dict]:
-    """Batch-1 speedups that the measured costs imply: a draft step (2B, bf16 or int4) and a k+1
-    verify window, both relative to one 7B bf16 decode step; for each acceptance rate the best k."""
+    """Batch-1 speedups that the measured costs imply: a draft step (2B, dense or int4) and a k+1
+    verify window, both relative to one dense 7B decode step; for each acceptance rate the best k."""
     step = {(r["model"], r["weights"]): r["gemforge_step_ms"] for r in decode
             if r.get("batch") == 1 and "gemforge_step_ms" in r}
     window = {r["verify_window"] - 1: r["window_over_step"] for r in decode
@@ -49,7 +49,7 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
         ratio = step[(draft, weights)] / step[(target, "none")]
         for alpha in (0.6, 0.7, 0.8, 0.9):
             k, best = max(((k, implied_speedup(alpha, k, ratio, v)) for k, v in window.items()), key=lambda kv: kv[1])
-            rows.append({"draft": f"{draft} {'bf16' if weights == 'none' else weights}", "draft_over_target_step":
+            rows.append({"draft": f"{draft} {'dense' if weights == 'none' else weights}", "draft_over_target_step":
                          round(ratio, 3), "acceptance": alpha, "best_k": k, "verify_over_step": window[k],
                          "implied_speedup": round(best, 2)})
     return rows

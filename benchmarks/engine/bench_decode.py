@@ -113,8 +113,10 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device)
         return time.perf_counter() - t
 
     run(4)  # warm-up
-    short, long = min(run(4), run(4)), min(run(4 + steps), run(4 + steps))
+    short, long = min(run(4) for _ in range(3)), min(run(4 + steps) for _ in range(3))
     dt = (long - short) / steps
+    if dt <= 0:
+        raise RuntimeError(f"HF timing too noisy: {4 + steps} tokens took no longer than 4 ({long:.4f} s vs {short:.4f} s)")
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
 
 
