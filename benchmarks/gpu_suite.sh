@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU run: build csrc/, test every kernel on the GPU, measure the ceilings, benchmark the
-# kernels and end-to-end decode against HF transformers, and summarise. Each part has its own
+# kernels, end-to-end decode and continuous-batching throughput against HF transformers, and summarise. Each part has its own
 # time limit, cut further so that the whole run ends within SUITE_BUDGET seconds (default 480) with
 # the summary written; a part that fails or times out is reported and the rest still runs.
 #
@@ -60,6 +60,9 @@ BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps
 BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none int8 int4 --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+
+part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \
+  --concurrency 1 8 64 --repeats 2 --out "$OUT/throughput.json"
 
 part tests 150 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
   --junitxml="$OUT/tests.xml" 2>/dev/null || true

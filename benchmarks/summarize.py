@@ -108,6 +108,10 @@ def main(outdir: str) -> None:
             parts.append("![decode](decode.png)\n")
         except Exception as e:  # a plot must not lose the table
             parts.append(f"(plot failed: {e})\n")
+    throughput = load(d / "throughput.json")
+    if throughput:
+        parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
+        parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype"]) + "\n")
     kern = load(d / "kernels.json")
     if kern:
         rows = kernel_rows(kern)

@@ -1,6 +1,6 @@
 """The GPU suite's Python parts run end to end on CPU with small stand-in shapes, so that a scarce
 GPU session never finds a broken script (bench_decode: every format, HF peer, verify windows;
-summarize: tables, the implied speculative speedup, the plot)."""
+bench_throughput; summarize: tables, the implied speculative speedup, the plot)."""
 import dataclasses
 import importlib.util
 import json
@@ -37,6 +37,10 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     (tmp_path / "ceilings.json").write_text(json.dumps({"device": "cpu", "torch": "test", "copy_GBps": 50,
                                                         "bf16_matmul_TFLOPs": 1}))
     (tmp_path / "status.txt").write_text("decode: ok (1s)\n")
+    load(BENCH / "engine" / "bench_throughput.py").main([
+        "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--concurrency", "2", "--max-tokens", "4",
+        "--repeats", "1", "--out", str(tmp_path / "throughput.json")])
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
+    assert "Continuous batching" in summary
