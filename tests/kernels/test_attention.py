@@ -129,6 +129,34 @@ def test_codegemma_shapes(heads, dtype, device, nan_empty):
     check_attention([(1, c) for c in ctx], *heads, d=256, block_size=32, dtype=dtype, device=device, seed=9)
 
 
+def naive_attention(q, k_cache, v_cache, meta, scale):
+    """The definition, one sequence and one query head at a time, in float64."""
+    bs, hq, hk = k_cache.shape[1], q.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    cu, ctx = meta.cu_seqlens_q.tolist(), meta.context_lens.tolist()
+    for b in range(len(ctx)):
+        slots = [meta.block_tables[b, i // bs].item() * bs + i % bs for i in range(ctx[b])]
+        k = k_cache.flatten(0, 1)[slots].double()
+        v = v_cache.flatten(0, 1)[slots].double()
+        for t in range(cu[b], cu[b + 1]):
+            p = ctx[b] - (cu[b + 1] - t)  # this token's position: it sees keys 0..p
+            for h in range(hq):
+                w = torch.softmax(scale * (k[: p + 1, h // (hq // hk)] @ q[t, h].double()), 0)
+                out[t, h] = w @ v[: p + 1, h // (hq // hk)]
+    return out
+
+
+@pytest.mark.parametrize("seqs", [MIXED, [(1, 40), (1, 3), (1, 17)], [(1, 33), (1, 33)], [(1, 5)]],
+                         ids=["mixed", "decode-ragged", "decode-equal", "decode-one"])
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_reference_equals_the_definition(seqs, heads):
+    """The torch reference (also the CPU backend, written for few ops) against the plain formula."""
+    q, k_cache, v_cache, meta = make_batch(seqs, *HEADS[heads], d=16, block_size=16, dtype=torch.float32,
+                                           device="cpu", seed=3)
+    out = attention_ref(q, k_cache, v_cache, meta, 0.25)
+    assert torch.allclose(out.double(), naive_attention(q, k_cache, v_cache, meta, 0.25), atol=1e-5, rtol=1e-5)
+
+
 def test_empty_batch(device):
     q, k_cache, v_cache, meta = make_batch([], 4, 2, 16, 16, torch.float16, device, seed=0)
     out = attention(q, k_cache, v_cache, meta, 0.25, backend="triton")
