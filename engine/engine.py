@@ -261,7 +261,7 @@ class Engine:
             else:
                 items.append(WorkItem(seq.seq_id, toks, start))
                 rows.append(slice(r, r + 1))
-                if start + n == seq.num_tokens:  # brought up to date: a token is sampled
+                if sc.completes:  # brought up to date: a token is sampled
                     plain.append(i)
                 r += 1
         logits = self.runner.run(items)
