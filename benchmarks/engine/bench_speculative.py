@@ -1,7 +1,7 @@
 """Speculative decoding on the bundled nano pair: tokens/s and tokens per target forward against
 the target alone, for k = 1..8, on held-out code prompts and on FIM prompts (greedy).
 
-    python benchmarks/engine/bench_speculative.py [--target models/nano-codegemma] [--ks 1 2 4 8]
+    python benchmarks/engine/bench_speculative.py [--target models/nano-codegemma] [--ks 1 2 ... 8]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="models/nano-codegemma")
     ap.add_argument("--draft", default="models/nano-codegemma-draft")
-    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--ks", nargs="+", type=int, default=list(range(1, 9)))
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1, help="requests in flight together")
     ap.add_argument("--max-tokens", type=int, default=48)
