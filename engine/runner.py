@@ -67,7 +67,7 @@ def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnM
         block_tables=padded_tables(tables, width, len(items)).to(device, non_blocking=True),
         slot_mapping=dev(slots, torch.int64),
         max_query_len=max((len(it.token_ids) for it in items), default=0),
-        max_context_len=max(ctx, default=0))
+        max_context_len=max(ctx, default=0), host_cu_seqlens=cu, host_context_lens=ctx)
     return meta, rows
 
 

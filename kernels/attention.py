@@ -40,6 +40,9 @@ class AttnMetadata:
     block_tables   [B, max_blocks] int32  cache block of each sequence's logical block
     slot_mapping   [T] int64   cache slot each new token's K/V is written to (-1: skip)
     max_query_len, max_context_len: host-side bounds, so launches never read the GPU
+    host_cu_seqlens, host_context_lens: host copies of cu_seqlens_q / context_lens where the builder
+        has them (the torch reference then needs no device read per layer); None where the tensors
+        may change after construction (CUDA-graph input buffers)
     """
     positions: torch.Tensor
     cu_seqlens_q: torch.Tensor
@@ -48,6 +51,8 @@ class AttnMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_context_len: int
+    host_cu_seqlens: list[int] | None = None
+    host_context_lens: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -127,8 +132,8 @@ def _attend_decode(q, k_cache, v_cache, tables, lens, lens_host: list[int], scal
 def attention_ref(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
     """Single-token (decode) sequences all at once; every other sequence (prefill chunk, verify
     window) on its own, causal within its new tokens."""
-    cu = meta.cu_seqlens_q.tolist()
-    ctx = meta.context_lens.tolist()
+    cu = meta.host_cu_seqlens if meta.host_cu_seqlens is not None else meta.cu_seqlens_q.tolist()
+    ctx = meta.host_context_lens if meta.host_context_lens is not None else meta.context_lens.tolist()
     new = [e - s for s, e in zip(cu, cu[1:])]
     single = [b for b, n in enumerate(new) if n == 1]
     if single and len(single) == len(new):  # a pure decode batch: no gathers or scatters of q
