@@ -378,7 +378,7 @@ def model_card(info: dict) -> str:
         "",
         "Two miniature CodeGemma models (Gemma-1 architecture, HF `GemmaForCausalLM` layout, bf16 safetensors)",
         "so that completion, infill, speculative decoding and quantization quality can be shown and measured",
-        "on a CPU. They write plausible-looking Python; they are not useful code models. Every number below",
+        "on a CPU. They write Python-shaped code; they are not useful code models. Every number below",
         "is read from `nano-codegemma/training.json`, written by the run that made the weights:",
         "",
         "    python scripts/train_nano.py --out models            # train + evaluate (about an hour on 2 cores)",
