@@ -28,7 +28,7 @@ def _generate(args) -> int:
     if out.spec:
         spec = (f", speculative: {out.spec['accepted']}/{out.spec['proposed']} drafts accepted, "
                 f"{out.spec['tokens_per_step']:.2f} tokens per target forward")
-    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}{spec}]", file=sys.stderr)
+    print(f"[{out.num_tokens} tokens, finish_reason={out.finish_reason}{spec}]", file=sys.stderr)
     return 0
 
 

@@ -17,12 +17,19 @@ _ids = itertools.count()
 class CompletionOutput:
     index: int
     text: str
-    token_ids: list[int]
+    num_tokens: int                  # tokens generated when this output was made
     finish_reason: str | None        # "stop" | "length" | "abort" | None while running
-    logprobs: list[dict] | None = None
+    logprobs: list[dict] | None = None  # the first num_tokens entries belong to this output
     stop_reason: object = None       # the stop string or token id that ended it
     delta: str = ""                  # text new since the previous output of this request (streaming)
     spec: dict | None = None         # speculative decoding: proposed/accepted tokens, verify steps
+    ids: list[int] = field(default_factory=list, repr=False)  # the sequence's token list (it grows)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated ids as of this output (a copy taken on access: making an output each
+        step of a streaming request costs O(1), not O(tokens so far))."""
+        return self.ids[: self.num_tokens]
 
 
 @dataclass
@@ -113,8 +120,8 @@ class Sequence:
             self.finish_reason = "abort"
 
     def output(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.detok.text, list(self.output_ids), self.finish_reason,
-                                self.logprobs, self.stop_reason, self.delta, self._spec_stats())
+        return CompletionOutput(self.index, self.detok.text, len(self.output_ids), self.finish_reason,
+                                self.logprobs, self.stop_reason, self.delta, self._spec_stats(), self.output_ids)
 
     def _spec_stats(self) -> dict | None:
         if not self.spec_steps:

@@ -79,7 +79,7 @@ class Generation:
         return self.latest
 
     def _observe(self, i: int, out: RequestOutput) -> None:
-        now, tokens = time.monotonic(), max(len(o.token_ids) for o in out.outputs)
+        now, tokens = time.monotonic(), max(o.num_tokens for o in out.outputs)
         then, before = self._last[i]
         if tokens > before:  # a speculative step may bring several tokens: they share the gap
             if before == 0:
@@ -96,7 +96,7 @@ class Generation:
     def usage(self) -> tuple[int, int]:
         """(prompt tokens, completion tokens so far)."""
         return (sum(map(len, self.prompt_ids)),
-                sum(len(c.token_ids) for o in self.latest if o is not None for c in o.outputs))
+                sum(c.num_tokens for o in self.latest if o is not None for c in o.outputs))
 
     def close(self) -> None:
         """Abort what still runs and count the outcome. Cancelling a pump task ends its engine

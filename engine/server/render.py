@@ -129,7 +129,7 @@ class ChatRenderer(Renderer):
 def _entries(out: CompletionOutput, start: int = 0) -> list[dict] | None:
     """Logprob entries of out's tokens from `start` (the engine appends to the list as it runs, so
     it is cut at the tokens this output holds)."""
-    return None if out.logprobs is None else out.logprobs[start: len(out.token_ids)]
+    return None if out.logprobs is None else out.logprobs[start: out.num_tokens]
 
 
 def _usage(gen: Generation) -> Usage:
@@ -160,7 +160,7 @@ async def sse(gen: Generation, renderer: Renderer, outputs: AsyncIterator, inclu
                 if c in ended:
                     continue
                 first, entries = c not in sent, _entries(o, sent.get(c, 0))
-                sent[c] = len(o.token_ids)
+                sent[c] = o.num_tokens
                 if first or o.delta or o.finish_reason or entries:
                     choices.append(renderer.stream_choice(i, c, o.delta, entries, o.finish_reason, first))
                 if o.finish_reason:
