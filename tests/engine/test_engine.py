@@ -116,3 +116,18 @@ def test_streamed_deltas_concatenate_to_text(ckpt):
             pieces.append(out.outputs[0].delta)
             last = out
     assert "".join(pieces) == last.outputs[0].text
+
+
+def test_streamed_outputs_are_snapshots(ckpt):
+    """Each intermediate output keeps the tokens it had when it was made, while generation goes on."""
+    d, _ = ckpt
+    eng = make_engine(d)
+    eng.add_request("s", "def f(x):", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    seen = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            seen.append((out.outputs[0], list(out.outputs[0].token_ids)))
+    final = seen[-1][1]
+    assert len(final) == 12 and [len(ids) for _, ids in seen] == list(range(1, 13))
+    for out, ids_then in seen:
+        assert out.token_ids == ids_then == final[: out.num_tokens]
