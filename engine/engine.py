@@ -24,7 +24,7 @@ from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
-from .speculative import Drafter, accept
+from .speculative import PROBE_EVERY, Drafter, accept, best_lookahead
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -82,6 +82,7 @@ class EngineConfig:
     draft_quantization: str | None = None
     num_speculative_tokens: int = 4
     adaptive_lookahead: bool = True
+    draft_cost: float | None = None  # a draft step in target decode steps; None: their weight-bytes ratio
 
 
 class Engine:
@@ -109,6 +110,9 @@ class Engine:
                                   max_graph_batch=min(ec.max_num_seqs, 256), max_context=self.max_model_len)
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
+        # at small batch a decode step costs about its weight bytes: the 2B costs ~0.29 of the 7B in bf16
+        self.draft_cost = ec.draft_cost if ec.draft_cost is not None else (
+            weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"] if self.drafter else 0.0)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -134,6 +138,9 @@ class Engine:
         if not 1 <= self.ec.num_speculative_tokens <= 16:
             raise RequestError(f"num_speculative_tokens must be in [1, 16], got {self.ec.num_speculative_tokens}",
                                field="num_speculative_tokens")
+        if self.ec.draft_cost is not None and not 0 <= self.ec.draft_cost <= 16:
+            raise RequestError(f"draft_cost must be in [0, 16] (a draft step in target steps), got {self.ec.draft_cost}",
+                               field="draft_cost")
         dcfg = ModelConfig.from_pretrained(d)
         dtok = Tokenizer(d / "tokenizer.model")
         if dcfg.vocab_size != self.cfg.vocab_size or not self.tokenizer.same_vocab(dtok):
@@ -221,16 +228,22 @@ class Engine:
 
     # -- one iteration ----------------------------------------------------------------------
     def _set_lookahead(self) -> None:
-        """Speculative tokens each running sequence verifies next step: adaptive to its recent
-        acceptance, never past max_tokens or the context, and 0 for requests with penalties
-        (their logits depend on the tokens inside the window)."""
+        """Speculative tokens each running sequence verifies next step: with `adaptive_lookahead`,
+        the k that maximises expected tokens per unit of time at its recent acceptance rate and the
+        draft's cost (`best_lookahead`; 0 when drafting does not pay); never past max_tokens or the
+        context, and 0 for requests with penalties (their logits depend on the tokens inside the window)."""
         k = self.ec.num_speculative_tokens
         for s in self.scheduler.running:
             p = s.params
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
                 s.lookahead = 0
                 continue
-            want = min(k, round(s.spec_rate * k) + 1) if self.ec.adaptive_lookahead else k
+            want = k
+            if self.ec.adaptive_lookahead:
+                want = best_lookahead(s.spec_rate, k, self.draft_cost)
+                s.spec_idle = s.spec_idle + 1 if want == 0 else 0
+                if s.spec_idle >= PROBE_EVERY:  # re-measure a sequence's acceptance now and then
+                    want, s.spec_idle = 1, 0
             s.lookahead = max(0, min(want, p.max_tokens - len(s.output_ids) - 1,
                                      self.max_model_len - s.num_tokens - 1))
 

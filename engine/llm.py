@@ -25,7 +25,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  cuda_graphs: bool = True, quantization: str | None = None, quantize_lm_head: bool = False,
                  group_size: int = 128, draft_model: str | Path | None = None, draft_quantization: str | None = None,
-                 num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, progress: bool = True):
+                 num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, draft_cost: float | None = None,
+                 progress: bool = True):
         self.engine = Engine(model, EngineConfig(dtype=dtype, device=device, backend=backend,
                                                  kv_cache_tokens=kv_cache_tokens, block_size=block_size,
                                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
@@ -34,7 +35,8 @@ class LLM:
                                                  quantize_lm_head=quantize_lm_head, group_size=group_size,
                                                  draft_model=draft_model, draft_quantization=draft_quantization,
                                                  num_speculative_tokens=num_speculative_tokens,
-                                                 adaptive_lookahead=adaptive_lookahead), progress=progress)
+                                                 adaptive_lookahead=adaptive_lookahead, draft_cost=draft_cost),
+                             progress=progress)
         self._ids = itertools.count()
 
     @property

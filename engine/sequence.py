@@ -62,6 +62,7 @@ class Sequence:
     spec_accepted: int = 0
     spec_steps: int = 0
     spec_rate: float = 1.0           # recent acceptance rate (drives the adaptive lookahead)
+    spec_idle: int = 0               # steps since the adaptive lookahead last chose to draft
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     @classmethod

@@ -21,6 +21,20 @@ from .runner import ModelRunner, WorkItem
 from .sampling import draw, greedy, probs
 
 
+PROBE_EVERY = 16  # a sequence that stopped drafting tries one draft token again after this many steps
+
+
+def best_lookahead(alpha: float, k_max: int, draft_cost: float) -> int:
+    """The lookahead k in 0..k_max with the most expected tokens per unit of time. At acceptance
+    rate alpha a window of k drafts yields (1 - alpha^(k+1)) / (1 - alpha) tokens (the last one the
+    target's own) for k draft steps of `draft_cost` target steps each plus one target step; k = 0 is
+    plain decoding, one token per step. Ties go to the smaller k."""
+    def tokens_per_cost(k: int) -> float:
+        tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+        return tokens / (1 + k * draft_cost)
+    return max(range(k_max + 1), key=tokens_per_cost)
+
+
 class Drafter:
     """The draft model and its own paged KV pool; `cached[seq_id]` tokens of each are cached."""
 

@@ -67,15 +67,22 @@ def main(argv=None) -> list[dict]:
         alone = run(base, prompts, suffixes, args.max_tokens)
         rows.append({"workload": name, "k": 0, **alone, "speedup": 1.0})
         print(json.dumps(rows[-1]), flush=True)
-    variants = [(k, "fixed", None) for k in args.ks] + [(4, "adaptive", None), (4, "adaptive", "int4")]
-    for k, lookahead, draft_quant in variants:
+    # the draft's cost on this machine, in target steps: its decode speed alone against the target's
+    draft_alone = run(LLM(args.draft, device=args.device, progress=False, max_num_seqs=args.batch), code, None,
+                      args.max_tokens)
+    measured = round(rows[0]["tokens_per_s"] / draft_alone["tokens_per_s"], 3)
+    # (k, lookahead, draft weights, draft cost given to the adaptive lookahead: None = weight-bytes ratio)
+    variants = [(k, "fixed", None, None) for k in args.ks] + [
+        (4, "adaptive", None, None), (4, "adaptive", None, measured), (4, "adaptive", "int4", None)]
+    for k, lookahead, draft_quant, cost in variants:
         spec = LLM(target, device=args.device, progress=False, max_num_seqs=args.batch, draft_model=args.draft,
                    num_speculative_tokens=k, adaptive_lookahead=lookahead == "adaptive",
-                   draft_quantization=draft_quant)
+                   draft_quantization=draft_quant, draft_cost=cost)
         for name, (prompts, suffixes) in workloads.items():
             res = run(spec, prompts, suffixes, args.max_tokens)
             base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)
-            rows.append({"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense", **res,
+            rows.append({"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense",
+                         "draft_cost": round(spec.engine.draft_cost, 3), **res,
                          "speedup": round(res["tokens_per_s"] / base_tps, 2)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:

@@ -7,7 +7,7 @@ from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
-from gemforge.engine.speculative import accept
+from gemforge.engine.speculative import PROBE_EVERY, accept, best_lookahead
 
 from test_engine import prompts_of, run_all
 
@@ -21,8 +21,45 @@ def pair(make_checkpoint):
 
 
 def engine(target, draft=None, k=4, **kw):
+    """The pair's draft is as big as the target, so the cost-aware lookahead would rightly never
+    draft: these tests fix k unless they say otherwise."""
+    kw.setdefault("adaptive_lookahead", False)
     return Engine(target, EngineConfig(dtype="float32", device="cpu", draft_model=draft, num_speculative_tokens=k,
                                        **kw), progress=False)
+
+
+def test_best_lookahead_weighs_acceptance_against_draft_cost():
+    assert best_lookahead(0.0, 8, 0.1) == 0                      # nothing accepted: do not draft
+    assert best_lookahead(1.0, 8, 1.0) == 0                      # a draft as costly as the target never pays
+    assert best_lookahead(0.9, 8, 0.05) >= 6                     # cheap, good draft: look far ahead
+    assert best_lookahead(0.5, 8, 0.33) == 1 and best_lookahead(0.2, 8, 0.29) == 0
+    ks = [best_lookahead(a / 10, 8, 0.29) for a in range(11)]
+    assert ks == sorted(ks) and ks[-1] == 8                      # more acceptance, longer windows
+
+
+@pytest.mark.parametrize("draft_cost, drafts", [(None, False), (0.05, True)], ids=["bytes-ratio", "cheap"])
+def test_adaptive_lookahead_drafts_only_when_it_pays(pair, draft_cost, drafts):
+    """The pair's draft costs as much as the target: by its weight bytes drafting never pays, and the
+    sequence only probes every PROBE_EVERY steps; told the draft is cheap, it drafts. Output is the
+    target's either way."""
+    target, draft = pair
+    p = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    plain = run_all(engine(target), [("a", "def f(x):", p)])
+    eng = engine(target, draft, k=4, adaptive_lookahead=True, draft_cost=draft_cost)
+    assert eng.draft_cost == (0.05 if drafts else 1.0)
+    out = run_all(eng, [("a", "def f(x):", p)])
+    assert out["a"].outputs[0].token_ids == plain["a"].outputs[0].token_ids
+    steps = out["a"].outputs[0].spec["verify_steps"] if out["a"].outputs[0].spec else 0
+    if drafts:
+        assert steps >= 8
+    else:  # the first step's optimistic prior says k = 0 already (ties go to 0): only probes
+        assert steps <= 40 // PROBE_EVERY
+
+
+def test_bad_draft_cost_is_rejected(pair):
+    target, draft = pair
+    with pytest.raises(RequestError, match="draft_cost"):
+        engine(target, draft, draft_cost=-1.0)
 
 
 @pytest.mark.parametrize("batch", [1, 16])
