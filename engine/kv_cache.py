@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from array import array
 
+
 class BlockManager:
     """Allocates cache slots to sequences, block by block. Running out is not an error here:
     `can_append` says whether it would fit, and the scheduler preempts when it would not."""
@@ -41,16 +42,15 @@ class BlockManager:
     def reserve(self, seq_id, n: int) -> bool:
         """Reserve n more slots for `seq_id` (created on first use) if the pool holds them;
         return False, changing nothing, if it does not."""
-        start = self.lengths.get(seq_id, 0)
-        table = self.tables.get(seq_id)
-        need = -(-(start + n) // self.block_size) - (len(table) if table is not None else 0)
+        need = self.blocks_needed(seq_id, n)
         if need > len(self._free):
             return False
+        table = self.tables.get(seq_id)
         if table is None:
             table = self.tables[seq_id] = array("i")
         for _ in range(need):
             table.append(self._free.pop())
-        self.lengths[seq_id] = start + n
+        self.lengths[seq_id] = self.lengths.get(seq_id, 0) + n
         return True
 
     def append(self, seq_id, n: int) -> list[int]:

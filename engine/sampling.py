@@ -155,8 +155,8 @@ def draw(p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim (the first index on ties), as max(-1).indices: never slower than
-    argmax(-1) on our CPU, and faster at large batches (256 x 8192 fp32, one thread: 2.1 vs 3.5 ms)."""
+    """argmax over the last dim (the first index on ties), as max(-1).indices: the same result; on our
+    CI CPU within noise of argmax(-1) up to 64 rows of 8192 and faster at 256 (one thread: 2.1 vs 3.5 ms)."""
     return scores.max(-1).indices
 
 
