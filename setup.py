@@ -1,7 +1,10 @@
 """Install gemforge: `kernels/` -> gemforge.kernels, `engine/` -> gemforge.engine.
 
-The CUDA extension gemforge.kernels._C is built by CMake from csrc/ when nvcc is found.
-GEMFORGE_SKIP_CUDA_BUILD=1 skips it; GEMFORGE_CUDA_ARCHS (default "80;90a") picks the targets.
+The native extension gemforge.kernels._C is built by CMake from csrc/: its CPU kernels always
+(needs cmake and a C++ compiler with OpenMP), its CUDA kernels when nvcc is found.
+GEMFORGE_SKIP_CUDA_BUILD=1 leaves the CUDA kernels out, GEMFORGE_SKIP_NATIVE_BUILD=1 the whole
+extension (every op then runs its Triton or torch backend); GEMFORGE_CUDA_ARCHS (default "80;90a")
+picks the CUDA targets.
 """
 import os
 import shutil
@@ -42,30 +45,35 @@ class CMakeBuild(build_ext):
         import pybind11
 
         archs = os.environ.get("GEMFORGE_CUDA_ARCHS", "80;90a")
+        nvcc = None if os.environ.get("GEMFORGE_SKIP_CUDA_BUILD") == "1" else find_nvcc()
         cfg = [
             "cmake", str(ROOT), "-DCMAKE_BUILD_TYPE=Release",
             f"-DGEMFORGE_OUTPUT_DIR={out_dir}",
-            f"-DGEMFORGE_CUDA_ARCHS={archs}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
         ]
+        if nvcc:
+            cfg += [f"-DGEMFORGE_CUDA_ARCHS={archs}", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+        else:
+            cfg += ["-DGEMFORGE_CUDA=OFF"]
         if shutil.which("ninja"):
             cfg += ["-G", "Ninja"]
-        print(f"gemforge: building CUDA extension for sm archs {archs}", flush=True)
+        print(f"gemforge: building the native extension: CPU kernels"
+              + (f" and CUDA kernels for sm archs {archs}" if nvcc else " (no CUDA: nvcc not found or skipped)"),
+              flush=True)
         subprocess.run(cfg, cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
 
 def ext_modules():
-    if os.environ.get("GEMFORGE_SKIP_CUDA_BUILD") == "1":
-        print("gemforge: GEMFORGE_SKIP_CUDA_BUILD=1, skipping the CUDA extension", flush=True)
+    if os.environ.get("GEMFORGE_SKIP_NATIVE_BUILD") == "1":
+        print("gemforge: GEMFORGE_SKIP_NATIVE_BUILD=1, installing without the native extension", flush=True)
         return []
     if not (ROOT / "CMakeLists.txt").exists():
         return []
-    if find_nvcc() is None:
-        print("gemforge: nvcc not found, installing without the CUDA extension", flush=True)
+    if shutil.which("cmake") is None:
+        print("gemforge: cmake not found, installing without the native extension", flush=True)
         return []
     return [CMakeExtension("gemforge.kernels._C")]
 

@@ -1,16 +1,44 @@
-// The only PYBIND11_MODULE of gemforge: exposes the launch functions of ops.h as gemforge.kernels._C.
+// The only PYBIND11_MODULE of gemforge: the CPU kernels of cpu/ops.h as gemforge.kernels._C.cpu
+// (always built) and, when built with nvcc (GEMFORGE_WITH_CUDA), the CUDA launch functions of ops.h.
 // Nothing here touches CUDA at import time.
 #include <pybind11/pybind11.h>
 
+#include "cpu/ops.h"
+#ifdef GEMFORGE_WITH_CUDA
 #include "ops.h"
+#endif
 
 namespace py = pybind11;
 
+static void bind_cpu(py::module_& m) {
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.doc() = "gemforge CPU kernels; host pointers are passed as integers (see csrc/cpu/ops.h)";
+  m.def("rms_norm", &gf::cpu::rms_norm, nogil(), py::arg("y"), py::arg("r_out"), py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("rows"), py::arg("hidden"), py::arg("x_stride"), py::arg("res_stride"),
+        py::arg("eps"), py::arg("dtype"));
+  m.def("gelu_and_mul", &gf::cpu::gelu_and_mul, nogil(), py::arg("out"), py::arg("gate_up"), py::arg("rows"),
+        py::arg("n"), py::arg("dtype"));
+  m.def("rotary", &gf::cpu::rotary, nogil(), py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("inv_freq"),
+        py::arg("tokens"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("q_stride"),
+        py::arg("k_stride"), py::arg("dtype"));
+  m.def("write_kv", &gf::cpu::write_kv, nogil(), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slots"), py::arg("tokens"), py::arg("row_elems"), py::arg("k_stride"), py::arg("v_stride"),
+        py::arg("elem_size"), py::arg("num_slots"));
+  m.def("paged_attention", &gf::cpu::paged_attention, nogil(), py::arg("out"), py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("cu_seqlens_q"), py::arg("context_lens"), py::arg("block_tables"),
+        py::arg("num_seqs"), py::arg("q_stride"), py::arg("bt_stride"), py::arg("bt_width"), py::arg("hq"),
+        py::arg("hk"), py::arg("head_dim"), py::arg("block_size"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "gemforge CUDA kernels; pointers and streams are passed as integers (see csrc/ops.h)";
+  m.doc() = "gemforge native kernels; pointers and streams are passed as integers (see csrc/ops.h, csrc/cpu/ops.h)";
   m.attr("DTYPE_FLOAT32") = static_cast<int>(0);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(1);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(2);
+  auto cpu = m.def_submodule("cpu");
+  bind_cpu(cpu);
+#ifdef GEMFORGE_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
 
   m.def("rms_norm", &gf::rms_norm, py::arg("y"), py::arg("r_out"), py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("rows"), py::arg("hidden"), py::arg("x_stride"), py::arg("res_stride"),
@@ -34,4 +62,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("w4a16_gemm", &gf::w4a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
         py::arg("dtype"), py::arg("stream"));
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
 }

@@ -8,6 +8,7 @@ The LLM (offline) and AsyncEngine (serving) APIs both drive this one class.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (x86 AVX512-BF16 or AMX, Arm BF16),
+    read from /proc/cpuinfo's flags (False where there is none, e.g. not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(dtype: str, cfg: ModelConfig, device: str) -> torch.dtype:
-    """"auto": the checkpoint's dtype on a GPU, float32 on a CPU (bf16 matmuls are slow there)."""
+    """"auto": the checkpoint's dtype on a GPU; on a CPU, a bf16 checkpoint's bf16 where the CPU has
+    native bf16 (it halves the weight reads that bound decoding; benchmarks/README.md has the figures),
+    else float32 (emulated bf16 or fp16 matmuls are slow)."""
     if dtype == "auto":
-        return to_dtype(cfg.dtype) if device.startswith("cuda") else torch.float32
+        ckpt = to_dtype(cfg.dtype)
+        if device.startswith("cuda"):
+            return ckpt
+        return ckpt if ckpt == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
     return to_dtype(dtype)
 
 

@@ -5,7 +5,7 @@ from .gelu_and_mul import gelu_and_mul
 from .rotary import rope_inv_freq, rotary
 from .attention import AttnMetadata, attention, write_kv
 from .linear import linear
-from . import _cuda  # noqa: F401,E402  registers the "cuda" backends (_C is imported lazily)
+from . import _native  # noqa: F401,E402  registers the "cuda" and "cpu" backends (_C is imported lazily)
 
 __all__ = [
     "AttnMetadata", "BackendUnavailable", "attention", "backends", "gelu_and_mul", "linear",

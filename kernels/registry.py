@@ -1,8 +1,9 @@
-"""Backend registry: every op has up to three implementations, "cuda", "triton" and "torch".
+"""Backend registry: every op has up to four implementations: "cuda" and "cpu" (gemforge's own C++
+kernels in csrc/, for CUDA and CPU tensors), "triton", and "torch" (the reference, runs anywhere).
 
 `select(op, backend, device)` returns the function to call. An explicit backend that cannot run
-on `device` raises `BackendUnavailable`; "auto" walks the op's preference order and logs one line
-the first time it falls back. The model resolves its ops once at build time, so a captured CUDA
+on `device` raises `BackendUnavailable`; "auto" walks the op's preference order (on a CPU: "cpu",
+then "torch") and logs one line the first time it falls back. The model resolves its ops once at build time, so a captured CUDA
 graph always replays the same path.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 
 log = logging.getLogger("gemforge.kernels")
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "torch")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _PREFERENCE: dict[str, tuple[str, ...]] = {}
 _warned: set[tuple[str, str]] = set()
@@ -41,7 +42,7 @@ def prefer(op: str, *order: str) -> None:
     _PREFERENCE[op] = tuple(order)
 
 
-def _cuda_ext():
+def _native_ext():
     try:
         return importlib.import_module("gemforge.kernels._C")
     except ImportError:
@@ -65,8 +66,15 @@ def unavailable_reason(op: str, backend: str, device: str) -> str | None:
     if backend == "cuda":
         if device != "cuda":
             return f"the CUDA backend needs a CUDA device (tensors are on {device})"
-        if _cuda_ext() is None:
-            return "gemforge.kernels._C was not built (no nvcc at install time?)"
+        ext = _native_ext()
+        if ext is None or not getattr(ext, "WITH_CUDA", False):
+            return "gemforge.kernels._C was built without CUDA kernels (no nvcc at install time?)"
+        return None
+    if backend == "cpu":
+        if device != "cpu":
+            return f"the CPU backend needs CPU tensors (tensors are on {device})"
+        if _native_ext() is None:
+            return "gemforge.kernels._C was not built (no cmake or C++ compiler at install time?)"
         return None
     return f"unknown backend {backend!r}"
 
@@ -81,7 +89,7 @@ def select(op: str, backend: str = "auto", device="cpu") -> Callable:
         if why is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} unavailable: {why}")
         return _IMPLS[op][backend]
-    order = _PREFERENCE.get(op, BACKENDS) if dev == "cuda" else ("torch",)
+    order = _PREFERENCE.get(op, BACKENDS) if dev == "cuda" else ("cpu", "torch")
     skipped = []
     for b in order:
         why = unavailable_reason(op, b, dev)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common import DTYPE, MODELS, ON_GPU, compare, nbytes
-import gemforge.kernels._cuda  # noqa: F401  (registers the cuda backends)
+import gemforge.kernels._native  # noqa: F401  (registers the cuda backends)
 from gemforge.kernels import AttnMetadata, select
 from gemforge.kernels.quant import quantize_int4, quantize_int8
 

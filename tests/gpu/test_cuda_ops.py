@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import gemforge.kernels._cuda  # noqa: F401  (registers the cuda backends)
+import gemforge.kernels._native  # noqa: F401  (registers the cuda backends)
 from gemforge.kernels import AttnMetadata, select
 from gemforge.kernels.quant import quantize_int4, quantize_int8
 from numerics import assert_close

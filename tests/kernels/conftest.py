@@ -1,6 +1,10 @@
 """Fixtures shared by the kernel tests."""
+from dataclasses import dataclass
+
 import pytest
 import torch
+
+from gemforge.kernels.registry import unavailable_reason
 
 
 @pytest.fixture
@@ -14,3 +18,21 @@ def nan_empty(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    backend: str
+    device: str
+
+
+@pytest.fixture(params=["triton", "cpu"])
+def kernel(request, device):
+    """The implementation a kernel test checks: the Triton kernel on the test device (the interpreter
+    on a CPU), then gemforge's C++ CPU kernel on CPU tensors (skipped where _C was not built)."""
+    if request.param == "cpu":
+        why = unavailable_reason("attention", "cpu", "cpu")  # the same for every op: is _C built?
+        if why:
+            pytest.skip(why)
+        return Kernel("cpu", "cpu")
+    return Kernel("triton", device)

@@ -1,4 +1,5 @@
-"""write_kv and paged attention: the Triton kernels against the torch references (interpreter on CPU)."""
+"""write_kv and paged attention: the Triton kernels (interpreter on CPU) and the C++ CPU kernels against
+the torch references."""
 import importlib
 import math
 
@@ -47,10 +48,10 @@ def make_batch(seqs, hq, hk, d, block_size, dtype, device, seed):
     return q, k_cache, v_cache, meta
 
 
-def check_attention(seqs, hq, hk, d, block_size, dtype, device, seed=0):
-    q, k_cache, v_cache, meta = make_batch(seqs, hq, hk, d, block_size, dtype, device, seed)
+def check_attention(seqs, hq, hk, d, block_size, dtype, kernel, seed=0):
+    q, k_cache, v_cache, meta = make_batch(seqs, hq, hk, d, block_size, dtype, kernel.device, seed)
     scale = d ** -0.5
-    out = attention(q, k_cache, v_cache, meta, scale, backend="triton")
+    out = attention(q, k_cache, v_cache, meta, scale, backend=kernel.backend)
     ref32 = attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     assert_close(out, ref32, attention_ref(q, k_cache, v_cache, meta, scale))
     return meta
@@ -74,59 +75,63 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (8, 1)}
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
-def test_mixed_batch(heads, dtype, device, nan_empty):
-    check_attention(MIXED, *HEADS[heads], d=16, block_size=16, dtype=dtype, device=device)
+def test_mixed_batch(heads, dtype, kernel, nan_empty):
+    check_attention(MIXED, *HEADS[heads], d=16, block_size=16, dtype=dtype, kernel=kernel)
 
 
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
-def test_mixed_batch_block_32_head_dim_48(heads, device, nan_empty):
+def test_mixed_batch_block_32_head_dim_48(heads, kernel, nan_empty):
     """Block size 32 and a head_dim that is not a power of two (padded and masked)."""
-    check_attention(MIXED, *HEADS[heads], d=48, block_size=32, dtype=torch.bfloat16, device=device, seed=1)
+    check_attention(MIXED, *HEADS[heads], d=48, block_size=32, dtype=torch.bfloat16, kernel=kernel, seed=1)
 
 
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
-def test_long_prefill_several_tiles(heads, device, nan_empty):
+def test_long_prefill_several_tiles(heads, kernel, nan_empty):
     """300 new tokens span several query tiles of one sequence (tile -> sequence by binary search)."""
     hq, hk = HEADS[heads]
     meta = check_attention([(300, 300), (3, 20)], hq, hk, d=16, block_size=16, dtype=torch.float16,
-                           device=device, seed=2)
-    assert meta.max_query_len > _attn_config(16, hq // hk, meta.max_query_len)["QT"]
+                           kernel=kernel, seed=2)
+    if kernel.backend == "triton":
+        assert meta.max_query_len > _attn_config(16, hq // hk, meta.max_query_len)["QT"]
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", ["mha", "mqa"])
-def test_decode_split_k(heads, block_size, device, nan_empty, big_gpu):
+def test_decode_split_k(heads, block_size, kernel, nan_empty, big_gpu):
     """Decode-only batch: the split-K path with many partitions per sequence (more than one chunk of the
     reduction), some partitions of the shorter sequences empty (their scratch stays NaN, to be ignored)."""
     hq, hk = HEADS[heads]
     seqs = [(1, 1100), (1, 17), (1, 300), (1, 1)]
-    meta = check_attention(seqs, hq, hk, d=32, block_size=block_size, dtype=torch.bfloat16, device=device, seed=3)
-    block_n = _attn_config(32, hq // hk, 1)["BLOCK_N"]
-    assert _num_partitions(meta, hk, block_n, torch.device(device))[1] > 16
+    meta = check_attention(seqs, hq, hk, d=32, block_size=block_size, dtype=torch.bfloat16, kernel=kernel, seed=3)
+    if kernel.backend == "triton":
+        block_n = _attn_config(32, hq // hk, 1)["BLOCK_N"]
+        assert _num_partitions(meta, hk, block_n, torch.device(kernel.device))[1] > 16
 
 
-def test_verify_windows_split_k(device, nan_empty, big_gpu):
+def test_verify_windows_split_k(kernel, nan_empty, big_gpu):
     """Speculative verify windows (k + 1 tokens each) with long contexts also split the context."""
     meta = check_attention([(5, 200), (5, 9), (3, 150)], 8, 1, d=16, block_size=16, dtype=torch.float16,
-                           device=device, seed=4)
-    assert _num_partitions(meta, 1, _attn_config(16, 8, 5)["BLOCK_N"], torch.device(device))[1] > 1
+                           kernel=kernel, seed=4)
+    if kernel.backend == "triton":
+        assert _num_partitions(meta, 1, _attn_config(16, 8, 5)["BLOCK_N"], torch.device(kernel.device))[1] > 1
 
 
-def test_head_dim_256_mqa(device, nan_empty):
+def test_head_dim_256_mqa(kernel, nan_empty):
     """The CodeGemma-2B shape: 8 query heads on one KV head of 256 dims."""
-    check_attention([(3, 20), (1, 33)], 8, 1, d=256, block_size=16, dtype=torch.bfloat16, device=device, seed=5)
+    check_attention([(3, 20), (1, 33)], 8, 1, d=256, block_size=16, dtype=torch.bfloat16, kernel=kernel, seed=5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size shapes are too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("heads", [(8, 1), (16, 16)], ids=["2b", "7b"])
-def test_codegemma_shapes(heads, dtype, device, nan_empty):
+def test_codegemma_shapes(heads, dtype, kernel, nan_empty):
     """Full-size CodeGemma heads: a mixed batch with long contexts, then a decode batch (split-K)."""
+    if kernel.backend == "triton" and kernel.device == "cpu":
+        pytest.skip("full-size shapes are too slow for the Triton interpreter")
     check_attention([(512, 512), (1, 8192), (5, 3000), (64, 1100), (1, 100)], *heads, d=256, block_size=16,
-                    dtype=dtype, device=device, seed=7)
-    ctx = torch.randint(1, 4096, (64,), generator=torch.Generator().manual_seed(8)).tolist()
-    check_attention([(1, c) for c in ctx], *heads, d=256, block_size=32, dtype=dtype, device=device, seed=9)
+                    dtype=dtype, kernel=kernel, seed=7)
+    n = 64 if kernel.device == "cuda" else 8  # on a CPU the padded torch reference is the slow part
+    ctx = torch.randint(1, 4096, (n,), generator=torch.Generator().manual_seed(8)).tolist()
+    check_attention([(1, c) for c in ctx], *heads, d=256, block_size=32, dtype=dtype, kernel=kernel, seed=9)
 
 
 def naive_attention(q, k_cache, v_cache, meta, scale):
@@ -157,29 +162,29 @@ def test_reference_equals_the_definition(seqs, heads):
     assert torch.allclose(out.double(), naive_attention(q, k_cache, v_cache, meta, 0.25), atol=1e-5, rtol=1e-5)
 
 
-def test_empty_batch(device):
-    q, k_cache, v_cache, meta = make_batch([], 4, 2, 16, 16, torch.float16, device, seed=0)
-    out = attention(q, k_cache, v_cache, meta, 0.25, backend="triton")
+def test_empty_batch(kernel):
+    q, k_cache, v_cache, meta = make_batch([], 4, 2, 16, 16, torch.float16, kernel.device, seed=0)
+    out = attention(q, k_cache, v_cache, meta, 0.25, backend=kernel.backend)
     assert out.shape == (0, 4, 16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_write_kv(dtype, device):
+def test_write_kv(dtype, kernel):
     """Written slots equal the input exactly; skipped (-1) and unowned slots keep their NaN."""
     g = torch.Generator().manual_seed(6)
     num_blocks, block_size, hk, d, tokens = 5, 16, 2, 24, 23
-    kv = torch.randn(tokens, 3 * hk, d, generator=g).to(device, dtype)  # k, v: strided slices of a fused output
+    kv = torch.randn(tokens, 3 * hk, d, generator=g).to(kernel.device, dtype)  # k, v: strided slices of a fused output
     k, v = kv[:, hk:2 * hk], kv[:, 2 * hk:]
     slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
     slots[::4] = -1
-    slots = slots.to(device)
-    k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype, device=device)
+    slots = slots.to(kernel.device)
+    k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype, device=kernel.device)
     v_cache = k_cache.clone()
-    write_kv(k, v, k_cache, v_cache, slots, backend="triton")
+    write_kv(k, v, k_cache, v_cache, slots, backend=kernel.backend)
     keep = slots >= 0
     for cache, src in ((k_cache, k), (v_cache, v)):
         flat = cache.view(-1, hk, d)
         assert torch.equal(flat[slots[keep]], src[keep])
-        untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
+        untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=kernel.device)
         untouched[slots[keep]] = False
         assert flat[untouched].isnan().all()

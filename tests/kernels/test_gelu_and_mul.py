@@ -1,4 +1,4 @@
-"""gelu_and_mul: the Triton kernel against the torch reference (interpreter on CPU)."""
+"""gelu_and_mul: the Triton kernel (interpreter on CPU) and the C++ CPU kernel against the torch reference."""
 import pytest
 import torch
 from numerics import DTYPES, assert_close
@@ -16,23 +16,23 @@ def test_select_picks_triton(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens,inter", [(1, 8), (7, 769), (3, 2048)])
-def test_gelu_and_mul(tokens, inter, dtype, device, nan_empty):
+def test_gelu_and_mul(tokens, inter, dtype, kernel, nan_empty):
     g = torch.Generator().manual_seed(tokens * 1000 + inter)
-    x = (3 * torch.randn(tokens, 2 * inter, generator=g)).to(device, dtype)
-    out = gelu_and_mul(x, backend="triton")
+    x = (3 * torch.randn(tokens, 2 * inter, generator=g)).to(kernel.device, dtype)
+    out = gelu_and_mul(x, backend=kernel.backend)
     assert_close(out, gelu_and_mul_ref(x.float()), gelu_and_mul_ref(x))
 
 
-def test_gelu_and_mul_extreme_inputs(device, nan_empty):
+def test_gelu_and_mul_extreme_inputs(kernel, nan_empty):
     """Large |gate| must not overflow into NaN: gelu(-inf side) -> -0, gelu(+big) -> gate."""
     gate = torch.tensor([-1e4, -200.0, -20.0, -1e-4, 0.0, 1e-4, 20.0, 200.0, 1e4])
-    x = torch.cat([gate, torch.linspace(-2, 2, gate.numel())]).to(device)
-    assert_close(gelu_and_mul(x, backend="triton"), gelu_and_mul_ref(x))
+    x = torch.cat([gate, torch.linspace(-2, 2, gate.numel())]).to(kernel.device)
+    assert_close(gelu_and_mul(x, backend=kernel.backend), gelu_and_mul_ref(x))
 
 
-def test_gelu_and_mul_leading_dims(device, nan_empty):
+def test_gelu_and_mul_leading_dims(kernel, nan_empty):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 96, generator=g).to(device, torch.float16)
-    out = gelu_and_mul(x, backend="triton")
+    x = torch.randn(2, 5, 96, generator=g).to(kernel.device, torch.float16)
+    out = gelu_and_mul(x, backend=kernel.backend)
     assert out.shape == (2, 5, 48)
     assert_close(out, gelu_and_mul_ref(x.float()), gelu_and_mul_ref(x))

@@ -1,4 +1,4 @@
-"""rotary: the in-place Triton kernel against the torch reference (interpreter on CPU)."""
+"""rotary: the in-place Triton kernel (interpreter on CPU) and C++ CPU kernel against the torch reference."""
 import pytest
 import torch
 from numerics import DTYPES, assert_close
@@ -22,30 +22,30 @@ def _qk_views(tokens, hq, hk, d, dtype, device, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens,hq,hk,d", [(1, 8, 1, 256), (7, 4, 4, 64), (83, 3, 1, 6), (5, 16, 16, 128)])
-def test_rotary(tokens, hq, hk, d, dtype, device):
-    _, q, k = _qk_views(tokens, hq, hk, d, dtype, device, seed=tokens + d)
+def test_rotary(tokens, hq, hk, d, dtype, kernel):
+    _, q, k = _qk_views(tokens, hq, hk, d, dtype, kernel.device, seed=tokens + d)
     assert q.stride(0) == (hq + 2 * hk) * d  # rows of the fused output, not a dense [T, Hq, D]
     g = torch.Generator().manual_seed(d)
-    positions = torch.randint(0, 8192, (tokens,), generator=g).to(device)
+    positions = torch.randint(0, 8192, (tokens,), generator=g).to(kernel.device)
     q32, k32 = q.float(), k.float()
     q_lp, k_lp = q.clone(), k.clone()
     rotary_ref(q32, k32, positions, THETA)
     rotary_ref(q_lp, k_lp, positions, THETA)
     before = q.data_ptr(), k.data_ptr()
-    rotary(q, k, positions, THETA, backend="triton")
+    rotary(q, k, positions, THETA, backend=kernel.backend)
     assert (q.data_ptr(), k.data_ptr()) == before
     assert_close(q, q32, q_lp, what="q")
     assert_close(k, k32, k_lp, what="k")
 
 
-def test_rotary_leaves_v_alone(device):
+def test_rotary_leaves_v_alone(kernel):
     """Only q and k are rotated: the v slice that shares their rows stays bit-identical."""
-    qkv, q, k = _qk_views(9, 2, 1, 16, torch.float32, device, seed=5)
+    qkv, q, k = _qk_views(9, 2, 1, 16, torch.float32, kernel.device, seed=5)
     v_before = qkv[:, 3:].clone()
-    rotary(q, k, torch.arange(9, device=device), THETA, backend="triton")
+    rotary(q, k, torch.arange(9, device=kernel.device), THETA, backend=kernel.backend)
     assert torch.equal(qkv[:, 3:], v_before)
 
 
-def test_rotary_empty(device):
-    q, k = torch.empty(0, 2, 8, device=device), torch.empty(0, 1, 8, device=device)
-    rotary(q, k, torch.empty(0, dtype=torch.long, device=device), THETA, backend="triton")
+def test_rotary_empty(kernel):
+    q, k = torch.empty(0, 2, 8, device=kernel.device), torch.empty(0, 1, 8, device=kernel.device)
+    rotary(q, k, torch.empty(0, dtype=torch.long, device=kernel.device), THETA, backend=kernel.backend)

@@ -1,14 +1,17 @@
-"""The "cuda" backend of each op: thin wrappers over gemforge.kernels._C (csrc/).
+"""The "cuda" and "cpu" backends of each op: thin wrappers over gemforge.kernels._C (csrc/).
 
 Each wrapper has exactly its op's torch-reference signature, validates devices, dtypes, shapes and
-strides (ValueError naming the tensor and what was expected), allocates the outputs and launches on
-torch's current stream with raw data pointers. _C is imported on first call, never at import time,
-so this module imports fine where the extension was not built; registry.select() only hands out
-these backends when _C imports.
+strides (ValueError naming the tensor and what was expected), allocates the outputs and calls the
+kernel with raw data pointers (CUDA: on torch's current stream; CPU: _C.cpu, on torch's OpenMP
+pool, without the GIL). One validation serves both backends of an op. _C is imported on first
+call, never at import time, so this module imports fine where the extension was not built;
+registry.select() only hands out these backends when _C imports (and, for "cuda", has CUDA).
 
-Coverage: rms_norm, gelu_and_mul, rotary, write_kv (fp32/fp16/bf16); attention for decode batches
-(max_query_len == 1; anything else is delegated to the "triton" backend) and linear_int8 /
+"cuda" coverage: rms_norm, gelu_and_mul, rotary, write_kv (fp32/fp16/bf16); attention for decode
+batches (max_query_len == 1; anything else is delegated to the "triton" backend) and linear_int8 /
 linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
+"cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv and attention (any mix of prefill chunks,
+decode tokens and verify windows) in fp32/fp16/bf16; dense and quantized linear stay with torch.
 """
 from __future__ import annotations
 
@@ -36,15 +39,24 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _check_cuda(op: str, **tensors) -> None:
+def _launch(kind: str, kernel: str, like: torch.Tensor, *args) -> None:
+    """Call _C's `kernel` ("cuda": with like's current stream appended) or _C.cpu's ("cpu")."""
+    if kind == "cuda":
+        getattr(_ext(), kernel)(*args, _stream(like))
+    else:
+        getattr(_ext().cpu, kernel)(*args)
+
+
+def _check_device(op: str, kind: str, **tensors) -> None:
+    """Every given tensor on one device of `kind` ("cuda": the current CUDA device)."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     for name, dev in devices.items():
-        if dev.type != "cuda":
-            raise ValueError(f"{op}: {name} must be a CUDA tensor, got device {dev}")
+        if dev.type != kind:
+            raise ValueError(f"{op}: {name} must be a {kind.upper()} tensor, got device {dev}")
     if len(set(devices.values())) > 1:
         raise ValueError(f"{op}: tensors are on different devices: {devices}")
     first = next(iter(devices.values()))
-    if first.index is not None and first.index != torch.cuda.current_device():
+    if kind == "cuda" and first.index is not None and first.index != torch.cuda.current_device():
         raise ValueError(f"{op}: tensors are on {first} but the current CUDA device is "
                          f"cuda:{torch.cuda.current_device()} (use torch.cuda.device)")
 
@@ -75,18 +87,18 @@ def _row_stride(op: str, name: str, t: torch.Tensor) -> int:
     """Stride between rows of t viewed as [rows, last dim]; needs a unit last stride."""
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{op}: {name} must have a contiguous last dim, got strides {t.stride()}")
-    if t.dim() == 2:
-        return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} with {t.dim()} dims must be contiguous (2-D inputs may have a row stride)")
-    return t.shape[-1]
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} strides {t.stride()} is not a set of evenly "
+                         "spaced rows") from None
+    return rows.stride(0) if rows.shape[0] > 1 else t.shape[-1]
 
 
 # ---------------------------------------------------------------------------- elementwise ops
-@register("rms_norm", "cuda")
-def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def _rms_norm(kind: str, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
     op = "rms_norm"
-    _check_cuda(op, x=x, weight=weight, residual=residual)
+    _check_device(op, kind, x=x, weight=weight, residual=residual)
     _check_dtype(op, "x", x, _DTYPE_CODES)
     hidden = x.shape[-1]
     _check_like(op, "weight", weight, (hidden,), x.dtype)
@@ -99,16 +111,25 @@ def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: t
         res_stride = _row_stride(op, "residual", residual)
         r = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = x.numel() // hidden if hidden else 0
-    _ext().rms_norm(y.data_ptr(), 0 if r is None else r.data_ptr(), x.data_ptr(),
-                    0 if residual is None else residual.data_ptr(), weight.data_ptr(), rows, hidden,
-                    x_stride, res_stride, float(eps), _DTYPE_CODES[x.dtype], _stream(x))
+    _launch(kind, "rms_norm", x, y.data_ptr(), 0 if r is None else r.data_ptr(), x.data_ptr(),
+            0 if residual is None else residual.data_ptr(), weight.data_ptr(), rows, hidden,
+            x_stride, res_stride, float(eps), _DTYPE_CODES[x.dtype])
     return y if residual is None else (y, r)
 
 
-@register("gelu_and_mul", "cuda")
-def gelu_and_mul_cuda(gate_up: torch.Tensor) -> torch.Tensor:
+@register("rms_norm", "cuda")
+def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    return _rms_norm("cuda", x, weight, eps, residual)
+
+
+@register("rms_norm", "cpu")
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    return _rms_norm("cpu", x, weight, eps, residual)
+
+
+def _gelu_and_mul(kind: str, gate_up: torch.Tensor) -> torch.Tensor:
     op = "gelu_and_mul"
-    _check_cuda(op, gate_up=gate_up)
+    _check_device(op, kind, gate_up=gate_up)
     _check_dtype(op, "gate_up", gate_up, _DTYPE_CODES)
     _check_contiguous(op, "gate_up", gate_up)
     if gate_up.shape[-1] % 2:
@@ -116,14 +137,23 @@ def gelu_and_mul_cuda(gate_up: torch.Tensor) -> torch.Tensor:
     n = gate_up.shape[-1] // 2
     out = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
     rows = out.numel() // n if n else 0
-    _ext().gelu_and_mul(out.data_ptr(), gate_up.data_ptr(), rows, n, _DTYPE_CODES[gate_up.dtype], _stream(gate_up))
+    _launch(kind, "gelu_and_mul", gate_up, out.data_ptr(), gate_up.data_ptr(), rows, n, _DTYPE_CODES[gate_up.dtype])
     return out
 
 
-@register("rotary", "cuda")
-def rotary_cuda(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
+@register("gelu_and_mul", "cuda")
+def gelu_and_mul_cuda(gate_up: torch.Tensor) -> torch.Tensor:
+    return _gelu_and_mul("cuda", gate_up)
+
+
+@register("gelu_and_mul", "cpu")
+def gelu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    return _gelu_and_mul("cpu", gate_up)
+
+
+def _rotary(kind: str, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
     op = "rotary"
-    _check_cuda(op, q=q, k=k, positions=positions)
+    _check_device(op, kind, q=q, k=k, positions=positions)
     _check_dtype(op, "q", q, _DTYPE_CODES)
     _check_heads_dense(op, "q", q)
     _check_heads_dense(op, "k", k)
@@ -134,8 +164,18 @@ def rotary_cuda(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta
     _check_like(op, "positions", positions, (tokens,), torch.int64)
     _check_contiguous(op, "positions", positions)
     inv_freq = rope_inv_freq(head_dim, theta, q.device)
-    _ext().rotary(q.data_ptr(), k.data_ptr(), positions.data_ptr(), inv_freq.data_ptr(), tokens, hq, k.shape[1],
-                  head_dim, q.stride(0), k.stride(0), _DTYPE_CODES[q.dtype], _stream(q))
+    _launch(kind, "rotary", q, q.data_ptr(), k.data_ptr(), positions.data_ptr(), inv_freq.data_ptr(), tokens, hq,
+            k.shape[1], head_dim, q.stride(0), k.stride(0), _DTYPE_CODES[q.dtype])
+
+
+@register("rotary", "cuda")
+def rotary_cuda(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
+    _rotary("cuda", q, k, positions, theta)
+
+
+@register("rotary", "cpu")
+def rotary_cpu(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
+    _rotary("cpu", q, k, positions, theta)
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -149,10 +189,9 @@ def _check_caches(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: 
         raise ValueError(f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
 
 
-@register("write_kv", "cuda")
-def write_kv_cuda(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _write_kv(kind: str, k, v, k_cache, v_cache, slot_mapping) -> None:
     op = "write_kv"
-    _check_cuda(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    _check_device(op, kind, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     _check_dtype(op, "k", k, _DTYPE_CODES)
     _check_caches(op, k_cache, v_cache, k.dtype)
     _check_heads_dense(op, "k", k)
@@ -162,8 +201,20 @@ def write_kv_cuda(k, v, k_cache, v_cache, slot_mapping) -> None:
                          f"[tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] of dtype {k_cache.dtype}")
     _check_like(op, "slot_mapping", slot_mapping, (k.shape[0],), torch.int64)
     _check_contiguous(op, "slot_mapping", slot_mapping)
-    _ext().write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
-                    k.shape[0], k.shape[1] * k.shape[2], k.stride(0), v.stride(0), k.element_size(), _stream(k))
+    args = (k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+            k.shape[0], k.shape[1] * k.shape[2], k.stride(0), v.stride(0), k.element_size())
+    # On the CPU the kernel also bounds-checks the slots (a host read, free there).
+    _launch(kind, "write_kv", k, *args, *((k_cache.shape[0] * k_cache.shape[1],) if kind == "cpu" else ()))
+
+
+@register("write_kv", "cuda")
+def write_kv_cuda(k, v, k_cache, v_cache, slot_mapping) -> None:
+    _write_kv("cuda", k, v, k_cache, v_cache, slot_mapping)
+
+
+@register("write_kv", "cpu")
+def write_kv_cpu(k, v, k_cache, v_cache, slot_mapping) -> None:
+    _write_kv("cpu", k, v, k_cache, v_cache, slot_mapping)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,24 +222,18 @@ def _partition_size(hq: int, hk: int, head_dim: int) -> int:
     return _ext().decode_partition_size(hq, hk, head_dim)
 
 
-@register("attention", "cuda")
-def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """Split-K decode kernel when every sequence has at most one new token; else the Triton kernel."""
-    if meta.max_query_len > 1:
-        return select("attention", "triton", q.device)(q, k_cache, v_cache, meta, scale)
+def _check_attention(kind: str, q, k_cache, v_cache, meta: AttnMetadata, dtypes) -> None:
+    """The arguments of paged attention, as both native kernels read them."""
     op = "attention"
-    _check_cuda(op, q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=meta.cu_seqlens_q,
-                context_lens=meta.context_lens, block_tables=meta.block_tables)
-    _check_dtype(op, "q", q, _HALF)
+    _check_device(op, kind, q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=meta.cu_seqlens_q,
+                  context_lens=meta.context_lens, block_tables=meta.block_tables)
+    _check_dtype(op, "q", q, dtypes)
     _check_heads_dense(op, "q", q)
     _check_caches(op, k_cache, v_cache, q.dtype)
-    tokens, hq, head_dim = q.shape
-    hk = k_cache.shape[2]
+    hq, head_dim, hk = q.shape[1], q.shape[2], k_cache.shape[2]
     if k_cache.shape[3] != head_dim or hq % hk:
         raise ValueError(f"{op}: q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)} "
                          "(head_dim must match, query heads a multiple of kv heads)")
-    if head_dim not in (64, 128, 256):
-        raise ValueError(f"{op}: the CUDA decode kernel supports head_dim 64, 128, 256, got {head_dim}")
     b = meta.num_seqs
     _check_like(op, "meta.context_lens", meta.context_lens, (b,), torch.int32)
     _check_like(op, "meta.cu_seqlens_q", meta.cu_seqlens_q, (b + 1,), torch.int32)
@@ -198,6 +243,18 @@ def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> tor
                          f"{meta.block_tables.dtype} {tuple(meta.block_tables.shape)} strides {meta.block_tables.stride()}")
     for name in ("context_lens", "cu_seqlens_q"):
         _check_contiguous(op, f"meta.{name}", getattr(meta, name))
+
+
+@register("attention", "cuda")
+def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Split-K decode kernel when every sequence has at most one new token; else the Triton kernel."""
+    if meta.max_query_len > 1:
+        return select("attention", "triton", q.device)(q, k_cache, v_cache, meta, scale)
+    _check_attention("cuda", q, k_cache, v_cache, meta, _HALF)
+    tokens, hq, head_dim = q.shape
+    hk, b = k_cache.shape[2], meta.num_seqs
+    if head_dim not in (64, 128, 256):
+        raise ValueError(f"attention: the CUDA decode kernel supports head_dim 64, 128, 256, got {head_dim}")
     out = torch.empty((tokens, hq, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0 or b == 0:
         return out
@@ -217,6 +274,22 @@ def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> tor
     return out
 
 
+@register("attention", "cpu")
+def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """One kernel for every mix of prefill chunks, decode tokens and verify windows."""
+    _check_attention("cpu", q, k_cache, v_cache, meta, _DTYPE_CODES)
+    tokens, hq, head_dim = q.shape
+    out = torch.empty((tokens, hq, head_dim), dtype=q.dtype)
+    if tokens == 0 or meta.num_seqs == 0:
+        return out
+    _ext().cpu.paged_attention(
+        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(),
+        meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), meta.num_seqs, q.stride(0),
+        meta.block_tables.stride(0), meta.block_tables.shape[1], hq, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.shape[0],
+        float(scale), _DTYPE_CODES[q.dtype])
+    return out
+
+
 # ------------------------------------------------------------------------- quantized linear
 def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias):
     op = f"linear_{fmt}"
@@ -225,7 +298,7 @@ def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias):
     m, k = x.shape
     if m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16):
         return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
-    _check_cuda(op, x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
+    _check_device(op, "cuda", x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
     _check_dtype(op, "x", x, _HALF)
     _check_contiguous(op, "x", x)
     n = qweight.shape[0]

@@ -1,4 +1,5 @@
-"""The whole model on Triton kernels (interpreter on CPU) gives the torch backend's greedy tokens."""
+"""The whole model on Triton kernels (interpreter on CPU), and on the C++ CPU kernels, gives the torch
+backend's greedy tokens."""
 import pytest
 import torch
 
@@ -8,17 +9,18 @@ from gemforge.engine.model import GemmaModel
 from gemforge.engine.runner import ModelRunner, WorkItem
 from gemforge.engine.weights import random_weights
 from gemforge.kernels.quant import quantize_int4
+from gemforge.kernels.registry import unavailable_reason
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_position_embeddings=128)
 
 
-def greedy(backend: str, prompts, steps: int, quantize: bool = False):
+def greedy(backend: str, prompts, steps: int, quantize: bool = False, device=None):
     w = random_weights(CFG, torch.float32, "cpu", seed=3, std=0.3)
     if quantize:
         for layer in w.layers:
             layer.gate_up = quantize_int4(layer.gate_up, group_size=32)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     w = type(w)(w.embed.to(device), [type(l)(*(t.to(device) for t in vars(l).values())) for l in w.layers],
                 w.final_norm.to(device))
     model = GemmaModel(CFG, w, torch.float32, device, backend)
@@ -39,9 +41,13 @@ def greedy(backend: str, prompts, steps: int, quantize: bool = False):
 
 
 @pytest.mark.parametrize("quantize", [False, True])
-def test_triton_model_matches_torch_model(quantize):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_model_matches_torch_model(backend, quantize):
+    if backend == "cpu" and unavailable_reason("attention", "cpu", "cpu"):
+        pytest.skip(unavailable_reason("attention", "cpu", "cpu"))
+    device = "cpu" if backend == "cpu" else None
     prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))]  # 19 tokens: crosses a block
-    ref_toks, ref = greedy("torch", prompts, 4, quantize)
-    toks, ours = greedy("triton", prompts, 4, quantize)
+    ref_toks, ref = greedy("torch", prompts, 4, quantize, device)
+    toks, ours = greedy(backend, prompts, 4, quantize, device)
     assert toks == ref_toks
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

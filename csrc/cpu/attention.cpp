@@ -1,0 +1,180 @@
+// The paged KV cache on the CPU: write_kv, and causal attention of a flat varlen batch over it.
+//
+// Work is split into tasks (sequence, tile of up to kTileTokens query tokens, range of kv heads);
+// a task holds the rows (query token i, query head j) of its tile and heads, and walks the
+// sequence's keys once: each cache row is read once for all of them (under multi-query attention,
+// once for all query heads) and a block's heads are contiguous in memory. Per task, exactly:
+//   s[r, t] = scale * q_r . k_t  for the keys t < lim(r) = (position of row r's token) + 1,
+//   p = exp(s - max_t s) / sum_t exp(s - max_t s),  out_r = sum_t p[r, t] v_t
+// in fp32 (no online rescaling is needed: a task keeps its rows' scores, at most
+// kTileTokens * hq * context floats), rounded once to the storage type.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+
+#include "common.h"
+#include "ops.h"
+
+namespace gf::cpu {
+
+constexpr int64_t kTileTokens = 16;
+
+struct PagedBatch {
+  const int32_t* cu;      // [num_seqs + 1]
+  const int32_t* ctx;     // [num_seqs]
+  const int32_t* tables;  // [num_seqs, bt_stride]
+  int64_t bt_stride, hq, hk, d, bs;
+  int64_t q_stride;
+  float scale;
+};
+
+struct Task {
+  int64_t seq, first, len;  // the tile: tokens first .. first + len of the sequence's new ones
+  int64_t h0, h1;           // kv heads [h0, h1)
+};
+
+template <typename T>
+static void load_row(float* dst, const T* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <typename T>
+static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, const T* k_cache, const T* v_cache) {
+  const int64_t d = pb.d, group = pb.hq / pb.hk;
+  const int64_t heads = (task.h1 - task.h0) * group;  // query heads of the task, from j0
+  const int64_t j0 = task.h0 * group, rows = task.len * heads;
+  const int64_t n_new = pb.cu[task.seq + 1] - pb.cu[task.seq];
+  const int64_t p0 = pb.ctx[task.seq] - n_new + task.first;  // position of the tile's first token
+  const int64_t keys = p0 + task.len;                          // the last row sees keys [0, keys)
+  const int32_t* table = pb.tables + task.seq * pb.bt_stride;
+  const int64_t tok0 = pb.cu[task.seq] + task.first;           // flat index of the tile's first token
+  const int64_t width = (task.h1 - task.h0) * d;               // one cache row of the task's heads
+
+  std::vector<float> qf(rows * d), s(rows * keys), acc(rows * d, 0.0f), kv(width), inv_sum(rows);
+  for (int64_t i = 0; i < task.len; ++i) {
+    float* dst = &qf[i * heads * d];
+    load_row(dst, q + (tok0 + i) * pb.q_stride + j0 * d, heads * d);
+    for (int64_t c = 0; c < heads * d; ++c) dst[c] *= pb.scale;
+  }
+  auto first_row = [&](int64_t t) {  // the first row whose token sees key t (rows are token-major)
+    return std::max<int64_t>(0, t - p0) * heads;
+  };
+  std::vector<int64_t> kv_offset(rows);  // where row r's kv head sits in kv
+  for (int64_t r = 0; r < rows; ++r) kv_offset[r] = (r % heads) / group * d;
+  auto kv_of_row = [&](int64_t r) { return kv.data() + kv_offset[r]; };
+  auto for_each_key = [&](const T* cache, auto&& fn) {  // fn(t) with row t of the task's heads in kv
+    for (int64_t t0 = 0, blk = 0; t0 < keys; t0 += pb.bs, ++blk) {
+      const T* base = cache + (static_cast<int64_t>(table[blk]) * pb.bs * pb.hk + task.h0) * d;
+      for (int64_t t = t0, end = std::min(keys, t0 + pb.bs); t < end; ++t) {
+        load_row(kv.data(), base + (t - t0) * pb.hk * d, width);
+        fn(t);
+      }
+    }
+  };
+  for_each_key(k_cache, [&](int64_t t) {
+    for (int64_t r = first_row(t); r < rows; ++r) {
+      const float* qr = &qf[r * d];
+      const float* kr = kv_of_row(r);
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) dot += qr[c] * kr[c];
+      s[r * keys + t] = dot;
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = &s[r * keys];
+    const int64_t n = p0 + r / heads + 1;
+    float m = sr[0];
+    for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+      sr[t] = exp_vec(sr[t] - m);
+      sum += sr[t];
+    }
+    inv_sum[r] = 1.0f / sum;
+  }
+  for_each_key(v_cache, [&](int64_t t) {
+    for (int64_t r = first_row(t); r < rows; ++r) {
+      const float p = s[r * keys + t];
+      const float* vr = kv_of_row(r);
+      float* ar = &acc[r * d];
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) ar[c] += p * vr[c];
+    }
+  });
+  for (int64_t i = 0; i < task.len; ++i) {
+    T* o = out + (tok0 + i) * pb.hq * d + j0 * d;
+    for (int64_t jj = 0; jj < heads; ++jj) {
+      const int64_t r = i * heads + jj;
+      for (int64_t c = 0; c < d; ++c) o[jj * d + c] = from_float<T>(acc[r * d + c] * inv_sum[r]);
+    }
+  }
+}
+
+void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
+                     int64_t context_lens, int64_t block_tables, int64_t num_seqs, int64_t q_stride,
+                     int64_t bt_stride, int64_t bt_width, int64_t hq, int64_t hk, int64_t head_dim,
+                     int64_t block_size, int64_t num_blocks, double scale, int dtype) {
+  const char* op = "attention";
+  require(hk > 0 && hq % hk == 0, op, "query heads must be a multiple of kv heads");
+  require(head_dim > 0 && block_size > 0, op, "head_dim and block_size must be > 0");
+  PagedBatch pb{as_ptr<const int32_t>(cu_seqlens_q), as_ptr<const int32_t>(context_lens),
+                as_ptr<const int32_t>(block_tables), bt_stride, hq, hk, head_dim, block_size, q_stride,
+                static_cast<float>(scale)};
+  std::vector<Task> tiles;
+  int64_t work = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t n = pb.cu[b + 1] - pb.cu[b], c = pb.ctx[b];
+    require(n >= 0, op, "cu_seqlens_q must not decrease (sequence " + std::to_string(b) + ")");
+    if (n == 0) continue;
+    require(c >= n, op, "sequence " + std::to_string(b) + " has " + std::to_string(n) +
+                            " new tokens but context length " + std::to_string(c));
+    require(c <= bt_width * block_size, op, "sequence " + std::to_string(b) + ": context length " +
+                                                std::to_string(c) + " exceeds its block table");
+    const int32_t* table = pb.tables + b * bt_stride;
+    for (int64_t j = 0; j < (c + block_size - 1) / block_size; ++j)
+      require(table[j] >= 0 && table[j] < num_blocks, op, "sequence " + std::to_string(b) + ": block " +
+                  std::to_string(table[j]) + " outside the cache's " + std::to_string(num_blocks) + " blocks");
+    for (int64_t first = 0; first < n; first += kTileTokens)
+      tiles.push_back({b, first, std::min(kTileTokens, n - first), 0, hk});
+    work += n * c * hq * head_dim;
+  }
+  // Enough tasks for every thread: split the kv heads of each tile when tiles are few.
+  const int64_t threads = work >= kParallelGrain ? omp_get_max_threads() : 1;
+  const int64_t tiles_n = static_cast<int64_t>(tiles.size());
+  const int64_t splits = std::min<int64_t>(hk, (2 * threads + tiles_n - 1) / std::max<int64_t>(tiles_n, 1));
+  std::vector<Task> tasks;
+  for (const Task& t : tiles)
+    for (int64_t i = 0; i < splits; ++i) tasks.push_back({t.seq, t.first, t.len, hk * i / splits, hk * (i + 1) / splits});
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  dispatch(dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+#pragma omp parallel for schedule(dynamic, 1) if (num_tasks > 1 && threads > 1)
+    for (int64_t i = 0; i < num_tasks; ++i)
+      attend<T>(pb, tasks[i], as_ptr<T>(out), as_ptr<const T>(q), as_ptr<const T>(k_cache), as_ptr<const T>(v_cache));
+  });
+}
+
+void write_kv(int64_t k, int64_t v, int64_t k_cache, int64_t v_cache, int64_t slots, int64_t tokens,
+              int64_t row_elems, int64_t k_stride, int64_t v_stride, int64_t elem_size, int64_t num_slots) {
+  const int64_t* slot = as_ptr<const int64_t>(slots);
+  for (int64_t t = 0; t < tokens; ++t)
+    require(slot[t] < num_slots, "write_kv", "slot " + std::to_string(slot[t]) + " of token " + std::to_string(t) +
+                                                 " is outside the cache's " + std::to_string(num_slots) + " slots");
+  const auto* ks = as_ptr<const char>(k);
+  const auto* vs = as_ptr<const char>(v);
+  auto* kc = as_ptr<char>(k_cache);
+  auto* vc = as_ptr<char>(v_cache);
+  const int64_t row = row_elems * elem_size;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slot[t] < 0) continue;
+    std::memcpy(kc + slot[t] * row, ks + t * k_stride * elem_size, row);
+    std::memcpy(vc + slot[t] * row, vs + t * v_stride * elem_size, row);
+  }
+}
+
+}  // namespace gf::cpu

@@ -1,0 +1,74 @@
+// Shared by the CPU kernels: storage <-> fp32 conversions (round to nearest even, as torch rounds),
+// dtype dispatch, argument checks and the OpenMP work split. No CUDA, no torch.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace gf::cpu {
+
+// Must match _DTYPE_CODES in kernels/_cpu.py (and csrc/common/dtype.h).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct bf16 { uint16_t bits; };
+using f16 = _Float16;
+
+inline float to_float(float x) { return x; }
+inline float to_float(f16 x) { return static_cast<float>(x); }
+inline float to_float(bf16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x.bits) << 16); }
+
+template <typename T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline f16 from_float<f16>(float x) { return static_cast<f16>(x); }
+template <> inline bf16 from_float<bf16>(float x) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fc0};  // NaN stays NaN
+  return bf16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+template <typename T> struct TypeTag { using type = T; };
+
+// Calls f(TypeTag<T>{}) for the storage type named by `dtype`.
+template <typename F> void dispatch(int dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(TypeTag<float>{}); break;
+    case kFloat16: f(TypeTag<f16>{}); break;
+    case kBFloat16: f(TypeTag<bf16>{}); break;
+    default: throw std::invalid_argument(std::string(op) + ": dtype code " + std::to_string(dtype) +
+                                         " unsupported (expected float32, float16 or bfloat16)");
+  }
+}
+
+// Raises ValueError("<op>: <msg>") when `cond` is false.
+inline void require(bool cond, const char* op, const std::string& msg) {
+  if (!cond) throw std::invalid_argument(std::string(op) + ": " + msg);
+}
+
+template <typename T> inline T* as_ptr(int64_t addr) { return reinterpret_cast<T*>(static_cast<uintptr_t>(addr)); }
+
+// exp(x) in fp32 to within ~2 ulp, written so that a loop over it vectorises (glibc's expf does
+// not without -ffast-math, which this project does not use). Cody-Waite range reduction
+// x = n ln2 + r, |r| <= ln2 / 2, and the Cephes minimax polynomial for exp(r). Results stay in
+// fp32's normal range: x > 88 gives exp(88), x < -87 gives 0 (denormal products are slow, and a
+// softmax weight that small is 0 to fp32 anyway); NaN propagates.
+inline float exp_vec(float x) {
+  const bool underflow = x < -87.0f;
+  x = x > 88.0f ? 88.0f : x;
+  x = underflow ? -87.0f : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return underflow ? 0.0f : p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) * (1 << 23));
+}
+
+// Below this many elements of work a loop runs on the calling thread: waking the pool costs more.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+}  // namespace gf::cpu

@@ -1,0 +1,39 @@
+// The CPU kernels exported by bindings.cpp as gemforge.kernels._C.cpu. Pointers are host addresses
+// passed as integers, `dtype` a gf::cpu::DType code, strides count elements. Each kernel computes
+// in fp32 and rounds once to the storage type, as the op's torch reference defines; loops run on
+// the OpenMP pool that torch itself uses (same libgomp), sized by torch.set_num_threads.
+#pragma once
+#include <cstdint>
+
+namespace gf::cpu {
+
+// y = r * rsqrt(mean(r^2) + eps) * (1 + w), r = x (+ residual, rounded, written to r_out when
+// residual != 0). x/residual rows strided, y/r_out/w contiguous.
+void rms_norm(int64_t y, int64_t r_out, int64_t x, int64_t residual, int64_t weight, int64_t rows,
+              int64_t hidden, int64_t x_stride, int64_t res_stride, double eps, int dtype);
+
+// out[r, i] = gelu_tanh(in[r, i]) * in[r, n + i]; in [rows, 2n], out [rows, n], both contiguous.
+void gelu_and_mul(int64_t out, int64_t in, int64_t rows, int64_t n, int dtype);
+
+// In place, rotate-half RoPE of q [T, hq, D] and k [T, hk, D] (token strides given, heads dense)
+// at int64 positions with fp32 inv_freq [D / 2].
+void rotary(int64_t q, int64_t k, int64_t positions, int64_t inv_freq, int64_t tokens, int64_t hq,
+            int64_t hk, int64_t head_dim, int64_t q_stride, int64_t k_stride, int dtype);
+
+// Copies token t's k and v rows (row_elems contiguous elements, token strides given) into cache
+// slot slots[t] (int64) of the [num_slots, row_elems] caches; slots[t] < 0 skips the token.
+void write_kv(int64_t k, int64_t v, int64_t k_cache, int64_t v_cache, int64_t slots, int64_t tokens,
+              int64_t row_elems, int64_t k_stride, int64_t v_stride, int64_t elem_size, int64_t num_slots);
+
+// Causal attention of q [T, hq, D] (token stride q_stride, heads dense) over the paged caches
+// [blocks, block_size, hk, D] for the flat varlen batch: sequence b owns query tokens
+// cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (int32), which are the last ones of its context_lens[b]
+// (int32) cache slots, found through block_tables (int32 [num_seqs, bt_width], row stride bt_stride). out [T, hq, D]
+// contiguous. Prefill chunks, decode tokens and verify windows mix freely. Block ids are checked
+// against num_blocks and context lengths against the table width (ValueError, nothing read).
+void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
+                     int64_t context_lens, int64_t block_tables, int64_t num_seqs, int64_t q_stride,
+                     int64_t bt_stride, int64_t bt_width, int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size,
+                     int64_t num_blocks, double scale, int dtype);
+
+}  // namespace gf::cpu
