@@ -64,10 +64,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", help="both engines run in this dtype (auto: gemforge's choice)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (the best counts)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    llm = LLM(args.model, device=args.device, progress=False, max_num_seqs=max(args.concurrency))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=max(args.concurrency))
     from transformers import GemmaForCausalLM
 
     hf = GemmaForCausalLM.from_pretrained(args.model, dtype=llm.engine.dtype).to(args.device).eval()

@@ -188,3 +188,15 @@ def test_write_kv(dtype, kernel):
         untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=kernel.device)
         untouched[slots[keep]] = False
         assert flat[untouched].isnan().all()
+
+
+def test_cpu_backend_hands_long_prefill_chunks_to_torch():
+    """A batch with a chunk of CPU_TORCH_PREFILL_TOKENS new tokens runs the torch reference whole."""
+    from gemforge.kernels._native import CPU_TORCH_PREFILL_TOKENS
+    from gemforge.kernels.registry import unavailable_reason
+    if unavailable_reason("attention", "cpu", "cpu"):
+        pytest.skip(unavailable_reason("attention", "cpu", "cpu"))
+    n = CPU_TORCH_PREFILL_TOKENS
+    q, k_cache, v_cache, meta = make_batch([(n, n + 9), (1, 20)], 4, 2, 16, 16, torch.bfloat16, "cpu", seed=8)
+    assert torch.equal(attention(q, k_cache, v_cache, meta, 0.25, backend="cpu"),
+                       attention_ref(q, k_cache, v_cache, meta, 0.25))
