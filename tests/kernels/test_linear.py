@@ -105,3 +105,17 @@ def test_feature_mismatch_is_a_clear_error(device):
 def test_empty_batch(device):
     qw = quantize_int8(torch.randn(8, 32)).to(device)
     assert linear(torch.randn(0, 32, device=device), qw, backend="triton").shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 9])
+def test_torch_linear_few_rows_on_cpu(rows, dtype):
+    """The CPU's few-row path ((w @ x^T)^T in fp32) equals F.linear, bias included."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 67, generator=g).to(dtype)
+    w = torch.randn(33, 67, generator=g).to(dtype)
+    b = torch.randn(33, generator=g).to(dtype)
+    got = linear(x, w, b, backend="torch")
+    assert got.shape == (rows, 33) and got.is_contiguous()
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(got, F.linear(x, w, b), **tol)
