@@ -60,6 +60,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=1, help="requests in flight together")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the best counts)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -67,20 +68,21 @@ def main(argv=None) -> list[dict]:
     code, fim = heldout_prompts(target, args.prompts)
     workloads = {"code": (code, None), "fim": ([p for p, _ in fim], [s for _, s in fim])}
     rows = []
-    base = LLM(target, device=args.device, progress=False, max_num_seqs=args.batch)
+    base = LLM(target, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch)
     for name, (prompts, suffixes) in workloads.items():
         alone = run(base, prompts, suffixes, args.max_tokens, args.repeats)
         rows.append({"workload": name, "k": 0, **alone, "speedup": 1.0})
         print(json.dumps(rows[-1]), flush=True)
     # the draft's cost on this machine, in target steps: its decode speed alone against the target's
-    draft_alone = run(LLM(args.draft, device=args.device, progress=False, max_num_seqs=args.batch), code, None,
+    draft_alone = run(LLM(args.draft, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch), code, None,
                       args.max_tokens, args.repeats)
     measured = round(rows[0]["tokens_per_s"] / draft_alone["tokens_per_s"], 3)
     # (k, lookahead, draft weights, draft cost given to the adaptive lookahead: None = weight-bytes ratio)
     variants = [(k, "fixed", None, None) for k in args.ks] + [
         (4, "adaptive", None, None), (4, "adaptive", None, measured), (4, "adaptive", "int4", None)]
     for k, lookahead, draft_quant, cost in variants:
-        spec = LLM(target, device=args.device, progress=False, max_num_seqs=args.batch, draft_model=args.draft,
+        spec = LLM(target, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch,
+                   draft_model=args.draft,
                    num_speculative_tokens=k, adaptive_lookahead=lookahead == "adaptive",
                    draft_quantization=draft_quant, draft_cost=cost)
         for name, (prompts, suffixes) in workloads.items():

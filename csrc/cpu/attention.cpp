@@ -12,7 +12,9 @@
 #include <cstring>
 #include <vector>
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include "common.h"
 #include "ops.h"
@@ -144,7 +146,11 @@ void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, i
     work += n * c * hq * head_dim;
   }
   // Enough tasks for every thread: split the kv heads of each tile when tiles are few.
+#ifdef _OPENMP
   const int64_t threads = work >= kParallelGrain ? omp_get_max_threads() : 1;
+#else
+  const int64_t threads = 1;
+#endif
   const int64_t tiles_n = static_cast<int64_t>(tiles.size());
   const int64_t splits = std::min<int64_t>(hk, (2 * threads + tiles_n - 1) / std::max<int64_t>(tiles_n, 1));
   std::vector<Task> tasks;
