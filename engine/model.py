@@ -42,11 +42,13 @@ class Ops:
         def pick(op):
             return backend if backend == "auto" or backend in backends(op) else "auto"
 
-        impls = {op: select(op, pick(op), device) for op in OPS if op != "linear"}
-        # `linear` dispatches on the weight's format (dense / int8 / int4) itself.
-        fmt_backend = {fmt: pick(op) for fmt, op in (("dense", "linear"), ("int8", "linear_int8"),
-                                                     ("int4", "linear_int4"))}
-        impls["linear"] = lambda x, w, b=None: linear(x, w, b, backend=fmt_backend[getattr(w, "fmt", "dense")])
+        impls = {op: select(op, pick(op), device) for op in OPS}
+        # Dense weights call their implementation directly; quantized ones dispatch on their format.
+        dense, quant_backend = impls["linear"], {"int8": pick("linear_int8"), "int4": pick("linear_int4")}
+
+        def linear_op(x, w, b=None):
+            return dense(x, w, b) if isinstance(w, torch.Tensor) else linear(x, w, b, backend=quant_backend[w.fmt])
+        impls["linear"] = linear_op
         return cls(**impls)
 
 

@@ -22,6 +22,7 @@ import math
 import torch
 
 from .attention import AttnMetadata
+from .linear import _linear_torch
 from .registry import register, select
 from .rotary import rope_inv_freq
 
@@ -51,17 +52,27 @@ def _launch(kind: str, kernel: str, like: torch.Tensor, *args) -> None:
 
 
 def _check_device(op: str, kind: str, **tensors) -> None:
-    """Every given tensor on one device of `kind` ("cuda": the current CUDA device)."""
+    """Every given tensor on one device of `kind` ("cuda": the current CUDA device). Written for a
+    per-call cost of about a microsecond: CPU ops are called per layer per step."""
+    on_kind = "is_cuda" if kind == "cuda" else "is_cpu"
+    for name, t in tensors.items():
+        if t is not None and not getattr(t, on_kind):
+            raise ValueError(f"{op}: {name} must be a {kind.upper()} tensor, got device {t.device}")
+    if kind == "cpu":
+        return  # one CPU device
     devices = {name: t.device for name, t in tensors.items() if t is not None}
-    for name, dev in devices.items():
-        if dev.type != kind:
-            raise ValueError(f"{op}: {name} must be a {kind.upper()} tensor, got device {dev}")
     if len(set(devices.values())) > 1:
         raise ValueError(f"{op}: tensors are on different devices: {devices}")
     first = next(iter(devices.values()))
     if kind == "cuda" and first.index is not None and first.index != torch.cuda.current_device():
         raise ValueError(f"{op}: tensors are on {first} but the current CUDA device is "
                          f"cuda:{torch.cuda.current_device()} (use torch.cuda.device)")
+
+
+def _empty_as(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous uninitialised tensor of t's shape, dtype and device (empty_like: a third of
+    torch.empty's cost on a CPU)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _check_dtype(op: str, name: str, t: torch.Tensor, allowed) -> None:
@@ -88,6 +99,8 @@ def _check_heads_dense(op: str, name: str, t: torch.Tensor) -> None:
 
 def _row_stride(op: str, name: str, t: torch.Tensor) -> int:
     """Stride between rows of t viewed as [rows, last dim]; needs a unit last stride."""
+    if t.is_contiguous():
+        return t.shape[-1]
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{op}: {name} must have a contiguous last dim, got strides {t.stride()}")
     try:
@@ -107,12 +120,12 @@ def _rms_norm(kind: str, x: torch.Tensor, weight: torch.Tensor, eps: float, resi
     _check_like(op, "weight", weight, (hidden,), x.dtype)
     _check_contiguous(op, "weight", weight)
     x_stride = _row_stride(op, "x", x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = _empty_as(x)
     r, res_stride = None, 0
     if residual is not None:
         _check_like(op, "residual", residual, x.shape, x.dtype)
         res_stride = _row_stride(op, "residual", residual)
-        r = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        r = _empty_as(x)
     rows = x.numel() // hidden if hidden else 0
     _launch(kind, "rms_norm", x, y.data_ptr(), 0 if r is None else r.data_ptr(), x.data_ptr(),
             0 if residual is None else residual.data_ptr(), weight.data_ptr(), rows, hidden,
@@ -286,7 +299,7 @@ def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torc
         return select("attention", "torch", q.device)(q, k_cache, v_cache, meta, scale)
     _check_attention("cpu", q, k_cache, v_cache, meta, _DTYPE_CODES)
     tokens, hq, head_dim = q.shape
-    out = torch.empty((tokens, hq, head_dim), dtype=q.dtype)
+    out = _empty_as(q)
     if tokens == 0 or meta.num_seqs == 0:
         return out
     _ext().cpu.paged_attention(
@@ -295,6 +308,31 @@ def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torc
         meta.block_tables.stride(0), meta.block_tables.shape[1], hq, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.shape[0],
         float(scale), _DTYPE_CODES[q.dtype])
     return out
+
+
+# ----------------------------------------------------------------------------- dense linear
+@register("linear", "cpu")
+def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 x of 1.._C.cpu.MAX_LINEAR_ROWS rows: the C++ AVX512-BF16 GEMV; everything else (more
+    rows, other dtypes, a build without AVX512-BF16): torch."""
+    cpu = _ext().cpu
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not (cpu.HAS_BF16_DOT and x.dtype == torch.bfloat16 and 1 <= rows <= cpu.MAX_LINEAR_ROWS):
+        return _linear_torch(x, weight, bias)
+    op = "linear"
+    _check_device(op, "cpu", x=x, weight=weight, bias=bias)
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.dtype != x.dtype:
+        raise ValueError(f"{op}: weight must be {x.dtype} [N, {k}], got {weight.dtype} {tuple(weight.shape)}")
+    _check_contiguous(op, "weight", weight)
+    n = weight.shape[0]
+    if bias is not None:
+        _check_like(op, "bias", bias, (n,), x.dtype)
+        _check_contiguous(op, "bias", bias)
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    cpu.linear_bf16(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, n, k)
+    return y
 
 
 # ------------------------------------------------------------------------- quantized linear

@@ -19,3 +19,18 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/numerics.py and friends
 @pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Make torch.empty and torch.empty_like return NaN-filled float tensors for the test's
+    duration, so an output (or scratch) element that a kernel allocates but never writes shows up
+    as NaN."""
+    for name in ("empty", "empty_like"):
+        real = getattr(torch, name)
+
+        def poisoned(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, name, poisoned)

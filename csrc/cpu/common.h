@@ -1,6 +1,7 @@
 // Shared by the CPU kernels: storage <-> fp32 conversions (round to nearest even, as torch rounds),
 // dtype dispatch, argument checks and the OpenMP work split. No CUDA, no torch.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>

@@ -36,4 +36,13 @@ void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, i
                      int64_t bt_stride, int64_t bt_width, int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size,
                      int64_t num_blocks, double scale, int dtype);
 
+// Most rows linear_bf16 takes (more rows: a GEMM's job).
+constexpr int64_t kMaxLinearRows = 4;
+
+// y [rows, N] = x [rows, K] @ w[N, K]^T (+ bias [N]), all bf16 and contiguous, fp32 accumulation.
+void linear_bf16(int64_t y, int64_t x, int64_t w, int64_t bias, int64_t rows, int64_t N, int64_t K);
+
+// Whether linear_bf16 was built (the compiler targeted AVX512-BF16).
+bool has_bf16_dot();
+
 }  // namespace gf::cpu
