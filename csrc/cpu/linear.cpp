@@ -17,11 +17,11 @@ namespace gf::cpu {
 constexpr bool kHasBf16Dot = true;
 
 // Rows n of w against all M rows of x; NR weight rows at a time so that NR * M dot products
-// (independent FMA chains) are in flight.
+// (independent FMA chains, at most 16 accumulators: the rest of the 32 registers hold x) are in flight.
 template <int M>
 static void gemv_rows(bf16* y, const bf16* x, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
                       int64_t N, int64_t K) {
-  constexpr int NR = 4;
+  constexpr int NR = M <= 4 ? 4 : 2;
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K % 32)) - 1);
   const int64_t k_full = K - K % 32;
   auto finish = [&](int64_t n, int m, __m512 acc) {
@@ -75,7 +75,9 @@ void linear_bf16(int64_t y, int64_t x, int64_t w, int64_t bias, int64_t rows, in
       case 1: gemv_rows<1>(yp, xp, wp, bp, n0, n1, N, K); break;
       case 2: gemv_rows<2>(yp, xp, wp, bp, n0, n1, N, K); break;
       case 3: gemv_rows<3>(yp, xp, wp, bp, n0, n1, N, K); break;
-      default: gemv_rows<4>(yp, xp, wp, bp, n0, n1, N, K); break;
+      case 4: gemv_rows<4>(yp, xp, wp, bp, n0, n1, N, K); break;
+      case 5: gemv_rows<5>(yp, xp, wp, bp, n0, n1, N, K); break;
+      default: gemv_rows<6>(yp, xp, wp, bp, n0, n1, N, K); break;
     }
   }
 }
