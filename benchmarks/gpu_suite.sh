@@ -66,6 +66,8 @@ part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma
 
 part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 8 64 --repeats 2 --out "$OUT/throughput.json"
+part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --model "$ROOT/models/nano-codegemma" \
+  --concurrency 1 64 --out "$OUT/step_breakdown.json"
 
 part tests 150 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
   --junitxml="$OUT/tests.xml" 2>/dev/null || true

@@ -1,6 +1,6 @@
 """The GPU suite's Python parts run end to end on CPU with small stand-in shapes, so that a scarce
 GPU session never finds a broken script (bench_decode: every format, HF peer, verify windows;
-bench_throughput; summarize: tables, the implied speculative speedup, the plot)."""
+bench_throughput; bench_step_breakdown; summarize: tables, the implied speculative speedup, the plot)."""
 import dataclasses
 import importlib.util
 import json
@@ -40,6 +40,9 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     load(BENCH / "engine" / "bench_throughput.py").main([
         "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--concurrency", "2", "--max-tokens", "4",
         "--repeats", "1", "--out", str(tmp_path / "throughput.json")])
+    rows = load(BENCH / "engine" / "bench_step_breakdown.py").main([
+        "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--concurrency", "2", "--max-tokens", "4"])
+    assert rows[0]["decode_steps"] == 3 and 0 < rows[0]["linear_ms"] < rows[0]["forward_ms"] < rows[0]["step_ms"]
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()

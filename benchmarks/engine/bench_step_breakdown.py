@@ -1,0 +1,82 @@
+"""Where a decode step's time goes: each model op (rms_norm, linear, rotary, write_kv, attention,
+gelu_and_mul) timed inside the engine, per decode step, beside the whole forward and the whole
+engine step (the rest is host work: scheduling, sampling, detokenization). The workload is
+bench_throughput's (prompts of 16-96 tokens, 64 new tokens each); prefill steps are left out.
+
+    python benchmarks/engine/bench_step_breakdown.py --concurrency 1 64
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from gemforge.engine import LLM, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, also when loaded by path
+from bench_throughput import prompts_for  # noqa: E402
+
+
+def breakdown(llm: LLM, n: int, max_tokens: int) -> dict:
+    """Mean ms per decode step of each op, of the forward and of the engine step, over one run."""
+    eng, model = llm.engine, llm.engine.runner.model
+    acc, steps, decoding = defaultdict(float), [0], [False]
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if decoding[0]:
+                acc[name] += time.perf_counter() - t
+            return out
+        return run
+
+    ops, forward, step = model.ops, model.forward, eng.step
+
+    def timed_forward(input_ids, *args, **kwargs):
+        decoding[0] = input_ids.shape[0] <= n  # one token per running sequence
+        steps[0] += decoding[0]
+        return timed("forward", forward)(input_ids, *args, **kwargs)
+
+    model.ops = dataclasses.replace(ops, **{f.name: timed(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)})
+    model.forward, eng.step = timed_forward, timed("step", step)
+    try:
+        prompts = prompts_for(llm, n)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        acc.clear()
+        steps[0] = 0
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        model.ops, model.forward, eng.step = ops, forward, step
+    return {"concurrency": n, "decode_steps": steps[0], **{f"{k}_ms": round(v / steps[0] * 1e3, 3) for k, v in acc.items()}}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/nano-codegemma")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=max(args.concurrency))
+    rows = []
+    for n in args.concurrency:
+        rows.append({**breakdown(llm, n, args.max_tokens), "dtype": str(llm.engine.dtype), "device": args.device})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
