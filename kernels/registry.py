@@ -89,7 +89,7 @@ def select(op: str, backend: str = "auto", device="cpu") -> Callable:
         if why is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} unavailable: {why}")
         return _IMPLS[op][backend]
-    order = _PREFERENCE.get(op, BACKENDS) if dev == "cuda" else ("cpu", "torch")
+    order = _PREFERENCE.get(op, ("cuda", "triton", "torch")) if dev == "cuda" else ("cpu", "torch")
     skipped = []
     for b in order:
         why = unavailable_reason(op, b, dev)

@@ -2,25 +2,56 @@
 // dtype dispatch, argument checks and the OpenMP work split. No CUDA, no torch.
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 namespace gf::cpu {
 
-// Must match _DTYPE_CODES in kernels/_cpu.py (and csrc/common/dtype.h).
+// Must match _DTYPE_CODES in kernels/_native.py (and csrc/common/dtype.h).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Storage types as bit patterns: no compiler half-precision type is needed (GCC before 12 has
+// none on x86), so the CPU kernels build wherever the CUDA ones do.
 struct bf16 { uint16_t bits; };
-using f16 = _Float16;
+struct f16 { uint16_t bits; };
 
 inline float to_float(float x) { return x; }
-inline float to_float(f16 x) { return static_cast<float>(x); }
+inline float to_float(f16 x) {
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t exp = (x.bits >> 10) & 0x1fu;
+  uint32_t man = x.bits & 0x3ffu, u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13);  // inf, nan
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    u = sign;  // +-0
+  } else {  // subnormal man * 2^-24: normalise into an fp32 normal
+    uint32_t e = 113;
+    while (!(man & 0x400u)) man <<= 1, --e;
+    u = sign | (e << 23) | ((man & 0x3ffu) << 13);
+  }
+  return __builtin_bit_cast(float, u);
+}
 inline float to_float(bf16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x.bits) << 16); }
 
 template <typename T> inline T from_float(float x);
 template <> inline float from_float<float>(float x) { return x; }
-template <> inline f16 from_float<f16>(float x) { return static_cast<f16>(x); }
+template <> inline f16 from_float<f16>(float x) {  // round to nearest even, as torch rounds
+  uint32_t u = __builtin_bit_cast(uint32_t, x);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return f16{static_cast<uint16_t>(sign | 0x7e00u)};   // nan
+  if (u >= 0x477ff000u) return f16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
+  if (u < 0x38800000u) {  // below 2^-14: a subnormal (or 0, or 2^-14 itself), in units of 2^-24
+    const float units = std::nearbyint(__builtin_bit_cast(float, u) * 16777216.0f);  // exact scaling
+    return f16{static_cast<uint16_t>(sign | static_cast<uint32_t>(units))};
+  }
+  const uint32_t r = u - 0x38000000u;  // exponent 127 -> 15 bias; then 23 -> 10 mantissa bits
+  return f16{static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13))};
+}
 template <> inline bf16 from_float<bf16>(float x) {
   const uint32_t u = __builtin_bit_cast(uint32_t, x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fc0};  // NaN stays NaN
