@@ -11,7 +11,9 @@ registry.select() only hands out these backends when _C imports (and, for "cuda"
 batches (max_query_len == 1; anything else is delegated to the "triton" backend) and linear_int8 /
 linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
 "cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv and attention (any mix of prefill chunks,
-decode tokens and verify windows) in fp32/fp16/bf16; dense and quantized linear stay with torch.
+decode tokens and verify windows; a chunk of CPU_TORCH_PREFILL_TOKENS or more goes to torch) in
+fp32/fp16/bf16; dense linear for bf16 inputs of 1-6 rows (AVX512-BF16 builds), torch otherwise;
+quantized linear stays with torch.
 """
 from __future__ import annotations
 
