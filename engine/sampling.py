@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from gemforge.kernels import argmax
+
 from .errors import RequestError
 
 INF = math.inf
@@ -155,9 +157,8 @@ def draw(p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim (the first index on ties), as max(-1).indices: the same result; on our
-    CI CPU within noise of argmax(-1) up to 64 rows of 8192 and faster at 256 (one thread: 2.1 vs 3.5 ms)."""
-    return scores.max(-1).indices
+    """argmax over the last dim (the first index on ties): gemforge.kernels.argmax."""
+    return argmax(scores)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],

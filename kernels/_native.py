@@ -10,7 +10,7 @@ registry.select() only hands out these backends when _C imports (and, for "cuda"
 "cuda" coverage: rms_norm, gelu_and_mul, rotary, write_kv (fp32/fp16/bf16); attention for decode
 batches (max_query_len == 1; anything else is delegated to the "triton" backend) and linear_int8 /
 linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
-"cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv and attention (any mix of prefill chunks,
+"cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv, argmax (fp32) and attention (any mix of prefill chunks,
 decode tokens and verify windows; a chunk of CPU_TORCH_PREFILL_TOKENS or more goes to torch) in
 fp32/fp16/bf16; dense linear for bf16 inputs of 1-6 rows (AVX512-BF16 builds), torch otherwise;
 quantized linear stays with torch.
@@ -335,6 +335,20 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
     cpu.linear_bf16(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, n, k)
     return y
+
+
+# ----------------------------------------------------------------------------------- argmax
+@register("argmax", "cpu")
+def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
+    """fp32 rows with a unit last stride: the C++ kernel; anything else: torch."""
+    if scores.dtype != torch.float32 or scores.stride(-1) != 1 or scores.dim() == 0:
+        return scores.max(-1).indices
+    _check_device("argmax", "cpu", scores=scores)
+    n = scores.shape[-1]
+    stride = _row_stride("argmax", "scores", scores)
+    out = torch.empty(scores.shape[:-1], dtype=torch.int64)
+    _ext().cpu.argmax(out.data_ptr(), scores.data_ptr(), out.numel(), n, stride)
+    return out
 
 
 # ------------------------------------------------------------------------- quantized linear

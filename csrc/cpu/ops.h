@@ -36,6 +36,10 @@ void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, i
                      int64_t bt_stride, int64_t bt_width, int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size,
                      int64_t num_blocks, double scale, int dtype);
 
+// out[r] (int64) = the index of the maximum of fp32 row r of x [rows, n] (row stride `stride`):
+// the first on ties; a NaN counts as the maximum (its first index), as with torch.max.
+void argmax(int64_t out, int64_t x, int64_t rows, int64_t n, int64_t stride);
+
 // Most rows linear_bf16 takes: measured against torch's bf16 GEMM on the CI CPU (all of the nano
 // model's weights, two runs), 2.7-3.1x faster at 1-2 rows, 1.6-1.8x at 3-4, 1.4-1.5x at 5,
 // 1.1-1.3x at 6, slower at 8 (the per-output horizontal sums and x reloads start to dominate).
