@@ -96,7 +96,8 @@ def _bench(args) -> int:
 
     draft = Path(args.draft) if args.draft else None
     parts = [("kernels", None), ("host_overhead", ["--model", args.model, "--batches", "1", "64", "256"]),
-             ("throughput", ["--model", args.model, "--concurrency", "1", "8", "64", "--max-tokens", "32"])]
+             ("throughput", ["--model", args.model, "--concurrency", "1", "8", "64", "--max-tokens", "32"]),
+             ("step_breakdown", ["--model", args.model, "--concurrency", "1", "64", "--max-tokens", "32"])]
     if draft is not None and draft.is_dir():
         parts.append(("speculative", ["--target", args.model, "--draft", str(draft), "--ks", "2", "4"]))
     results = {}
