@@ -1,6 +1,7 @@
 """write_kv and paged attention: the Triton kernels (interpreter on CPU) and the C++ CPU kernels against
 the torch references."""
 import importlib
+from dataclasses import replace
 import math
 
 import pytest
@@ -200,3 +201,23 @@ def test_cpu_backend_hands_long_prefill_chunks_to_torch():
     q, k_cache, v_cache, meta = make_batch([(n, n + 9), (1, 20)], 4, 2, 16, 16, torch.bfloat16, "cpu", seed=8)
     assert torch.equal(attention(q, k_cache, v_cache, meta, 0.25, backend="cpu"),
                        attention_ref(q, k_cache, v_cache, meta, 0.25))
+
+
+def test_cpu_backend_rejects_bad_tables_and_slots():
+    """Out-of-range block ids, contexts beyond the block table and slots beyond the cache raise a
+    ValueError naming the sequence or token (the C++ kernels check before reading or writing)."""
+    from gemforge.kernels.registry import unavailable_reason
+    if unavailable_reason("attention", "cpu", "cpu"):
+        pytest.skip(unavailable_reason("attention", "cpu", "cpu"))
+    q, k_cache, v_cache, meta = make_batch([(1, 20), (2, 9)], 4, 2, 16, 16, torch.float32, "cpu", seed=9)
+    bad = meta.block_tables.clone()
+    bad[1, 0] = k_cache.shape[0]  # one past the last block
+    with pytest.raises(ValueError, match=r"sequence 1: block \d+ outside the cache's \d+ blocks"):
+        attention(q, k_cache, v_cache, replace(meta, block_tables=bad), 0.25, backend="cpu")
+    long = replace(meta, context_lens=torch.tensor([20, 9 + 16 * bad.shape[1]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sequence 1: context length .* exceeds its block table"):
+        attention(q, k_cache, v_cache, long, 0.25, backend="cpu")
+    k = torch.randn(3, 2, 16)
+    slots = torch.tensor([0, k_cache.shape[0] * k_cache.shape[1], 5])
+    with pytest.raises(ValueError, match="slot .* of token 1 is outside the cache"):
+        write_kv(k, k.clone(), k_cache, v_cache, slots, backend="cpu")
