@@ -1,4 +1,4 @@
-// Dtype codes shared with kernels/_cuda.py, fp32 <-> storage conversions and host dispatch.
+// Dtype codes shared with kernels/_native.py, fp32 <-> storage conversions and host dispatch.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,7 +8,7 @@
 
 namespace gf {
 
-// Must match _DTYPE_CODES in kernels/_cuda.py.
+// Must match _DTYPE_CODES in kernels/_native.py.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
