@@ -5,18 +5,20 @@ F.linear on the dense weight, torch's own torch._weight_int8pack_mm / torch._wei
 where this torch build runs them, and our torch backend (dequantize, then matmul). The bytes are the
 subject's: packed weight + scales (+ zeros) + bf16 activations in and out, so every entry's GB/s is
 an effective bandwidth over the quantized weight (bf16 F.linear really moves 2x / 4x more) and
-speedup_vs_bf16 is the headline. On CPU: the tiny stand-in shape through the torch backend only.
+speedup_vs_bf16 is the headline. On CPU: the nano model's shapes through the torch backend, and
+the dense bf16 projections through the "cpu" backend (the C++ few-row GEMV, torch above 6 rows)
+against torch's F.linear.
 """
 import pytest
 import torch
 import torch.nn.functional as F
-from common import DEVICE, DTYPE, MODELS, ON_GPU, TOKENS, compare
+from common import DEVICE, DTYPE, MODELS, ON_GPU, TOKENS, compare, nbytes, op_impls
 
 from gemforge.kernels import select
 from gemforge.kernels.quant import quantize_int4, quantize_int8, unpack_int4
 
 ROWS = (1, 8, 64, 512) if ON_GPU else TOKENS
-GROUP = 128 if ON_GPU else 32  # the tiny CPU stand-in has K = 64
+GROUP = 128
 
 
 def _projections(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -69,3 +71,14 @@ def test_linear_quant(benchmark, model, proj, n, k, rows, fmt):
             rel = (impls[name]().float() - expect).abs().max() / expect.abs().max()
             benchmark.extra_info[f"{name}_max_rel_err"] = float(rel)
     compare(benchmark, impls, qw.nbytes + 2 * rows * (k + n))
+
+
+@pytest.mark.skipif(ON_GPU, reason="dense linear is cuBLAS on a GPU: there is no gemforge kernel to time")
+@pytest.mark.parametrize("rows", TOKENS)
+@pytest.mark.parametrize("model,proj,n,k", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_linear_dense_cpu(benchmark, model, proj, n, k, rows):
+    benchmark.group = f"linear-dense-{model}-{proj}"
+    x = torch.randn(rows, k, dtype=DTYPE)
+    w = torch.randn(n, k, dtype=DTYPE) * 0.02
+    benchmark.extra_info.update(model=model, proj=proj, n=n, k=k, rows=rows)
+    compare(benchmark, op_impls("linear", x, w), nbytes(x, w) + rows * n * x.element_size())

@@ -1,8 +1,9 @@
 """Timing and bandwidth accounting shared by the kernel benchmarks.
 
 On a CUDA device each benchmark times gemforge's "triton" backend against its peers (torch eager,
-torch.compile of the reference, and for attention SDPA on dense tensors); on CPU it runs small
-shapes through the torch backend only, so CI exercises the files in seconds. The subject is timed by
+torch.compile of the reference, and for attention SDPA on dense tensors); on a CPU it times the
+"cpu" backend (the C++ kernels of csrc/cpu/, where _C is built) against the torch reference on the
+bundled nano model's shapes, so CI exercises the files in seconds. The subject is timed by
 pytest-benchmark (wall clock, synchronised) and, like every peer, by CUDA events (median, L2 flushed);
 benchmark.extra_info gets each one's microseconds and GB/s — bytes counted once: every input read
 once, every output written once — and the subject's speedup over each peer.
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 from gemforge.kernels import select
+from gemforge.kernels.registry import unavailable_reason
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -57,10 +59,14 @@ def compiled(fn: Callable, *args) -> Callable[[], object] | None:
 
 
 def op_impls(op: str, *args, compile_ref: bool = True) -> dict[str, Callable[[], object] | None]:
-    """Zero-argument calls of `op` on args: {"triton", "torch", "torch.compile"} on GPU, {"torch"} on CPU."""
+    """Zero-argument calls of `op` on args: {"triton", "torch", "torch.compile"} on GPU; {"cpu",
+    "torch"} on CPU ({"torch"} where the C++ CPU kernels were not built)."""
     ref = select(op, "torch", DEVICE)
     if not ON_GPU:
-        return {"torch": lambda: ref(*args)}
+        if unavailable_reason(op, "cpu", "cpu") is not None:
+            return {"torch": lambda: ref(*args)}
+        cpu = select(op, "cpu", DEVICE)
+        return {"cpu": lambda: cpu(*args), "torch": lambda: ref(*args)}
     tri = select(op, "triton", DEVICE)
     return {"triton": lambda: tri(*args), "torch": lambda: ref(*args),
             "torch.compile": compiled(ref, *args) if compile_ref else None}
@@ -82,12 +88,12 @@ def compare(benchmark, impls: dict[str, Callable[[], object] | None], bytes_move
     benchmark.pedantic(lambda: (subject(), sync()), rounds=rounds, warmup_rounds=1)
 
 
-# The CodeGemma shapes on GPU; a tiny stand-in on CPU, where only the torch backend runs.
+# The CodeGemma shapes on GPU; the bundled nano model's on CPU.
 if ON_GPU:
     MODELS = {"2b": dict(hidden=2048, heads=8, kv_heads=1, head_dim=256, inter=16384),
               "7b": dict(hidden=3072, heads=16, kv_heads=16, head_dim=256, inter=24576)}
     TOKENS = (1, 16, 128, 512)
 else:
-    MODELS = {"tiny": dict(hidden=64, heads=4, kv_heads=1, head_dim=16, inter=128)}
-    TOKENS = (1, 8)
+    MODELS = {"nano": dict(hidden=256, heads=4, kv_heads=4, head_dim=64, inter=1024)}
+    TOKENS = (1, 8, 64)
 DTYPE = torch.bfloat16
