@@ -1,0 +1,70 @@
+"""Without a GPU, where _C was built with its CUDA kernels: every "cuda" wrapper, its device check
+bypassed, must get through validation and argument marshalling to the kernel launch, which then
+fails cleanly (RuntimeError from the CUDA runtime). A wrapper whose arguments no longer match its
+binding fails here with a TypeError, in CI, before any GPU session."""
+import importlib
+
+import pytest
+import torch
+
+from gemforge.kernels import AttnMetadata
+from gemforge.kernels.quant import quantize_int4, quantize_int8
+
+
+def _skip_reason():
+    if torch.cuda.is_available():
+        return "a GPU is present: tests/gpu runs these wrappers for real"
+    try:
+        ext = importlib.import_module("gemforge.kernels._C")
+    except ImportError:
+        return "gemforge._C is not built"
+    return None if getattr(ext, "WITH_CUDA", False) else "gemforge._C was built without CUDA"
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+BF = torch.bfloat16
+
+
+@pytest.fixture
+def native(monkeypatch):
+    import gemforge.kernels._native as native
+    monkeypatch.setattr(native, "_check_device", lambda *args, **kwargs: None)
+    monkeypatch.setattr(native, "_stream", lambda t: 0)
+    return native
+
+
+def _decode_meta(n):
+    return AttnMetadata(positions=torch.arange(n), cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32),
+                        context_lens=torch.full((n,), 20, dtype=torch.int32),
+                        block_tables=torch.arange(2 * n, dtype=torch.int32).view(n, 2),
+                        slot_mapping=torch.arange(n), max_query_len=1, max_context_len=20)
+
+
+CALLS = {
+    "rms_norm": lambda N: N.rms_norm_cuda(torch.randn(3, 64, dtype=BF), torch.randn(64, dtype=BF), 1e-6,
+                                          torch.randn(3, 64, dtype=BF)),
+    "gelu_and_mul": lambda N: N.gelu_and_mul_cuda(torch.randn(3, 128, dtype=BF)),
+    "rotary": lambda N: N.rotary_cuda(torch.randn(3, 4, 64, dtype=BF), torch.randn(3, 2, 64, dtype=BF),
+                                      torch.arange(3), 10000.0),
+    "write_kv": lambda N: N.write_kv_cuda(torch.randn(3, 2, 64, dtype=BF), torch.randn(3, 2, 64, dtype=BF),
+                                          torch.zeros(4, 16, 2, 64, dtype=BF), torch.zeros(4, 16, 2, 64, dtype=BF),
+                                          torch.arange(3)),
+    "attention": lambda N: N.attention_cuda(torch.randn(3, 4, 64, dtype=BF), torch.zeros(8, 16, 2, 64, dtype=BF),
+                                            torch.zeros(8, 16, 2, 64, dtype=BF), _decode_meta(3), 0.125),
+    "linear_int8": lambda N: N.linear_int8_cuda(torch.randn(1, 64, dtype=BF), *_quant("int8")),
+    "linear_int4": lambda N: N.linear_int4_cuda(torch.randn(1, 128, dtype=BF), *_quant("int4")),
+}
+
+
+def _quant(fmt):
+    if fmt == "int8":
+        qw = quantize_int8(torch.randn(32, 64).to(BF))
+    else:
+        qw = quantize_int4(torch.randn(32, 128).to(BF), group_size=64)
+    return qw.qweight, qw.scales, qw.zeros, qw.group_size
+
+
+@pytest.mark.parametrize("op", CALLS)
+def test_cuda_wrapper_reaches_the_launch(native, op):
+    with pytest.raises(RuntimeError, match=r"gemforge\._C\.\w+: CUDA error"):
+        CALLS[op](native)
