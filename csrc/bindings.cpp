@@ -24,8 +24,8 @@ static void bind_cpu(py::module_& m) {
   m.def("write_kv", &gf::cpu::write_kv, nogil(), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slots"), py::arg("tokens"), py::arg("row_elems"), py::arg("k_stride"), py::arg("v_stride"),
         py::arg("elem_size"), py::arg("num_slots"));
-  m.def("paged_attention", &gf::cpu::paged_attention, nogil(), py::arg("out"), py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("cu_seqlens_q"), py::arg("context_lens"), py::arg("block_tables"),
+  m.def("paged_attention", &gf::cpu::paged_attention, nogil(), py::arg("out"), py::arg("q"), py::arg("tokens"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"), py::arg("context_lens"), py::arg("block_tables"),
         py::arg("num_seqs"), py::arg("q_stride"), py::arg("bt_stride"), py::arg("bt_width"), py::arg("hq"),
         py::arg("hk"), py::arg("head_dim"), py::arg("block_size"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
   m.def("linear_bf16", &gf::cpu::linear_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"),

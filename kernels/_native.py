@@ -305,7 +305,7 @@ def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torc
     if tokens == 0 or meta.num_seqs == 0:
         return out
     _ext().cpu.paged_attention(
-        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(),
+        out.data_ptr(), q.data_ptr(), tokens, k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(),
         meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), meta.num_seqs, q.stride(0),
         meta.block_tables.stride(0), meta.block_tables.shape[1], hq, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.shape[0],
         float(scale), _DTYPE_CODES[q.dtype])

@@ -117,12 +117,16 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
   }
 }
 
-void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
+void paged_attention(int64_t out, int64_t q, int64_t tokens, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
                      int64_t context_lens, int64_t block_tables, int64_t num_seqs, int64_t q_stride,
                      int64_t bt_stride, int64_t bt_width, int64_t hq, int64_t hk, int64_t head_dim,
                      int64_t block_size, int64_t num_blocks, double scale, int dtype) {
   const char* op = "attention";
   require(hk > 0 && hq % hk == 0, op, "query heads must be a multiple of kv heads");
+  const int32_t* cu = as_ptr<const int32_t>(cu_seqlens_q);
+  require(num_seqs >= 0 && cu[0] == 0 && cu[num_seqs] <= tokens, op,
+          "cu_seqlens_q must run from 0 to at most the " + std::to_string(tokens) + " query tokens, got " +
+              std::to_string(cu[0]) + " .. " + std::to_string(cu[num_seqs]));
   require(head_dim > 0 && block_size > 0, op, "head_dim and block_size must be > 0");
   PagedBatch pb{as_ptr<const int32_t>(cu_seqlens_q), as_ptr<const int32_t>(context_lens),
                 as_ptr<const int32_t>(block_tables), bt_stride, hq, hk, head_dim, block_size, q_stride,

@@ -25,13 +25,13 @@ void rotary(int64_t q, int64_t k, int64_t positions, int64_t inv_freq, int64_t t
 void write_kv(int64_t k, int64_t v, int64_t k_cache, int64_t v_cache, int64_t slots, int64_t tokens,
               int64_t row_elems, int64_t k_stride, int64_t v_stride, int64_t elem_size, int64_t num_slots);
 
-// Causal attention of q [T, hq, D] (token stride q_stride, heads dense) over the paged caches
+// Causal attention of q [T = tokens, hq, D] (token stride q_stride, heads dense) over the paged caches
 // [blocks, block_size, hk, D] for the flat varlen batch: sequence b owns query tokens
 // cu_seqlens_q[b] .. cu_seqlens_q[b + 1] (int32), which are the last ones of its context_lens[b]
 // (int32) cache slots, found through block_tables (int32 [num_seqs, bt_width], row stride bt_stride). out [T, hq, D]
 // contiguous. Prefill chunks, decode tokens and verify windows mix freely. Block ids are checked
 // against num_blocks and context lengths against the table width (ValueError, nothing read).
-void paged_attention(int64_t out, int64_t q, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
+void paged_attention(int64_t out, int64_t q, int64_t tokens, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
                      int64_t context_lens, int64_t block_tables, int64_t num_seqs, int64_t q_stride,
                      int64_t bt_stride, int64_t bt_width, int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size,
                      int64_t num_blocks, double scale, int dtype);

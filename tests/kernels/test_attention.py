@@ -217,6 +217,9 @@ def test_cpu_backend_rejects_bad_tables_and_slots():
     long = replace(meta, context_lens=torch.tensor([20, 9 + 16 * bad.shape[1]], dtype=torch.int32))
     with pytest.raises(ValueError, match="sequence 1: context length .* exceeds its block table"):
         attention(q, k_cache, v_cache, long, 0.25, backend="cpu")
+    beyond = replace(meta, cu_seqlens_q=torch.tensor([0, 1, 4], dtype=torch.int32))  # q has 3 tokens
+    with pytest.raises(ValueError, match="cu_seqlens_q must run from 0 to at most the 3 query tokens"):
+        select("attention", "cpu", "cpu")(q, k_cache, v_cache, beyond, 0.25)
     k = torch.randn(3, 2, 16)
     slots = torch.tensor([0, k_cache.shape[0] * k_cache.shape[1], 5])
     with pytest.raises(ValueError, match="slot .* of token 1 is outside the cache"):
