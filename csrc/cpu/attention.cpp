@@ -15,6 +15,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "ops.h"
@@ -116,6 +119,88 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// bf16 where the compiler targets AVX512-BF16: q . k by VDPBF16PS straight from the cache rows (no
+// fp32 copies of K), V rows widened in registers, and each row requested kPrefetchRows keys ahead
+// (blocks sit at random places, where the hardware prefetchers do not follow). Measured in a
+// standalone decode benchmark (64 sequences, ~88 keys, nano heads, KV from DRAM): 1.4-1.5x the
+// generic kernel. Same math; the dot products' fp32 sums are ordered differently.
+constexpr int64_t kPrefetchRows = 8;  // measured: 4 to 8 best
+
+template <>
+void attend<bf16>(const PagedBatch& pb, const Task& task, bf16* out, const bf16* q, const bf16* k_cache,
+                  const bf16* v_cache) {
+  const int64_t d = pb.d, group = pb.hq / pb.hk;
+  const int64_t heads = (task.h1 - task.h0) * group, j0 = task.h0 * group, rows = task.len * heads;
+  const int64_t n_new = pb.cu[task.seq + 1] - pb.cu[task.seq];
+  const int64_t p0 = pb.ctx[task.seq] - n_new + task.first, keys = p0 + task.len;
+  const int32_t* table = pb.tables + task.seq * pb.bt_stride;
+  const int64_t tok0 = pb.cu[task.seq] + task.first;
+  const int64_t row_bytes = (task.h1 - task.h0) * d * static_cast<int64_t>(sizeof(bf16));
+  std::vector<float> s(rows * keys), acc(rows * d, 0.0f), inv_sum(rows);
+  std::vector<int64_t> head_offset(rows);  // row r's kv head within a cache row of the task's heads
+  for (int64_t r = 0; r < rows; ++r) head_offset[r] = (r % heads) / group * d;
+  auto q_row = [&](int64_t r) { return q + (tok0 + r / heads) * pb.q_stride + (j0 + r % heads) * d; };
+  std::vector<int64_t> slot(keys);  // key t's row (of the task's heads) in either cache, in elements
+  for (int64_t t0 = 0, blk = 0; t0 < keys; t0 += pb.bs, ++blk)
+    for (int64_t t = t0, end = std::min(keys, t0 + pb.bs); t < end; ++t)
+      slot[t] = ((static_cast<int64_t>(table[blk]) * pb.bs + t - t0) * pb.hk + task.h0) * d;
+  auto prefetch = [&](const bf16* cache, int64_t t) {
+    const char* p = reinterpret_cast<const char*>(cache + slot[t]);
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+  };
+  const __mmask32 tail32 = static_cast<__mmask32>((1ull << (d % 32)) - 1);
+  for (int64_t t = 0; t < keys; ++t) {
+    if (t + kPrefetchRows < keys) prefetch(k_cache, t + kPrefetchRows);
+    else if (t + kPrefetchRows - keys < keys) prefetch(v_cache, t + kPrefetchRows - keys);
+    const bf16* k_row = k_cache + slot[t];
+    for (int64_t r = std::max<int64_t>(0, t - p0) * heads; r < rows; ++r) {
+      const bf16 *qr = q_row(r), *kr = k_row + head_offset[r];
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; c += 32) {
+        const __mmask32 m = c + 32 <= d ? static_cast<__mmask32>(~0u) : tail32;
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(m, qr + c),
+                               (__m512bh)_mm512_maskz_loadu_epi16(m, kr + c));
+      }
+      s[r * keys + t] = _mm512_reduce_add_ps(dot) * pb.scale;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = &s[r * keys];
+    const int64_t n = p0 + r / heads + 1;
+    float m = sr[0];
+    for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+      sr[t] = exp_vec(sr[t] - m);
+      sum += sr[t];
+    }
+    inv_sum[r] = 1.0f / sum;
+  }
+  const __mmask16 tail16 = static_cast<__mmask16>((1u << (d % 16)) - 1);
+  for (int64_t t = 0; t < keys; ++t) {
+    if (t + kPrefetchRows < keys) prefetch(v_cache, t + kPrefetchRows);
+    const bf16* v_row = v_cache + slot[t];
+    for (int64_t r = std::max<int64_t>(0, t - p0) * heads; r < rows; ++r) {
+      const __m512 p = _mm512_set1_ps(s[r * keys + t]);
+      const bf16* vr = v_row + head_offset[r];
+      float* ar = &acc[r * d];
+      for (int64_t c = 0; c < d; c += 16) {
+        const __mmask16 m = c + 16 <= d ? static_cast<__mmask16>(0xffff) : tail16;
+        const __m512i v16 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vr + c));
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(v16, 16));
+        _mm512_mask_storeu_ps(ar + c, m, _mm512_fmadd_ps(p, v, _mm512_maskz_loadu_ps(m, ar + c)));
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    bf16* o = out + (tok0 + r / heads) * pb.hq * d + (j0 + r % heads) * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = from_float<bf16>(acc[r * d + c] * inv_sum[r]);
+  }
+}
+#endif
 
 void paged_attention(int64_t out, int64_t q, int64_t tokens, int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q,
                      int64_t context_lens, int64_t block_tables, int64_t num_seqs, int64_t q_stride,
