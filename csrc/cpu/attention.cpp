@@ -46,6 +46,24 @@ static void load_row(float* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
+// Row r of s [rows, keys] (its token at position p0 + r / heads sees keys [0, that + 1)) becomes
+// exp(s - max); inv_sum[r] = 1 / its sum.
+static void softmax_rows(float* s, float* inv_sum, int64_t rows, int64_t keys, int64_t heads, int64_t p0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * keys;
+    const int64_t n = p0 + r / heads + 1;
+    float m = sr[0];
+    for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+      sr[t] = exp_vec(sr[t] - m);
+      sum += sr[t];
+    }
+    inv_sum[r] = 1.0f / sum;
+  }
+}
+
 template <typename T>
 static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, const T* k_cache, const T* v_cache) {
   const int64_t d = pb.d, group = pb.hq / pb.hk;
@@ -89,19 +107,7 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
       s[r * keys + t] = dot;
     }
   });
-  for (int64_t r = 0; r < rows; ++r) {
-    float* sr = &s[r * keys];
-    const int64_t n = p0 + r / heads + 1;
-    float m = sr[0];
-    for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n; ++t) {
-      sr[t] = exp_vec(sr[t] - m);
-      sum += sr[t];
-    }
-    inv_sum[r] = 1.0f / sum;
-  }
+  softmax_rows(s.data(), inv_sum.data(), rows, keys, heads, p0);
   for_each_key(v_cache, [&](int64_t t) {
     for (int64_t r = first_row(t); r < rows; ++r) {
       const float p = s[r * keys + t];
@@ -166,19 +172,7 @@ void attend<bf16>(const PagedBatch& pb, const Task& task, bf16* out, const bf16*
       s[r * keys + t] = _mm512_reduce_add_ps(dot) * pb.scale;
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* sr = &s[r * keys];
-    const int64_t n = p0 + r / heads + 1;
-    float m = sr[0];
-    for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n; ++t) {
-      sr[t] = exp_vec(sr[t] - m);
-      sum += sr[t];
-    }
-    inv_sum[r] = 1.0f / sum;
-  }
+  softmax_rows(s.data(), inv_sum.data(), rows, keys, heads, p0);
   const __mmask16 tail16 = static_cast<__mmask16>((1u << (d % 16)) - 1);
   for (int64_t t = 0; t < keys; ++t) {
     if (t + kPrefetchRows < keys) prefetch(v_cache, t + kPrefetchRows);
