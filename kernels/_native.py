@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .argmax import argmax_ref
 from .attention import AttnMetadata
 from .linear import _linear_torch
 from .registry import register, select
@@ -304,11 +305,12 @@ def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torc
     out = _empty_as(q)
     if tokens == 0 or meta.num_seqs == 0:
         return out
+    tables = meta.block_tables
     _ext().cpu.paged_attention(
         out.data_ptr(), q.data_ptr(), tokens, k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(),
-        meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), meta.num_seqs, q.stride(0),
-        meta.block_tables.stride(0), meta.block_tables.shape[1], hq, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.shape[0],
-        float(scale), _DTYPE_CODES[q.dtype])
+        meta.context_lens.data_ptr(), tables.data_ptr(), meta.num_seqs, q.stride(0), tables.stride(0),
+        tables.shape[1], hq, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.shape[0], float(scale),
+        _DTYPE_CODES[q.dtype])
     return out
 
 
@@ -342,7 +344,7 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
     """fp32 rows with a unit last stride: the C++ kernel; anything else: torch."""
     if scores.dtype != torch.float32 or scores.stride(-1) != 1 or scores.dim() == 0:
-        return scores.max(-1).indices
+        return argmax_ref(scores)
     _check_device("argmax", "cpu", scores=scores)
     n = scores.shape[-1]
     stride = _row_stride("argmax", "scores", scores)

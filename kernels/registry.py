@@ -3,8 +3,8 @@ kernels in csrc/, for CUDA and CPU tensors), "triton", and "torch" (the referenc
 
 `select(op, backend, device)` returns the function to call. An explicit backend that cannot run
 on `device` raises `BackendUnavailable`; "auto" walks the op's preference order (on a CPU: "cpu",
-then "torch") and logs one line the first time it falls back. The model resolves its ops once at build time, so a captured CUDA
-graph always replays the same path.
+then "torch") and logs one line the first time it falls back. The model resolves its ops once at
+build time, so a captured CUDA graph always replays the same path.
 """
 from __future__ import annotations
 

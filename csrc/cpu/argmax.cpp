@@ -1,6 +1,6 @@
 // Greedy pick on the CPU: the index of each row's maximum of fp32 scores (the first on ties; a
-// NaN counts as the maximum, its first index wins, as with torch.max). Two passes per row, both
-// vectorised: the maximum (and whether a NaN is present), then its first index.
+// NaN counts as the maximum, its first index wins, as with torch.max). Two passes per row: the
+// maximum and whether a NaN is present (vectorised), then a scan that stops at its first index.
 #include "common.h"
 #include "ops.h"
 

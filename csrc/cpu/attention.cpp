@@ -40,18 +40,31 @@ struct Task {
   int64_t h0, h1;           // kv heads [h0, h1)
 };
 
+// Where a task's rows and keys are. Rows are token-major: row r is query token r / heads of the
+// tile and query head j0 + r % heads; the token at position p0 + r / heads sees keys [0, that + 1).
+struct TaskView {
+  int64_t d, group, heads, j0, rows, p0, keys, tok0;
+  const int32_t* table;
+  TaskView(const PagedBatch& pb, const Task& task)
+      : d(pb.d), group(pb.hq / pb.hk), heads((task.h1 - task.h0) * group), j0(task.h0 * group),
+        rows(task.len * heads), p0(pb.ctx[task.seq] - (pb.cu[task.seq + 1] - pb.cu[task.seq]) + task.first),
+        keys(p0 + task.len), tok0(pb.cu[task.seq] + task.first), table(pb.tables + task.seq * pb.bt_stride) {}
+  int64_t first_row(int64_t t) const { return std::max<int64_t>(0, t - p0) * heads; }  // first row seeing key t
+  int64_t head_offset(int64_t r) const { return (r % heads) / group * d; }  // its kv head in a task's cache row
+};
+
 template <typename T>
 static void load_row(float* dst, const T* src, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// Row r of s [rows, keys] (its token at position p0 + r / heads sees keys [0, that + 1)) becomes
-// exp(s - max); inv_sum[r] = 1 / its sum.
-static void softmax_rows(float* s, float* inv_sum, int64_t rows, int64_t keys, int64_t heads, int64_t p0) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* sr = s + r * keys;
-    const int64_t n = p0 + r / heads + 1;
+// Row r of the scores s [rows, keys], over the keys its token sees, becomes exp(s - max);
+// inv_sum[r] = 1 / its sum.
+static void softmax_rows(float* s, float* inv_sum, const TaskView& v) {
+  for (int64_t r = 0; r < v.rows; ++r) {
+    float* sr = s + r * v.keys;
+    const int64_t n = v.p0 + r / v.heads + 1;
     float m = sr[0];
     for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
     float sum = 0.0f;
@@ -64,33 +77,33 @@ static void softmax_rows(float* s, float* inv_sum, int64_t rows, int64_t keys, i
   }
 }
 
+// out (token-major [T, hq, d]) of each row = acc[r] * inv_sum[r], rounded once.
+template <typename T>
+static void write_rows(T* out, const float* acc, const float* inv_sum, const TaskView& v, int64_t hq) {
+  for (int64_t r = 0; r < v.rows; ++r) {
+    T* o = out + (v.tok0 + r / v.heads) * hq * v.d + (v.j0 + r % v.heads) * v.d;
+    for (int64_t c = 0; c < v.d; ++c) o[c] = from_float<T>(acc[r * v.d + c] * inv_sum[r]);
+  }
+}
+
 template <typename T>
 static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, const T* k_cache, const T* v_cache) {
-  const int64_t d = pb.d, group = pb.hq / pb.hk;
-  const int64_t heads = (task.h1 - task.h0) * group;  // query heads of the task, from j0
-  const int64_t j0 = task.h0 * group, rows = task.len * heads;
-  const int64_t n_new = pb.cu[task.seq + 1] - pb.cu[task.seq];
-  const int64_t p0 = pb.ctx[task.seq] - n_new + task.first;  // position of the tile's first token
-  const int64_t keys = p0 + task.len;                          // the last row sees keys [0, keys)
-  const int32_t* table = pb.tables + task.seq * pb.bt_stride;
-  const int64_t tok0 = pb.cu[task.seq] + task.first;           // flat index of the tile's first token
-  const int64_t width = (task.h1 - task.h0) * d;               // one cache row of the task's heads
+  const TaskView v(pb, task);
+  const int64_t d = v.d, heads = v.heads, rows = v.rows, keys = v.keys;
+  const int64_t width = (task.h1 - task.h0) * d;  // one cache row of the task's heads
 
   std::vector<float> qf(rows * d), s(rows * keys), acc(rows * d, 0.0f), kv(width), inv_sum(rows);
   for (int64_t i = 0; i < task.len; ++i) {
     float* dst = &qf[i * heads * d];
-    load_row(dst, q + (tok0 + i) * pb.q_stride + j0 * d, heads * d);
+    load_row(dst, q + (v.tok0 + i) * pb.q_stride + v.j0 * d, heads * d);
     for (int64_t c = 0; c < heads * d; ++c) dst[c] *= pb.scale;
   }
-  auto first_row = [&](int64_t t) {  // the first row whose token sees key t (rows are token-major)
-    return std::max<int64_t>(0, t - p0) * heads;
-  };
   std::vector<int64_t> kv_offset(rows);  // where row r's kv head sits in kv
-  for (int64_t r = 0; r < rows; ++r) kv_offset[r] = (r % heads) / group * d;
+  for (int64_t r = 0; r < rows; ++r) kv_offset[r] = v.head_offset(r);
   auto kv_of_row = [&](int64_t r) { return kv.data() + kv_offset[r]; };
   auto for_each_key = [&](const T* cache, auto&& fn) {  // fn(t) with row t of the task's heads in kv
     for (int64_t t0 = 0, blk = 0; t0 < keys; t0 += pb.bs, ++blk) {
-      const T* base = cache + (static_cast<int64_t>(table[blk]) * pb.bs * pb.hk + task.h0) * d;
+      const T* base = cache + (static_cast<int64_t>(v.table[blk]) * pb.bs * pb.hk + task.h0) * d;
       for (int64_t t = t0, end = std::min(keys, t0 + pb.bs); t < end; ++t) {
         load_row(kv.data(), base + (t - t0) * pb.hk * d, width);
         fn(t);
@@ -98,7 +111,7 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
     }
   };
   for_each_key(k_cache, [&](int64_t t) {
-    for (int64_t r = first_row(t); r < rows; ++r) {
+    for (int64_t r = v.first_row(t); r < rows; ++r) {
       const float* qr = &qf[r * d];
       const float* kr = kv_of_row(r);
       float dot = 0.0f;
@@ -107,9 +120,9 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
       s[r * keys + t] = dot;
     }
   });
-  softmax_rows(s.data(), inv_sum.data(), rows, keys, heads, p0);
+  softmax_rows(s.data(), inv_sum.data(), v);
   for_each_key(v_cache, [&](int64_t t) {
-    for (int64_t r = first_row(t); r < rows; ++r) {
+    for (int64_t r = v.first_row(t); r < rows; ++r) {
       const float p = s[r * keys + t];
       const float* vr = kv_of_row(r);
       float* ar = &acc[r * d];
@@ -117,41 +130,32 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
       for (int64_t c = 0; c < d; ++c) ar[c] += p * vr[c];
     }
   });
-  for (int64_t i = 0; i < task.len; ++i) {
-    T* o = out + (tok0 + i) * pb.hq * d + j0 * d;
-    for (int64_t jj = 0; jj < heads; ++jj) {
-      const int64_t r = i * heads + jj;
-      for (int64_t c = 0; c < d; ++c) o[jj * d + c] = from_float<T>(acc[r * d + c] * inv_sum[r]);
-    }
-  }
+  write_rows(out, acc.data(), inv_sum.data(), v, pb.hq);
 }
 
 #if defined(__AVX512BF16__)
 // bf16 where the compiler targets AVX512-BF16: q . k by VDPBF16PS straight from the cache rows (no
 // fp32 copies of K), V rows widened in registers, and each row requested kPrefetchRows keys ahead
-// (blocks sit at random places, where the hardware prefetchers do not follow). Measured in a
-// standalone decode benchmark (64 sequences, ~88 keys, nano heads, KV from DRAM): 1.4-1.5x the
-// generic kernel. Same math; the dot products' fp32 sums are ordered differently.
-constexpr int64_t kPrefetchRows = 8;  // measured: 4 to 8 best
+// (blocks sit at random places, where the hardware prefetchers do not follow). Attention per
+// 64-sequence nano decode step (benchmarks/engine/bench_step_breakdown.py): 3.38 ms with the
+// generic kernel, 2.4-2.5 ms with this one. Same math; the dot products' fp32 sums are ordered
+// differently.
+constexpr int64_t kPrefetchRows = 8;  // 4 to 8 timed best (ad-hoc decode timing)
 
 template <>
 void attend<bf16>(const PagedBatch& pb, const Task& task, bf16* out, const bf16* q, const bf16* k_cache,
                   const bf16* v_cache) {
-  const int64_t d = pb.d, group = pb.hq / pb.hk;
-  const int64_t heads = (task.h1 - task.h0) * group, j0 = task.h0 * group, rows = task.len * heads;
-  const int64_t n_new = pb.cu[task.seq + 1] - pb.cu[task.seq];
-  const int64_t p0 = pb.ctx[task.seq] - n_new + task.first, keys = p0 + task.len;
-  const int32_t* table = pb.tables + task.seq * pb.bt_stride;
-  const int64_t tok0 = pb.cu[task.seq] + task.first;
+  const TaskView v(pb, task);
+  const int64_t d = v.d, heads = v.heads, rows = v.rows, keys = v.keys;
   const int64_t row_bytes = (task.h1 - task.h0) * d * static_cast<int64_t>(sizeof(bf16));
   std::vector<float> s(rows * keys), acc(rows * d, 0.0f), inv_sum(rows);
   std::vector<int64_t> head_offset(rows);  // row r's kv head within a cache row of the task's heads
-  for (int64_t r = 0; r < rows; ++r) head_offset[r] = (r % heads) / group * d;
-  auto q_row = [&](int64_t r) { return q + (tok0 + r / heads) * pb.q_stride + (j0 + r % heads) * d; };
+  for (int64_t r = 0; r < rows; ++r) head_offset[r] = v.head_offset(r);
+  auto q_row = [&](int64_t r) { return q + (v.tok0 + r / heads) * pb.q_stride + (v.j0 + r % heads) * d; };
   std::vector<int64_t> slot(keys);  // key t's row (of the task's heads) in either cache, in elements
   for (int64_t t0 = 0, blk = 0; t0 < keys; t0 += pb.bs, ++blk)
     for (int64_t t = t0, end = std::min(keys, t0 + pb.bs); t < end; ++t)
-      slot[t] = ((static_cast<int64_t>(table[blk]) * pb.bs + t - t0) * pb.hk + task.h0) * d;
+      slot[t] = ((static_cast<int64_t>(v.table[blk]) * pb.bs + t - t0) * pb.hk + task.h0) * d;
   auto prefetch = [&](const bf16* cache, int64_t t) {
     const char* p = reinterpret_cast<const char*>(cache + slot[t]);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
@@ -161,7 +165,7 @@ void attend<bf16>(const PagedBatch& pb, const Task& task, bf16* out, const bf16*
     if (t + kPrefetchRows < keys) prefetch(k_cache, t + kPrefetchRows);
     else if (t + kPrefetchRows - keys < keys) prefetch(v_cache, t + kPrefetchRows - keys);
     const bf16* k_row = k_cache + slot[t];
-    for (int64_t r = std::max<int64_t>(0, t - p0) * heads; r < rows; ++r) {
+    for (int64_t r = v.first_row(t); r < rows; ++r) {
       const bf16 *qr = q_row(r), *kr = k_row + head_offset[r];
       __m512 dot = _mm512_setzero_ps();
       for (int64_t c = 0; c < d; c += 32) {
@@ -172,27 +176,24 @@ void attend<bf16>(const PagedBatch& pb, const Task& task, bf16* out, const bf16*
       s[r * keys + t] = _mm512_reduce_add_ps(dot) * pb.scale;
     }
   }
-  softmax_rows(s.data(), inv_sum.data(), rows, keys, heads, p0);
+  softmax_rows(s.data(), inv_sum.data(), v);
   const __mmask16 tail16 = static_cast<__mmask16>((1u << (d % 16)) - 1);
   for (int64_t t = 0; t < keys; ++t) {
     if (t + kPrefetchRows < keys) prefetch(v_cache, t + kPrefetchRows);
     const bf16* v_row = v_cache + slot[t];
-    for (int64_t r = std::max<int64_t>(0, t - p0) * heads; r < rows; ++r) {
+    for (int64_t r = v.first_row(t); r < rows; ++r) {
       const __m512 p = _mm512_set1_ps(s[r * keys + t]);
       const bf16* vr = v_row + head_offset[r];
       float* ar = &acc[r * d];
       for (int64_t c = 0; c < d; c += 16) {
         const __mmask16 m = c + 16 <= d ? static_cast<__mmask16>(0xffff) : tail16;
         const __m512i v16 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vr + c));
-        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(v16, 16));
-        _mm512_mask_storeu_ps(ar + c, m, _mm512_fmadd_ps(p, v, _mm512_maskz_loadu_ps(m, ar + c)));
+        const __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(v16, 16));
+        _mm512_mask_storeu_ps(ar + c, m, _mm512_fmadd_ps(p, vf, _mm512_maskz_loadu_ps(m, ar + c)));
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    bf16* o = out + (tok0 + r / heads) * pb.hq * d + (j0 + r % heads) * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = from_float<bf16>(acc[r * d + c] * inv_sum[r]);
-  }
+  write_rows(out, acc.data(), inv_sum.data(), v, pb.hq);
 }
 #endif
 
@@ -207,7 +208,7 @@ void paged_attention(int64_t out, int64_t q, int64_t tokens, int64_t k_cache, in
           "cu_seqlens_q must run from 0 to at most the " + std::to_string(tokens) + " query tokens, got " +
               std::to_string(cu[0]) + " .. " + std::to_string(cu[num_seqs]));
   require(head_dim > 0 && block_size > 0, op, "head_dim and block_size must be > 0");
-  PagedBatch pb{as_ptr<const int32_t>(cu_seqlens_q), as_ptr<const int32_t>(context_lens),
+  PagedBatch pb{cu, as_ptr<const int32_t>(context_lens),
                 as_ptr<const int32_t>(block_tables), bt_stride, hq, hk, head_dim, block_size, q_stride,
                 static_cast<float>(scale)};
   std::vector<Task> tiles;
