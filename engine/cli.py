@@ -89,6 +89,8 @@ def _bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def module(path: Path):
+        if str(path.parent) not in sys.path:  # a benchmark imports its siblings (report.py, ...)
+            sys.path.insert(0, str(path.parent))
         spec = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)

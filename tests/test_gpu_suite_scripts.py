@@ -4,6 +4,7 @@ bench_throughput; bench_step_breakdown; summarize: tables, the implied speculati
 import dataclasses
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(path: Path):
+    if str(path.parent) not in sys.path:  # a benchmark imports its siblings (report.py, ...)
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

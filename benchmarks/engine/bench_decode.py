@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 
 import torch
@@ -23,6 +22,8 @@ from gemforge.engine.loader import weights_from_state_dict
 from gemforge.engine.model import GemmaModel
 from gemforge.engine.quantization import QuantConfig
 from gemforge.engine.runner import ModelRunner, WorkItem
+
+from report import emit, save
 
 
 def sync():
@@ -149,16 +150,14 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
                             "speedup_vs_hf": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2)})
             except Exception as e:  # the peer failing must not lose our numbers
                 row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        emit(rows, row)
     if args.verify and method == "none":
         one = bench_window(model, 1, args.prompt_len)
         for k in range(1, 9):
             ms = bench_window(model, k + 1, args.prompt_len)
             row = {"model": name, "dtype": args.dtype, "verify_window": k + 1, "window_ms": round(ms, 3),
                    "decode_step_ms": round(one, 3), "window_over_step": round(ms / one, 3)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            emit(rows, row)
     return rows
 
 
@@ -189,14 +188,11 @@ def main(argv=None) -> list[dict]:
             try:
                 rows += bench_model(args, name, cfg, hf, method, dtype, device)
             except Exception as e:  # one failing format must not lose the others
-                rows.append({"model": name, "weights": method, "error": f"{type(e).__name__}: {e}"[:300]})
-                print(json.dumps(rows[-1]), flush=True)
+                emit(rows, {"model": name, "weights": method, "error": f"{type(e).__name__}: {e}"[:300]})
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-            if args.out:  # keep what is measured so far, whatever happens next
-                with open(args.out, "w") as f:
-                    json.dump(rows, f, indent=2)
+            save(rows, args.out)  # keep what is measured so far, whatever happens next
         del hf
         gc.collect()
     return rows

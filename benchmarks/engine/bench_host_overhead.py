@@ -9,7 +9,6 @@ the device when there is one; `python_us` is the rest. Each is the best of `--re
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -18,6 +17,8 @@ from gemforge.engine import SamplingParams
 from gemforge.engine.config import ModelConfig
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.sampling import greedy
+
+from report import emit, save
 
 
 class NullModel:
@@ -75,13 +76,9 @@ def main(argv=None) -> list[dict]:
         for b in args.batches:
             step = min(step_us(args.model, b, prompt_len=plen) for _ in range(args.repeats))
             pick = min(greedy_us(vocab, b) for _ in range(args.repeats))
-            rows.append({"running_seqs": b, "prompt_len": plen, "step_us": round(step, 1), "greedy_us": round(pick, 1),
+            emit(rows, {"running_seqs": b, "prompt_len": plen, "step_us": round(step, 1), "greedy_us": round(pick, 1),
                          "python_us": round(step - pick, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return save(rows, args.out)
 
 
 if __name__ == "__main__":

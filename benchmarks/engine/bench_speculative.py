@@ -14,6 +14,8 @@ from pathlib import Path
 
 from gemforge.engine import LLM, SamplingParams
 
+from report import emit, save
+
 
 def heldout_prompts(target: Path, n: int, seed: int = 0) -> tuple[list[str], list[tuple[str, str]]]:
     """Code prompts (a held-out file's first lines) and FIM (prefix, suffix) pairs around a line."""
@@ -71,8 +73,7 @@ def main(argv=None) -> list[dict]:
     base = LLM(target, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch)
     for name, (prompts, suffixes) in workloads.items():
         alone = run(base, prompts, suffixes, args.max_tokens, args.repeats)
-        rows.append({"workload": name, "k": 0, **alone, "speedup": 1.0})
-        print(json.dumps(rows[-1]), flush=True)
+        emit(rows, {"workload": name, "k": 0, **alone, "speedup": 1.0})
     # the draft's cost on this machine, in target steps: its decode speed alone against the target's
     draft_alone = run(LLM(args.draft, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch), code, None,
                       args.max_tokens, args.repeats)
@@ -88,13 +89,10 @@ def main(argv=None) -> list[dict]:
         for name, (prompts, suffixes) in workloads.items():
             res = run(spec, prompts, suffixes, args.max_tokens, args.repeats)
             base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)
-            rows.append({"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense",
+            emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense",
                          "draft_cost": round(spec.engine.draft_cost, 3), **res,
                          "speedup": round(res["tokens_per_s"] / base_tps, 2)})
-            print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    return rows
+    return save(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from gemforge.engine import LLM, SamplingParams
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, also when loaded by path
-from bench_throughput import prompts_for  # noqa: E402
+from bench_throughput import prompts_for
+from report import emit, save
 
 
 def breakdown(llm: LLM, n: int, max_tokens: int) -> dict:
@@ -64,18 +61,17 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--backend", default="auto", help="the model's ops (torch: the reference ops, for comparison)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=max(args.concurrency))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, progress=False,
+              max_num_seqs=max(args.concurrency))
     rows = []
     for n in args.concurrency:
-        rows.append({**breakdown(llm, n, args.max_tokens), "dtype": str(llm.engine.dtype), "device": args.device})
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+        emit(rows, {**breakdown(llm, n, args.max_tokens), "dtype": str(llm.engine.dtype), "backend": args.backend,
+                    "device": args.device})
+    return save(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ left-padded) on the same checkpoint in the same run, with 1, 8 and 64 concurrent
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
 import torch
 
 from gemforge.engine import LLM, SamplingParams
+
+from report import emit, save
 
 
 def prompts_for(llm: LLM, n: int, seed: int = 0) -> list[list[int]]:
@@ -77,14 +78,10 @@ def main(argv=None) -> list[dict]:
         prompts = prompts_for(llm, n)
         best = best_tok_s({"gemforge": gemforge_run(llm, prompts, args.max_tokens),
                            "hf": hf_run(hf, prompts, args.max_tokens, args.device)}, args.repeats)
-        rows.append({"concurrency": n, "gemforge_tok_s": round(best["gemforge"], 1), "hf_generate_tok_s":
+        emit(rows, {"concurrency": n, "gemforge_tok_s": round(best["gemforge"], 1), "hf_generate_tok_s":
                      round(best["hf"], 1), "ratio": round(best["gemforge"] / best["hf"], 2), "repeats": args.repeats,
                      "device": args.device, "dtype": str(llm.engine.dtype)})
-        print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+    return save(rows, args.out)
 
 
 if __name__ == "__main__":
