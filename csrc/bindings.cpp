@@ -28,12 +28,11 @@ static void bind_cpu(py::module_& m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"), py::arg("context_lens"), py::arg("block_tables"),
         py::arg("num_seqs"), py::arg("q_stride"), py::arg("bt_stride"), py::arg("bt_width"), py::arg("hq"),
         py::arg("hk"), py::arg("head_dim"), py::arg("block_size"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
-  m.def("linear_bf16", &gf::cpu::linear_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"),
-        py::arg("rows"), py::arg("N"), py::arg("K"));
+  m.def("linear_packed_bf16", &gf::cpu::linear_packed_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("wp"),
+        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"));
   m.def("argmax", &gf::cpu::argmax, nogil(), py::arg("out"), py::arg("x"), py::arg("rows"), py::arg("n"),
         py::arg("stride"));
   m.attr("HAS_BF16_DOT") = gf::cpu::has_bf16_dot();
-  m.attr("MAX_LINEAR_ROWS") = gf::cpu::kMaxLinearRows;
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from gemforge.kernels import AttnMetadata, select
+from gemforge.kernels.linear import PackedWeight
 
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -32,6 +33,7 @@ class Ops:
     write_kv: Callable
     attention: Callable
     linear: Callable
+    packs_weights: bool = False  # dense bf16 weights go to linear as PackedWeight
 
     @classmethod
     def resolve(cls, backend: str, device) -> "Ops":
@@ -44,20 +46,37 @@ class Ops:
 
         impls = {op: select(op, pick(op), device) for op in OPS}
         # Dense weights call their implementation directly; quantized ones dispatch on their format.
-        dense, quant_backend = impls["linear"], {"int8": pick("linear_int8"), "int4": pick("linear_int4")}
+        dense = impls["linear"]
+        fmt_backend = {fmt: pick(f"linear_{fmt}") for fmt in ("int8", "int4", "packed")}
 
         def linear_op(x, w, b=None):
-            return dense(x, w, b) if isinstance(w, torch.Tensor) else linear(x, w, b, backend=quant_backend[w.fmt])
+            return dense(x, w, b) if isinstance(w, torch.Tensor) else linear(x, w, b, backend=fmt_backend[w.fmt])
         impls["linear"] = linear_op
-        return cls(**impls)
+        from gemforge.kernels._native import cpu_packs_linear
+        packs = torch.device(device).type == "cpu" and fmt_backend["packed"] in ("auto", "cpu") and cpu_packs_linear()
+        return cls(**impls, packs_weights=packs)
+
+
+def pack_weights(w: GemmaWeights) -> None:
+    """In place (so each plain matrix is freed as soon as it is packed): every dense bf16 matrix, the
+    linears and the tied embedding / LM head, becomes a PackedWeight; norms and quantized weights stay."""
+    def pack(t):
+        return PackedWeight.pack(t) if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t
+    w.embed = pack(w.embed)
+    for layer in w.layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(layer, name, pack(getattr(layer, name)))
 
 
 class GemmaModel:
     def __init__(self, cfg: ModelConfig, weights: GemmaWeights, dtype: torch.dtype,
                  device="cpu", backend: str = "auto"):
+        """Takes `weights` over: where the backend has a packed-weight linear, repacks them in place."""
         self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, torch.device(device)
         self.backend = backend
         self.ops = Ops.resolve(backend, self.device)
+        if self.ops.packs_weights:
+            pack_weights(self.w)
         self.normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype, device=self.device)
         self.scale = cfg.head_dim ** -0.5
 
@@ -65,6 +84,8 @@ class GemmaModel:
         table = self.w.embed
         if isinstance(table, torch.Tensor):
             rows = table[input_ids]
+        elif isinstance(table, PackedWeight):
+            rows = table.rows(input_ids)
         else:  # quantized table: dequantize only the looked-up rows
             from gemforge.kernels.quant import embedding_rows
             rows = embedding_rows(table, input_ids).to(self.dtype)

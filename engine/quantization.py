@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gemforge.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
+from gemforge.kernels.linear import PackedWeight
 
 from .errors import ConfigError
 
@@ -69,6 +70,8 @@ def weight_bytes(weights) -> dict[str, int]:
     for p in params:
         if isinstance(p, QuantizedWeight):
             out[p.fmt] += p.nbytes
+        elif isinstance(p, PackedWeight):
+            out["dense"] += p.nbytes
         else:
             out["dense"] += p.numel() * p.element_size()
     out["total"] = sum(out.values())

@@ -12,8 +12,8 @@ batches (max_query_len == 1; anything else is delegated to the "triton" backend)
 linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
 "cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv, argmax (fp32) and attention (any mix of prefill chunks,
 decode tokens and verify windows; a chunk of CPU_TORCH_PREFILL_TOKENS or more goes to torch) in
-fp32/fp16/bf16; dense linear for bf16 inputs of 1-6 rows (AVX512-BF16 builds), torch otherwise;
-quantized linear stays with torch.
+fp32/fp16/bf16; bf16 linear over a PackedWeight (AVX512-BF16 builds; plain dense weights go to
+torch); quantized linear stays with torch.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from .argmax import argmax_ref
 from .attention import AttnMetadata
-from .linear import _linear_torch
+from .linear import PackedWeight
 from .registry import register, select
 from .rotary import rope_inv_freq
 
@@ -315,27 +315,35 @@ def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torc
 
 
 # ----------------------------------------------------------------------------- dense linear
-@register("linear", "cpu")
-def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """bf16 x of 1.._C.cpu.MAX_LINEAR_ROWS rows: the C++ AVX512-BF16 GEMV; everything else (more
-    rows, other dtypes, a build without AVX512-BF16): torch."""
-    cpu = _ext().cpu
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not (cpu.HAS_BF16_DOT and x.dtype == torch.bfloat16 and 1 <= rows <= cpu.MAX_LINEAR_ROWS):
-        return _linear_torch(x, weight, bias)
-    op = "linear"
-    _check_device(op, "cpu", x=x, weight=weight, bias=bias)
-    k = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != k or weight.dtype != x.dtype:
-        raise ValueError(f"{op}: weight must be {x.dtype} [N, {k}], got {weight.dtype} {tuple(weight.shape)}")
-    _check_contiguous(op, "weight", weight)
-    n = weight.shape[0]
+def cpu_packs_linear() -> bool:
+    """Whether _C has the packed bf16 linear (built, for a CPU with AVX512-BF16)."""
+    try:
+        return bool(_ext().cpu.HAS_BF16_DOT)
+    except ImportError:
+        return False
+
+
+@register("linear_packed", "cpu")
+def linear_packed_cpu(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 x [M, K] @ w^T (+ b) over a PackedWeight: the C++ AVX512-BF16 kernel."""
+    op = "linear_packed"
+    if not cpu_packs_linear():
+        raise ValueError(f"{op}: gemforge._C was built without AVX512-BF16; keep the weight unpacked")
+    _check_device(op, "cpu", x=x, weight=weight.data, bias=bias)
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.bfloat16:
+        raise ValueError(f"{op}: x must be torch.bfloat16 [M, {k}], got {x.dtype} {tuple(x.shape)}")
+    if weight.data.dtype != torch.bfloat16 or tuple(weight.data.shape) != (-(-n // 16), -(-k // 2), 16, 2):
+        raise ValueError(f"{op}: weight data must be torch.bfloat16 [{-(-n // 16)}, {-(-k // 2)}, 16, 2] for "
+                         f"shape {(n, k)}, got {weight.data.dtype} {tuple(weight.data.shape)}")
+    _check_contiguous(op, "weight", weight.data)
     if bias is not None:
         _check_like(op, "bias", bias, (n,), x.dtype)
         _check_contiguous(op, "bias", bias)
     x = x.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    cpu.linear_bf16(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, n, k)
+    y = torch.empty((x.shape[0], n), dtype=x.dtype)
+    _ext().cpu.linear_packed_bf16(y.data_ptr(), x.data_ptr(), weight.data.data_ptr(),
+                                  0 if bias is None else bias.data_ptr(), x.shape[0], n, k)
     return y
 
 

@@ -1,7 +1,9 @@
 """y = x @ W^T (+ b): the one linear op of the model, dense or weight-only quantized.
 
-`linear(x, weight)` takes a dense [N, K] tensor (op "linear") or a `QuantizedWeight` (ops
-"linear_int8" / "linear_int4", formats in kernels/quant.py and docs/QUANT_FORMAT.md). The quantized
+`linear(x, weight)` takes a dense [N, K] tensor (op "linear"), a `PackedWeight` (op "linear_packed":
+a bf16 weight in the blocked layout of the C++ CPU kernel, packed once at load) or a
+`QuantizedWeight` (ops "linear_int8" / "linear_int4", formats in kernels/quant.py and
+docs/QUANT_FORMAT.md). The quantized
 ops share one signature, (x [M, K], qweight, scales, zeros, group_size, bias) -> y [M, N] in x's
 dtype, and two backends:
 
@@ -50,13 +52,54 @@ def linear_ref(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
     return _linear_torch(x, weight, bias)
 
 
+class PackedWeight(NamedTuple):
+    """A bf16 weight w [N, K] in the CPU kernel's layout (csrc/cpu/linear.cpp): `data`
+    [ceil(N / 16), ceil(K / 2), 16, 2] with data[b, p, c, j] = w[16 b + c, 2 p + j], zero outside w.
+    One 64-byte vector holds one k-pair of 16 output columns."""
+    data: torch.Tensor
+    shape: tuple[int, int]
+    fmt = "packed"
+
+    @classmethod
+    def pack(cls, w: torch.Tensor) -> "PackedWeight":
+        n, k = w.shape
+        padded = F.pad(w, (0, -k % 2, 0, -n % 16))
+        data = padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return cls(data, (n, k))
+
+    def unpack(self) -> torch.Tensor:
+        b, p = self.data.shape[:2]
+        return self.data.permute(0, 2, 1, 3).reshape(16 * b, 2 * p)[: self.shape[0], : self.shape[1]]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """w[ids]: the tied embedding's lookup, [*ids.shape, K]."""
+        picked = self.data[ids.reshape(-1) // 16, :, ids.reshape(-1) % 16]  # [len(ids), K / 2, 2]
+        return picked.reshape(len(picked), -1)[:, : self.shape[1]].reshape(*ids.shape, self.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """x [..., K] times weight [N, K]^T (dense tensor or QuantizedWeight) -> [..., N]."""
+    """x [..., K] times weight [N, K]^T (dense tensor, PackedWeight or QuantizedWeight) -> [..., N]."""
     if isinstance(weight, QuantizedWeight):
         fn = select(f"linear_{weight.fmt}", backend, x.device)
         y = fn(x.reshape(-1, x.shape[-1]), weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
         return y.reshape(*x.shape[:-1], weight.shape[0])
+    if isinstance(weight, PackedWeight):
+        y = select("linear_packed", backend, x.device)(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     return select("linear", backend, x.device)(x, weight, bias)
+
+
+@register("linear_packed", "torch")
+def linear_packed_ref(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _linear_torch(x, weight.unpack(), bias)
 
 
 @register("linear_int8", "torch")

@@ -6,8 +6,8 @@ where this torch build runs them, and our torch backend (dequantize, then matmul
 subject's: packed weight + scales (+ zeros) + bf16 activations in and out, so every entry's GB/s is
 an effective bandwidth over the quantized weight (bf16 F.linear really moves 2x / 4x more) and
 speedup_vs_bf16 is the headline. On CPU: the nano model's shapes through the torch backend, and
-the dense bf16 projections through the "cpu" backend (the C++ few-row GEMV, torch above 6 rows)
-against torch's F.linear.
+the dense bf16 projections through the "cpu" backend (the C++ linear over a PackedWeight) against
+torch's F.linear and oneDNN on a weight prepacked into its own layout.
 """
 import pytest
 import torch
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from common import DEVICE, DTYPE, MODELS, ON_GPU, TOKENS, compare, nbytes, op_impls
 
 from gemforge.kernels import select
+from gemforge.kernels._native import cpu_packs_linear
+from gemforge.kernels.linear import PackedWeight
 from gemforge.kernels.quant import quantize_int4, quantize_int8, unpack_int4
 
 ROWS = (1, 8, 64, 512) if ON_GPU else TOKENS
@@ -73,6 +75,18 @@ def test_linear_quant(benchmark, model, proj, n, k, rows, fmt):
     compare(benchmark, impls, qw.nbytes + 2 * rows * (k + n))
 
 
+def _onednn_prepacked(x, w):
+    """torch's oneDNN GEMM on a weight reordered once into its own blocked layout (what inductor's
+    CPU freezing passes use), or None where this torch build lacks the ops."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+        fn()
+    except (RuntimeError, AttributeError):
+        return None
+    return fn
+
+
 @pytest.mark.skipif(ON_GPU, reason="dense linear is cuBLAS on a GPU: there is no gemforge kernel to time")
 @pytest.mark.parametrize("rows", TOKENS)
 @pytest.mark.parametrize("model,proj,n,k", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
@@ -81,4 +95,8 @@ def test_linear_dense_cpu(benchmark, model, proj, n, k, rows):
     x = torch.randn(rows, k, dtype=DTYPE)
     w = torch.randn(n, k, dtype=DTYPE) * 0.02
     benchmark.extra_info.update(model=model, proj=proj, n=n, k=k, rows=rows)
-    compare(benchmark, op_impls("linear", x, w), nbytes(x, w) + rows * n * x.element_size())
+    impls = {"torch": lambda: F.linear(x, w), "onednn_prepacked": _onednn_prepacked(x, w)}
+    if DTYPE == torch.bfloat16 and cpu_packs_linear():
+        packed, cpu = PackedWeight.pack(w), select("linear_packed", "cpu", DEVICE)
+        impls = {"cpu": lambda: cpu(x, packed), **impls}
+    compare(benchmark, impls, nbytes(x, w) + rows * n * x.element_size())

@@ -1,11 +1,23 @@
-// Few-row bf16 linear on the CPU: y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]), x and w bf16,
-// accumulated in fp32 by AVX512-BF16 dot products (VDPBF16PS: pairs of bf16 products added into
-// fp32 lanes), rounded once to bf16. Decode multiplies one to a few rows by every weight matrix;
-// this streams each weight row once for all rows of x, with none of the per-call set-up of a
-// general GEMM. Built only where the compiler targets AVX512-BF16 (kHasBf16Dot); elsewhere the
-// "cpu" linear hands every call to torch.
+// bf16 linear on the CPU over a packed weight: y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]),
+// accumulated in fp32 by AVX512-BF16 dot products (VDPBF16PS: a pair of bf16 products added into
+// each fp32 lane), rounded once to bf16.
+//
+// The weight [N, K] is packed once, at load (PackedWeight in kernels/linear.py), into blocks of 16
+// output columns:
+// wp[b][p][c][j] = w[16 b + c][2 p + j] (zero outside w), so one 64-byte vector holds the k-pair
+// (2 p, 2 p + 1) of 16 columns. A micro-kernel keeps an MR x NB grid of 16-column fp32
+// accumulators; per k-pair it loads NB weight vectors, broadcasts each row's x pair and issues
+// MR * NB dot products: no horizontal sums, and each weight vector serves MR rows. The same
+// format serves decode (1-2 rows: the weight streams once, 8 blocks in flight to cover the dot
+// product's latency) and prefill (6-row tiles over 120-row blocks of x, K in 1024-element slices
+// whose fp32 partial sums wait in a per-thread buffer, so weight panels and x stay in L2).
+// Built only where the compiler targets AVX512-BF16 (kHasBf16Dot); elsewhere the engine keeps
+// plain weights and torch's GEMM.
 #include "common.h"
 #include "ops.h"
+
+#include <cstring>
+#include <vector>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -16,75 +28,132 @@ namespace gf::cpu {
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16Dot = true;
 
-// Rows n of w against all M rows of x; NR weight rows at a time so that NR * M dot products
-// (independent FMA chains, at most 16 accumulators: the rest of the 32 registers hold x) are in flight.
-template <int M>
-static void gemv_rows(bf16* y, const bf16* x, const bf16* w, const bf16* bias, int64_t n0, int64_t n1,
-                      int64_t N, int64_t K) {
-  constexpr int NR = M <= 4 ? 4 : 2;
-  const __mmask32 tail = static_cast<__mmask32>((1ull << (K % 32)) - 1);
-  const int64_t k_full = K - K % 32;
-  auto finish = [&](int64_t n, int m, __m512 acc) {
-    float v = _mm512_reduce_add_ps(acc);
-    if (bias) v += to_float(bias[n]);
-    y[m * N + n] = from_float<bf16>(v);
+constexpr int64_t kBlockRows = 120;   // rows of x per block (a multiple of both tile heights)
+constexpr int64_t kSliceK = 1024;     // elements of K per slice (even)
+
+// fp32 -> bf16, rounding to nearest even as from_float<bf16> does, 16 lanes; NaN stays NaN.
+static inline __m256i to_bf16_rne(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// x[k], x[k + 1] as one 32-bit lane pattern, broadcast; (x[k], 0) when k is the last element.
+static inline __m512bh pair_at(const bf16* x, int64_t k, bool half) {
+  int32_t pair = x[k].bits;
+  if (!half) std::memcpy(&pair, x + k, sizeof pair);
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+
+struct Slice {
+  int64_t k0, k1;  // elements [k0, k1) of K; k0 even
+  bool first, last;
+};
+
+// One MR x (16 NB) tile of y over one K slice. x, y: the tile's first row (row strides K, N); wp: its
+// first block (blocks `panel` uint32 apart); part: the tile's fp32 partial sums between slices.
+template <int MR, int NB>
+static void tile(bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
+                 int64_t N, int64_t K, int64_t panel, Slice s) {
+  constexpr int64_t kPartRow = 16 * NB;
+  __m512 acc[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = s.first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + i * kPartRow + 16 * j);
+  auto step = [&](int64_t k, bool half) {
+    __m512bh w[NB];
+    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * panel + k / 2 * 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xb = pair_at(x + i * K, k, half);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, w[j]);
+    }
   };
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    __m512 acc[NR][M];
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 mask = k < k_full ? static_cast<__mmask32>(~0u) : tail;
-      __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n + r) * K + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
-      }
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < M; ++m) finish(n + r, m, acc[r][m]);
+  int64_t k = s.k0;
+  for (; k + 1 < s.k1; k += 2) step(k, false);
+  if (k < s.k1) step(k, true);
+  if (!s.last) {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(part + i * kPartRow + 16 * j, acc[i][j]);
+    return;
   }
-  for (; n < n1; ++n) {
-    __m512 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 mask = k < k_full ? static_cast<__mmask32>(~0u) : tail;
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * K + k);
-      for (int m = 0; m < M; ++m)
-        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k), wv);
-    }
-    for (int m = 0; m < M; ++m) finish(n, m, acc[m]);
+  for (int j = 0; j < NB; ++j) {
+    const int64_t n = n0 + 16 * j;
+    const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1);
+    __m512 b = _mm512_setzero_ps();
+    if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16));
+    for (int i = 0; i < MR; ++i)
+      _mm256_mask_storeu_epi16(y + i * N + n, mask, to_bf16_rne(_mm512_add_ps(acc[i][j], b)));
   }
 }
 
-void linear_bf16(int64_t y, int64_t x, int64_t w, int64_t bias, int64_t rows, int64_t N, int64_t K) {
-  require(rows >= 1 && rows <= kMaxLinearRows, "linear", "rows must be 1.." + std::to_string(kMaxLinearRows));
-  require(N >= 0 && K > 0, "linear", "need N >= 0 and K > 0");
-  auto* yp = as_ptr<bf16>(y);
-  const auto* xp = as_ptr<const bf16>(x);
-  const auto* wp = as_ptr<const bf16>(w);
-  const auto* bp = as_ptr<const bf16>(bias);
-  constexpr int64_t kChunk = 64;  // weight rows per scheduling unit
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (N * K >= 4 * kParallelGrain)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
+// Tile heights 1..MR_MAX for NB blocks; 24 accumulators + NB weights + 1 broadcast fit 32 registers.
+template <int NB>
+static void tile_rows(int rows, bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
+                      int64_t N, int64_t K, int64_t panel, Slice s) {
+  switch (rows) {
+    case 1: return tile<1, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+    case 2: return tile<2, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+  }
+  if constexpr (NB <= 4) {
     switch (rows) {
-      case 1: gemv_rows<1>(yp, xp, wp, bp, n0, n1, N, K); break;
-      case 2: gemv_rows<2>(yp, xp, wp, bp, n0, n1, N, K); break;
-      case 3: gemv_rows<3>(yp, xp, wp, bp, n0, n1, N, K); break;
-      case 4: gemv_rows<4>(yp, xp, wp, bp, n0, n1, N, K); break;
-      case 5: gemv_rows<5>(yp, xp, wp, bp, n0, n1, N, K); break;
-      default: gemv_rows<6>(yp, xp, wp, bp, n0, n1, N, K); break;
+      case 3: return tile<3, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+      case 4: return tile<4, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+      case 5: return tile<5, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+      case 6: return tile<6, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+    }
+  }
+  throw std::logic_error("linear: no tile of " + std::to_string(rows) + " rows");
+}
+
+// Blocks of x rows; within one, each thread takes groups of NB column blocks and, per K slice, runs
+// every tile of the block over that group.
+template <int NB>
+static void packed_linear(bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, int64_t M, int64_t N,
+                          int64_t K) {
+  constexpr int kTileRows = NB <= 4 ? 6 : 2;
+  const int64_t panel = (K + 1) / 2 * 16, blocks = (N + 15) / 16, groups = (blocks + NB - 1) / NB;
+#pragma omp parallel if (M * N * K >= 8 * kParallelGrain)
+  {
+    std::vector<float> part(K > kSliceK ? kBlockRows * 16 * NB : 0);
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      const int64_t m1 = std::min(M, m0 + kBlockRows);
+#pragma omp for schedule(static) nowait
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t b0 = g * NB, nb = std::min<int64_t>(NB, blocks - b0);
+        for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
+          const Slice s{k0, std::min(K, k0 + kSliceK), k0 == 0, k0 + kSliceK >= K};
+          for (int64_t m = m0; m < m1; m += kTileRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
+            if (nb == NB) {
+              tile_rows<NB>(rows, y + m * N, x + m * K, wp + b0 * panel, bias, part.data() + (m - m0) * 16 * NB,
+                            b0 * 16, N, K, panel, s);
+            } else {  // the last, partial group: one block at a time, each with its own partial sums
+              for (int64_t b = b0; b < b0 + nb; ++b)
+                tile_rows<1>(rows, y + m * N, x + m * K, wp + b * panel, bias,
+                             part.data() + ((b - b0) * kBlockRows + (m - m0)) * 16, b * 16, N, K, panel, s);
+            }
+          }
+        }
+      }
     }
   }
 }
+
+void linear_packed_bf16(int64_t y, int64_t x, int64_t wp, int64_t bias, int64_t M, int64_t N, int64_t K) {
+  require(M >= 0 && N >= 0 && K > 0, "linear", "need M >= 0, N >= 0 and K > 0");
+  auto* yp = as_ptr<bf16>(y);
+  const auto* xp = as_ptr<const bf16>(x);
+  const auto* w = as_ptr<const uint32_t>(wp);
+  const auto* bp = as_ptr<const bf16>(bias);
+  if (M <= 2) packed_linear<8>(yp, xp, w, bp, M, N, K);
+  else packed_linear<4>(yp, xp, w, bp, M, N, K);
+}
+
 #else
 constexpr bool kHasBf16Dot = false;
 
-void linear_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+void linear_packed_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
   throw std::runtime_error("linear: gemforge._C was built without AVX512-BF16; use the torch backend");
 }
 #endif

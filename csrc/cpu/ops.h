@@ -40,15 +40,11 @@ void paged_attention(int64_t out, int64_t q, int64_t tokens, int64_t k_cache, in
 // the first on ties; a NaN counts as the maximum (its first index), as with torch.max.
 void argmax(int64_t out, int64_t x, int64_t rows, int64_t n, int64_t stride);
 
-// Most rows linear_bf16 takes: measured against torch's bf16 GEMM on the CI CPU (all of the nano
-// model's weights, two runs), 2.7-3.1x faster at 1-2 rows, 1.6-1.8x at 3-4, 1.4-1.5x at 5,
-// 1.1-1.3x at 6, slower at 8 (the per-output horizontal sums and x reloads start to dominate).
-constexpr int64_t kMaxLinearRows = 6;
+// y [M, N] = x [M, K] @ w^T (+ bias [N]); bf16, fp32 accumulation. wp is w [N, K] packed as
+// [ceil(N / 16)][ceil(K / 2)][16][2], element (b, p, c, j) = w[16 b + c][2 p + j] (zero outside w).
+void linear_packed_bf16(int64_t y, int64_t x, int64_t wp, int64_t bias, int64_t M, int64_t N, int64_t K);
 
-// y [rows, N] = x [rows, K] @ w[N, K]^T (+ bias [N]), all bf16 and contiguous, fp32 accumulation.
-void linear_bf16(int64_t y, int64_t x, int64_t w, int64_t bias, int64_t rows, int64_t N, int64_t K);
-
-// Whether linear_bf16 was built (the compiler targeted AVX512-BF16).
+// Whether the packed bf16 linear was built (the compiler targeted AVX512-BF16).
 bool has_bf16_dot();
 
 }  // namespace gf::cpu

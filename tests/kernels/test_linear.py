@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from numerics import assert_close
 
 from gemforge.kernels import BackendUnavailable, backends, linear, select
-from gemforge.kernels.linear import TileConfig, quant_matmul_triton
+from gemforge.kernels._native import cpu_packs_linear
+from gemforge.kernels.linear import PackedWeight, TileConfig, quant_matmul_triton
 from gemforge.kernels.quant import dequantize, quantize_int4, quantize_int8
 from gemforge.kernels.registry import unavailable_reason
 
@@ -123,35 +124,69 @@ def test_torch_linear_few_rows_on_cpu(rows, dtype):
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(unavailable_reason("linear", "cpu", "cpu") is not None, reason="gemforge._C not built")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7])
-@pytest.mark.parametrize("n,k,with_bias", [(33, 67, True), (64, 256, False), (1000, 96, False), (7, 1024, True)])
-def test_cpu_linear_bf16(rows, n, k, with_bias, nan_empty):
-    """The C++ few-row bf16 GEMV (K tails, N not a multiple of its 2- or 4-row groups, bias) against
-    torch; 7 rows go to torch. Judged like every kernel: error <= 2 x torch-in-bf16's error + floor."""
-    cpu = select("linear", "cpu", "cpu")
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 3), (40, 64), (33, 67)])
+def test_packed_weight_round_trips(n, k):
+    """PackedWeight.pack puts w[16 b + c, 2 p + j] at data[b, p, c, j] (zero-padded); unpack and the
+    embedding lookup `rows` read back exactly w and w[ids]."""
+    g = torch.Generator().manual_seed(n * 100 + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    p = PackedWeight.pack(w)
+    assert p.data.shape == (-(-n // 16), -(-k // 2), 16, 2) and p.shape == (n, k)
+    assert torch.equal(p.data[0, 0, 0, 0], w[0, 0])
+    if n > 1 and k > 2:
+        assert torch.equal(p.data[0, 1, 1, 0], w[1, 2])
+    assert torch.equal(p.unpack(), w)
+    ids = torch.randint(0, n, (3, 5), generator=g)
+    assert torch.equal(p.rows(ids), w[ids])
+
+
+packed_cpu = pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 linear")
+
+
+@packed_cpu
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 13, 130])
+@pytest.mark.parametrize("n,k,with_bias", [(33, 67, True), (64, 256, False), (1000, 96, False), (40, 2051, True)])
+def test_cpu_linear_packed(rows, n, k, with_bias, nan_empty):
+    """The C++ packed bf16 linear against torch: every tile height (1-6 rows), more rows than one
+    120-row block, N not a multiple of its 16-column blocks or 4- and 8-block groups, odd K, K over
+    several 1024-element slices, bias. Judged like every kernel: error <= 2 x torch-in-bf16's + floor."""
     g = torch.Generator().manual_seed(rows * 7919 + n + k)
     x = torch.randn(rows, k, generator=g).bfloat16()
     w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if with_bias else None
-    got = cpu(x, w, b)
+    got = linear(x, PackedWeight.pack(w), b, backend="cpu")
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     assert_close(got, F.linear(x.float(), w.float(), None if b is None else b.float()), F.linear(x, w, b))
+    assert torch.equal(linear(x, PackedWeight.pack(w), b, backend="torch"), F.linear(x, w, b))
 
 
-def test_cpu_linear_other_dtypes_and_shapes_use_torch():
-    """fp32 and leading dims: the "cpu" linear returns exactly torch's result."""
-    if unavailable_reason("linear", "cpu", "cpu"):
-        pytest.skip("gemforge._C not built")
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(40, 24, generator=g)
-    x = torch.randn(3, 24, generator=g)
-    assert torch.equal(select("linear", "cpu", "cpu")(x, w), linear(x, w, backend="torch"))
-    xb, wb = x.bfloat16().view(1, 3, 24), w.bfloat16()
-    got = select("linear", "cpu", "cpu")(xb, wb)
-    assert got.shape == (1, 3, 40)
-    assert_close(got[0], F.linear(x.bfloat16().float(), wb.float()), F.linear(xb[0], wb))
-    from gemforge.kernels import _C
-    if _C.cpu.HAS_BF16_DOT:  # else the call is torch's, with torch's error
-        with pytest.raises(ValueError, match=r"linear: weight must be torch.bfloat16 \[N, 24\]"):
-            select("linear", "cpu", "cpu")(xb, w)
+@packed_cpu
+def test_cpu_linear_packed_nan_stays_in_its_row():
+    """A NaN in x makes its own row NaN and no other: the odd-K tail pair never reads the next row."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, generator=g).bfloat16()
+    w = torch.randn(20, 7, generator=g).bfloat16()
+    x[1, 0] = float("nan")
+    y = linear(x, PackedWeight.pack(w), backend="cpu")
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+@packed_cpu
+def test_cpu_linear_packed_bad_input():
+    w = PackedWeight.pack(torch.randn(40, 24).bfloat16())
+    with pytest.raises(ValueError, match=r"linear_packed: x must be torch.bfloat16 \[M, 24\], got torch.float32"):
+        linear(torch.randn(3, 24), w, backend="cpu")
+    with pytest.raises(ValueError, match=r"linear_packed: x must be torch.bfloat16 \[M, 24\], got .* \(3, 25\)"):
+        linear(torch.randn(3, 25).bfloat16(), w, backend="cpu")
+    with pytest.raises(ValueError, match=r"linear_packed: bias must be"):
+        linear(torch.randn(3, 24).bfloat16(), w, torch.zeros(41, dtype=torch.bfloat16), backend="cpu")
+    bad = PackedWeight(w.data[:, :5], w.shape)
+    with pytest.raises(ValueError, match=r"linear_packed: weight data must be torch.bfloat16 \[3, 12, 16, 2\]"):
+        linear(torch.randn(3, 24).bfloat16(), bad, backend="cpu")
+
+
+def test_plain_linear_on_cpu_is_torch():
+    """A plain dense weight has no "cpu" implementation: "auto" on a CPU is torch's F.linear."""
+    assert "cpu" not in backends("linear")
+    x, w = torch.randn(3, 24).bfloat16(), torch.randn(40, 24).bfloat16()
+    assert torch.equal(linear(x, w), F.linear(x, w))
