@@ -102,7 +102,7 @@ class EngineConfig:
     draft_quantization: str | None = None
     num_speculative_tokens: int = 4
     adaptive_lookahead: bool = True
-    draft_cost: float | None = None  # a draft step in target decode steps; None: their weight-bytes ratio
+    draft_cost: float | None = None  # a draft step in target decode steps; None: measured (from the weight-bytes ratio)
 
 
 class Engine:
@@ -130,7 +130,8 @@ class Engine:
                                   max_graph_batch=min(ec.max_num_seqs, 256), max_context=self.max_model_len)
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
-        # at small batch a decode step costs about its weight bytes: the 2B costs ~0.29 of the 7B in bf16
+        # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
+        # prior; unless given, the cost is then measured on the running decode steps (`_measure_draft_cost`)
         self.draft_cost = ec.draft_cost if ec.draft_cost is not None else (
             weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"] if self.drafter else 0.0)
         self.requests: dict[str, Request] = {}
@@ -278,7 +279,9 @@ class Engine:
         if not plan.scheduled:
             return []
         spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
+        t_start = time.perf_counter()
         drafts, qs = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else ([], [])
+        t_drafted = time.perf_counter()
         window = {id(sc): (d, q) for sc, d, q in zip(spec, drafts, qs)}
         items, rows, plain, r, prompt_tokens = [], [], [], 0, 0
         for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
@@ -325,7 +328,20 @@ class Engine:
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
                 self.drafter.keep(s.seq_id, s.num_cached)
-        return self._collect(touched, finished_only)
+        out = self._collect(touched, finished_only)
+        if (spec and self.ec.draft_cost is None and self.drafter.most_fed <= 2
+                and all(sc.num_tokens == 1 for sc in plan.scheduled)):
+            self._measure_draft_cost((t_drafted - t_start) / max(sc.lookahead for sc in spec),
+                                     time.perf_counter() - t_drafted)
+        return out
+
+    def _measure_draft_cost(self, draft_step_s: float, target_step_s: float) -> None:
+        """Moves `draft_cost` towards this decode step's measured ratio: one draft step (its share of
+        the propose loop, host work included) over the rest of the step (the target's verify
+        forward, acceptance, bookkeeping). Fixed per-step costs, which the weight-bytes prior leaves
+        out, dominate small models and CPUs; only all-decode steps count (a prefill chunk would
+        inflate the target's side, a draft catching up on many tokens its own)."""
+        self.draft_cost = 0.8 * self.draft_cost + 0.2 * min(16.0, draft_step_s / max(target_step_s, 1e-9))
 
     def _sample(self, seqs, logits):
         """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""

@@ -44,12 +44,14 @@ class Drafter:
         self.runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=max_batch,
                                   max_context=max_context)
         self.cached: dict[int, int] = {}
+        self.most_fed = 0  # the most tokens one sequence fed in the last propose's first forward
 
     def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Draft ks[i] tokens for each sequence; also each sampled sequence's q rows [ks[i], V]."""
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         blocks = self.cache.blocks
+        self.most_fed = 0
         for j in range(max(ks, default=0)):
             live = [i for i, k in enumerate(ks) if k > j]
             items = []
@@ -59,6 +61,7 @@ class Drafter:
                 feed = s.tokens(start, n - start) + drafts[i] if start < n else drafts[i][start - n:]
                 blocks.append(s.seq_id, len(feed))
                 items.append(WorkItem(s.seq_id, feed, start))
+                self.most_fed = max(self.most_fed, len(feed))
                 self.cached[s.seq_id] = n + len(drafts[i])
             logits = self.runner.run(items)
             nxt = greedy(logits)

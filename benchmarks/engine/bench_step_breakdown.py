@@ -41,7 +41,8 @@ def breakdown(llm: LLM, n: int, max_tokens: int) -> dict:
         steps[0] += decoding[0]
         return timed("forward", forward)(input_ids, *args, **kwargs)
 
-    model.ops = dataclasses.replace(ops, **{f.name: timed(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)})
+    model.ops = dataclasses.replace(ops, **{f.name: timed(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)
+                                            if callable(getattr(ops, f.name))})
     model.forward, eng.step = timed_forward, timed("step", step)
     try:
         prompts = prompts_for(llm, n)

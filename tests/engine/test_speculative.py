@@ -56,6 +56,20 @@ def test_adaptive_lookahead_drafts_only_when_it_pays(pair, draft_cost, drafts):
         assert steps <= 40 // PROBE_EVERY
 
 
+def test_draft_cost_is_measured_unless_given(pair):
+    """draft_cost=None starts from the weight-bytes ratio (1.0 for this equal-size pair) and then follows
+    the measured time of a draft step over the rest of a decode step; a given cost stays fixed."""
+    target, draft = pair
+    p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    measured = engine(target, draft, k=2)
+    assert measured.draft_cost == 1.0
+    run_all(measured, [("a", "def f(x):", p)])
+    assert measured.draft_cost != 1.0 and 0 < measured.draft_cost <= 16
+    fixed = engine(target, draft, k=2, draft_cost=0.3)
+    run_all(fixed, [("a", "def f(x):", p)])
+    assert fixed.draft_cost == 0.3
+
+
 def test_bad_draft_cost_is_rejected(pair):
     target, draft = pair
     with pytest.raises(RequestError, match="draft_cost"):
