@@ -11,7 +11,7 @@ registry.select() only hands out these backends when _C imports (and, for "cuda"
 batches (max_query_len == 1; anything else is delegated to the "triton" backend) and linear_int8 /
 linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
 "cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv, argmax (fp32) and attention (any mix of prefill chunks,
-decode tokens and verify windows; a chunk of CPU_TORCH_PREFILL_TOKENS or more goes to torch) in
+decode tokens and verify windows; outside the bf16 kernel, CPU_TORCH_PREFILL_TOKENS) in
 fp32/fp16/bf16; bf16 linear over a PackedWeight (AVX512-BF16 builds; plain dense weights go to
 torch); quantized linear stays with torch.
 """
@@ -29,12 +29,17 @@ from .linear import PackedWeight
 from .registry import register, select
 from .rotary import rope_inv_freq
 
+# The generic C++ attention kernel (fp32, fp16, and bf16 without AVX512-BF16 or with a head_dim that
+# is not a multiple of 32 up to 256) hands a batch holding a chunk of this many new tokens to torch,
+# whose SDPA does long causal blocks as matrix products. Measured on the 2-core CI CPU, 4 sequences:
+# at 64 new tokens each the generic kernel took 0.5x (nano heads) / 0.9x (2B heads) torch's time, at
+# 128 1.0x / 1.2x, at 256 1.5x / 1.3x. The bf16 kernel beats SDPA at every length (0.2-1.0x its time
+# at 64-2048 tokens, ad-hoc timing) and keeps every batch.
+CPU_TORCH_PREFILL_TOKENS = 128
+
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
-# Measured on the 2-core CI CPU, bf16, 4 sequences: at 64 new tokens each the C++ kernel took 0.5x
-# (nano heads) / 0.9x (2B heads) torch's time, at 128 1.0x / 1.2x, at 256 1.5x / 1.3x.
-CPU_TORCH_PREFILL_TOKENS = 128
 
 
 @functools.cache
@@ -295,10 +300,9 @@ def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> tor
 
 @register("attention", "cpu")
 def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """One kernel for every mix of prefill chunks, decode tokens and verify windows; a batch with a
-    chunk of CPU_TORCH_PREFILL_TOKENS or more new tokens goes to the torch reference (its SDPA does
-    long causal blocks as matrix products)."""
-    if meta.max_query_len >= CPU_TORCH_PREFILL_TOKENS:
+    """One kernel for every mix of prefill chunks, decode tokens and verify windows; see
+    CPU_TORCH_PREFILL_TOKENS for the long chunks the generic kernel leaves to torch."""
+    if meta.max_query_len >= CPU_TORCH_PREFILL_TOKENS and not _cpu_bf16_attention(q):
         return select("attention", "torch", q.device)(q, k_cache, v_cache, meta, scale)
     _check_attention("cpu", q, k_cache, v_cache, meta, _DTYPE_CODES)
     tokens, hq, head_dim = q.shape
@@ -315,6 +319,11 @@ def attention_cpu(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torc
 
 
 # ----------------------------------------------------------------------------- dense linear
+def _cpu_bf16_attention(q: torch.Tensor) -> bool:
+    """Whether the C++ bf16 attention kernel (not the generic one) takes q (csrc/cpu/attention.cpp)."""
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256 and cpu_packs_linear()
+
+
 def cpu_packs_linear() -> bool:
     """Whether _C has the packed bf16 linear (built, for a CPU with AVX512-BF16)."""
     try:

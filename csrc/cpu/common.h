@@ -7,6 +7,10 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace gf::cpu {
 
 // Must match _DTYPE_CODES in kernels/_native.py (and csrc/common/dtype.h).
@@ -57,6 +61,17 @@ template <> inline bf16 from_float<bf16>(float x) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{0x7fc0};  // NaN stays NaN
   return bf16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
+
+#if defined(__AVX512F__)
+// from_float<bf16> on 16 lanes: fp32 -> bf16 bits, rounding to nearest even; NaN stays NaN.
+inline __m256i to_bf16_rne(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
 
 template <typename T> struct TypeTag { using type = T; };
 

@@ -31,15 +31,6 @@ constexpr bool kHasBf16Dot = true;
 constexpr int64_t kBlockRows = 120;   // rows of x per block (a multiple of both tile heights)
 constexpr int64_t kSliceK = 1024;     // elements of K per slice (even)
 
-// fp32 -> bf16, rounding to nearest even as from_float<bf16> does, 16 lanes; NaN stays NaN.
-static inline __m256i to_bf16_rne(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // x[k], x[k + 1] as one 32-bit lane pattern, broadcast; (x[k], 0) when k is the last element.
 static inline __m512bh pair_at(const bf16* x, int64_t k, bool half) {
   int32_t pair = x[k].bits;

@@ -80,6 +80,16 @@ def test_mixed_batch(heads, dtype, kernel, nan_empty):
     check_attention(MIXED, *HEADS[heads], d=16, block_size=16, dtype=dtype, kernel=kernel)
 
 
+@pytest.mark.parametrize("seqs", [MIXED + [(20, 37)], [(37, 45)]], ids=["mixed", "one-prefill"])
+@pytest.mark.parametrize("d", [32, 64, 96, 160])
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_mixed_batch_bf16_head_dims(heads, d, seqs, kernel, nan_empty):
+    """bf16 at head_dims of the C++ bf16 kernel (multiples of 32): row groups of 8, 4, 2 and 1 rows;
+    a group spanning query tokens that see different numbers of keys (one sequence's prefill, whose
+    kv heads are split across tasks, or more rows per group than heads per token)."""
+    check_attention(seqs, *HEADS[heads], d=d, block_size=16, dtype=torch.bfloat16, kernel=kernel, seed=d)
+
+
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
 def test_mixed_batch_block_32_head_dim_48(heads, kernel, nan_empty):
     """Block size 32 and a head_dim that is not a power of two (padded and masked)."""
@@ -201,6 +211,19 @@ def test_cpu_backend_hands_long_prefill_chunks_to_torch():
     q, k_cache, v_cache, meta = make_batch([(n, n + 9), (1, 20)], 4, 2, 16, 16, torch.bfloat16, "cpu", seed=8)
     assert torch.equal(attention(q, k_cache, v_cache, meta, 0.25, backend="cpu"),
                        attention_ref(q, k_cache, v_cache, meta, 0.25))
+
+
+def test_cpu_bf16_kernel_keeps_long_prefill_chunks(monkeypatch, nan_empty):
+    """In bf16 with a head_dim the bf16 kernel takes, long chunks stay with the C++ kernel."""
+    from gemforge.kernels import _native
+    if not _native._cpu_bf16_attention(torch.empty(1, 1, 64, dtype=torch.bfloat16)):
+        pytest.skip("gemforge._C lacks the AVX512-BF16 attention kernel")
+    n = _native.CPU_TORCH_PREFILL_TOKENS
+    q, k_cache, v_cache, meta = make_batch([(n + 3, n + 40), (1, 20)], 8, 1, 64, 16, torch.bfloat16, "cpu", seed=8)
+    monkeypatch.setattr(_native, "select", lambda *a: pytest.fail("handed to another backend"))
+    out = attention(q, k_cache, v_cache, meta, 0.125, backend="cpu")
+    assert_close(out, attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, 0.125),
+                 attention_ref(q, k_cache, v_cache, meta, 0.125))
 
 
 def test_cpu_backend_rejects_bad_tables_and_slots():
