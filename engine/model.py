@@ -39,21 +39,26 @@ class Ops:
     def resolve(cls, backend: str, device) -> "Ops":
         """Each op from `backend`; an op that has no such implementation at all (dense linear has
         only torch's, i.e. cuBLAS) takes "auto". An existing but unavailable backend raises."""
-        from gemforge.kernels import backends, linear
+        from gemforge.kernels import backends
+        from gemforge.kernels._native import cpu_packs_linear, linear_packed_cpu
 
         def pick(op):
             return backend if backend == "auto" or backend in backends(op) else "auto"
 
         impls = {op: select(op, pick(op), device) for op in OPS}
-        # Dense weights call their implementation directly; quantized ones dispatch on their format.
-        dense = impls["linear"]
-        fmt_backend = {fmt: pick(f"linear_{fmt}") for fmt in ("int8", "int4", "packed")}
+        # One implementation per weight kind, called directly: dense tensors, PackedWeight, and each
+        # QuantizedWeight format (x is the model's [T, K] activations).
+        dense, packed = impls["linear"], select("linear_packed", pick("linear_packed"), device)
+        quant = {fmt: select(f"linear_{fmt}", pick(f"linear_{fmt}"), device) for fmt in ("int8", "int4")}
 
         def linear_op(x, w, b=None):
-            return dense(x, w, b) if isinstance(w, torch.Tensor) else linear(x, w, b, backend=fmt_backend[w.fmt])
+            if isinstance(w, torch.Tensor):
+                return dense(x, w, b)
+            if isinstance(w, PackedWeight):
+                return packed(x, w, b)
+            return quant[w.fmt](x, w.qweight, w.scales, w.zeros, w.group_size, b)
         impls["linear"] = linear_op
-        from gemforge.kernels._native import cpu_packs_linear
-        packs = torch.device(device).type == "cpu" and fmt_backend["packed"] in ("auto", "cpu") and cpu_packs_linear()
+        packs = packed is linear_packed_cpu and cpu_packs_linear()
         return cls(**impls, packs_weights=packs)
 
 
