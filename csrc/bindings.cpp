@@ -2,6 +2,7 @@
 // (always built) and, when built with nvcc (GEMFORGE_WITH_CUDA), the CUDA launch functions of ops.h.
 // Nothing here touches CUDA at import time.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cpu/ops.h"
 #ifdef GEMFORGE_WITH_CUDA
@@ -30,6 +31,12 @@ static void bind_cpu(py::module_& m) {
         py::arg("hk"), py::arg("head_dim"), py::arg("block_size"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
   m.def("linear_packed_bf16", &gf::cpu::linear_packed_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("wp"),
         py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("decoder_layers", &gf::cpu::decoder_layers, nogil(), py::arg("h"), py::arg("residual"), py::arg("scratch"),
+        py::arg("tokens"), py::arg("weights"), py::arg("k_caches"), py::arg("v_caches"), py::arg("positions"),
+        py::arg("inv_freq"), py::arg("slots"), py::arg("cu_seqlens_q"), py::arg("context_lens"),
+        py::arg("block_tables"), py::arg("num_seqs"), py::arg("bt_stride"), py::arg("bt_width"), py::arg("num_blocks"),
+        py::arg("block_size"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+        py::arg("inter"), py::arg("eps"), py::arg("scale"));
   m.def("argmax", &gf::cpu::argmax, nogil(), py::arg("out"), py::arg("x"), py::arg("rows"), py::arg("n"),
         py::arg("stride"));
   m.attr("HAS_BF16_DOT") = gf::cpu::has_bf16_dot();

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from gemforge.kernels import AttnMetadata, select
+from gemforge.kernels import AttnMetadata, rope_inv_freq, select
 from gemforge.kernels.linear import PackedWeight
 
 from .config import ModelConfig
@@ -84,6 +84,7 @@ class GemmaModel:
             pack_weights(self.w)
         self.normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype, device=self.device)
         self.scale = cfg.head_dim ** -0.5
+        self.native_layers = NativeLayers.build(self)  # None: op by op from Python
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         table = self.w.embed
@@ -103,7 +104,9 @@ class GemmaModel:
         cfg, ops, T = self.cfg, self.ops, input_ids.shape[0]
         qs, ks = cfg.q_size, cfg.kv_size
         h, residual = self.embed(input_ids), None
-        for i, layer in enumerate(self.w.layers):
+        if self.native_layers is not None:
+            h, residual = self.native_layers(h, meta, cache)
+        for i, layer in enumerate(self.w.layers if residual is None else ()):
             if residual is None:
                 residual, x = h, ops.rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             else:
@@ -122,3 +125,64 @@ class GemmaModel:
         if logits_indices is not None:
             x = x[logits_indices]
         return ops.linear(x, self.w.embed).float()
+
+
+class NativeLayers:
+    """Every decoder layer in one C++ call (csrc/cpu/decoder.cpp) where forward's ops would all be the
+    C++ CPU kernels over packed bf16 weights: the same kernels in the same order, so bit-identical
+    logits, without the ~70 Python op calls (argument checks, output allocations) of a step."""
+
+    def __init__(self, model: GemmaModel):
+        cfg, w = model.cfg, model.w
+        self.cfg, self.scale = cfg, model.scale
+        # the tensors themselves are held, so the pointers stay valid (the weights are fixed once built)
+        self.tensors = [t for l in w.layers for t in (l.input_norm, l.qkv.data, l.o.data, l.post_norm,
+                                                      l.gate_up.data, l.down.data)]
+        self.weights = [t.data_ptr() for t in self.tensors]
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, "cpu")
+
+    @classmethod
+    def build(cls, model: GemmaModel) -> "NativeLayers | None":
+        from gemforge.kernels import _native
+        ops, cfg = model.ops, model.cfg
+        native_ops = (ops.rms_norm is _native.rms_norm_cpu and ops.rotary is _native.rotary_cpu
+                      and ops.write_kv is _native.write_kv_cpu and ops.attention is _native.attention_cpu
+                      and ops.gelu_and_mul is _native.gelu_and_mul_cpu)
+        packed = all(isinstance(getattr(l, n), PackedWeight) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
+        norms = all(t.dtype == torch.bfloat16 and t.is_contiguous() for l in model.w.layers
+                    for t in (l.input_norm, l.post_norm))
+        fast_attention = _native._cpu_bf16_attention(torch.empty(0, 1, cfg.head_dim, dtype=model.dtype))
+        if not (ops.packs_weights and model.dtype == torch.bfloat16 and native_ops and packed and norms and fast_attention):
+            return None
+        return cls(model)
+
+    def __call__(self, h: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last layer's output, the residual stream) for embeddings h [T, hidden] (overwritten)."""
+        cfg, T = self.cfg, h.shape[0]
+        i64, i32 = torch.int64, torch.int32
+        for name, t, dtype in (("positions", meta.positions, i64), ("slot_mapping", meta.slot_mapping, i64),
+                               ("cu_seqlens_q", meta.cu_seqlens_q, i32), ("context_lens", meta.context_lens, i32)):
+            if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"decoder_layers: meta.{name} must be a contiguous CPU {dtype} tensor, got "
+                                 f"{t.dtype} on {t.device}")
+        tables = meta.block_tables
+        if tables.dtype != i32 or tables.dim() != 2 or tables.stride(1) != 1 or tables.shape[0] != meta.num_seqs:
+            raise ValueError(f"decoder_layers: meta.block_tables must be int32 [{meta.num_seqs}, max_blocks] with unit "
+                             f"column stride, got {tables.dtype} {tuple(tables.shape)} strides {tables.stride()}")
+        if meta.positions.shape[0] != T or meta.slot_mapping.shape[0] != T:
+            raise ValueError(f"decoder_layers: {T} tokens but {meta.positions.shape[0]} positions and "
+                             f"{meta.slot_mapping.shape[0]} slots")
+        width = cfg.q_size + 2 * cfg.kv_size
+        scratch = torch.empty(T * (cfg.hidden_size + width + cfg.q_size + 3 * cfg.intermediate_size), dtype=h.dtype)
+        residual = torch.empty_like(h)
+        h = h.contiguous()
+        k0 = cache.k[0]
+        from gemforge.kernels._native import _ext
+        _ext().cpu.decoder_layers(
+            h.data_ptr(), residual.data_ptr(), scratch.data_ptr(), T, self.weights, [k.data_ptr() for k in cache.k],
+            [v.data_ptr() for v in cache.v], meta.positions.data_ptr(), self.inv_freq.data_ptr(),
+            meta.slot_mapping.data_ptr(), meta.cu_seqlens_q.data_ptr(), meta.context_lens.data_ptr(),
+            tables.data_ptr(), meta.num_seqs, tables.stride(0), tables.shape[1], k0.shape[0], k0.shape[1],
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.rms_norm_eps, self.scale)
+        return h, residual

@@ -2,6 +2,9 @@
 gelu_and_mul) timed inside the engine, per decode step, beside the whole forward and the whole
 engine step (the rest is host work: scheduling, sampling, detokenization). The workload is
 bench_throughput's (prompts of 16-96 tokens, 64 new tokens each); prefill steps are left out.
+Per-op times come from the op-by-op forward; where the model runs its layers in one C++ call
+(NativeLayers, bf16 on a CPU) that forward and step are timed too (`native_forward_ms`,
+`native_step_ms`), in a run of their own.
 
     python benchmarks/engine/bench_step_breakdown.py --concurrency 1 64
 """
@@ -20,8 +23,9 @@ from bench_throughput import prompts_for
 from report import emit, save
 
 
-def breakdown(llm: LLM, n: int, max_tokens: int) -> dict:
-    """Mean ms per decode step of each op, of the forward and of the engine step, over one run."""
+def breakdown(llm: LLM, n: int, max_tokens: int, per_op: bool = True) -> dict:
+    """Mean ms per decode step of each op (op by op, `per_op`), of the forward and of the engine step,
+    over one run."""
     eng, model = llm.engine, llm.engine.runner.model
     acc, steps, decoding = defaultdict(float), [0], [False]
 
@@ -41,8 +45,11 @@ def breakdown(llm: LLM, n: int, max_tokens: int) -> dict:
         steps[0] += decoding[0]
         return timed("forward", forward)(input_ids, *args, **kwargs)
 
-    model.ops = dataclasses.replace(ops, **{f.name: timed(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)
-                                            if callable(getattr(ops, f.name))})
+    native = model.native_layers
+    if per_op:
+        model.native_layers = None
+        model.ops = dataclasses.replace(ops, **{f.name: timed(f.name, getattr(ops, f.name))
+                                                for f in dataclasses.fields(ops) if callable(getattr(ops, f.name))})
     model.forward, eng.step = timed_forward, timed("step", step)
     try:
         prompts = prompts_for(llm, n)
@@ -52,7 +59,7 @@ def breakdown(llm: LLM, n: int, max_tokens: int) -> dict:
         steps[0] = 0
         llm.generate(prompts, params, use_tqdm=False)
     finally:
-        model.ops, model.forward, eng.step = ops, forward, step
+        model.ops, model.forward, eng.step, model.native_layers = ops, forward, step, native
     return {"concurrency": n, "decode_steps": steps[0], **{f"{k}_ms": round(v / steps[0] * 1e3, 3) for k, v in acc.items()}}
 
 
@@ -69,9 +76,13 @@ def main(argv=None) -> list[dict]:
     llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, progress=False,
               max_num_seqs=max(args.concurrency))
     rows = []
+    native = llm.engine.runner.model.native_layers is not None
     for n in args.concurrency:
-        emit(rows, {**breakdown(llm, n, args.max_tokens), "dtype": str(llm.engine.dtype), "backend": args.backend,
-                    "device": args.device})
+        row = breakdown(llm, n, args.max_tokens)
+        if native:
+            whole = breakdown(llm, n, args.max_tokens, per_op=False)
+            row.update(native_forward_ms=whole["forward_ms"], native_step_ms=whole["step_ms"])
+        emit(rows, {**row, "dtype": str(llm.engine.dtype), "backend": args.backend, "device": args.device})
     return save(rows, args.out)
 
 

@@ -4,6 +4,7 @@
 // the OpenMP pool that torch itself uses (same libgomp), sized by torch.set_num_threads.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace gf::cpu {
 
@@ -43,6 +44,18 @@ void argmax(int64_t out, int64_t x, int64_t rows, int64_t n, int64_t stride);
 // y [M, N] = x [M, K] @ w^T (+ bias [N]); bf16, fp32 accumulation. wp is w [N, K] packed as
 // [ceil(N / 16)][ceil(K / 2)][16][2], element (b, p, c, j) = w[16 b + c][2 p + j] (zero outside w).
 void linear_packed_bf16(int64_t y, int64_t x, int64_t wp, int64_t bias, int64_t M, int64_t N, int64_t K);
+
+// Every Gemma decoder layer over the flat batch (decoder.cpp), bf16 with packed linears: h [T, hidden]
+// holds the embeddings and receives the last layer's output, residual [T, hidden] the residual
+// stream; scratch holds T * (hidden + (heads + 2 kv_heads) head_dim + heads head_dim + 3 inter) bf16.
+// weights: per layer input_norm, qkv, o, post_norm, gate_up, down; the rest as paged_attention,
+// rotary and write_kv take them.
+void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens, const std::vector<int64_t>& weights,
+                    const std::vector<int64_t>& k_caches, const std::vector<int64_t>& v_caches, int64_t positions,
+                    int64_t inv_freq, int64_t slots, int64_t cu_seqlens_q, int64_t context_lens, int64_t block_tables,
+                    int64_t num_seqs, int64_t bt_stride, int64_t bt_width, int64_t num_blocks, int64_t block_size,
+                    int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter, double eps,
+                    double scale);
 
 // Whether the packed bf16 linear was built (the compiler targeted AVX512-BF16).
 bool has_bf16_dot();

@@ -18,18 +18,20 @@ CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layer
 
 
 def greedy(backend: str, prompts, steps: int, quantize: bool = False, device=None, dtype=torch.float32,
-           model_out: list | None = None):
-    w = random_weights(CFG, dtype, "cpu", seed=3, std=0.3)
+           model_out: list | None = None, cfg: ModelConfig = CFG, native: bool = True):
+    w = random_weights(cfg, dtype, "cpu", seed=3, std=0.3)
     if quantize:
         for layer in w.layers:
             layer.gate_up = quantize_int4(layer.gate_up, group_size=32)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     w = type(w)(w.embed.to(device), [type(l)(*(t.to(device) for t in vars(l).values())) for l in w.layers],
                 w.final_norm.to(device))
-    model = GemmaModel(CFG, w, dtype, device, backend)
+    model = GemmaModel(cfg, w, dtype, device, backend)
+    if not native:
+        model.native_layers = None
     if model_out is not None:
         model_out.append(model)
-    cache = KVCache(CFG.num_layers, 8, 16, CFG.num_kv_heads, CFG.head_dim, dtype, device)
+    cache = KVCache(cfg.num_layers, 8, 16, cfg.num_kv_heads, cfg.head_dim, dtype, device)
     runner = ModelRunner(model, cache)
     for i, p in enumerate(prompts):
         cache.blocks.append(i, len(p))
@@ -70,3 +72,47 @@ def test_bf16_model_on_cpu_kernels_matches_torch_model():
     assert isinstance(w.layers[0].qkv, PackedWeight) == isinstance(w.embed, PackedWeight) == cpu_packs_linear()
     assert toks == ref_toks
     torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
+CFG_32 = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                     num_kv_heads=1, head_dim=32, max_position_embeddings=128)  # the bf16 attention kernel's dims
+
+
+@pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
+def test_native_layers_are_bit_identical_to_op_by_op():
+    """bf16 on the C++ kernels with packed weights runs all layers in one C++ call (NativeLayers): the
+    logits of prefill and decode steps equal the op-by-op forward's exactly."""
+    prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))]
+    models = []
+    toks, native = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=CFG_32, model_out=models)
+    assert models[0].native_layers is not None
+    ref_toks, ops = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=CFG_32, native=False)
+    assert toks == ref_toks and torch.equal(native, ops)
+
+
+@pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
+@pytest.mark.parametrize("case", ["float32", "torch-backend", "int4-gate_up", "head_dim-16"])
+def test_native_layers_only_where_every_op_is_native(case):
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    cfg = CFG if case == "head_dim-16" else CFG_32
+    w = random_weights(cfg, dtype, "cpu", seed=3, std=0.3)
+    if case == "int4-gate_up":
+        w.layers[1].gate_up = quantize_int4(w.layers[1].gate_up, group_size=32)
+    model = GemmaModel(cfg, w, dtype, "cpu", "torch" if case == "torch-backend" else "cpu")
+    assert model.native_layers is None
+
+
+@pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
+def test_native_layers_reject_bad_metadata():
+    from gemforge.kernels import AttnMetadata
+    model = GemmaModel(CFG_32, random_weights(CFG_32, torch.bfloat16, "cpu", seed=3), torch.bfloat16, "cpu", "cpu")
+    cache = KVCache(CFG_32.num_layers, 4, 16, CFG_32.num_kv_heads, CFG_32.head_dim, torch.bfloat16, "cpu")
+    meta = AttnMetadata(positions=torch.arange(3, dtype=torch.int32), cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32),
+                        context_lens=torch.tensor([3], dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                        slot_mapping=torch.arange(3), max_query_len=3, max_context_len=3)
+    h = torch.randn(3, CFG_32.hidden_size).bfloat16()
+    with pytest.raises(ValueError, match=r"decoder_layers: meta.positions must be a contiguous CPU torch.int64"):
+        model.native_layers(h, meta, cache)
+    bad_table = AttnMetadata(**{**vars(meta), "positions": torch.arange(3), "block_tables": torch.tensor([[4]], dtype=torch.int32)})
+    with pytest.raises(ValueError, match=r"sequence 0: block 4 outside the cache's 4 blocks"):
+        model.native_layers(h, bad_table, cache)
