@@ -31,6 +31,8 @@ static void bind_cpu(py::module_& m) {
         py::arg("hk"), py::arg("head_dim"), py::arg("block_size"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
   m.def("linear_packed_bf16", &gf::cpu::linear_packed_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("wp"),
         py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("linear_packed_geglu_bf16", &gf::cpu::linear_packed_geglu_bf16, nogil(), py::arg("y"), py::arg("x"),
+        py::arg("wp"), py::arg("M"), py::arg("N"), py::arg("K"));
   m.def("decoder_layers", &gf::cpu::decoder_layers, nogil(), py::arg("h"), py::arg("residual"), py::arg("scratch"),
         py::arg("tokens"), py::arg("weights"), py::arg("k_caches"), py::arg("v_caches"), py::arg("positions"),
         py::arg("inv_freq"), py::arg("slots"), py::arg("cu_seqlens_q"), py::arg("context_lens"),

@@ -115,6 +115,15 @@ inline float exp_vec(float x) {
   return underflow ? 0.0f : p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) * (1 << 23));
 }
 
+// GeGLU of one element in fp32: gelu_tanh(g) * u with z = sqrt(2/pi)(g + 0.044715 g^3) and
+// gelu_tanh(g) = g (1 + tanh z) / 2 = g / (1 + exp(-2z)). One definition for gelu_and_mul and the
+// linear that fuses it, so that both round the same value.
+inline float gelu_mul(float g, float u) {
+  constexpr float kTwoBeta = 2.0f * 0.7978845608028654f;  // 2 sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  return g / (1.0f + exp_vec(-kTwoBeta * (g + kKappa * g * g * g))) * u;
+}
+
 // Below this many elements of work a loop runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelGrain = 1 << 15;
 

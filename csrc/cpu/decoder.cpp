@@ -5,6 +5,7 @@
 //   x = rms_norm(h) and r = h (layer 0), else x, r = rms_norm(h + r)
 //   qkv = x Wqkv^T;  rotary(q, k);  write_kv(k, v);  a = attention(q, cache)
 //   h = a Wo^T;  x, r = rms_norm(h + r);  h = gelu_and_mul(x Wgu^T) Wd^T
+// (the GeGLU fused into the gate_up linear where the MLP width is a multiple of 16: the same values).
 #include <cstring>
 
 #include "common.h"
@@ -43,8 +44,12 @@ void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens
                     bt_stride, bt_width, heads, kv_heads, head_dim, block_size, num_blocks, scale, kBFloat16);
     linear_packed_bf16(h, attn, w[2], 0, T, hidden, q_size);
     rms_norm(x, residual, h, residual, w[3], T, hidden, hidden, hidden, eps, kBFloat16);
-    linear_packed_bf16(gate_up, x, w[4], 0, T, 2 * inter, hidden);
-    gelu_and_mul(act, gate_up, T, inter, kBFloat16);
+    if (inter % 16 == 0) {
+      linear_packed_geglu_bf16(act, x, w[4], T, inter, hidden);
+    } else {
+      linear_packed_bf16(gate_up, x, w[4], 0, T, 2 * inter, hidden);
+      gelu_and_mul(act, gate_up, T, inter, kBFloat16);
+    }
     linear_packed_bf16(h, act, w[5], 0, T, hidden, inter);
   }
 }

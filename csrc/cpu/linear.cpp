@@ -43,18 +43,23 @@ struct Slice {
   bool first, last;
 };
 
-// One MR x (16 NB) tile of y over one K slice. x, y: the tile's first row (row strides K, N); wp: its
-// first block (blocks `panel` uint32 apart); part: the tile's fp32 partial sums between slices.
-template <int MR, int NB>
+// One MR x (16 NB) tile over one K slice. x: the tile's first row (row stride K); wp: its first
+// block, blocks `panel` uint32 apart; part: the tile's fp32 partial sums between slices. Plain: y
+// [MR, 16 NB] at column n0 of y (row stride N) = the sums (+ bias). kGeglu: blocks j < NB/2 are gate
+// blocks, j >= NB/2 the up blocks `up` uint32 after them, and y [MR, 8 NB] = gelu_mul of the sums,
+// each rounded to bf16 first (exactly what the linear then gelu_and_mul give).
+template <int MR, int NB, bool kGeglu>
 static void tile(bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
-                 int64_t N, int64_t K, int64_t panel, Slice s) {
+                 int64_t N, int64_t K, int64_t panel, int64_t up, Slice s) {
   constexpr int64_t kPartRow = 16 * NB;
+  const uint32_t* block[NB];
+  for (int j = 0; j < NB; ++j) block[j] = kGeglu && j >= NB / 2 ? wp + up + (j - NB / 2) * panel : wp + j * panel;
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = s.first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + i * kPartRow + 16 * j);
   auto step = [&](int64_t k, bool half) {
     __m512bh w[NB];
-    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * panel + k / 2 * 16);
+    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(block[j] + k / 2 * 16);
     for (int i = 0; i < MR; ++i) {
       const __m512bh xb = pair_at(x + i * K, k, half);
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, w[j]);
@@ -68,42 +73,59 @@ static void tile(bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, f
       for (int j = 0; j < NB; ++j) _mm512_storeu_ps(part + i * kPartRow + 16 * j, acc[i][j]);
     return;
   }
-  for (int j = 0; j < NB; ++j) {
+  constexpr int kOut = kGeglu ? NB / 2 : NB;
+  for (int j = 0; j < kOut; ++j) {
     const int64_t n = n0 + 16 * j;
     const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1);
-    __m512 b = _mm512_setzero_ps();
-    if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16));
-    for (int i = 0; i < MR; ++i)
-      _mm256_mask_storeu_epi16(y + i * N + n, mask, to_bf16_rne(_mm512_add_ps(acc[i][j], b)));
+    if constexpr (kGeglu) {
+      for (int i = 0; i < MR; ++i) {
+        alignas(64) uint16_t g[16], u[16];
+        alignas(64) float o[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(g), to_bf16_rne(acc[i][j]));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(u), to_bf16_rne(acc[i][j + NB / 2]));
+#pragma omp simd
+        for (int c = 0; c < 16; ++c) o[c] = gelu_mul(to_float(bf16{g[c]}), to_float(bf16{u[c]}));
+        _mm256_mask_storeu_epi16(y + i * N + n, mask, to_bf16_rne(_mm512_load_ps(o)));
+      }
+    } else {
+      __m512 b = _mm512_setzero_ps();
+      if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16));
+      for (int i = 0; i < MR; ++i)
+        _mm256_mask_storeu_epi16(y + i * N + n, mask, to_bf16_rne(_mm512_add_ps(acc[i][j], b)));
+    }
   }
 }
 
-// Tile heights 1..MR_MAX for NB blocks; 24 accumulators + NB weights + 1 broadcast fit 32 registers.
-template <int NB>
+// Tile heights 1..6 for NB blocks; 24 accumulators + NB weights + 1 broadcast fit 32 registers.
+template <int NB, bool kGeglu>
 static void tile_rows(int rows, bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
-                      int64_t N, int64_t K, int64_t panel, Slice s) {
+                      int64_t N, int64_t K, int64_t panel, int64_t up, Slice s) {
   switch (rows) {
-    case 1: return tile<1, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
-    case 2: return tile<2, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+    case 1: return tile<1, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
+    case 2: return tile<2, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
   }
   if constexpr (NB <= 4) {
     switch (rows) {
-      case 3: return tile<3, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
-      case 4: return tile<4, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
-      case 5: return tile<5, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
-      case 6: return tile<6, NB>(y, x, wp, bias, part, n0, N, K, panel, s);
+      case 3: return tile<3, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
+      case 4: return tile<4, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
+      case 5: return tile<5, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
+      case 6: return tile<6, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
     }
   }
   throw std::logic_error("linear: no tile of " + std::to_string(rows) + " rows");
 }
 
-// Blocks of x rows; within one, each thread takes groups of NB column blocks and, per K slice, runs
-// every tile of the block over that group.
-template <int NB>
+// Blocks of x rows; within one, each thread takes groups of NB weight blocks and, per K slice, runs
+// every tile of the block over that group. y has N columns (kGeglu: N = the gate width, and the
+// weight 2N rows: N / 16 gate blocks, then as many up blocks).
+template <int NB, bool kGeglu>
 static void packed_linear(bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, int64_t M, int64_t N,
                           int64_t K) {
   constexpr int kTileRows = NB <= 4 ? 6 : 2;
-  const int64_t panel = (K + 1) / 2 * 16, blocks = (N + 15) / 16, groups = (blocks + NB - 1) / NB;
+  constexpr int kStep = kGeglu ? NB / 2 : NB;  // output blocks per group
+  constexpr int kTail = kGeglu ? 2 : 1;        // blocks of a one-output-block tile
+  const int64_t panel = (K + 1) / 2 * 16, blocks = (N + 15) / 16, groups = (blocks + kStep - 1) / kStep;
+  const int64_t up = kGeglu ? blocks * panel : 0;
 #pragma omp parallel if (M * N * K >= 8 * kParallelGrain)
   {
     std::vector<float> part(K > kSliceK ? kBlockRows * 16 * NB : 0);
@@ -111,18 +133,19 @@ static void packed_linear(bf16* y, const bf16* x, const uint32_t* wp, const bf16
       const int64_t m1 = std::min(M, m0 + kBlockRows);
 #pragma omp for schedule(static) nowait
       for (int64_t g = 0; g < groups; ++g) {
-        const int64_t b0 = g * NB, nb = std::min<int64_t>(NB, blocks - b0);
+        const int64_t b0 = g * kStep, nb = std::min<int64_t>(kStep, blocks - b0);
         for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
           const Slice s{k0, std::min(K, k0 + kSliceK), k0 == 0, k0 + kSliceK >= K};
           for (int64_t m = m0; m < m1; m += kTileRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - m));
-            if (nb == NB) {
-              tile_rows<NB>(rows, y + m * N, x + m * K, wp + b0 * panel, bias, part.data() + (m - m0) * 16 * NB,
-                            b0 * 16, N, K, panel, s);
-            } else {  // the last, partial group: one block at a time, each with its own partial sums
+            if (nb == kStep) {
+              tile_rows<NB, kGeglu>(rows, y + m * N, x + m * K, wp + b0 * panel, bias,
+                                    part.data() + (m - m0) * 16 * NB, b0 * 16, N, K, panel, up, s);
+            } else {  // the last, partial group: one output block at a time, each with its own partial sums
               for (int64_t b = b0; b < b0 + nb; ++b)
-                tile_rows<1>(rows, y + m * N, x + m * K, wp + b * panel, bias,
-                             part.data() + ((b - b0) * kBlockRows + (m - m0)) * 16, b * 16, N, K, panel, s);
+                tile_rows<kTail, kGeglu>(rows, y + m * N, x + m * K, wp + b * panel, bias,
+                                         part.data() + ((b - b0) * kBlockRows + (m - m0)) * 16 * kTail, b * 16, N, K,
+                                         panel, up, s);
             }
           }
         }
@@ -137,8 +160,17 @@ void linear_packed_bf16(int64_t y, int64_t x, int64_t wp, int64_t bias, int64_t 
   const auto* xp = as_ptr<const bf16>(x);
   const auto* w = as_ptr<const uint32_t>(wp);
   const auto* bp = as_ptr<const bf16>(bias);
-  if (M <= 2) packed_linear<8>(yp, xp, w, bp, M, N, K);
-  else packed_linear<4>(yp, xp, w, bp, M, N, K);
+  if (M <= 2) packed_linear<8, false>(yp, xp, w, bp, M, N, K);
+  else packed_linear<4, false>(yp, xp, w, bp, M, N, K);
+}
+
+void linear_packed_geglu_bf16(int64_t y, int64_t x, int64_t wp, int64_t M, int64_t N, int64_t K) {
+  require(M >= 0 && N >= 0 && N % 16 == 0 && K > 0, "linear_geglu", "need M >= 0, N >= 0 a multiple of 16, K > 0");
+  auto* yp = as_ptr<bf16>(y);
+  const auto* xp = as_ptr<const bf16>(x);
+  const auto* w = as_ptr<const uint32_t>(wp);
+  if (M <= 2) packed_linear<8, true>(yp, xp, w, nullptr, M, N, K);
+  else packed_linear<4, true>(yp, xp, w, nullptr, M, N, K);
 }
 
 #else
@@ -146,6 +178,9 @@ constexpr bool kHasBf16Dot = false;
 
 void linear_packed_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
   throw std::runtime_error("linear: gemforge._C was built without AVX512-BF16; use the torch backend");
+}
+void linear_packed_geglu_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+  throw std::runtime_error("linear_geglu: gemforge._C was built without AVX512-BF16; use the torch backend");
 }
 #endif
 

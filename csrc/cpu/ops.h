@@ -45,6 +45,11 @@ void argmax(int64_t out, int64_t x, int64_t rows, int64_t n, int64_t stride);
 // [ceil(N / 16)][ceil(K / 2)][16][2], element (b, p, c, j) = w[16 b + c][2 p + j] (zero outside w).
 void linear_packed_bf16(int64_t y, int64_t x, int64_t wp, int64_t bias, int64_t M, int64_t N, int64_t K);
 
+// y [M, N] = gelu_and_mul(x [M, K] @ w^T) for w [2N, K] = [gate; up] packed as for linear_packed_bf16,
+// N a multiple of 16: bit-identical to linear_packed_bf16 then gelu_and_mul, without the [M, 2N]
+// intermediate.
+void linear_packed_geglu_bf16(int64_t y, int64_t x, int64_t wp, int64_t M, int64_t N, int64_t K);
+
 // Every Gemma decoder layer over the flat batch (decoder.cpp), bf16 with packed linears: h [T, hidden]
 // holds the embeddings and receives the last layer's output, residual [T, hidden] the residual
 // stream; scratch holds T * (hidden + (heads + 2 kv_heads) head_dim + heads head_dim + 3 inter) bf16.

@@ -161,6 +161,21 @@ def test_cpu_linear_packed(rows, n, k, with_bias, nan_empty):
 
 
 @packed_cpu
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 130])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 67), (80, 2051)])
+def test_cpu_linear_geglu_equals_linear_then_gelu_and_mul(rows, n, k, nan_empty):
+    """The fused gate_up linear + GeGLU of the C++ decoder (one or several 16-column output blocks per
+    group and a partial last group; odd K over several slices) equals the two ops exactly."""
+    from gemforge.kernels import _C, gelu_and_mul
+    g = torch.Generator().manual_seed(rows * 31 + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = PackedWeight.pack((torch.randn(2 * n, k, generator=g) / k ** 0.5).bfloat16())
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    _C.cpu.linear_packed_geglu_bf16(y.data_ptr(), x.data_ptr(), w.data.data_ptr(), rows, n, k)
+    assert torch.equal(y, gelu_and_mul(linear(x, w, backend="cpu"), backend="cpu"))
+
+
+@packed_cpu
 def test_cpu_linear_packed_nan_stays_in_its_row():
     """A NaN in x makes its own row NaN and no other: the odd-K tail pair never reads the next row."""
     g = torch.Generator().manual_seed(11)
