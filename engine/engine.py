@@ -25,7 +25,7 @@ from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
-from .speculative import PROBE_EVERY, Drafter, accept, best_lookahead
+from .speculative import PROBE_EVERY, PROBE_MAX, Drafter, StepCosts, accept, best_lookahead
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -102,7 +102,7 @@ class EngineConfig:
     draft_quantization: str | None = None
     num_speculative_tokens: int = 4
     adaptive_lookahead: bool = True
-    draft_cost: float | None = None  # a draft step in target decode steps; None: measured (from the weight-bytes ratio)
+    draft_cost: float | None = None  # a draft step in target decode steps; None: measured (StepCosts)
 
 
 class Engine:
@@ -131,9 +131,10 @@ class Engine:
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
-        # prior; unless given, the cost is then measured on the running decode steps (`_measure_draft_cost`)
-        self.draft_cost = ec.draft_cost if ec.draft_cost is not None else (
+        # prior; unless given, the costs are then measured on the running decode steps
+        self.step_costs = StepCosts(
             weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"] if self.drafter else 0.0)
+        self.spec_rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -228,6 +229,7 @@ class Engine:
         req = Request(request_id, text, ids, seqs)
         self.requests[request_id] = req
         for s in seqs:
+            s.spec_rate = self.spec_rate
             self._by_seq[s.seq_id] = req
             self.scheduler.add(s)
         return req
@@ -247,13 +249,25 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def draft_cost(self) -> float:
+        """A draft step in plain decode steps: as given, or measured."""
+        return self.ec.draft_cost if self.ec.draft_cost is not None else self.step_costs.draft_cost
+
+    @property
+    def verify_cost(self) -> float:
+        """A speculative step's target side in plain decode steps (1 when draft_cost is given)."""
+        return 1.0 if self.ec.draft_cost is not None else self.step_costs.verify_cost
+
     # -- one iteration ----------------------------------------------------------------------
     def _set_lookahead(self) -> None:
         """Speculative tokens each running sequence verifies next step: with `adaptive_lookahead`,
-        the k that maximises expected tokens per unit of time at its recent acceptance rate and the
-        draft's cost (`best_lookahead`; 0 when drafting does not pay); never past max_tokens or the
-        context, and 0 for requests with penalties (their logits depend on the tokens inside the window)."""
+        the k that maximises expected tokens per unit of time at its recent acceptance rate, the
+        draft step's and the verify step's costs (`best_lookahead`; 0 when drafting does not pay, with
+        one-token probes at backing-off intervals); never past max_tokens or the context, and 0 for
+        requests with penalties (their logits depend on the tokens inside the window)."""
         k = self.ec.num_speculative_tokens
+        draft_cost, verify_cost = self.draft_cost, self.verify_cost
         for s in self.scheduler.running:
             p = s.params
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
@@ -261,10 +275,13 @@ class Engine:
                 continue
             want = k
             if self.ec.adaptive_lookahead:
-                want = best_lookahead(s.spec_rate, k, self.draft_cost)
-                s.spec_idle = s.spec_idle + 1 if want == 0 else 0
-                if s.spec_idle >= PROBE_EVERY:  # re-measure a sequence's acceptance now and then
-                    want, s.spec_idle = 1, 0
+                want = best_lookahead(s.spec_rate, k, draft_cost, verify_cost)
+                if want:
+                    s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
+                else:
+                    s.spec_idle += 1
+                    if s.spec_idle >= s.spec_probe_every:  # re-measure its acceptance now and then
+                        want, s.spec_idle, s.spec_probe_every = 1, 0, min(2 * s.spec_probe_every, PROBE_MAX)
             s.lookahead = max(0, min(want, p.max_tokens - len(s.output_ids) - 1,
                                      self.max_model_len - s.num_tokens - 1))
 
@@ -321,6 +338,7 @@ class Engine:
             s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
                                                               s.spec_steps + 1)
             s.spec_rate = 0.7 * s.spec_rate + 0.3 * accepted / len(d)
+            self.spec_rate = 0.95 * self.spec_rate + 0.05 * accepted / len(d)
             self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
             self._append(s, toks, [None] * len(toks), touched)
@@ -329,19 +347,20 @@ class Engine:
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
                 self.drafter.keep(s.seq_id, s.num_cached)
         out = self._collect(touched, finished_only)
-        if (spec and self.ec.draft_cost is None and self.drafter.most_fed <= 2
-                and all(sc.num_tokens == 1 for sc in plan.scheduled)):
-            self._measure_draft_cost((t_drafted - t_start) / max(sc.lookahead for sc in spec),
-                                     time.perf_counter() - t_drafted)
+        if self.drafter is not None and all(sc.num_tokens == 1 for sc in plan.scheduled):
+            self._measure(spec, t_start, t_drafted)
         return out
 
-    def _measure_draft_cost(self, draft_step_s: float, target_step_s: float) -> None:
-        """Moves `draft_cost` towards this decode step's measured ratio: one draft step (its share of
-        the propose loop, host work included) over the rest of the step (the target's verify
-        forward, acceptance, bookkeeping). Fixed per-step costs, which the weight-bytes prior leaves
-        out, dominate small models and CPUs; only all-decode steps count (a prefill chunk would
-        inflate the target's side, a draft catching up on many tokens its own)."""
-        self.draft_cost = 0.8 * self.draft_cost + 0.2 * min(16.0, draft_step_s / max(target_step_s, 1e-9))
+    def _measure(self, spec: list, t_start: float, t_drafted: float) -> None:
+        """Records this all-decode step's costs (a prefill chunk would inflate the target's side, and a
+        draft catching up on many tokens its own): plain, or one draft step's share of the propose
+        loop and the rest of the step."""
+        now = time.perf_counter()
+        if not spec:
+            self.step_costs.record("plain", now - t_start)
+        elif self.drafter.most_fed <= 2:
+            self.step_costs.record("draft", (t_drafted - t_start) / max(sc.lookahead for sc in spec))
+            self.step_costs.record("verify", now - t_drafted)
 
     def _sample(self, seqs, logits):
         """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""

@@ -8,6 +8,7 @@ import torch
 
 from .detokenizer import Detokenizer
 from .sampling import SamplingParams
+from .speculative import PROBE_EVERY
 from .tokenizer import Tokenizer
 
 _ids = itertools.count()
@@ -63,6 +64,7 @@ class Sequence:
     spec_steps: int = 0
     spec_rate: float = 1.0           # recent acceptance rate (drives the adaptive lookahead)
     spec_idle: int = 0               # steps since the adaptive lookahead last chose to draft
+    spec_probe_every: int = PROBE_EVERY  # idle steps before the next one-token probe (backs off)
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     @classmethod

@@ -21,18 +21,46 @@ from .runner import ModelRunner, WorkItem
 from .sampling import draw, greedy, probs
 
 
-PROBE_EVERY = 16  # a sequence that stopped drafting tries one draft token again after this many steps
+PROBE_EVERY = 16   # a sequence that stopped drafting tries one draft token again after this many steps,
+PROBE_MAX = 256    # doubling (up to this) after each probe that did not bring drafting back
 
 
-def best_lookahead(alpha: float, k_max: int, draft_cost: float) -> int:
-    """The lookahead k in 0..k_max with the most expected tokens per unit of time. At acceptance
-    rate alpha a window of k drafts yields (1 - alpha^(k+1)) / (1 - alpha) tokens (the last one the
-    target's own) for k draft steps of `draft_cost` target steps each plus one target step; k = 0 is
-    plain decoding, one token per step. Ties go to the smaller k."""
+def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_cost: float = 1.0) -> int:
+    """The lookahead k in 0..k_max with the most expected tokens per unit of time, the unit being one
+    plain decode step. At acceptance rate alpha a window of k drafts yields (1 - alpha^(k+1)) /
+    (1 - alpha) tokens (the last one the target's own) for k draft steps of `draft_cost` each plus
+    the target's verify step of `verify_cost`; k = 0 is plain decoding, one token per unit. Ties go
+    to the smaller k."""
     def tokens_per_cost(k: int) -> float:
+        if k == 0:
+            return 1.0
         tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-        return tokens / (1 + k * draft_cost)
+        return tokens / (verify_cost + k * draft_cost)
     return max(range(k_max + 1), key=tokens_per_cost)
+
+
+class StepCosts:
+    """Measured seconds, as moving averages, of a plain decode step, of a speculative decode step's
+    target side (verify forward, acceptance, bookkeeping) and of one draft step: the adaptive
+    lookahead's costs in plain steps. Fixed per-step costs (host work, launches), which dominate
+    small models and CPUs, are in them; a weight-bytes ratio leaves them out."""
+
+    def __init__(self, draft_prior: float):
+        self.draft_prior = draft_prior  # draft cost until both sides are measured
+        self.plain = self.verify = self.draft = None
+
+    def record(self, kind: str, seconds: float) -> None:
+        old = getattr(self, kind)
+        setattr(self, kind, seconds if old is None else 0.8 * old + 0.2 * seconds)
+
+    @property
+    def draft_cost(self) -> float:
+        base = self.plain or self.verify
+        return self.draft_prior if self.draft is None or base is None else min(16.0, self.draft / base)
+
+    @property
+    def verify_cost(self) -> float:
+        return 1.0 if self.plain is None or self.verify is None else min(16.0, self.verify / self.plain)
 
 
 class Drafter:

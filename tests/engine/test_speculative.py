@@ -7,7 +7,7 @@ from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
-from gemforge.engine.speculative import PROBE_EVERY, accept, best_lookahead
+from gemforge.engine.speculative import PROBE_EVERY, StepCosts, accept, best_lookahead
 
 from test_engine import prompts_of, run_all
 
@@ -37,6 +37,26 @@ def test_best_lookahead_weighs_acceptance_against_draft_cost():
     assert ks == sorted(ks) and ks[-1] == 8                      # more acceptance, longer windows
 
 
+def test_best_lookahead_counts_the_verify_steps_extra_cost():
+    """A verify step dearer than a plain one (acceptance, rollback, more logits) can make drafting
+    lose even when drafts are cheap and often right."""
+    assert best_lookahead(0.6, 4, 0.3) == 1
+    assert best_lookahead(0.6, 4, 0.3, verify_cost=1.4) == 0
+    assert best_lookahead(0.9, 8, 0.05, verify_cost=1.3) >= 6
+
+
+def test_step_costs_are_ratios_to_a_plain_step():
+    c = StepCosts(draft_prior=0.29)
+    assert (c.draft_cost, c.verify_cost) == (0.29, 1.0)     # nothing measured: the prior
+    c.record("draft", 0.4)
+    c.record("verify", 1.2)
+    assert c.draft_cost == pytest.approx(0.4 / 1.2) and c.verify_cost == 1.0   # no plain step yet
+    c.record("plain", 1.0)
+    assert c.draft_cost == pytest.approx(0.4) and c.verify_cost == pytest.approx(1.2)
+    c.record("plain", 2.0)                                   # a moving average: 0.8 old + 0.2 new
+    assert c.plain == pytest.approx(1.2)
+
+
 @pytest.mark.parametrize("draft_cost, drafts", [(None, False), (0.05, True)], ids=["bytes-ratio", "cheap"])
 def test_adaptive_lookahead_drafts_only_when_it_pays(pair, draft_cost, drafts):
     """The pair's draft costs as much as the target: by its weight bytes drafting never pays, and the
@@ -52,8 +72,8 @@ def test_adaptive_lookahead_drafts_only_when_it_pays(pair, draft_cost, drafts):
     steps = out["a"].outputs[0].spec["verify_steps"] if out["a"].outputs[0].spec else 0
     if drafts:
         assert steps >= 8
-    else:  # the first step's optimistic prior says k = 0 already (ties go to 0): only probes
-        assert steps <= 40 // PROBE_EVERY
+    else:  # the first step's optimistic prior says k = 0 already (ties go to 0): only probes, the
+        assert steps <= 40 // PROBE_EVERY  # second one 2 * PROBE_EVERY idle steps after the first
 
 
 def test_draft_cost_is_measured_unless_given(pair):
