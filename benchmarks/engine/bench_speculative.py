@@ -90,7 +90,8 @@ def main(argv=None) -> list[dict]:
             res = run(spec, prompts, suffixes, args.max_tokens, args.repeats)
             base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)
             emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense",
-                         "draft_cost": round(spec.engine.draft_cost, 3), **res,
+                         "draft_cost": round(spec.engine.draft_cost, 3),
+                         "verify_cost": round(spec.engine.verify_cost, 3), **res,
                          "speedup": round(res["tokens_per_s"] / base_tps, 2)})
     return save(rows, args.out)
 
