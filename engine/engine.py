@@ -346,15 +346,16 @@ class Engine:
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
                 self.drafter.keep(s.seq_id, s.num_cached)
+        finished = any(req.finished for req in touched.values())
         out = self._collect(touched, finished_only)
-        if self.drafter is not None and all(sc.num_tokens == 1 for sc in plan.scheduled):
+        if self.drafter is not None and not finished and all(sc.num_tokens == 1 for sc in plan.scheduled):
             self._measure(spec, t_start, t_drafted)
         return out
 
     def _measure(self, spec: list, t_start: float, t_drafted: float) -> None:
-        """Records this all-decode step's costs (a prefill chunk would inflate the target's side, and a
-        draft catching up on many tokens its own): plain, or one draft step's share of the propose
-        loop and the rest of the step."""
+        """Records this all-decode step's costs (only such steps count: a prefill chunk would inflate
+        the target's side, a finishing request's output the step, a draft catching up on many tokens
+        its own): plain, or one draft step's share of the propose loop and the rest of the step."""
         now = time.perf_counter()
         if not spec:
             self.step_costs.record("plain", now - t_start)

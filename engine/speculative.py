@@ -13,6 +13,9 @@ Per step and per sequence with lookahead k (its last token t already sampled, no
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 import torch
 
 from .kv_cache import KVCache
@@ -40,27 +43,37 @@ def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_cost: flo
 
 
 class StepCosts:
-    """Measured seconds, as moving averages, of a plain decode step, of a speculative decode step's
-    target side (verify forward, acceptance, bookkeeping) and of one draft step: the adaptive
-    lookahead's costs in plain steps. Fixed per-step costs (host work, launches), which dominate
-    small models and CPUs, are in them; a weight-bytes ratio leaves them out."""
+    """Measured seconds of a plain decode step, of a speculative decode step's target side (verify
+    forward, acceptance, bookkeeping) and of one draft step, each the median of its last 32 samples
+    (a shared machine's stalls would drag a mean): the adaptive lookahead's costs in plain steps.
+    Fixed per-step costs (host work, launches), which dominate small models and CPUs, are in them;
+    a weight-bytes ratio leaves them out."""
 
-    def __init__(self, draft_prior: float):
+    KINDS = ("plain", "verify", "draft")
+
+    def __init__(self, draft_prior: float, window: int = 32):
         self.draft_prior = draft_prior  # draft cost until both sides are measured
-        self.plain = self.verify = self.draft = None
+        self.samples = {kind: deque(maxlen=window) for kind in self.KINDS}
 
     def record(self, kind: str, seconds: float) -> None:
-        old = getattr(self, kind)
-        setattr(self, kind, seconds if old is None else 0.8 * old + 0.2 * seconds)
+        self.samples[kind].append(seconds)
+
+    def __getattr__(self, kind: str) -> float | None:
+        if kind not in StepCosts.KINDS:
+            raise AttributeError(kind)
+        got = self.samples[kind]
+        return statistics.median(got) if got else None
 
     @property
     def draft_cost(self) -> float:
         base = self.plain or self.verify
-        return self.draft_prior if self.draft is None or base is None else min(16.0, self.draft / base)
+        draft = self.draft
+        return self.draft_prior if draft is None or base is None else min(16.0, draft / base)
 
     @property
     def verify_cost(self) -> float:
-        return 1.0 if self.plain is None or self.verify is None else min(16.0, self.verify / self.plain)
+        plain, verify = self.plain, self.verify
+        return 1.0 if plain is None or verify is None else min(16.0, verify / plain)
 
 
 class Drafter:
