@@ -15,7 +15,7 @@ KV_BYTES_LIMIT = 16 << 30  # paged cache + its dense copy stay well inside an 80
 # (sequences, new tokens per sequence, context length per sequence)
 CASES = ([(1, 512, 512), (4, 128, 128)] + [(b, 1, c) for b, c in
          [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (256, 128), (256, 1024), (256, 8192)]]
-         if ON_GPU else [(1, 8, 8), (2, 1, 40)])
+         if ON_GPU else [(1, 8, 8), (2, 1, 40), (64, 1, 88), (4, 96, 96)])
 
 
 def paged_batch(seqs, n, ctx, kv_heads, head_dim):
