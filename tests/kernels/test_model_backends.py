@@ -78,15 +78,22 @@ CFG_32 = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_la
                      num_kv_heads=1, head_dim=32, max_position_embeddings=128)  # the bf16 attention kernel's dims
 
 
+# CodeGemma-2B's attention (8 query heads on one KV head of 256 dims) with a hidden size over one
+# 1024-element K slice of the packed linear and an MLP width that is not a multiple of 64
+CFG_2B_HEADS = ModelConfig(vocab_size=96, hidden_size=1280, intermediate_size=2064, num_layers=1, num_heads=8,
+                           num_kv_heads=1, head_dim=256, max_position_embeddings=128)
+
+
 @pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
-def test_native_layers_are_bit_identical_to_op_by_op():
+@pytest.mark.parametrize("cfg", [CFG_32, CFG_2B_HEADS], ids=["small", "2b-heads"])
+def test_native_layers_are_bit_identical_to_op_by_op(cfg):
     """bf16 on the C++ kernels with packed weights runs all layers in one C++ call (NativeLayers): the
     logits of prefill and decode steps equal the op-by-op forward's exactly."""
     prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))]
     models = []
-    toks, native = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=CFG_32, model_out=models)
+    toks, native = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=cfg, model_out=models)
     assert models[0].native_layers is not None
-    ref_toks, ops = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=CFG_32, native=False)
+    ref_toks, ops = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=cfg, native=False)
     assert toks == ref_toks and torch.equal(native, ops)
 
 
