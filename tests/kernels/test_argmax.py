@@ -16,6 +16,24 @@ def test_argmax_equals_torch(rows, n):
     assert torch.equal(select("argmax", "cpu", "cpu")(x), x.max(-1).indices)
 
 
+def test_argmax_ties_across_lanes_and_the_tail():
+    """Maxima repeated at places that share or differ in their position mod 16 (the vector lanes),
+    a maximum in the tail after the last whole 16, all-equal rows, a NaN in the tail only."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 100, generator=g)
+    x[0, [37, 5, 21]] = 9.0      # lanes 5 and 5 (5, 21) and 5 (37): index 5 wins
+    x[1, [70, 35]] = 9.0         # lane 6 (70) after lane 3 (35): 35 wins
+    x[2, 97] = 9.0               # the tail (96..99)
+    x[3, [3, 98]] = 9.0          # a tie between a lane and the tail: 3 wins
+    x[4] = 0.0                   # all equal: 0
+    x[5, 99] = float("nan")      # a NaN in the tail
+    x[6, [15, 16]] = 9.0         # neighbours in different lanes: 15
+    x[7, 80] = 9.0
+    got = select("argmax", "cpu", "cpu")(x)
+    assert torch.equal(got, x.max(-1).indices)
+    assert got.tolist()[:7] == [5, 35, 97, 3, 0, 99, 15]
+
+
 def test_argmax_nan_inf_and_strided_rows():
     g = torch.Generator().manual_seed(3)
     buf = torch.randn(6, 200, generator=g)
