@@ -240,18 +240,27 @@ static void attend_bf16(const PagedBatch& pb, const Task& task, bf16* out, const
         if (t >= rg[g].seen) continue;
         const __m512 p = _mm512_set1_ps(s[(g0 + g) * keys + t]);
         const bf16* vr = vt + rg[g].head;
-        for (int c = 0; c < kOutChunks; ++c) {
-          const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c)));
-          o[g][c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), o[g][c]);
+        for (int c = 0; c < kOutChunks; c += 2) {  // 32 elements to fp32 by two unpacks (order below)
+          const __m512i v32 = _mm512_loadu_si512(vr + 16 * c);
+          o[g][c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v32)), o[g][c]);
+          o[g][c + 1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v32)), o[g][c + 1]);
         }
       }
     }
+    // o[c], o[c + 1] hold elements 8L + (0..3) and 8L + (4..7) of the 32 at lanes 4L..4L + 3 (L = the
+    // 128-bit lane): put them back in order
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int g = 0; g < g_rows; ++g) {
       const int64_t r = g0 + g;
       bf16* dst = out + (v.tok0 + r / heads) * pb.hq * D + (v.j0 + r % heads) * D;
       const __m512 inv = _mm512_set1_ps(inv_sum[r]);
-      for (int c = 0; c < kOutChunks; ++c)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c), to_bf16_rne(_mm512_mul_ps(o[g][c], inv)));
+      for (int c = 0; c < kOutChunks; c += 2) {
+        const __m512 lo = _mm512_permutex2var_ps(o[g][c], first, o[g][c + 1]);
+        const __m512 hi = _mm512_permutex2var_ps(o[g][c], second, o[g][c + 1]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c), to_bf16_rne(_mm512_mul_ps(lo, inv)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c + 16), to_bf16_rne(_mm512_mul_ps(hi, inv)));
+      }
     }
   }
 }
