@@ -140,12 +140,14 @@ static void attend(const PagedBatch& pb, const Task& task, T* out, const T* q, c
 // 16 keys at a time, row by row (the 16 cache rows stay in L1), q in registers: q . k by VDPBF16PS
 // straight from the cache row (no fp32 copy of K), the 16 dot-product vectors summed into one
 // vector of 16 scores by a transposing add tree (not 16 horizontal sums). Then p . V, per key every
-// row of the group, into the registers. The first group requests each cache row kPrefetchRows keys
+// row of the group, into the registers (V widened to fp32 32 elements at a time by two unpacks). The first group requests each cache row kPrefetchRows keys
 // ahead (blocks sit at random places, where the hardware prefetchers do not follow); later groups
-// find the rows in cache. Against the previous one-row-per-key kernel (ad-hoc timing, the CI CPU): 1.7x faster on
-// 2B-shaped prefill (4 x 120 tokens, context 500), 1.3-1.45x on 2B-shaped decode (16 sequences,
-// context 1000), 1.1-1.2x on nano prefill, equal on the nano decode that waits for memory. Same math
-// as the generic kernel; fp32 sums ordered differently.
+// find the rows in cache. Against the previous bf16 kernel (one row at a time per key, a
+// horizontal sum per score; ad-hoc timing on the CI CPU): 2.3x faster on 2B-shaped prefill (4 x 120
+// tokens, context 500), 1.5x on 2B-shaped decode (16 sequences, context 1000), 1.6x on a 2000-token
+// nano prefill, 1.3x on cache-resident nano decode; 12-20% slower on a nano decode that waits for
+// memory (64 sequences, blocks scattered, 6 layers' caches), the same within noise in the engine.
+// Same math as the generic kernel; fp32 sums ordered differently.
 constexpr int64_t kPrefetchRows = 8;
 
 // Lane i of the result = the sum of the 16 lanes of a[i].
