@@ -63,7 +63,7 @@ class PackedWeight(NamedTuple):
     @classmethod
     def pack(cls, w: torch.Tensor) -> "PackedWeight":
         n, k = w.shape
-        padded = F.pad(w, (0, -k % 2, 0, -n % 16))
+        padded = F.pad(w, (0, -k % 2, 0, -n % 16)) if k % 2 or n % 16 else w  # one copy, not two
         data = padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
         return cls(data, (n, k))
 
