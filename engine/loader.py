@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from gemforge.kernels.linear import PackedWeight
 from gemforge.kernels.quant import QuantizedWeight
 
 from .config import ModelConfig
@@ -195,11 +196,13 @@ def _finish(name: str, value, saved: QuantConfig | None, quant: QuantConfig | No
 
 def hf_state_dict(cfg: ModelConfig, weights: GemmaWeights) -> dict[str, torch.Tensor]:
     """Unfuse GemmaWeights back into HF tensor names (contiguous copies); a quantized parameter
-    gives `<name>.qweight`, `.scales` (and `.zeros`) rows instead of `<name>.weight`."""
+    gives `<name>.qweight`, `.scales` (and `.zeros`) rows instead of `<name>.weight`; a CPU-packed
+    one (a running model's) is unpacked."""
     params = {"embed": weights.embed, "final_norm": weights.final_norm}
     for i, layer in enumerate(weights.layers):
         for name in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"):
             params[f"layers.{i}.{name}"] = getattr(layer, name)
+    params = {k: p.unpack() if isinstance(p, PackedWeight) else p for k, p in params.items()}
     out = {}
     for key, s in hf_slots(cfg).items():
         p, rows = params[s.target], slice(s.start, s.start + s.shape[0])

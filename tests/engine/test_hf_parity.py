@@ -104,3 +104,19 @@ def test_sharded_checkpoint_loads_like_single_file(make_checkpoint):
     assert a.generate(PROMPTS[0], p, use_tqdm=False)[0].outputs[0].token_ids == \
         b.generate(PROMPTS[0], p, use_tqdm=False)[0].outputs[0].token_ids
     torch.testing.assert_close(a.model.w.layers[1].qkv, b.model.w.layers[1].qkv, rtol=0, atol=0)
+
+
+def test_a_running_bf16_model_saves_the_checkpoint_it_loaded(make_checkpoint, tmp_path):
+    """A bf16 model on the C++ CPU kernels holds its matrices packed (PackedWeight); saving its
+    weights unpacks them: the saved tensors equal the loaded checkpoint's bit for bit."""
+    from safetensors.torch import load_file
+
+    from gemforge.engine.config import ModelConfig
+    from gemforge.engine.loader import save_checkpoint
+    d, _ = make_checkpoint("mqa", seed=5)
+    llm = LLM(d, dtype="bfloat16", device="cpu", progress=False)
+    out = save_checkpoint(tmp_path / "copy", ModelConfig.from_pretrained(d), llm.model.w)
+    ref = LLM(d, dtype="bfloat16", device="cpu", backend="torch", progress=False)  # plain weights
+    ref_out = save_checkpoint(tmp_path / "ref", ModelConfig.from_pretrained(d), ref.model.w)
+    got, want = load_file(out / "model.safetensors"), load_file(ref_out / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
