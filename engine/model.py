@@ -101,12 +101,19 @@ class GemmaModel:
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [len(logits_indices) or T, V] for the flat batch `input_ids` [T]."""
-        cfg, ops, T = self.cfg, self.ops, input_ids.shape[0]
+        layers = self.native_layers or self.layers
+        h, residual = layers(self.embed(input_ids), meta, cache)
+        x, _ = self.ops.rms_norm(h, self.w.final_norm, self.cfg.rms_norm_eps, residual)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.ops.linear(x, self.w.embed).float()
+
+    def layers(self, h: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers op by op: (the last layer's output, the residual stream)."""
+        cfg, ops, T = self.cfg, self.ops, h.shape[0]
         qs, ks = cfg.q_size, cfg.kv_size
-        h, residual = self.embed(input_ids), None
-        if self.native_layers is not None:
-            h, residual = self.native_layers(h, meta, cache)
-        for i, layer in enumerate(self.w.layers if residual is None else ()):
+        residual = None
+        for i, layer in enumerate(self.w.layers):
             if residual is None:
                 residual, x = h, ops.rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             else:
@@ -121,10 +128,7 @@ class GemmaModel:
             h = ops.linear(attn.view(T, qs), layer.o)
             x, residual = ops.rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
             h = ops.linear(ops.gelu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
-        x, _ = ops.rms_norm(h, self.w.final_norm, cfg.rms_norm_eps, residual)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        return ops.linear(x, self.w.embed).float()
+        return h, residual
 
 
 class NativeLayers:
