@@ -33,6 +33,8 @@ static void bind_cpu(py::module_& m) {
         py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"));
   m.def("linear_packed_geglu_bf16", &gf::cpu::linear_packed_geglu_bf16, nogil(), py::arg("y"), py::arg("x"),
         py::arg("wp"), py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("embed_packed_bf16", &gf::cpu::embed_packed_bf16, nogil(), py::arg("out"), py::arg("table"), py::arg("ids"),
+        py::arg("tokens"), py::arg("N"), py::arg("K"), py::arg("scale"));
   m.def("decoder_layers", &gf::cpu::decoder_layers, nogil(), py::arg("h"), py::arg("residual"), py::arg("scratch"),
         py::arg("tokens"), py::arg("weights"), py::arg("k_caches"), py::arg("v_caches"), py::arg("positions"),
         py::arg("inv_freq"), py::arg("slots"), py::arg("cu_seqlens_q"), py::arg("context_lens"),

@@ -91,6 +91,9 @@ class GemmaModel:
         if isinstance(table, torch.Tensor):
             rows = table[input_ids]
         elif isinstance(table, PackedWeight):
+            if self.ops.packs_weights:  # the C++ gather, the scale applied as torch would
+                from gemforge.kernels._native import embed_packed_cpu
+                return embed_packed_cpu(table, input_ids, float(self.normalizer))
             rows = table.rows(input_ids)
         else:  # quantized table: dequantize only the looked-up rows
             from gemforge.kernels.quant import embedding_rows

@@ -356,6 +356,22 @@ def linear_packed_cpu(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor 
     return y
 
 
+def embed_packed_cpu(table: PackedWeight, ids: torch.Tensor, scale: float) -> torch.Tensor:
+    """table.rows(ids) * scale in bf16 (the product in fp32, rounded once, as torch multiplies two
+    bf16 tensors): the C++ gather from the packed table."""
+    op = "embedding"
+    if not cpu_packs_linear():
+        raise ValueError(f"{op}: gemforge._C was built without AVX512-BF16")
+    _check_device(op, "cpu", table=table.data, ids=ids)
+    if ids.dtype != torch.int64 or table.dtype != torch.bfloat16:
+        raise ValueError(f"{op}: ids must be int64 and the table bf16, got {ids.dtype} and {table.dtype}")
+    n, k = table.shape
+    flat = ids.reshape(-1).contiguous()
+    out = torch.empty((*ids.shape, k), dtype=torch.bfloat16)
+    _ext().cpu.embed_packed_bf16(out.data_ptr(), table.data.data_ptr(), flat.data_ptr(), flat.numel(), n, k, float(scale))
+    return out
+
+
 # ----------------------------------------------------------------------------------- argmax
 @register("argmax", "cpu")
 def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,10 @@ void linear_packed_bf16(int64_t y, int64_t x, int64_t wp, int64_t bias, int64_t 
 // intermediate.
 void linear_packed_geglu_bf16(int64_t y, int64_t x, int64_t wp, int64_t M, int64_t N, int64_t K);
 
+// out [tokens, K] bf16 = table[ids] * scale (fp32 product, rounded once), table packed as for
+// linear_packed_bf16; ids int64, each checked against N (ValueError).
+void embed_packed_bf16(int64_t out, int64_t table, int64_t ids, int64_t tokens, int64_t N, int64_t K, double scale);
+
 // Every Gemma decoder layer over the flat batch (decoder.cpp), bf16 with packed linears: h [T, hidden]
 // holds the embeddings and receives the last layer's output, residual [T, hidden] the residual
 // stream; scratch holds T * (hidden + (heads + 2 kv_heads) head_dim + heads head_dim + 3 inter) bf16.

@@ -176,6 +176,21 @@ def test_cpu_linear_geglu_equals_linear_then_gelu_and_mul(rows, n, k, nan_empty)
 
 
 @packed_cpu
+@pytest.mark.parametrize("n,k", [(40, 67), (16, 256)])
+def test_cpu_embedding_from_the_packed_table(n, k, nan_empty):
+    """The tied embedding's C++ lookup equals torch's rows * scale in bf16 exactly; an id outside the
+    vocabulary is a ValueError naming it."""
+    from gemforge.kernels._native import embed_packed_cpu
+    g = torch.Generator().manual_seed(n + k)
+    w = PackedWeight.pack(torch.randn(n, k, generator=g).bfloat16())
+    ids = torch.randint(0, n, (3, 5), generator=g)
+    scale = torch.tensor(k ** 0.5, dtype=torch.bfloat16)
+    assert torch.equal(embed_packed_cpu(w, ids, float(scale)), w.rows(ids) * scale)
+    with pytest.raises(ValueError, match=f"embedding: token id {n} at position 1 is outside the vocabulary of {n}"):
+        embed_packed_cpu(w, torch.tensor([0, n]), 1.0)
+
+
+@packed_cpu
 def test_cpu_linear_packed_nan_stays_in_its_row():
     """A NaN in x makes its own row NaN and no other: the odd-K tail pair never reads the next row."""
     g = torch.Generator().manual_seed(11)
