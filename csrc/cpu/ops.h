@@ -1,6 +1,8 @@
 // The CPU kernels exported by bindings.cpp as gemforge.kernels._C.cpu. Pointers are host addresses
 // passed as integers, `dtype` a gf::cpu::DType code, strides count elements. Each kernel computes
-// in fp32 and rounds once to the storage type, as the op's torch reference defines; loops run on
+// in fp32 and rounds once to the storage type, as the op's torch reference defines (one exception:
+// bf16 attention rounds its softmax weights to bf16 for p . V, as torch's CPU flash attention does,
+// see attention.cpp); loops run on
 // the OpenMP pool that torch itself uses (same libgomp), sized by torch.set_num_threads.
 #pragma once
 #include <cstdint>
