@@ -76,6 +76,9 @@ grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
 part kernel_bench 90 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
   --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-json="$OUT/kernels.json"
 
+part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/models/nano-codegemma" \
+  --lengths 512 2000 --out "$OUT/prefill.json"
+
 part summary 25 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
 cat "$STATUS"
 [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"

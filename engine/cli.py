@@ -75,8 +75,9 @@ def _quantize(args) -> int:
 
 
 def _bench(args) -> int:
-    """The CPU-capable benchmarks in one go: kernels (small shapes), host overhead, throughput
-    against HF transformers and, with a draft, speculative decoding; a table at the end."""
+    """The CPU-capable benchmarks in one go: kernels (small shapes), host overhead, throughput and
+    time to first token against HF transformers and, with a draft, speculative decoding; a table at
+    the end."""
     import importlib.util
     import subprocess
 
@@ -99,7 +100,8 @@ def _bench(args) -> int:
     draft = Path(args.draft) if args.draft else None
     parts = [("kernels", None), ("host_overhead", ["--model", args.model, "--batches", "1", "64", "256"]),
              ("throughput", ["--model", args.model, "--concurrency", "1", "8", "64", "--max-tokens", "32"]),
-             ("step_breakdown", ["--model", args.model, "--concurrency", "1", "64", "--max-tokens", "32"])]
+             ("step_breakdown", ["--model", args.model, "--concurrency", "1", "64", "--max-tokens", "32"]),
+             ("prefill", ["--model", args.model, "--lengths", "128", "512"])]
     if draft is not None and draft.is_dir():
         parts.append(("speculative", ["--target", args.model, "--draft", str(draft), "--ks", "2", "4"]))
     results = {}

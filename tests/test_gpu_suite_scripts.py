@@ -1,6 +1,6 @@
 """The GPU suite's Python parts run end to end on CPU with small stand-in shapes, so that a scarce
 GPU session never finds a broken script (bench_decode: every format, HF peer, verify windows;
-bench_throughput; bench_step_breakdown; summarize: tables, the implied speculative speedup, the plot)."""
+bench_throughput; bench_step_breakdown; bench_prefill; summarize: tables, the implied speculative speedup, the plot)."""
 import dataclasses
 import importlib.util
 import json
@@ -46,6 +46,9 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     rows = load(BENCH / "engine" / "bench_step_breakdown.py").main([
         "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--concurrency", "2", "--max-tokens", "4"])
     assert rows[0]["decode_steps"] == 3 and 0 < rows[0]["linear_ms"] < rows[0]["forward_ms"] < rows[0]["step_ms"]
+    rows = load(BENCH / "engine" / "bench_prefill.py").main([
+        "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--lengths", "16", "--repeats", "1"])
+    assert rows[0]["prompt_tokens"] == 16 and rows[0]["gemforge_ms"] > 0 and rows[0]["hf_forward_ms"] > 0
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
