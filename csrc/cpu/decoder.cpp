@@ -1,5 +1,5 @@
 // The Gemma decoder layers on the CPU in one call: the same kernels, in the same order and on the
-// same buffers' values, as engine/model.py's forward makes them from Python (so the result is
+// same buffers' values, as GemmaModel.layers (engine/model.py) makes them from Python (so the result is
 // bit-identical to it), minus ~70 Python calls, output allocations and argument checks per step.
 // bf16 only, every linear packed (linear.cpp). Per layer, with r the residual stream:
 //   x = rms_norm(h) and r = h (layer 0), else x, r = rms_norm(h + r)

@@ -10,7 +10,9 @@
 // MR * NB dot products: no horizontal sums, and each weight vector serves MR rows. The same
 // format serves decode (1-2 rows: the weight streams once, 8 blocks in flight to cover the dot
 // product's latency) and prefill (6-row tiles over 120-row blocks of x, K in 1024-element slices
-// whose fp32 partial sums wait in a per-thread buffer, so weight panels and x stay in L2).
+// whose fp32 partial sums wait in a per-thread buffer, so weight panels and x stay in L2). The
+// GeGLU variant runs the same tiles over a [gate; up] weight with each tile's gate and up blocks
+// side by side, and writes gelu_mul of the two (rounded first as the separate ops would) instead.
 // Built only where the compiler targets AVX512-BF16 (kHasBf16Dot); elsewhere the engine keeps
 // plain weights and torch's GEMM.
 #include "common.h"
