@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from gemforge.kernels import AttnMetadata, rope_inv_freq, select
+from gemforge.kernels._native import embed_packed_cpu
 from gemforge.kernels.linear import PackedWeight
 
 from .config import ModelConfig
@@ -83,6 +84,7 @@ class GemmaModel:
         if self.ops.packs_weights:
             pack_weights(self.w)
         self.normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype, device=self.device)
+        self.normalizer_value = float(self.normalizer)  # the same number, as a Python float
         self.scale = cfg.head_dim ** -0.5
         self.native_layers = NativeLayers.build(self)  # None: op by op from Python
 
@@ -92,8 +94,7 @@ class GemmaModel:
             rows = table[input_ids]
         elif isinstance(table, PackedWeight):
             if self.ops.packs_weights:  # the C++ gather, the scale applied as torch would
-                from gemforge.kernels._native import embed_packed_cpu
-                return embed_packed_cpu(table, input_ids, float(self.normalizer))
+                return embed_packed_cpu(table, input_ids, self.normalizer_value)
             rows = table.rows(input_ids)
         else:  # quantized table: dequantize only the looked-up rows
             from gemforge.kernels.quant import embedding_rows
