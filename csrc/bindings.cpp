@@ -41,6 +41,9 @@ static void bind_cpu(py::module_& m) {
         py::arg("block_tables"), py::arg("num_seqs"), py::arg("bt_stride"), py::arg("bt_width"), py::arg("num_blocks"),
         py::arg("block_size"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
         py::arg("inter"), py::arg("eps"), py::arg("scale"));
+  m.def("decoder_logits", &gf::cpu::decoder_logits, nogil(), py::arg("logits"), py::arg("h"), py::arg("residual"),
+        py::arg("tokens"), py::arg("rows"), py::arg("n_rows"), py::arg("norm"), py::arg("table"), py::arg("scratch"), py::arg("hidden"),
+        py::arg("vocab"), py::arg("eps"));
   m.def("argmax", &gf::cpu::argmax, nogil(), py::arg("out"), py::arg("x"), py::arg("rows"), py::arg("n"),
         py::arg("stride"));
   m.attr("HAS_BF16_DOT") = gf::cpu::has_bf16_dot();

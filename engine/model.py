@@ -105,8 +105,10 @@ class GemmaModel:
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [len(logits_indices) or T, V] for the flat batch `input_ids` [T]."""
-        layers = self.native_layers or self.layers
-        h, residual = layers(self.embed(input_ids), meta, cache)
+        if self.native_layers is not None:
+            h, residual = self.native_layers(self.embed(input_ids), meta, cache)
+            return self.native_layers.logits(h, residual, logits_indices)
+        h, residual = self.layers(self.embed(input_ids), meta, cache)
         x, _ = self.ops.rms_norm(h, self.w.final_norm, self.cfg.rms_norm_eps, residual)
         if logits_indices is not None:
             x = x[logits_indices]
@@ -147,6 +149,7 @@ class NativeLayers:
         self.tensors = [t for l in w.layers for t in (l.input_norm, l.qkv.data, l.o.data, l.post_norm,
                                                       l.gate_up.data, l.down.data)]
         self.weights = [t.data_ptr() for t in self.tensors]
+        self.final_norm, self.table = w.final_norm, w.embed
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, "cpu")
 
     @classmethod
@@ -158,7 +161,8 @@ class NativeLayers:
                       and ops.gelu_and_mul is _native.gelu_and_mul_cpu)
         packed = all(isinstance(getattr(l, n), PackedWeight) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
         norms = all(t.dtype == torch.bfloat16 and t.is_contiguous() for l in model.w.layers
-                    for t in (l.input_norm, l.post_norm))
+                    for t in (l.input_norm, l.post_norm, model.w.final_norm))
+        packed = packed and isinstance(model.w.embed, PackedWeight)  # the tied LM head
         fast_attention = _native._cpu_bf16_attention(torch.empty(0, 1, cfg.head_dim, dtype=model.dtype))
         if not (ops.packs_weights and model.dtype == torch.bfloat16 and native_ops and packed and norms and fast_attention):
             return None
@@ -194,3 +198,17 @@ class NativeLayers:
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
             cfg.rms_norm_eps, self.scale)
         return h, residual
+
+    def logits(self, h: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """fp32 logits of `rows` of the layers' output (all when None): the final norm and the tied LM
+        head in one C++ call, as the op-by-op forward computes them."""
+        cfg, T = self.cfg, h.shape[0]
+        rows = torch.arange(T) if rows is None else rows.to(torch.int64).contiguous()
+        n, vocab = rows.shape[0], self.table.shape[0]
+        out = torch.empty(n, vocab)
+        scratch = torch.empty((n + 1) * cfg.hidden_size + n * vocab, dtype=torch.bfloat16)
+        from gemforge.kernels._native import _ext
+        _ext().cpu.decoder_logits(out.data_ptr(), h.data_ptr(), residual.data_ptr(), T, rows.data_ptr(), n,
+                                  self.final_norm.data_ptr(), self.table.data.data_ptr(), scratch.data_ptr(),
+                                  cfg.hidden_size, vocab, cfg.rms_norm_eps)
+        return out

@@ -7,6 +7,7 @@
 //   h = a Wo^T;  x, r = rms_norm(h + r);  h = gelu_and_mul(x Wgu^T) Wd^T
 // (the GeGLU fused into the gate_up linear where the MLP width is a multiple of 16: the same values).
 #include <cstring>
+#include <string>
 
 #include "common.h"
 #include "ops.h"
@@ -52,6 +53,25 @@ void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens
     }
     linear_packed_bf16(h, act, w[5], 0, T, hidden, inter);
   }
+}
+
+void decoder_logits(int64_t logits, int64_t h, int64_t residual, int64_t tokens, int64_t rows, int64_t n_rows,
+                    int64_t norm, int64_t table, int64_t scratch, int64_t hidden, int64_t vocab, double eps) {
+  const auto* idx = as_ptr<const int64_t>(rows);
+  const int64_t bf = static_cast<int64_t>(sizeof(bf16));
+  // scratch: x [n_rows, hidden] | the summed residual row [hidden] (not needed after) | y [n_rows, vocab]
+  const int64_t x = scratch, r = x + n_rows * hidden * bf, y = r + hidden * bf;
+  for (int64_t i = 0; i < n_rows; ++i) {  // the final norm of the selected rows only: it is row-wise
+    require(idx[i] >= 0 && idx[i] < tokens, "decoder_logits", "logits row " + std::to_string(idx[i]) +
+                                                                 " outside the batch's " + std::to_string(tokens) + " tokens");
+    const int64_t off = idx[i] * hidden * bf;
+    rms_norm(x + i * hidden * bf, r, h + off, residual + off, norm, 1, hidden, hidden, hidden, eps, kBFloat16);
+  }
+  linear_packed_bf16(y, x, table, 0, n_rows, vocab, hidden);
+  const auto* yb = as_ptr<const bf16>(y);
+  auto* out = as_ptr<float>(logits);
+#pragma omp parallel for schedule(static) if (n_rows * vocab >= kParallelGrain)
+  for (int64_t i = 0; i < n_rows * vocab; ++i) out[i] = to_float(yb[i]);
 }
 
 }  // namespace gf::cpu

@@ -68,6 +68,13 @@ void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens
                     int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter, double eps,
                     double scale);
 
+// fp32 logits [n_rows, vocab] of rows `rows` (int64, each < tokens: ValueError) of the decoder
+// output: rms_norm(h + residual) with `norm`, then the packed tied table (LM head), rounded to bf16
+// and widened, as the op-by-op forward computes them. scratch: (n_rows + 1) * hidden + n_rows *
+// vocab bf16.
+void decoder_logits(int64_t logits, int64_t h, int64_t residual, int64_t tokens, int64_t rows, int64_t n_rows,
+                    int64_t norm, int64_t table, int64_t scratch, int64_t hidden, int64_t vocab, double eps);
+
 // Whether the packed bf16 linear was built (the compiler targeted AVX512-BF16).
 bool has_bf16_dot();
 

@@ -123,3 +123,5 @@ def test_native_layers_reject_bad_metadata():
     bad_table = AttnMetadata(**{**vars(meta), "positions": torch.arange(3), "block_tables": torch.tensor([[4]], dtype=torch.int32)})
     with pytest.raises(ValueError, match=r"sequence 0: block 4 outside the cache's 4 blocks"):
         model.native_layers(h, bad_table, cache)
+    with pytest.raises(ValueError, match=r"decoder_logits: logits row 5 outside the batch's 3 tokens"):
+        model.native_layers.logits(h, h.clone(), torch.tensor([0, 5]))
