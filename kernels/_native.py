@@ -332,6 +332,15 @@ def cpu_packs_linear() -> bool:
         return False
 
 
+def _check_packed(op: str, name: str, w: PackedWeight) -> None:
+    """w.data is the contiguous bf16 [ceil(N / 16), ceil(K / 2), 16, 2] its shape (N, K) says."""
+    n, k = w.shape
+    if w.data.dtype != torch.bfloat16 or tuple(w.data.shape) != (-(-n // 16), -(-k // 2), 16, 2):
+        raise ValueError(f"{op}: {name} data must be torch.bfloat16 [{-(-n // 16)}, {-(-k // 2)}, 16, 2] for "
+                         f"shape {(n, k)}, got {w.data.dtype} {tuple(w.data.shape)}")
+    _check_contiguous(op, name, w.data)
+
+
 @register("linear_packed", "cpu")
 def linear_packed_cpu(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """bf16 x [M, K] @ w^T (+ b) over a PackedWeight: the C++ AVX512-BF16 kernel."""
@@ -342,10 +351,7 @@ def linear_packed_cpu(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor 
     n, k = weight.shape
     if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.bfloat16:
         raise ValueError(f"{op}: x must be torch.bfloat16 [M, {k}], got {x.dtype} {tuple(x.shape)}")
-    if weight.data.dtype != torch.bfloat16 or tuple(weight.data.shape) != (-(-n // 16), -(-k // 2), 16, 2):
-        raise ValueError(f"{op}: weight data must be torch.bfloat16 [{-(-n // 16)}, {-(-k // 2)}, 16, 2] for "
-                         f"shape {(n, k)}, got {weight.data.dtype} {tuple(weight.data.shape)}")
-    _check_contiguous(op, "weight", weight.data)
+    _check_packed(op, "weight", weight)
     if bias is not None:
         _check_like(op, "bias", bias, (n,), x.dtype)
         _check_contiguous(op, "bias", bias)
@@ -363,8 +369,9 @@ def embed_packed_cpu(table: PackedWeight, ids: torch.Tensor, scale: float) -> to
     if not cpu_packs_linear():
         raise ValueError(f"{op}: gemforge._C was built without AVX512-BF16")
     _check_device(op, "cpu", table=table.data, ids=ids)
-    if ids.dtype != torch.int64 or table.dtype != torch.bfloat16:
-        raise ValueError(f"{op}: ids must be int64 and the table bf16, got {ids.dtype} and {table.dtype}")
+    if ids.dtype != torch.int64:
+        raise ValueError(f"{op}: ids must be int64, got {ids.dtype}")
+    _check_packed(op, "table", table)
     n, k = table.shape
     flat = ids.reshape(-1).contiguous()
     out = torch.empty((*ids.shape, k), dtype=torch.bfloat16)
