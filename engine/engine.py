@@ -346,9 +346,10 @@ class Engine:
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
                 self.drafter.keep(s.seq_id, s.num_cached)
-        finished = any(req.finished for req in touched.values())
+        measure = self.drafter is not None and all(sc.num_tokens == 1 for sc in plan.scheduled) and not any(
+            req.finished for req in touched.values())
         out = self._collect(touched, finished_only)
-        if self.drafter is not None and not finished and all(sc.num_tokens == 1 for sc in plan.scheduled):
+        if measure:
             self._measure(spec, t_start, t_drafted)
         return out
 

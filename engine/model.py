@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from gemforge.kernels import AttnMetadata, rope_inv_freq, select
-from gemforge.kernels._native import embed_packed_cpu
+from gemforge.kernels._native import _ext, embed_packed_cpu
 from gemforge.kernels.linear import PackedWeight
 
 from .config import ModelConfig
@@ -159,10 +159,10 @@ class NativeLayers:
         native_ops = (ops.rms_norm is _native.rms_norm_cpu and ops.rotary is _native.rotary_cpu
                       and ops.write_kv is _native.write_kv_cpu and ops.attention is _native.attention_cpu
                       and ops.gelu_and_mul is _native.gelu_and_mul_cpu)
-        packed = all(isinstance(getattr(l, n), PackedWeight) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
+        packed = isinstance(model.w.embed, PackedWeight) and all(  # the tied LM head and every linear
+            isinstance(getattr(l, n), PackedWeight) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
         norms = all(t.dtype == torch.bfloat16 and t.is_contiguous() for l in model.w.layers
                     for t in (l.input_norm, l.post_norm, model.w.final_norm))
-        packed = packed and isinstance(model.w.embed, PackedWeight)  # the tied LM head
         fast_attention = _native._cpu_bf16_attention(torch.empty(0, 1, cfg.head_dim, dtype=model.dtype))
         if not (ops.packs_weights and model.dtype == torch.bfloat16 and native_ops and packed and norms and fast_attention):
             return None
@@ -186,10 +186,9 @@ class NativeLayers:
                              f"{meta.slot_mapping.shape[0]} slots")
         width = cfg.q_size + 2 * cfg.kv_size
         scratch = torch.empty(T * (cfg.hidden_size + width + cfg.q_size + 3 * cfg.intermediate_size), dtype=h.dtype)
-        residual = torch.empty_like(h)
         h = h.contiguous()
+        residual = torch.empty_like(h)
         k0 = cache.k[0]
-        from gemforge.kernels._native import _ext
         _ext().cpu.decoder_layers(
             h.data_ptr(), residual.data_ptr(), scratch.data_ptr(), T, self.weights, [k.data_ptr() for k in cache.k],
             [v.data_ptr() for v in cache.v], meta.positions.data_ptr(), self.inv_freq.data_ptr(),
@@ -207,7 +206,6 @@ class NativeLayers:
         n, vocab = rows.shape[0], self.table.shape[0]
         out = torch.empty(n, vocab)
         scratch = torch.empty((n + 1) * cfg.hidden_size + n * vocab, dtype=torch.bfloat16)
-        from gemforge.kernels._native import _ext
         _ext().cpu.decoder_logits(out.data_ptr(), h.data_ptr(), residual.data_ptr(), T, rows.data_ptr(), n,
                                   self.final_norm.data_ptr(), self.table.data.data_ptr(), scratch.data_ptr(),
                                   cfg.hidden_size, vocab, cfg.rms_norm_eps)

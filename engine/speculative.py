@@ -54,25 +54,20 @@ class StepCosts:
     def __init__(self, draft_prior: float, window: int = 32):
         self.draft_prior = draft_prior  # draft cost until both sides are measured
         self.samples = {kind: deque(maxlen=window) for kind in self.KINDS}
+        self.median: dict[str, float | None] = dict.fromkeys(self.KINDS)  # kept current by record()
 
     def record(self, kind: str, seconds: float) -> None:
         self.samples[kind].append(seconds)
-
-    def __getattr__(self, kind: str) -> float | None:
-        if kind not in StepCosts.KINDS:
-            raise AttributeError(kind)
-        got = self.samples[kind]
-        return statistics.median(got) if got else None
+        self.median[kind] = statistics.median(self.samples[kind])
 
     @property
     def draft_cost(self) -> float:
-        base = self.plain or self.verify
-        draft = self.draft
+        base, draft = self.median["plain"] or self.median["verify"], self.median["draft"]
         return self.draft_prior if draft is None or base is None else min(16.0, draft / base)
 
     @property
     def verify_cost(self) -> float:
-        plain, verify = self.plain, self.verify
+        plain, verify = self.median["plain"], self.median["verify"]
         return 1.0 if plain is None or verify is None else min(16.0, verify / plain)
 
 

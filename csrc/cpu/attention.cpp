@@ -7,7 +7,8 @@
 //   s[r, t] = scale * q_r . k_t  for the keys t < lim(r) = (position of row r's token) + 1,
 //   p = exp(s - max_t s) / sum_t exp(s - max_t s),  out_r = sum_t p[r, t] v_t
 // in fp32 (no online rescaling is needed: a task keeps its rows' scores, at most
-// kTileTokens * hq * context floats), rounded once to the storage type.
+// kTileTokens * hq * context floats), rounded once to the storage type (the bf16 kernel below
+// rounds p to bf16 for its p . V products).
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -51,6 +52,7 @@ struct TaskView {
         rows(task.len * heads), p0(pb.ctx[task.seq] - (pb.cu[task.seq + 1] - pb.cu[task.seq]) + task.first),
         keys(p0 + task.len), tok0(pb.cu[task.seq] + task.first), table(pb.tables + task.seq * pb.bt_stride) {}
   int64_t first_row(int64_t t) const { return std::max<int64_t>(0, t - p0) * heads; }  // first row seeing key t
+  int64_t seen(int64_t r) const { return p0 + r / heads + 1; }  // keys row r sees
   int64_t head_offset(int64_t r) const { return (r % heads) / group * d; }  // its kv head in a task's cache row
 };
 
@@ -65,7 +67,7 @@ static void load_row(float* dst, const T* src, int64_t n) {
 static void softmax_rows(float* s, float* inv_sum, const TaskView& v) {
   for (int64_t r = 0; r < v.rows; ++r) {
     float* sr = s + r * v.keys;
-    const int64_t n = v.p0 + r / v.heads + 1;
+    const int64_t n = v.seen(r);
     float m = sr[0];
     for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
     float sum = 0.0f;
@@ -197,10 +199,11 @@ static void attend_bf16(const PagedBatch& pb, const Task& task, bf16* out, const
     int64_t head, seen;  // kv head offset in a cache row; keys seen
   };
   auto row = [&](int64_t r) {
-    return Row{q + (v.tok0 + r / heads) * pb.q_stride + (v.j0 + r % heads) * D, v.head_offset(r), v.p0 + r / heads + 1};
+    return Row{q + (v.tok0 + r / heads) * pb.q_stride + (v.j0 + r % heads) * D, v.head_offset(r), v.seen(r)};
   };
-  // Rows in groups of kGroup, keys in chunks of 16: per key, every row of the group (so a cache row's
-  // heads are read together, in order); a row's 16 dot-product vectors become 16 scores at once.
+  // Scores: rows in groups of kGroup (the group's first requests the cache rows ahead), keys in chunks
+  // of 16, each row of the group in turn over the chunk; a row's 16 dot-product vectors become 16
+  // scores at once.
   for (int64_t g0 = 0; g0 < rows; g0 += kGroup) {
     const int g_rows = static_cast<int>(std::min<int64_t>(kGroup, rows - g0));
     Row rg[kGroup];
@@ -235,7 +238,7 @@ static void attend_bf16(const PagedBatch& pb, const Task& task, bf16* out, const
   const int64_t keys2 = keys + keys % 2;
   std::vector<uint16_t> p16(rows * keys2, 0);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = v.p0 + r / heads + 1;
+    const int64_t n = v.seen(r);
     for (int64_t t = 0; t < n; t += 16) {
       const __mmask16 m = n - t >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - t)) - 1);
       _mm256_mask_storeu_epi16(p16.data() + r * keys2 + t, m,

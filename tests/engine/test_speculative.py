@@ -55,7 +55,7 @@ def test_step_costs_are_ratios_to_a_plain_step():
     assert c.draft_cost == pytest.approx(0.4) and c.verify_cost == pytest.approx(1.2)
     for t in (1.1, 9.0, 1.2):                                # the median of recent samples: a stall
         c.record("plain", t)                                 # does not move it far
-    assert c.plain == pytest.approx(1.15)
+    assert c.median["plain"] == pytest.approx(1.15)
 
 
 @pytest.mark.parametrize("draft_cost, drafts", [(None, False), (0.05, True)], ids=["bytes-ratio", "cheap"])

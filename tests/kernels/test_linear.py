@@ -188,6 +188,8 @@ def test_cpu_embedding_from_the_packed_table(n, k, nan_empty):
     assert torch.equal(embed_packed_cpu(w, ids, float(scale)), w.rows(ids) * scale)
     with pytest.raises(ValueError, match=f"embedding: token id {n} at position 1 is outside the vocabulary of {n}"):
         embed_packed_cpu(w, torch.tensor([0, n]), 1.0)
+    with pytest.raises(ValueError, match=r"embedding: table data must be torch.bfloat16 \["):
+        embed_packed_cpu(PackedWeight(w.data[:, :1], w.shape), ids, 1.0)  # fewer k-pairs than its shape says
 
 
 @packed_cpu
