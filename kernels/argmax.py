@@ -1,7 +1,8 @@
 """argmax(scores): each row's greedy pick, the index of its maximum over the last dim (the first
 on ties; a NaN counts as the maximum, its first index wins, as with torch.max). The torch backend
-is the reference; the "cpu" backend (csrc/cpu/argmax.cpp) is 2-3x faster for fp32 rows of a
-256000 / 8192-token vocabulary on our CI CPU, where the greedy pick is a visible part of a step."""
+is the reference; the "cpu" backend (csrc/cpu/argmax.cpp) is faster for fp32 rows of a 256000 /
+8192-token vocabulary on our CI CPU (benchmarks/kernels/bench_argmax.py), where the greedy pick is a
+visible part of a step."""
 from __future__ import annotations
 
 import torch

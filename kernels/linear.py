@@ -87,14 +87,15 @@ class PackedWeight(NamedTuple):
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """x [..., K] times weight [N, K]^T (dense tensor, PackedWeight or QuantizedWeight) -> [..., N]."""
-    if isinstance(weight, QuantizedWeight):
-        fn = select(f"linear_{weight.fmt}", backend, x.device)
-        y = fn(x.reshape(-1, x.shape[-1]), weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+    if isinstance(weight, torch.Tensor):
+        return select("linear", backend, x.device)(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])  # the packed and quantized ops take [M, K]
     if isinstance(weight, PackedWeight):
-        y = select("linear_packed", backend, x.device)(x.reshape(-1, x.shape[-1]), weight, bias)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    return select("linear", backend, x.device)(x, weight, bias)
+        y = select("linear_packed", backend, x.device)(x2, weight, bias)
+    else:
+        fn = select(f"linear_{weight.fmt}", backend, x.device)
+        y = fn(x2, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @register("linear_packed", "torch")
