@@ -313,16 +313,20 @@ if triton is not None:
     def _num_sms(device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
-    def _attn_config(head_dim: int, group: int, max_query_len: int) -> dict:
+    def _attn_config(head_dim: int, group: int, max_query_len: int, itemsize: int = 2) -> dict:
         """Tile shapes: (BLOCK_M rows = QT tokens x G heads, BLOCK_N keys, BLOCK_D) and launch options.
-        For head_dim 256 these were the fastest of a small sweep on an H100 (Triton 3.6), decode and prefill."""
+        For 16-bit head_dim 256 these were the fastest of a small sweep on an H100 (Triton 3.6), decode and
+        prefill. fp32 at head_dim > 128 takes 32-key tiles: 64 needs 208 KiB of shared memory for prefill,
+        more than an A100 has (tests/kernels/triton_compile.py lists every launch's footprint)."""
         block_d = max(16, triton.next_power_of_2(head_dim))
         warps = 8 if block_d > 128 else 4
+        block_n = 32 if itemsize > 2 and block_d > 128 else 64
         if max_query_len == 1:  # decode: one token, its G heads padded to the 16 rows tl.dot needs
             block_m = max(16, triton.next_power_of_2(group))
-            return dict(QT=1, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+            return dict(QT=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2)
         block_m = max(64 if block_d > 128 else 128, triton.next_power_of_2(group))
-        return dict(QT=block_m // group, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+        return dict(QT=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+                    num_stages=2)
 
     def _num_partitions(meta: AttnMetadata, kv_heads: int, block_n: int, device: torch.device) -> tuple[int, int]:
         """(partition size, count) for split-K: halve the 512-token partitions of the longest context
@@ -350,7 +354,7 @@ if triton is not None:
         if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("attention: k_cache and v_cache must share a layout with a contiguous head_dim")
         group = num_heads // kv_heads
-        cfg = _attn_config(head_dim, group, meta.max_query_len)
+        cfg = _attn_config(head_dim, group, meta.max_query_len, q.element_size())
         qt = cfg.pop("QT")
         one_tile = meta.max_query_len <= qt
         num_tiles = meta.num_seqs if one_tile else num_tokens // qt + meta.num_seqs
