@@ -80,7 +80,7 @@ class Request:
 
     def output(self, finished: bool) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
-                             finished)
+                             finished, max(s.cached_prompt_tokens or 0 for s in self.seqs))
 
 
 @dataclass
@@ -93,6 +93,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True  # share the cached blocks of identical prompt prefixes
     cuda_graphs: bool = True
     gpu_memory_utilization: float = 0.85
     quantization: str | None = None      # "int8" | "int4": quantize while loading
@@ -124,7 +125,8 @@ class Engine:
                                  self.cfg.max_position_embeddings)
         tokens = ec.kv_cache_tokens or self._default_cache_tokens()
         self.cache = KVCache(self.cfg.num_layers, -(-tokens // ec.block_size), ec.block_size,
-                             self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device)
+                             self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device,
+                             ec.enable_prefix_caching)
         graphs = ec.cuda_graphs and self.device.startswith("cuda") and ec.backend != "torch"
         self.runner = ModelRunner(self.model, self.cache, cuda_graphs=graphs,
                                   max_graph_batch=min(ec.max_num_seqs, 256), max_context=self.max_model_len)
@@ -174,7 +176,7 @@ class Engine:
         model = GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend)
         blocks = self.cache.blocks
         cache = KVCache(dcfg.num_layers, blocks.num_blocks, blocks.block_size, dcfg.num_kv_heads, dcfg.head_dim,
-                        self.dtype, self.device)
+                        self.dtype, self.device, blocks.prefix_caching)
         return Drafter(model, cache, cuda_graphs=graphs, max_batch=min(self.ec.max_num_seqs, 256),
                        max_context=self.max_model_len)
 
@@ -346,6 +348,12 @@ class Engine:
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
                 self.drafter.keep(s.seq_id, s.num_cached)
+        if self.cache.blocks.prefix_caching:  # offer newly filled blocks to later prompts
+            bs, blocks = self.cache.block_size, self.cache.blocks
+            for sc in plan.scheduled:
+                s = sc.seq
+                if s.num_cached // bs > sc.start // bs and not s.finished:
+                    blocks.register(s.seq_id, s.tokens, s.num_cached)
         measure = self.drafter is not None and all(sc.num_tokens == 1 for sc in plan.scheduled) and not any(
             req.finished for req in touched.values())
         out = self._collect(touched, finished_only)

@@ -6,11 +6,14 @@ Each `schedule()` fills one flat batch under two budgets, `max_num_batched_token
      still being prefilled (chunked prefill); when the KV pool cannot hold a running sequence's
      next tokens, the newest running sequence is preempted (its blocks freed, it is requeued at
      the front of the waiting queue and later recomputed from its prompt + output so far);
-  2. then waiting sequences, first come first served, while the budgets and free blocks allow.
+  2. then waiting sequences, first come first served, while the budgets and free blocks allow;
+     with prefix caching a sequence starts from the cached blocks its tokens begin with.
 A sequence is anything with `seq_id`, `num_cached` (tokens in the cache), `num_tokens` (prompt +
-output so far) and `lookahead` (speculative tokens to verify after its next decode token). The
-scheduler reserves the cache slots of what it schedules, lookahead slots included; the engine
-rolls back those of rejected tokens.
+output so far), `lookahead` (speculative tokens to verify after its next decode token),
+`cached_prompt_tokens` (None until first scheduled, then what the prefix cache held) and, for
+prefix caching, `tokens(start, n)`. The scheduler reserves the cache slots of what it schedules,
+lookahead slots included; the engine rolls back those of rejected tokens. A sequence leaving the
+cache (finished or preempted) first registers its full blocks, so they can be matched later.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class Scheduler:
         self.waiting: deque = deque()
         self.running: list = []
         self.num_preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0  # tokens of admitted sequences / of those found cached
 
     def add(self, seq) -> None:
         self.waiting.append(seq)
@@ -58,9 +62,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _release(self, seq) -> None:
+        """Free the blocks of `seq`, registering its full ones first (no-op without prefix caching)."""
+        if self.blocks.prefix_caching:
+            self.blocks.register(seq.seq_id, seq.tokens, seq.num_cached)
+        self.blocks.free(seq.seq_id)
+
     def _preempt(self, seq, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        self._release(seq)
         seq.num_cached = 0
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -88,9 +98,19 @@ class Scheduler:
                 budget -= n + la
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_cached, budget)
-            if id(seq) in gone or not self.blocks.reserve(seq.seq_id, n):
+            if id(seq) in gone:
                 break
+            if self.blocks.prefix_caching:
+                seq.num_cached = self.blocks.match(seq.seq_id, seq.tokens(0, seq.num_tokens - 1))
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            if not self.blocks.reserve(seq.seq_id, n):
+                self.blocks.free(seq.seq_id)  # gives back what the match took
+                seq.num_cached = 0
+                break
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.num_cached
+            if seq.cached_prompt_tokens is None:
+                seq.cached_prompt_tokens = seq.num_cached
             self.waiting.popleft()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached))
@@ -98,7 +118,8 @@ class Scheduler:
         return out
 
     def finish(self, seq) -> None:
-        """Drop a finished or aborted sequence wherever it is and free its blocks at once."""
+        """Drop a finished or aborted sequence wherever it is and free its blocks at once (registered
+        first, with prefix caching)."""
         if seq in self.running:
             self.running.remove(seq)
         else:
@@ -106,7 +127,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        self.blocks.free(seq.seq_id)
+        self._release(seq)
 
     def check_invariants(self) -> None:
         self.blocks.check_invariants()

@@ -40,6 +40,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    num_cached_tokens: int = 0       # prompt tokens found in the prefix cache (not computed)
 
 
 @dataclass(eq=False)  # identity: the scheduler tests membership in its queues
@@ -54,6 +55,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
+    cached_prompt_tokens: int | None = None  # found in the prefix cache when first scheduled
     finish_reason: str | None = None
     stop_reason: object = None
     logprobs: list[dict] | None = None

@@ -72,7 +72,10 @@ class StepCosts:
 
 
 class Drafter:
-    """The draft model and its own paged KV pool; `cached[seq_id]` tokens of each are cached."""
+    """The draft model and its own paged KV pool; `cached[seq_id]` tokens of each are cached. With
+    prefix caching the pool shares prompt prefixes as the target's does: a sequence new to the draft
+    starts from the blocks its tokens begin with, and after `keep` its cached tokens are all the
+    sequence's own, so their full blocks are registered when it next drafts."""
 
     def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False, max_batch: int = 64,
                  max_context: int | None = None):
@@ -94,6 +97,11 @@ class Drafter:
             for i in live:
                 s = seqs[i]
                 start, n = self.cached.get(s.seq_id, 0), s.num_tokens   # feed token_ids + drafts from start
+                if j == 0 and blocks.prefix_caching:  # what it holds is the sequence's own (see keep)
+                    if s.seq_id in blocks.tables:
+                        blocks.register(s.seq_id, s.tokens, start)
+                    else:
+                        start = blocks.match(s.seq_id, s.tokens(0, n - 1))
                 feed = s.tokens(start, n - start) + drafts[i] if start < n else drafts[i][start - n:]
                 blocks.append(s.seq_id, len(feed))
                 items.append(WorkItem(s.seq_id, feed, start))
