@@ -43,7 +43,8 @@ def _serve(args) -> int:
     config = EngineConfig(dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=args.max_num_seqs,
                           kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len,
                           quantization=args.quantization, draft_model=args.draft_model,
-                          num_speculative_tokens=args.num_speculative_tokens)
+                          num_speculative_tokens=args.num_speculative_tokens,
+                          enable_prefix_caching=args.enable_prefix_caching)
     engine = AsyncEngine(Engine(args.model, config))
     app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
                     api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
@@ -76,8 +77,8 @@ def _quantize(args) -> int:
 
 def _bench(args) -> int:
     """The CPU-capable benchmarks in one go: kernels (small shapes), host overhead, throughput and
-    time to first token against HF transformers and, with a draft, speculative decoding; a table at
-    the end."""
+    time to first token against HF transformers, prefix caching on against off and, with a draft,
+    speculative decoding; a table at the end."""
     import importlib.util
     import subprocess
 
@@ -101,7 +102,8 @@ def _bench(args) -> int:
     parts = [("kernels", None), ("host_overhead", ["--model", args.model, "--batches", "1", "64", "256"]),
              ("throughput", ["--model", args.model, "--concurrency", "1", "8", "64", "--max-tokens", "32"]),
              ("step_breakdown", ["--model", args.model, "--concurrency", "1", "64", "--max-tokens", "32"]),
-             ("prefill", ["--model", args.model, "--lengths", "128", "512"])]
+             ("prefill", ["--model", args.model, "--lengths", "128", "512"]),
+             ("prefix_cache", ["--model", args.model, "--prefix", "1000", "--requests", "6", "--batch", "8"])]
     if draft is not None and draft.is_dir():
         parts.append(("speculative", ["--target", args.model, "--draft", str(draft), "--ks", "2", "4"]))
     results = {}
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights while loading")
     s.add_argument("--draft-model", default=None, help="a small model of the same tokenizer: speculative decoding")
     s.add_argument("--num-speculative-tokens", type=int, default=4)
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of prompt prefixes seen before (default: on)")
     s.set_defaults(func=_serve)
     return p
 

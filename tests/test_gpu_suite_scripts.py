@@ -1,6 +1,7 @@
-"""The GPU suite's Python parts run end to end on CPU with small stand-in shapes, so that a scarce
-GPU session never finds a broken script (bench_decode: every format, HF peer, verify windows;
-bench_throughput; bench_step_breakdown; bench_prefill; summarize: tables, the implied speculative speedup, the plot)."""
+"""The GPU suite's (and `gemforge bench`'s) Python parts run end to end on CPU with small stand-in
+shapes, so that a scarce GPU session never finds a broken script (bench_decode: every format, HF
+peer, verify windows; bench_throughput; bench_step_breakdown; bench_prefill; bench_prefix_cache;
+summarize: tables, the implied speculative speedup, the plot)."""
 import dataclasses
 import importlib.util
 import json
@@ -49,6 +50,10 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     rows = load(BENCH / "engine" / "bench_prefill.py").main([
         "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--lengths", "16", "--repeats", "1"])
     assert rows[0]["prompt_tokens"] == 16 and rows[0]["gemforge_ms"] > 0 and rows[0]["hf_forward_ms"] > 0
+    rows = load(BENCH / "engine" / "bench_prefix_cache.py").main([
+        "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--prefix", "64", "--requests", "2",
+        "--batch", "2", "--repeats", "1"])
+    assert [r["workload"] for r in rows] == ["completion", "shared"] and all(r["hit_rate"] > 0.5 for r in rows)
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()

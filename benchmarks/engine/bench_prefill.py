@@ -36,8 +36,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False,
-              max_num_batched_tokens=max(2048, max(args.lengths)))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, enable_prefix_caching=False,
+              max_num_batched_tokens=max(2048, max(args.lengths)))  # each repeat computes the whole prompt
     from transformers import GemmaForCausalLM
 
     hf = GemmaForCausalLM.from_pretrained(args.model, dtype=llm.engine.dtype).to(args.device).eval()

@@ -70,22 +70,21 @@ def main(argv=None) -> list[dict]:
     code, fim = heldout_prompts(target, args.prompts)
     workloads = {"code": (code, None), "fim": ([p for p, _ in fim], [s for _, s in fim])}
     rows = []
-    base = LLM(target, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch)
+    common = dict(device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch,
+                  enable_prefix_caching=False)  # each repeat computes its prompts
+    base = LLM(target, **common)
     for name, (prompts, suffixes) in workloads.items():
         alone = run(base, prompts, suffixes, args.max_tokens, args.repeats)
         emit(rows, {"workload": name, "k": 0, **alone, "speedup": 1.0})
     # the draft's cost on this machine, in target steps: its decode speed alone against the target's
-    draft_alone = run(LLM(args.draft, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch), code, None,
-                      args.max_tokens, args.repeats)
+    draft_alone = run(LLM(args.draft, **common), code, None, args.max_tokens, args.repeats)
     measured = round(rows[0]["tokens_per_s"] / draft_alone["tokens_per_s"], 3)
     # (k, lookahead, draft weights, draft cost given to the adaptive lookahead: None = weight-bytes ratio)
     variants = [(k, "fixed", None, None) for k in args.ks] + [
         (4, "adaptive", None, None), (4, "adaptive", None, measured), (4, "adaptive", "int4", None)]
     for k, lookahead, draft_quant, cost in variants:
-        spec = LLM(target, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=args.batch,
-                   draft_model=args.draft,
-                   num_speculative_tokens=k, adaptive_lookahead=lookahead == "adaptive",
-                   draft_quantization=draft_quant, draft_cost=cost)
+        spec = LLM(target, **common, draft_model=args.draft, num_speculative_tokens=k,
+                   adaptive_lookahead=lookahead == "adaptive", draft_quantization=draft_quant, draft_cost=cost)
         for name, (prompts, suffixes) in workloads.items():
             res = run(spec, prompts, suffixes, args.max_tokens, args.repeats)
             base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)

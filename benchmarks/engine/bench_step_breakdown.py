@@ -74,7 +74,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, progress=False,
-              max_num_seqs=max(args.concurrency))
+              max_num_seqs=max(args.concurrency), enable_prefix_caching=False)  # each repeat computes its prompts
     rows = []
     native = llm.engine.runner.model.native_layers is not None
     for n in args.concurrency:

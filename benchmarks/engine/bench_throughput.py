@@ -69,7 +69,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (the best counts)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=max(args.concurrency))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=max(args.concurrency),
+              enable_prefix_caching=False)  # repeats would find their prompts cached; HF has no such cache
     from transformers import GemmaForCausalLM
 
     hf = GemmaForCausalLM.from_pretrained(args.model, dtype=llm.engine.dtype).to(args.device).eval()

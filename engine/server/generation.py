@@ -93,10 +93,11 @@ class Generation:
     def done(self) -> bool:
         return all(o is not None and o.finished for o in self.latest)
 
-    def usage(self) -> tuple[int, int]:
-        """(prompt tokens, completion tokens so far)."""
+    def usage(self) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens so far, prompt tokens found in the prefix cache)."""
         return (sum(map(len, self.prompt_ids)),
-                sum(c.num_tokens for o in self.latest if o is not None for c in o.outputs))
+                sum(c.num_tokens for o in self.latest if o is not None for c in o.outputs),
+                sum(o.num_cached_tokens for o in self.latest if o is not None))
 
     def close(self) -> None:
         """Abort what still runs and count the outcome. Cancelling a pump task ends its engine
@@ -107,7 +108,7 @@ class Generation:
         self._closed = True
         for t in self._tasks:
             t.cancel()
-        prompt, generated = self.usage()
+        prompt, generated, _ = self.usage()
         self.metrics.prompt_tokens.inc(prompt)
         self.metrics.generation_tokens.inc(generated)
         if self.error is not None:

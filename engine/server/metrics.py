@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process).
 
 Counters: requests by outcome (ok | aborted | failed | rejected), prompt and generation tokens.
-Gauges read from the engine when scraped: requests running and waiting, KV-cache blocks in use.
+Gauges read from the engine when scraped: requests running and waiting, KV-cache blocks in use,
+the prefix cache's hit rate (prompt tokens found cached / prompt tokens admitted).
 Histograms: time to first token, and inter-token latency (the gap between a request's outputs,
 shared by the tokens that output brought: speculative decoding may bring several).
 With a draft model, a gauge of the engine's speculative acceptance rate (accepted / proposed).
@@ -35,6 +36,8 @@ class Metrics:
             lambda: core.cache.blocks.num_used)
         Gauge("gemforge_kv_cache_blocks_total", "KV-cache blocks in all", registry=r).set_function(
             lambda: core.cache.blocks.num_blocks)
+        Gauge("gemforge_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens admitted",
+              registry=r).set_function(lambda: core.scheduler.prefix_hits / max(1, core.scheduler.prefix_queries))
         if core.drafter is not None:
             Gauge("gemforge_spec_acceptance_rate", "Draft tokens accepted / proposed", registry=r).set_function(
                 lambda: core.stats.get("spec_accepted", 0) / max(1, core.stats.get("spec_proposed", 0)))

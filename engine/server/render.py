@@ -18,7 +18,7 @@ from .errors import report
 from .generation import Generation
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                        ChatLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, Delta, TokenLogprob,
-                       TopLogprob, Usage)
+                       PromptTokensDetails, TopLogprob, Usage)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -133,8 +133,9 @@ def _entries(out: CompletionOutput, start: int = 0) -> list[dict] | None:
 
 
 def _usage(gen: Generation) -> Usage:
-    prompt, completion = gen.usage()
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    prompt, completion, cached = gen.usage()
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def response(gen: Generation, renderer: Renderer) -> BaseModel:

@@ -124,7 +124,10 @@ def test_streaming_concatenates_to_the_non_streamed_text(client, kind):
             assert streamed == pytest.approx(full.choices[0].logprobs.token_logprobs)
     finishes = {c.index: c.finish_reason for ch in chunks[:-1] for c in ch.choices if c.finish_reason}
     assert finishes == {c.index: c.finish_reason for c in full.choices}
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    usage = lambda u: (u.prompt_tokens, u.completion_tokens, u.total_tokens)  # noqa: E731
+    assert chunks[-1].choices == [] and usage(chunks[-1].usage) == usage(full.usage)
+    # the same prompts a second time: their full blocks were cached by the first request
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= full.usage.prompt_tokens_details.cached_tokens
 
 
 def test_raw_sse_framing(server):
@@ -135,6 +138,22 @@ def test_raw_sse_framing(server):
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_repeated_prompt_reports_cached_tokens(client, server):
+    """The second identical prompt finds its full blocks in the prefix cache (all but the last token can
+    be; blocks of 16): usage says so, as OpenAI's prompt_tokens_details.cached_tokens, and so does /metrics."""
+    prompt = "def fibonacci(n):\n    " * 6
+    n = len(server.core.tokenizer.encode(prompt))
+    first = client.completions.create(prompt=prompt, **GREEDY)
+    second = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    again = client.completions.create(prompt=prompt, **GREEDY)
+    assert again.choices[0].text == first.choices[0].text and n > 16
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    assert second.usage.prompt_tokens_details.cached_tokens == 0
+    text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    rate = float(next(line.split()[1] for line in text.splitlines() if line.startswith("gemforge_prefix_cache_hit_rate")))
+    assert 0 < rate < 1
 
 
 def test_models_health_metrics(client, server):
