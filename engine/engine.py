@@ -25,7 +25,7 @@ from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
-from .speculative import PROBE_EVERY, PROBE_MAX, Drafter, StepCosts, accept, best_lookahead
+from .speculative import NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept, best_lookahead
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -99,7 +99,7 @@ class EngineConfig:
     quantization: str | None = None      # "int8" | "int4": quantize while loading
     quantize_lm_head: bool = False
     group_size: int = 128
-    draft_model: str | None = None
+    draft_model: str | None = None       # a draft model's directory, or "[ngram]" for prompt lookup
     draft_quantization: str | None = None
     num_speculative_tokens: int = 4
     adaptive_lookahead: bool = True
@@ -133,9 +133,9 @@ class Engine:
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
-        # prior; unless given, the costs are then measured on the running decode steps
-        self.step_costs = StepCosts(
-            weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"] if self.drafter else 0.0)
+        # prior (prompt lookup: free); unless given, the costs are then measured on the running decode steps
+        self.step_costs = StepCosts(weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"]
+                                    if self.drafter is not None and self.drafter.model is not None else 0.0)
         self.spec_rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
@@ -151,20 +151,25 @@ class Engine:
     def memory_report(self) -> dict:
         """Bytes of the loaded weights (by format) and of the KV cache(s)."""
         rep = {"weights": dict(self.weight_bytes), "kv_cache": self.cache.nbytes, "kv_cache_tokens": self.capacity}
-        if self.drafter is not None:
+        if self.drafter is not None and self.drafter.model is not None:
             rep["draft_weights"] = weight_bytes(self.drafter.model.w)
             rep["draft_kv_cache"] = self.drafter.cache.nbytes
         return rep
 
-    def _load_draft(self, graphs: bool) -> Drafter:
-        """The draft model: same tokenizer and vocabulary, its own KV pool of the same block count."""
-        d = Path(self.ec.draft_model)
+    def _load_draft(self, graphs: bool) -> Drafter | NgramDrafter:
+        """The draft model (same tokenizer and vocabulary, its own KV pool of the same block count), or
+        prompt lookup for draft_model "[ngram]"."""
         if not 1 <= self.ec.num_speculative_tokens <= 16:
             raise RequestError(f"num_speculative_tokens must be in [1, 16], got {self.ec.num_speculative_tokens}",
                                field="num_speculative_tokens")
         if self.ec.draft_cost is not None and not 0 <= self.ec.draft_cost <= 16:
             raise RequestError(f"draft_cost must be in [0, 16] (a draft step in target steps), got {self.ec.draft_cost}",
                                field="draft_cost")
+        if self.ec.draft_model == NGRAM:
+            if self.ec.draft_quantization:
+                raise RequestError(f"draft_quantization needs a draft model, not {NGRAM}", field="draft_quantization")
+            return NgramDrafter()
+        d = Path(self.ec.draft_model)
         dcfg = ModelConfig.from_pretrained(d)
         dtok = Tokenizer(d / "tokenizer.model")
         if dcfg.vocab_size != self.cfg.vocab_size or not self.tokenizer.same_vocab(dtok):
@@ -301,7 +306,14 @@ class Engine:
         t_start = time.perf_counter()
         drafts, qs = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else ([], [])
         t_drafted = time.perf_counter()
-        window = {id(sc): (d, q) for sc, d, q in zip(spec, drafts, qs)}
+        window = {}
+        for sc, d, q in zip(spec, drafts, qs):
+            if len(d) < sc.lookahead:  # prompt lookup may find fewer (or none): give the other slots back
+                self.cache.blocks.rollback(sc.seq.seq_id, sc.lookahead - len(d))
+                sc.lookahead = len(d)
+            if d:
+                window[id(sc)] = (d, q)
+        spec = [sc for sc in spec if sc.lookahead]
         items, rows, plain, r, prompt_tokens = [], [], [], 0, 0
         for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
             seq, start, n = sc.seq, sc.start, sc.num_tokens

@@ -135,3 +135,6 @@ class Scheduler:
         assert owners <= {s.seq_id for s in self.running}, "a block table belongs to no running sequence"
         assert len(self.running) <= self.max_num_seqs
         assert not set(map(id, self.running)) & set(map(id, self.waiting)), "a sequence is running and waiting"
+        for seq in self.running:  # between steps: what is reserved is what is cached
+            assert self.blocks.lengths.get(seq.seq_id, 0) == seq.num_cached, f"sequence {seq.seq_id}: slots reserved " \
+                f"{self.blocks.lengths.get(seq.seq_id, 0)} != cached {seq.num_cached}"

@@ -24,6 +24,7 @@ from .runner import ModelRunner, WorkItem
 from .sampling import draw, greedy, probs
 
 
+NGRAM = "[ngram]"  # draft_model value for prompt-lookup drafting (NgramDrafter)
 PROBE_EVERY = 16   # a sequence that stopped drafting tries one draft token again after this many steps,
 PROBE_MAX = 256    # doubling (up to this) after each probe that did not bring drafting back
 
@@ -132,10 +133,59 @@ class Drafter:
         self.cached.pop(seq_id, None)
 
 
+class NgramDrafter:
+    """Prompt lookup (no draft model): the proposal for a sequence is what followed the latest earlier
+    occurrence of its last n tokens (n from `max_n` down to `min_n`) in its prompt and output: code
+    repeats names, lines and whole blocks. A proposal is certain (the draft's distribution is a point
+    mass), which `accept` takes as q = None; it may be shorter than asked, or empty.
+
+    Per sequence an index maps each n-gram to the end of its latest occurrence; it grows by the
+    tokens added since the last call, so a step costs O(new tokens), not O(length)."""
+
+    model = cache = None
+    most_fed = 0  # nothing to catch up on
+
+    def __init__(self, max_n: int = 4, min_n: int = 2):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"n-gram drafting needs 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.max_n, self.min_n = max_n, min_n
+        self.index: dict[int, tuple[int, dict[tuple, int]]] = {}  # seq_id -> (positions indexed, n-gram -> end)
+
+    def _lookup(self, seq, k: int) -> list[int]:
+        length = seq.num_tokens
+        done, ends = self.index.get(seq.seq_id, (0, {}))
+        last = length - 1  # index n-grams ending before the last token: earlier occurrences only
+        if last > done:
+            lo = max(0, done - self.max_n + 1)
+            new = seq.tokens(lo, last - lo)
+            for end in range(done, last):
+                for n in range(self.min_n, min(self.max_n, end + 1) + 1):
+                    ends[tuple(new[end - lo - n + 1: end - lo + 1])] = end
+            done = last
+        self.index[seq.seq_id] = (done, ends)
+        tail = seq.tokens(max(0, length - self.max_n), min(self.max_n, length))
+        for n in range(len(tail), self.min_n - 1, -1):
+            end = ends.get(tuple(tail[len(tail) - n:]))
+            if end is not None:
+                return seq.tokens(end + 1, min(k, length - end - 1))
+        return []
+
+    def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[None]]:
+        return [self._lookup(s, k) for s, k in zip(seqs, ks)], [None] * len(seqs)
+
+    def keep(self, seq_id: int, n: int) -> None:
+        pass
+
+    def free(self, seq_id: int) -> None:
+        self.index.pop(seq_id, None)
+
+
 def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
            q: torch.Tensor | None) -> list[int]:
     """Tokens to append for one sequence: the accepted prefix of `drafts` plus one target token.
-    target_logits: [k+1, V] fp32 (row i scores the token after d_i; row 0 follows the last token)."""
+    target_logits: [k+1, V] fp32 (row i scores the token after d_i; row 0 follows the last token).
+    q: the draft's distributions [k, V], or None for certain proposals (q(d_i) = 1: d_i is accepted
+    with probability p(d_i), and on rejection the token is drawn from p without d_i)."""
     k = len(drafts)
     if params.greedy:
         best = greedy(target_logits).tolist()
@@ -146,10 +196,14 @@ def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
     p = probs(target_logits, [params] * (k + 1))
     u = torch.rand(k, generator=generator, device=p.device).tolist()
     for i, d in enumerate(drafts):
-        pd, qd = p[i, d].item(), q[i, d].item()
+        pd, qd = p[i, d].item(), 1.0 if q is None else q[i, d].item()
         if u[i] * qd < pd:  # accept with probability min(1, p/q)
             continue
-        residual = (p[i] - q[i]).clamp_(min=0)
+        if q is None:  # max(0, p - onehot(d)) = p without d
+            residual = p[i].clone()
+            residual[d] = 0
+        else:
+            residual = (p[i] - q[i]).clamp_(min=0)
         total = residual.sum()
         residual = residual / total if total > 0 else p[i]
         return drafts[:i] + [draw(residual[None], [generator]).item()]

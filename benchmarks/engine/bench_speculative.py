@@ -1,5 +1,7 @@
 """Speculative decoding on the bundled nano pair: tokens/s and tokens per target forward against
-the target alone, for k = 1..8, on held-out code prompts and on FIM prompts (greedy).
+the target alone, for k = 1..8, on held-out code prompts and on FIM prompts (greedy); then the
+adaptive lookahead (draft cost measured, or given as the draft's measured speed ratio), an int4
+draft, and prompt lookup ("[ngram]": no draft model) at k = 4, fixed and adaptive.
 
     python benchmarks/engine/bench_speculative.py [--target models/nano-codegemma] [--ks 1 2 ... 8]
 """
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 from gemforge.engine import LLM, SamplingParams
+from gemforge.engine.speculative import NGRAM
 
 from report import emit, save
 
@@ -79,16 +82,18 @@ def main(argv=None) -> list[dict]:
     # the draft's cost on this machine, in target steps: its decode speed alone against the target's
     draft_alone = run(LLM(args.draft, **common), code, None, args.max_tokens, args.repeats)
     measured = round(rows[0]["tokens_per_s"] / draft_alone["tokens_per_s"], 3)
-    # (k, lookahead, draft weights, draft cost given to the adaptive lookahead: None = weight-bytes ratio)
-    variants = [(k, "fixed", None, None) for k in args.ks] + [
-        (4, "adaptive", None, None), (4, "adaptive", None, measured), (4, "adaptive", "int4", None)]
-    for k, lookahead, draft_quant, cost in variants:
-        spec = LLM(target, **common, draft_model=args.draft, num_speculative_tokens=k,
+    # (k, lookahead, drafter, draft weights, draft cost given to the adaptive lookahead: None = measured)
+    variants = [(k, "fixed", args.draft, None, None) for k in args.ks] + [
+        (4, "adaptive", args.draft, None, None), (4, "adaptive", args.draft, None, measured),
+        (4, "adaptive", args.draft, "int4", None), (4, "fixed", NGRAM, None, None), (4, "adaptive", NGRAM, None, None)]
+    for k, lookahead, drafter, draft_quant, cost in variants:
+        spec = LLM(target, **common, draft_model=drafter, num_speculative_tokens=k,
                    adaptive_lookahead=lookahead == "adaptive", draft_quantization=draft_quant, draft_cost=cost)
         for name, (prompts, suffixes) in workloads.items():
             res = run(spec, prompts, suffixes, args.max_tokens, args.repeats)
             base_tps = next(r["tokens_per_s"] for r in rows if r["workload"] == name and r["k"] == 0)
-            emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft_quant or "dense",
+            draft = "ngram" if drafter == NGRAM else draft_quant or "dense"
+            emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft,
                          "draft_cost": round(spec.engine.draft_cost, 3),
                          "verify_cost": round(spec.engine.verify_cost, 3), **res,
                          "speedup": round(res["tokens_per_s"] / base_tps, 2)})

@@ -7,7 +7,7 @@ from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
-from gemforge.engine.speculative import PROBE_EVERY, StepCosts, accept, best_lookahead
+from gemforge.engine.speculative import NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept, best_lookahead
 
 from test_engine import prompts_of, run_all
 
@@ -161,6 +161,76 @@ def test_rejection_sampler_output_distribution_is_the_targets():
     expected = p * trials
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 20.52, (chi2, counts.tolist())
+
+
+class _Seq:
+    def __init__(self, tokens, seq_id=0):
+        self.token_ids, self.seq_id = tokens, seq_id
+
+    num_tokens = property(lambda self: len(self.token_ids))
+
+    def tokens(self, start, n):
+        return self.token_ids[start: start + n]
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    d = NgramDrafter(max_n=3, min_n=2)
+    s = _Seq([1, 2, 3, 4, 5, 9, 2, 3, 8, 6, 1, 2, 3])
+    assert d.propose([s], [3])[0] == [[4, 5, 9]]          # the longest match wins: (1, 2, 3) ended at 2
+    # ((2, 3) ended later, at 7)
+    s.token_ids += [7]
+    assert d.propose([s], [3])[0] == [[]]                 # (3, 7) never seen before; 1-grams are not used
+    s.token_ids += [1, 2, 3]                              # incremental: only the new tokens are indexed
+    assert d.propose([s], [9]) == ([[7, 1, 2, 3]], [None])  # (1, 2, 3) latest earlier at 12: 4 tokens follow
+    other = _Seq([5, 5, 5, 5], seq_id=1)
+    assert d.propose([other, s], [2, 1])[0] == [[5], [7]]   # (5, 5, 5) ended at 2: one token after it
+    d.free(0)
+    assert 0 not in d.index and 1 in d.index
+    with pytest.raises(ValueError, match="min_n"):
+        NgramDrafter(max_n=2, min_n=3)
+
+
+def test_certain_drafts_keep_the_targets_distribution():
+    """Prompt lookup's drafts are a point mass (q = None): accepted with probability p(d), else a draw
+    from p without d. Chi-square over 6 tokens as above (false-failure rate 0.001), the draft always
+    the same likely token."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
+    logits = p.log()[None].repeat(2, 1)
+    trials = 12000
+    counts = torch.zeros(6)
+    for _ in range(trials):
+        counts[accept(SamplingParams(temperature=1.0), g, [0], logits, None)[0]] += 1
+    expected = p * trials
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.52, (chi2, counts.tolist())
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_prompt_lookup_speculation_equals_target_alone(batch):
+    """The bundled nano model continuing held-out source (code repeats itself, so lookups find
+    matches, right and wrong): the output is the target's, greedy and seeded-sampled alike."""
+    from test_nano import TARGET, heldout_texts
+    prompts = [text[: 700] for text in heldout_texts(batch)]
+    greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    reqs = [(f"r{i}", p, greedy) for i, p in enumerate(prompts)]
+    plain = run_all(engine(TARGET), reqs)
+    eng = engine(TARGET, NGRAM, k=4)
+    spec = run_all(eng, reqs)
+    for rid in plain:
+        assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
+    assert 0 < eng.stats["spec_accepted"] < eng.stats["spec_proposed"], eng.stats
+    assert eng.memory_report().keys() == {"weights", "kv_cache", "kv_cache_tokens"}
+    sampled = SamplingParams(max_tokens=24, temperature=0.7, seed=5, ignore_eos=True)
+    a = run_all(engine(TARGET, NGRAM, k=3), [("a", prompts[0], sampled)])["a"].outputs[0]
+    assert a.spec is not None and a.token_ids == run_all(engine(TARGET, NGRAM, k=3), [("a", prompts[0], sampled)])[
+        "a"].outputs[0].token_ids
+
+
+def test_prompt_lookup_takes_no_draft_quantization(pair):
+    target, _ = pair
+    with pytest.raises(RequestError, match="draft_quantization"):
+        engine(target, NGRAM, draft_quantization="int4")
 
 
 def test_kv_after_rollback_equals_never_drafting(pair):
