@@ -262,19 +262,21 @@ class Engine:
         return self.ec.draft_cost if self.ec.draft_cost is not None else self.step_costs.draft_cost
 
     @property
-    def verify_cost(self) -> float:
-        """A speculative step's target side in plain decode steps (1 when draft_cost is given)."""
-        return 1.0 if self.ec.draft_cost is not None else self.step_costs.verify_cost
+    def verify_slope(self) -> float:
+        """What one window token per sequence adds to a speculative step's target side, in plain decode
+        steps: measured (0 when draft_cost is given)."""
+        return 0.0 if self.ec.draft_cost is not None else self.step_costs.verify_slope
 
     # -- one iteration ----------------------------------------------------------------------
     def _set_lookahead(self) -> None:
         """Speculative tokens each running sequence verifies next step: with `adaptive_lookahead`,
         the k that maximises expected tokens per unit of time at its recent acceptance rate, the
-        draft step's and the verify step's costs (`best_lookahead`; 0 when drafting does not pay, with
+        draft step's cost and the verify step's cost per window token (`best_lookahead`; 0 when drafting
+        does not pay, with
         one-token probes at backing-off intervals); never past max_tokens or the context, and 0 for
         requests with penalties (their logits depend on the tokens inside the window)."""
         k = self.ec.num_speculative_tokens
-        draft_cost, verify_cost = self.draft_cost, self.verify_cost
+        draft_cost, verify_slope = self.draft_cost, self.verify_slope
         for s in self.scheduler.running:
             p = s.params
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
@@ -282,7 +284,7 @@ class Engine:
                 continue
             want = k
             if self.ec.adaptive_lookahead:
-                want = best_lookahead(s.spec_rate, k, draft_cost, verify_cost)
+                want = best_lookahead(s.spec_rate, k, draft_cost, verify_slope)
                 if want:
                     s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
                 else:
@@ -370,19 +372,20 @@ class Engine:
             req.finished for req in touched.values())
         out = self._collect(touched, finished_only)
         if measure:
-            self._measure(spec, t_start, t_drafted)
+            self._measure(spec, len(plan.scheduled), t_start, t_drafted)
         return out
 
-    def _measure(self, spec: list, t_start: float, t_drafted: float) -> None:
+    def _measure(self, spec: list, num_seqs: int, t_start: float, t_drafted: float) -> None:
         """Records this all-decode step's costs (only such steps count: a prefill chunk would inflate
         the target's side, a finishing request's output the step, a draft catching up on many tokens
-        its own): plain, or one draft step's share of the propose loop and the rest of the step."""
+        its own): plain, or one draft step's share of the propose loop and the rest of the step with
+        its window tokens per sequence."""
         now = time.perf_counter()
         if not spec:
             self.step_costs.record("plain", now - t_start)
         elif self.drafter.most_fed <= 2:
             self.step_costs.record("draft", (t_drafted - t_start) / max(sc.lookahead for sc in spec))
-            self.step_costs.record("verify", now - t_drafted)
+            self.step_costs.record("verify", now - t_drafted, sum(sc.lookahead for sc in spec) / num_seqs)
 
     def _sample(self, seqs, logits):
         """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""

@@ -29,47 +29,52 @@ PROBE_EVERY = 16   # a sequence that stopped drafting tries one draft token agai
 PROBE_MAX = 256    # doubling (up to this) after each probe that did not bring drafting back
 
 
-def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_cost: float = 1.0) -> int:
+def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_slope: float = 0.0) -> int:
     """The lookahead k in 0..k_max with the most expected tokens per unit of time, the unit being one
     plain decode step. At acceptance rate alpha a window of k drafts yields (1 - alpha^(k+1)) /
     (1 - alpha) tokens (the last one the target's own) for k draft steps of `draft_cost` each plus
-    the target's verify step of `verify_cost`; k = 0 is plain decoding, one token per unit. Ties go
-    to the smaller k."""
+    the target's verify step, which costs 1 + k * `verify_slope` (each window token adds that much
+    to the target's forward); k = 0 is plain decoding, one token per unit. Ties go to the smaller k."""
     def tokens_per_cost(k: int) -> float:
         if k == 0:
             return 1.0
         tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-        return tokens / (verify_cost + k * draft_cost)
+        return tokens / (1 + k * (draft_cost + verify_slope))
     return max(range(k_max + 1), key=tokens_per_cost)
 
 
 class StepCosts:
-    """Measured seconds of a plain decode step, of a speculative decode step's target side (verify
-    forward, acceptance, bookkeeping) and of one draft step, each the median of its last 32 samples
-    (a shared machine's stalls would drag a mean): the adaptive lookahead's costs in plain steps.
-    Fixed per-step costs (host work, launches), which dominate small models and CPUs, are in them;
-    a weight-bytes ratio leaves them out."""
+    """Measured seconds of a plain decode step, of one draft step, and of a speculative decode step's
+    target side (verify forward, acceptance, bookkeeping) with its window tokens per sequence: the
+    adaptive lookahead's costs in plain steps, each from the last 32 samples, by median (a shared
+    machine's stalls would drag a mean). The target side is taken to cost 1 + slope * (window tokens
+    per sequence) plain steps: on a GPU at small batch a window is nearly free (slope ~ 0), on a CPU
+    or at large batch every token costs. Fixed per-step costs (host work, launches), which dominate
+    small models and CPUs, are in the samples; a weight-bytes ratio leaves them out."""
 
     KINDS = ("plain", "verify", "draft")
 
     def __init__(self, draft_prior: float, window: int = 32):
         self.draft_prior = draft_prior  # draft cost until both sides are measured
-        self.samples = {kind: deque(maxlen=window) for kind in self.KINDS}
-        self.median: dict[str, float | None] = dict.fromkeys(self.KINDS)  # kept current by record()
+        self.samples = {kind: deque(maxlen=window) for kind in self.KINDS}  # verify: (seconds, tokens)
+        self.median: dict[str, float | None] = dict.fromkeys(self.KINDS)  # seconds; kept current by record()
+        self.verify_slope = 0.0  # kept current by record(); 0 until plain and verify steps are measured
 
-    def record(self, kind: str, seconds: float) -> None:
-        self.samples[kind].append(seconds)
-        self.median[kind] = statistics.median(self.samples[kind])
+    def record(self, kind: str, seconds: float, window_tokens: float = 0.0) -> None:
+        """One step's seconds; for "verify", also its draft tokens per scheduled sequence (> 0)."""
+        self.samples[kind].append((seconds, window_tokens) if kind == "verify" else seconds)
+        verify, plain = self.samples["verify"], self.median["plain"]
+        if kind == "verify":
+            self.median[kind] = statistics.median(t for t, _ in verify)
+        else:
+            self.median[kind] = plain = statistics.median(self.samples[kind])
+        if kind != "draft" and verify and plain:
+            self.verify_slope = min(4.0, statistics.median(max(0.0, t / plain - 1) / x for t, x in verify))
 
     @property
     def draft_cost(self) -> float:
         base, draft = self.median["plain"] or self.median["verify"], self.median["draft"]
         return self.draft_prior if draft is None or base is None else min(16.0, draft / base)
-
-    @property
-    def verify_cost(self) -> float:
-        plain, verify = self.median["plain"], self.median["verify"]
-        return 1.0 if plain is None or verify is None else min(16.0, verify / plain)
 
 
 class Drafter:

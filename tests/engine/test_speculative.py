@@ -37,25 +37,29 @@ def test_best_lookahead_weighs_acceptance_against_draft_cost():
     assert ks == sorted(ks) and ks[-1] == 8                      # more acceptance, longer windows
 
 
-def test_best_lookahead_counts_the_verify_steps_extra_cost():
-    """A verify step dearer than a plain one (acceptance, rollback, more logits) can make drafting
-    lose even when drafts are cheap and often right."""
+def test_best_lookahead_counts_what_window_tokens_add_to_the_verify_step():
+    """Where each window token makes the target's forward dearer (a CPU, a large batch), drafting can
+    lose even when drafts are free and sometimes right (prompt lookup on a CPU)."""
     assert best_lookahead(0.6, 4, 0.3) == 1
-    assert best_lookahead(0.6, 4, 0.3, verify_cost=1.4) == 0
-    assert best_lookahead(0.9, 8, 0.05, verify_cost=1.3) >= 6
+    assert best_lookahead(0.6, 4, 0.3, verify_slope=0.3) == 0
+    assert best_lookahead(0.9, 8, 0.05, verify_slope=0.05) >= 6
+    assert best_lookahead(0.05, 4, 0.005) == 1 and best_lookahead(0.05, 4, 0.005, verify_slope=0.1) == 0
 
 
 def test_step_costs_are_ratios_to_a_plain_step():
     c = StepCosts(draft_prior=0.29)
-    assert (c.draft_cost, c.verify_cost) == (0.29, 1.0)     # nothing measured: the prior
+    assert (c.draft_cost, c.verify_slope) == (0.29, 0.0)    # nothing measured: the prior, free windows
     c.record("draft", 0.4)
-    c.record("verify", 1.2)
-    assert c.draft_cost == pytest.approx(0.4 / 1.2) and c.verify_cost == 1.0   # no plain step yet
+    c.record("verify", 1.2, window_tokens=4)
+    assert c.draft_cost == pytest.approx(0.4 / 1.2) and c.verify_slope == 0.0   # no plain step yet
     c.record("plain", 1.0)
-    assert c.draft_cost == pytest.approx(0.4) and c.verify_cost == pytest.approx(1.2)
+    assert c.draft_cost == pytest.approx(0.4) and c.verify_slope == pytest.approx(0.2 / 4)
+    c.record("verify", 1.6, window_tokens=2)                # slopes 0.05 and 0.3: their median
+    assert c.verify_slope == pytest.approx(0.175)
     for t in (1.1, 9.0, 1.2):                                # the median of recent samples: a stall
         c.record("plain", t)                                 # does not move it far
     assert c.median["plain"] == pytest.approx(1.15)
+    assert c.verify_slope == pytest.approx(((1.2 / 1.15 - 1) / 4 + (1.6 / 1.15 - 1) / 2) / 2)
 
 
 @pytest.mark.parametrize("draft_cost, drafts", [(None, False), (0.05, True)], ids=["bytes-ratio", "cheap"])
