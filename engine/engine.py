@@ -271,10 +271,10 @@ class Engine:
     def _set_lookahead(self) -> None:
         """Speculative tokens each running sequence verifies next step: with `adaptive_lookahead`,
         the k that maximises expected tokens per unit of time at its recent acceptance rate, the
-        draft step's cost and the verify step's cost per window token (`best_lookahead`; 0 when drafting
-        does not pay, with
-        one-token probes at backing-off intervals); never past max_tokens or the context, and 0 for
-        requests with penalties (their logits depend on the tokens inside the window)."""
+        draft step's cost and what each window token adds to the verify step (`best_lookahead`; 0
+        when drafting does not pay, with one-token probes at backing-off intervals); never past
+        max_tokens or the context, and 0 for requests with penalties (their logits depend on the
+        tokens inside the window)."""
         k = self.ec.num_speculative_tokens
         draft_cost, verify_slope = self.draft_cost, self.verify_slope
         for s in self.scheduler.running:

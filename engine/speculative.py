@@ -14,6 +14,7 @@ Per step and per sequence with lookahead k (its last token t already sampled, no
 from __future__ import annotations
 
 import statistics
+from array import array
 from collections import deque
 
 import torch
@@ -139,41 +140,53 @@ class Drafter:
 
 
 class NgramDrafter:
-    """Prompt lookup (no draft model): the proposal for a sequence is what followed the latest earlier
-    occurrence of its last n tokens (n from `max_n` down to `min_n`) in its prompt and output: code
-    repeats names, lines and whole blocks. A proposal is certain (the draft's distribution is a point
-    mass), which `accept` takes as q = None; it may be shorter than asked, or empty.
+    """Prompt lookup (no draft model): the proposal for a sequence is what followed the earlier
+    occurrence of its last tokens that matches the most of them (`min_n` to `max_n`; the latest of
+    equals) in its prompt and output: code repeats names, lines and whole blocks. A proposal is
+    certain (the draft's distribution is a point mass), which `accept` takes as q = None; it may be
+    shorter than asked, or empty.
 
-    Per sequence an index maps each n-gram to the end of its latest occurrence; it grows by the
-    tokens added since the last call, so a step costs O(new tokens), not O(length)."""
+    Per sequence a hash chain, as LZ77 compressors keep: the latest end of each token pair, and for
+    every position the previous end of its pair (4 bytes a token). It grows by the tokens added since
+    the last call; a lookup follows the chain of the last pair through at most `max_candidates`."""
 
     model = cache = None
     most_fed = 0  # nothing to catch up on
 
-    def __init__(self, max_n: int = 4, min_n: int = 2):
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"n-gram drafting needs 1 <= min_n <= max_n, got {min_n}, {max_n}")
-        self.max_n, self.min_n = max_n, min_n
-        self.index: dict[int, tuple[int, dict[tuple, int]]] = {}  # seq_id -> (positions indexed, n-gram -> end)
+    def __init__(self, max_n: int = 4, min_n: int = 2, max_candidates: int = 16):
+        if not 2 <= min_n <= max_n:
+            raise ValueError(f"n-gram drafting needs 2 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.max_n, self.min_n, self.max_candidates = max_n, min_n, max_candidates
+        self.chains: dict[int, tuple[dict[int, int], array]] = {}  # seq_id -> (pair -> latest end, previous ends)
 
     def _lookup(self, seq, k: int) -> list[int]:
         length = seq.num_tokens
-        done, ends = self.index.get(seq.seq_id, (0, {}))
-        last = length - 1  # index n-grams ending before the last token: earlier occurrences only
-        if last > done:
-            lo = max(0, done - self.max_n + 1)
-            new = seq.tokens(lo, last - lo)
-            for end in range(done, last):
-                for n in range(self.min_n, min(self.max_n, end + 1) + 1):
-                    ends[tuple(new[end - lo - n + 1: end - lo + 1])] = end
-            done = last
-        self.index[seq.seq_id] = (done, ends)
-        tail = seq.tokens(max(0, length - self.max_n), min(self.max_n, length))
-        for n in range(len(tail), self.min_n - 1, -1):
-            end = ends.get(tuple(tail[len(tail) - n:]))
-            if end is not None:
-                return seq.tokens(end + 1, min(k, length - end - 1))
-        return []
+        latest, previous = self.chains.setdefault(seq.seq_id, ({}, array("i", [-1])))  # position 0 ends no pair
+        done = len(previous)  # pairs ending at 1 .. done - 1 are chained; the last token's pair is not
+        if length - 1 > done:  # (a pair that ends at the last token is the one looked up)
+            new = seq.tokens(done - 1, length - done)
+            for i in range(1, len(new)):
+                pair = new[i - 1] << 32 | new[i]
+                previous.append(latest.get(pair, -1))
+                latest[pair] = done + i - 1
+        if length < self.min_n + 1:
+            return []
+        tail = seq.tokens(length - min(self.max_n, length - 1), min(self.max_n, length - 1))
+        best, best_n = -1, 0
+        end = latest.get(tail[-2] << 32 | tail[-1], -1)
+        for _ in range(self.max_candidates):
+            if end < 0:
+                break
+            before = seq.tokens(max(0, end + 1 - len(tail)), min(len(tail), end + 1))
+            n = 2
+            while n < len(before) and before[-1 - n] == tail[-1 - n]:
+                n += 1
+            if n > best_n:
+                best, best_n = end, n
+                if n == len(tail):
+                    break
+            end = previous[end]
+        return seq.tokens(best + 1, min(k, length - best - 1)) if best_n >= self.min_n else []
 
     def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[None]]:
         return [self._lookup(s, k) for s, k in zip(seqs, ks)], [None] * len(seqs)
@@ -182,7 +195,7 @@ class NgramDrafter:
         pass
 
     def free(self, seq_id: int) -> None:
-        self.index.pop(seq_id, None)
+        self.chains.pop(seq_id, None)
 
 
 def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,

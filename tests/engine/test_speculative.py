@@ -189,7 +189,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     other = _Seq([5, 5, 5, 5], seq_id=1)
     assert d.propose([other, s], [2, 1])[0] == [[5], [7]]   # (5, 5, 5) ended at 2: one token after it
     d.free(0)
-    assert 0 not in d.index and 1 in d.index
+    assert 0 not in d.chains and 1 in d.chains
     with pytest.raises(ValueError, match="min_n"):
         NgramDrafter(max_n=2, min_n=3)
 
