@@ -55,3 +55,33 @@ def test_cuda_graph_replay_equals_eager():
     graph_tokens, graph = decode("auto", True, torch.float16)
     assert graph_tokens == eager_tokens
     torch.testing.assert_close(graph, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_prefix_caching_and_prompt_lookup_keep_the_output():
+    """The bundled nano model on the GPU (CUDA graphs on, fp32): prompts that share a prefix give the
+    same greedy tokens with prefix caching as without (the second wave reuses the first's blocks),
+    and prompt-lookup speculation gives the target's tokens."""
+    import sysconfig
+    from pathlib import Path
+
+    from gemforge.engine import LLM, SamplingParams
+
+    model = Path(__file__).resolve().parents[2] / "models" / "nano-codegemma"
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    prefix = source[:600]
+    prompts = [prefix + source[1000 + 97 * i: 1030 + 97 * i] for i in range(4)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def tokens(llm, batch):
+        return [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+
+    common = dict(dtype="float32", device="cuda", kv_cache_tokens=8192, progress=False)
+    plain = LLM(model, enable_prefix_caching=False, **common)
+    want = tokens(plain, prompts)
+    del plain
+    cached = LLM(model, **common)
+    assert tokens(cached, prompts[:1]) == want[:1]
+    assert tokens(cached, prompts[1:]) == want[1:] and cached.engine.scheduler.prefix_hits > 0
+    del cached
+    lookup = LLM(model, draft_model="[ngram]", enable_prefix_caching=False, **common)
+    assert tokens(lookup, prompts) == want
