@@ -357,6 +357,7 @@ class Engine:
             self.spec_rate = 0.95 * self.spec_rate + 0.05 * accepted / len(d)
             self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
+            self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
             self._append(s, toks, [None] * len(toks), touched)
             if not s.finished:  # keep the KV of the last token and the accepted drafts
                 s.num_cached = sc.start + 1 + accepted

@@ -1,5 +1,6 @@
 """Speculative decoding on the bundled nano pair: tokens/s and tokens per target forward against
-the target alone (timed in the same rounds as each variant), for k = 1..8, on held-out code prompts and on FIM prompts (greedy); then the
+the target alone (timed in the same rounds as each variant), for k = 1..8, on held-out code
+prompts and on FIM prompts (greedy); then the
 adaptive lookahead (draft cost measured, or given as the draft's measured speed ratio), an int4
 draft, and prompt lookup ("[ngram]": no draft model) at k = 4, fixed and adaptive.
 
@@ -54,7 +55,8 @@ def run(llms: list[LLM], prompts, suffixes, max_tokens: int, repeats: int = 3) -
         spec = [o.outputs[0].spec for o in out if o.outputs[0].spec]
         res = {"tokens_per_s": round(toks / dt, 1), "tokens": toks}
         if spec:
-            res["acceptance_rate"] = round(sum(s["accepted"] for s in spec) / max(1, sum(s["proposed"] for s in spec)), 3)
+            proposed = max(1, sum(s["proposed"] for s in spec))
+            res["acceptance_rate"] = round(sum(s["accepted"] for s in spec) / proposed, 3)
             res["tokens_per_target_forward"] = round(
                 sum(s["accepted"] + s["verify_steps"] for s in spec) / sum(s["verify_steps"] for s in spec), 2)
         results.append(res)

@@ -5,7 +5,8 @@ Gauges read from the engine when scraped: requests running and waiting, KV-cache
 the prefix cache's hit rate (prompt tokens found cached / prompt tokens admitted).
 Histograms: time to first token, and inter-token latency (the gap between a request's outputs,
 shared by the tokens that output brought: speculative decoding may bring several).
-With a draft model, a gauge of the engine's speculative acceptance rate (accepted / proposed).
+With a drafter, gauges of the speculative acceptance rate (accepted / proposed) and of the tokens a
+verify window brings (accepted drafts + the target's own token, per window).
 """
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ class Metrics:
         Gauge("gemforge_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens admitted",
               registry=r).set_function(lambda: core.scheduler.prefix_hits / max(1, core.scheduler.prefix_queries))
         if core.drafter is not None:
+            st = core.stats
             Gauge("gemforge_spec_acceptance_rate", "Draft tokens accepted / proposed", registry=r).set_function(
-                lambda: core.stats.get("spec_accepted", 0) / max(1, core.stats.get("spec_proposed", 0)))
+                lambda: st.get("spec_accepted", 0) / max(1, st.get("spec_proposed", 0)))
+            Gauge("gemforge_spec_tokens_per_window", "Tokens a verify window brings (accepted drafts + the "
+                  "target's own) per window verified", registry=r).set_function(
+                lambda: (st.get("spec_accepted", 0) + st.get("spec_windows", 0)) / max(1, st.get("spec_windows", 0)))
 
     def outcome(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()

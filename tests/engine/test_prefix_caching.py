@@ -43,7 +43,8 @@ def test_shared_prefix_computed_once_and_outputs_unchanged(ckpt):
     assert tokens_and_logprobs(got) == tokens_and_logprobs(want)
     assert first["r0"].num_cached_tokens == 0 and plain.scheduler.prefix_hits == 0
     assert {out.num_cached_tokens for out in rest.values()} == {53 // BLOCK * BLOCK}
-    assert eng.scheduler.prefix_hits == 5 * 48 and eng.stats["prompt_tokens"] == sum(len(p) for _, p, _ in reqs) - 5 * 48
+    assert eng.scheduler.prefix_hits == 5 * 48
+    assert eng.stats["prompt_tokens"] == sum(len(p) for _, p, _ in reqs) - 5 * 48  # the rest was computed
 
 
 def test_multi_turn_continuation_reuses_prompt_and_answer(ckpt):

@@ -110,7 +110,8 @@ def compile_only(arch: int, records: dict, case: list):
             rec = records[key] = Compiled(self.__name__, arch, case[0], consts)
             try:
                 k = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-                rec.num_warps, rec.num_stages, rec.shared = k.metadata.num_warps, k.metadata.num_stages, k.metadata.shared
+                meta = k.metadata
+                rec.num_warps, rec.num_stages, rec.shared = meta.num_warps, meta.num_stages, meta.shared
                 rec.registers, rec.spilled = _resources(k.asm["cubin"], cuobjdump)
             except Exception as e:  # noqa: BLE001  reported per launch
                 rec.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]

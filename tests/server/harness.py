@@ -67,11 +67,11 @@ class Server:
         self.thread.join(timeout=10)
 
 
-def start_server(checkpoint, api_key=None, kv_cache_tokens=4096, **app_kw) -> Server:
+def start_server(checkpoint, api_key=None, kv_cache_tokens=4096, engine_kw=None, **app_kw) -> Server:
     import uvicorn
 
-    engine = AsyncEngine(Engine(checkpoint, EngineConfig(dtype="float32", device="cpu", kv_cache_tokens=kv_cache_tokens),
-                                progress=False), stall_seconds=5.0)
+    config = EngineConfig(dtype="float32", device="cpu", kv_cache_tokens=kv_cache_tokens, **(engine_kw or {}))
+    engine = AsyncEngine(Engine(checkpoint, config, progress=False), stall_seconds=5.0)
     app = build_app(engine, MODEL, api_key=api_key, **app_kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

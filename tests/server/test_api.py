@@ -152,8 +152,26 @@ def test_repeated_prompt_reports_cached_tokens(client, server):
     assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
     assert second.usage.prompt_tokens_details.cached_tokens == 0
     text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
-    rate = float(next(line.split()[1] for line in text.splitlines() if line.startswith("gemforge_prefix_cache_hit_rate")))
+    rate = next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("gemforge_prefix_cache_hit_rate"))
     assert 0 < rate < 1
+
+
+def test_speculative_server_output_and_metrics(checkpoint, client):
+    """A server speculating by prompt lookup answers as the plain one does, and /metrics reports the
+    acceptance rate and the tokens per verify window."""
+    spec = start_server(checkpoint, engine_kw=dict(draft_model="[ngram]", adaptive_lookahead=False))
+    try:
+        prompt = [2] + [17, 301, 45, 9, 800] * 6  # the prompt's tail recurs in it: lookups find drafts
+        kw = dict(prompt=prompt, extra_body={"ignore_eos": True}, **GREEDY)
+        assert spec.client().completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+        text = httpx.get(f"{spec.url}/metrics", timeout=TIMEOUT).text
+        value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("gemforge_spec")}
+        assert 0 <= value["gemforge_spec_acceptance_rate"] <= 1 and value["gemforge_spec_tokens_per_window"] >= 1
+        assert spec.core.stats["spec_windows"] > 0
+    finally:
+        spec.stop()
 
 
 def test_models_health_metrics(client, server):
