@@ -80,7 +80,8 @@ class Request:
 
     def output(self, finished: bool) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
-                             finished, max(s.cached_prompt_tokens or 0 for s in self.seqs))
+                             finished, max(s.cached_prompt_tokens or 0 for s in self.seqs),
+                             self.seqs[0].prompt_logprobs)
 
 
 @dataclass
@@ -316,7 +317,7 @@ class Engine:
             if d:
                 window[id(sc)] = (d, q)
         spec = [sc for sc in spec if sc.lookahead]
-        items, rows, plain, r, prompt_tokens = [], [], [], 0, 0
+        items, rows, plain, scored, r, prompt_tokens = [], [], [], [], 0, 0
         for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
             seq, start, n = sc.seq, sc.start, sc.num_tokens
             if not seq.output_ids:
@@ -328,20 +329,29 @@ class Engine:
                 rows.append(slice(r, r + 1 + sc.lookahead))
                 r += 1 + sc.lookahead
             else:
-                items.append(WorkItem(seq.seq_id, toks, start))
-                rows.append(slice(r, r + 1))
+                every = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids)
+                if every:  # a prompt chunk whose tokens' logprobs are wanted: logits of every row
+                    scored.append(i)
+                items.append(WorkItem(seq.seq_id, toks, start, all_logits=every))
+                rows.append(slice(r, r + (n if every else 1)))
                 if sc.completes:  # brought up to date: a token is sampled
                     plain.append(i)
-                r += 1
+                r = rows[-1].stop
         logits = self.runner.run(items)
         for sc in plan.scheduled:
             sc.seq.num_cached = sc.start + sc.num_tokens
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += prompt_tokens
         touched: dict[str, Request] = {}
+        for i in scored:
+            self._prompt_logprobs(plan.scheduled[i], logits[rows[i]])
+        if plain:
+            for i in [i for i in plain if plan.scheduled[i].seq.params.max_tokens == 0]:
+                self._finish_prompt_only(plan.scheduled[i].seq, touched)
+            plain = [i for i in plain if plan.scheduled[i].seq.params.max_tokens]
         if plain:
             seqs = [plan.scheduled[i].seq for i in plain]
-            picked = logits if len(plain) == len(logits) else logits[[rows[i].start for i in plain]]  # no copy
+            picked = logits if len(plain) == len(logits) else logits[[rows[i].stop - 1 for i in plain]]  # no copy
             for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
                 self._append(s, (tok,), (lp,), touched)
         for i, sc in enumerate(plan.scheduled):
@@ -387,6 +397,28 @@ class Engine:
         elif self.drafter.most_fed <= 2:
             self.step_costs.record("draft", (t_drafted - t_start) / max(sc.lookahead for sc in spec))
             self.step_costs.record("verify", now - t_drafted, sum(sc.lookahead for sc in spec) / num_seqs)
+
+    def _prompt_logprobs(self, sc, logits: torch.Tensor) -> None:
+        """Extend the sequence's prompt logprobs with what this prompt chunk's rows say: row j (position
+        start + j) scores prompt token start + j + 1 (the prompt's last row scores the first output)."""
+        s, start = sc.seq, sc.start
+        first = len(s.prompt_logprobs) - 1 - start  # rows before this one were collected already
+        last = min(sc.num_tokens, len(s.prompt_ids) - 1 - start)  # the prompt's last row scores output
+        if first >= last:
+            return
+        k = s.params.prompt_logprobs
+        nxt = torch.tensor(s.prompt_ids[start + first + 1: start + last + 1], device=logits.device)
+        chosen, top_v, top_i = logprobs_of(logits[first:last], nxt, k)
+        for tok, lp, tv, ti in zip(nxt.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()):
+            s.prompt_logprobs.append({"token": tok, "logprob": lp, "top": dict(zip(ti, tv))})
+
+    def _finish_prompt_only(self, s: Sequence, touched: dict) -> None:
+        """max_tokens=0: the prompt has run (its logprobs are collected); nothing is generated."""
+        s.finish_reason = "length"
+        self.scheduler.finish(s)
+        self._forget_draft(s)
+        req = self._by_seq[s.seq_id]
+        touched[req.request_id] = req
 
     def _sample(self, seqs, logits):
         """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""

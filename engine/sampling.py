@@ -23,7 +23,7 @@ INF = math.inf
 # checks, the error messages, the server's validation and the docs.
 RANGES: dict[str, tuple] = {
     "n": (1, 64, True, True, "number of completions"),
-    "max_tokens": (1, 1 << 20, True, True, "tokens to generate at most"),
+    "max_tokens": (0, 1 << 20, True, True, "tokens to generate at most (0: prompt_logprobs only)"),
     "min_tokens": (0, 1 << 20, True, True, "tokens before eos/stop may end the output"),
     "temperature": (0.0, 100.0, True, True, "0 = greedy"),
     "top_k": (-1, 1 << 20, True, True, "-1 or 0 = whole vocabulary"),
@@ -33,9 +33,10 @@ RANGES: dict[str, tuple] = {
     "presence_penalty": (-2.0, 2.0, True, True, "0 = off"),
     "frequency_penalty": (-2.0, 2.0, True, True, "0 = off"),
     "logprobs": (0, 20, True, True, "top log-probabilities per token"),
+    "prompt_logprobs": (0, 20, True, True, "top log-probabilities per prompt token"),
     "seed": (-(1 << 63), (1 << 63) - 1, True, True, "random seed"),
 }
-_INTS = {"n", "max_tokens", "min_tokens", "top_k", "logprobs", "seed"}
+_INTS = {"n", "max_tokens", "min_tokens", "top_k", "logprobs", "prompt_logprobs", "seed"}
 
 
 def check_range(name: str, value) -> None:
@@ -71,6 +72,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob given those before it (+ top n)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -87,6 +89,9 @@ class SamplingParams:
                                field="stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", field="ignore_eos")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise RequestError("max_tokens=0 generates nothing: it is only for prompt_logprobs (echo with logprobs)",
+                               field="max_tokens")
         if self.min_tokens > self.max_tokens:
             raise RequestError(f"min_tokens {self.min_tokens} exceeds max_tokens {self.max_tokens}", field="min_tokens")
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)

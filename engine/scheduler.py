@@ -11,7 +11,7 @@ Each `schedule()` fills one flat batch under two budgets, `max_num_batched_token
 A sequence is anything with `seq_id`, `num_cached` (tokens in the cache), `num_tokens` (prompt +
 output so far), `lookahead` (speculative tokens to verify after its next decode token),
 `cached_prompt_tokens` (None until first scheduled, then what the prefix cache held) and, for
-prefix caching, `tokens(start, n)`. The scheduler reserves the cache slots of what it schedules,
+prefix caching, `tokens(start, n)` and `reuses_prefix`. The scheduler reserves the cache slots of what it schedules,
 lookahead slots included; the engine rolls back those of rejected tokens. A sequence leaving the
 cache (finished or preempted) first registers its full blocks, so they can be matched later.
 """
@@ -100,7 +100,7 @@ class Scheduler:
             seq = self.waiting[0]
             if id(seq) in gone:
                 break
-            if self.blocks.prefix_caching:
+            if self.blocks.prefix_caching and seq.reuses_prefix:
                 seq.num_cached = self.blocks.match(seq.seq_id, seq.tokens(0, seq.num_tokens - 1))
             n = min(seq.num_tokens - seq.num_cached, budget)
             if not self.blocks.reserve(seq.seq_id, n):

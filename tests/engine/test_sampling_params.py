@@ -11,7 +11,7 @@ BAD = [("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 1.5), ("temperature
        ("temperature", math.nan), ("temperature", math.inf), ("top_p", 0.0), ("top_p", 1.01),
        ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
        ("frequency_penalty", -3), ("n", 0), ("logprobs", 21), ("seed", "7"), ("temperature", True),
-       ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", "yes")]
+       ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("prompt_logprobs", 21)]
 
 
 @pytest.mark.parametrize("field, value", BAD)
@@ -29,6 +29,8 @@ def test_openai_defaults_and_every_range_edge_are_valid():
                 kw = {name: v}
                 if name == "min_tokens":
                     kw["max_tokens"] = max(1, v)
+                if name == "max_tokens" and v == 0:
+                    kw["prompt_logprobs"] = 0  # max_tokens=0 is only for prompt logprobs
                 SamplingParams(**kw)
 
 
