@@ -108,7 +108,7 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
         params = req.sampling_params(default_max_tokens=16)  # OpenAI's default
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen = Generation(async_engine, metrics, rid, req.prompts(), params, req.suffix, req.fim_mode)
-        renderer = CompletionRenderer(rid, model_name, tokenizer, params.n, gen.prompt_texts if req.echo else None)
+        renderer = CompletionRenderer(rid, model_name, tokenizer, params.n, gen if req.echo else None)
         return await _serve(request, gen, renderer, bool(req.stream), req.include_usage)
 
     @app.post("/v1/chat/completions")

@@ -62,7 +62,11 @@ class _GenerateRequest(_Request):
         given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
         max_tokens = self.requested_max_tokens
         return SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-                              logprobs=self.num_logprobs, **given)
+                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs, **given)
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -86,6 +90,14 @@ class CompletionRequest(_GenerateRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs returns the prompt's token logprobs too (as evaluation harnesses ask
+        with max_tokens=0); echo with max_tokens=0 alone, the prompt's tokens with theirs."""
+        if not self.echo:
+            return None
+        return self.logprobs if self.logprobs is not None else (0 if self.max_tokens == 0 else None)
+
     def prompts(self) -> list[str | list[int]]:
         """The batch: one prompt (text or token ids) per engine request."""
         p = self.prompt
@@ -99,9 +111,8 @@ class CompletionRequest(_GenerateRequest):
         super().check()
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise RequestError(f"best_of must equal n (got best_of={self.best_of}, n={self.n or 1})", field="best_of")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo with logprobs needs prompt logprobs, which gemforge does not compute",
-                               field="echo")
+        if self.echo and self.suffix is not None:
+            raise RequestError("echo cannot be combined with suffix (infill)", field="echo")
 
 
 class TextPart(_Request):
@@ -153,8 +164,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]   # None: an echoed prompt's first token (nothing before it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -60,11 +60,13 @@ class Renderer:
 
 
 class CompletionRenderer(Renderer):
-    """/v1/completions: legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset); echo."""
+    """/v1/completions: legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset); echo: a
+    choice's text starts with its prompt and, with logprobs, its logprobs with the prompt's tokens
+    (the bos token, which the echoed text does not show, left out)."""
 
-    def __init__(self, request_id, model, tokenizer, n, echo_texts: list[str] | None):
+    def __init__(self, request_id, model, tokenizer, n, echo: Generation | None = None):
         super().__init__(request_id, model, tokenizer, n)
-        self.echo = echo_texts
+        self.echo = echo
         self._offset: dict[int, int] = {}
 
     def _logprobs(self, index: int, entries: list[dict] | None) -> CompletionLogprobs | None:
@@ -76,13 +78,17 @@ class CompletionRenderer(Renderer):
             offsets.append(offset)
             offset += len(tokens[-1])
         self._offset[index] = offset
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[e["logprob"] for e in entries],
-                                  top_logprobs=[{self.token(t)[0]: lp for t, lp in e["top"].items()} for e in entries],
-                                  text_offset=offsets)
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=[e["logprob"] for e in entries], text_offset=offsets,
+            top_logprobs=[None if e["top"] is None else {self.token(t)[0]: lp for t, lp in e["top"].items()}
+                          for e in entries])
 
     def stream_choice(self, prompt_index, index, text, entries, finish_reason, first):
-        if first and self.echo:
-            text = self.echo[prompt_index] + text
+        if first and self.echo is not None:
+            text = self.echo.prompt_texts[prompt_index] + text
+            prompt = self.echo.latest[prompt_index].prompt_logprobs
+            if entries is not None and prompt is not None:
+                entries = prompt[1:] + entries if prompt[0]["token"] == self.tok.bos_id else prompt + entries
         return CompletionChoice(index=index, text=text, logprobs=self._logprobs(index, entries),
                                 finish_reason=finish_reason)
 

@@ -140,6 +140,32 @@ def test_raw_sse_framing(server):
     assert all(e.startswith("data: {") for e in events[:-2])
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, server):
+    """Evaluation harnesses' loglikelihood request (echo, logprobs, max_tokens=0): the prompt comes back
+    with a logprob for each of its tokens (bos, not in the text, left out), text offsets into the
+    echoed text; with tokens generated after it, the prompt's part is the same."""
+    prompt = "def add(a, b):\n    return a + b\n"
+    n_ids = len(server.core.tokenizer.encode(prompt))  # bos first
+    r = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert len(lp.tokens) == n_ids - 1 and "".join(lp.tokens) == prompt
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    more = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=3, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0]
+    assert more.text.startswith(prompt) and len(more.logprobs.tokens) == len(lp.tokens) + 3
+    assert more.logprobs.token_logprobs[: len(lp.tokens)] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=0,
+                                            stream=True))
+    assert "".join(c.text for ch in chunks for c in ch.choices) == prompt
+    assert [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens] == lp.tokens
+    ids = client.completions.create(model=MODEL, prompt=[17, 301, 45], echo=True, logprobs=0, max_tokens=0).choices[0]
+    assert ids.logprobs.token_logprobs[0] is None and ids.logprobs.top_logprobs[0] is None  # nothing before it
+    assert len(ids.logprobs.tokens) == 3 and all(v is not None for v in ids.logprobs.token_logprobs[1:])
+
+
 def test_repeated_prompt_reports_cached_tokens(client, server):
     """The second identical prompt finds its full blocks in the prefix cache (all but the last token can
     be; blocks of 16): usage says so, as OpenAI's prompt_tokens_details.cached_tokens, and so does /metrics."""

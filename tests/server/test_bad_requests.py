@@ -67,7 +67,8 @@ CASES = [
     ("C", with_(C, prompt={"a": 1}), 400, "prompt"),
     ("C", b'{"model": "%s", "prompt": "\\ud800"}' % MODEL.encode(), 400, "prompt"),  # lone surrogate
     ("C", with_(C, best_of=2), 400, "best_of"),
-    ("C", with_(C, echo=True, logprobs=1), 400, "echo"),
+    ("C", with_(C, echo=True, suffix="    return x"), 400, "echo"),
+    ("C", with_(C, max_tokens=0), 400, "max_tokens"),
     ("C", with_(C, logit_bias={"5": 10}), 400, "logit_bias"),
     ("C", with_(C, stream_options={"include_usage": True}), 400, "stream_options"),
     ("C", with_(C, stream=True, stream_options={"include_usage": "y"}), 400, "stream_options.include_usage"),
