@@ -25,7 +25,8 @@ from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
-from .speculative import NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept, best_lookahead
+from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
+                          best_lookahead)
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -138,6 +139,7 @@ class Engine:
         self.step_costs = StepCosts(weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"]
                                     if self.drafter is not None and self.drafter.model is not None else 0.0)
         self.spec_rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
+        self.since_plain = 0  # speculative steps measured since the last plain one
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -263,6 +265,11 @@ class Engine:
         return self.ec.draft_cost if self.ec.draft_cost is not None else self.step_costs.draft_cost
 
     @property
+    def first_draft_cost(self) -> float:
+        """A window's first draft step (it also catches the draft up) in plain decode steps."""
+        return self.ec.draft_cost if self.ec.draft_cost is not None else self.step_costs.first_draft_cost
+
+    @property
     def verify_slope(self) -> float:
         """What one window token per sequence adds to a speculative step's target side, in plain decode
         steps: measured (0 when draft_cost is given)."""
@@ -275,17 +282,20 @@ class Engine:
         draft step's cost and what each window token adds to the verify step (`best_lookahead`; 0
         when drafting does not pay, with one-token probes at backing-off intervals); never past
         max_tokens or the context, and 0 for requests with penalties (their logits depend on the
-        tokens inside the window)."""
+        tokens inside the window). Measuring, after CALIBRATE_EVERY speculative steps in a row one step
+        decodes plainly: the baseline the costs are relative to."""
         k = self.ec.num_speculative_tokens
-        draft_cost, verify_slope = self.draft_cost, self.verify_slope
+        draft_cost, first_cost, verify_slope = self.draft_cost, self.first_draft_cost, self.verify_slope
+        calibrate = self.ec.adaptive_lookahead and self.ec.draft_cost is None and self.since_plain >= CALIBRATE_EVERY
         for s in self.scheduler.running:
             p = s.params
-            if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logprobs is not None:
+            if calibrate or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty \
+                    or p.logprobs is not None:
                 s.lookahead = 0
                 continue
             want = k
             if self.ec.adaptive_lookahead:
-                want = best_lookahead(s.spec_rate, k, draft_cost, verify_slope)
+                want = best_lookahead(s.spec_rate, k, draft_cost, verify_slope, first_cost)
                 if want:
                     s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
                 else:
@@ -389,14 +399,19 @@ class Engine:
     def _measure(self, spec: list, num_seqs: int, t_start: float, t_drafted: float) -> None:
         """Records this all-decode step's costs (only such steps count: a prefill chunk would inflate
         the target's side, a finishing request's output the step, a draft catching up on many tokens
-        its own): plain, or one draft step's share of the propose loop and the rest of the step with
-        its window tokens per sequence."""
+        its own): plain, or the draft's first and later steps and the rest of the step with its window
+        tokens per sequence."""
         now = time.perf_counter()
         if not spec:
             self.step_costs.record("plain", now - t_start)
+            self.since_plain = 0
         elif self.drafter.most_fed <= 2:
-            self.step_costs.record("draft", (t_drafted - t_start) / max(sc.lookahead for sc in spec))
+            seconds = self.drafter.seconds
+            self.step_costs.record("first", seconds[0])
+            if len(seconds) > 1:
+                self.step_costs.record("draft", sum(seconds[1:]) / (len(seconds) - 1))
             self.step_costs.record("verify", now - t_drafted, sum(sc.lookahead for sc in spec) / num_seqs)
+            self.since_plain += 1
 
     def _prompt_logprobs(self, sc, logits: torch.Tensor) -> None:
         """Extend the sequence's prompt logprobs with what this prompt chunk's rows say: row j (position

@@ -14,6 +14,7 @@ Per step and per sequence with lookahead k (its last token t already sampled, no
 from __future__ import annotations
 
 import statistics
+import time
 from array import array
 from collections import deque
 
@@ -28,32 +29,39 @@ from .sampling import draw, greedy, probs
 NGRAM = "[ngram]"  # draft_model value for prompt-lookup drafting (NgramDrafter)
 PROBE_EVERY = 16   # a sequence that stopped drafting tries one draft token again after this many steps,
 PROBE_MAX = 256    # doubling (up to this) after each probe that did not bring drafting back
+CALIBRATE_EVERY = 64  # speculative steps in a row after which one step decodes plainly (a fresh baseline)
 
 
-def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_slope: float = 0.0) -> int:
+def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_slope: float = 0.0,
+                   first_draft_cost: float | None = None) -> int:
     """The lookahead k in 0..k_max with the most expected tokens per unit of time, the unit being one
     plain decode step. At acceptance rate alpha a window of k drafts yields (1 - alpha^(k+1)) /
-    (1 - alpha) tokens (the last one the target's own) for k draft steps of `draft_cost` each plus
-    the target's verify step, which costs 1 + k * `verify_slope` (each window token adds that much
-    to the target's forward); k = 0 is plain decoding, one token per unit. Ties go to the smaller k."""
+    (1 - alpha) tokens (the last one the target's own) for k draft steps, the first costing
+    `first_draft_cost` (it also catches the draft up; default `draft_cost`) and each other
+    `draft_cost`, plus the target's verify step, which costs 1 + k * `verify_slope` (each window token
+    adds that much to the target's forward); k = 0 is plain decoding, one token per unit. Ties go to
+    the smaller k."""
+    first = draft_cost if first_draft_cost is None else first_draft_cost
+
     def tokens_per_cost(k: int) -> float:
         if k == 0:
             return 1.0
         tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-        return tokens / (1 + k * (draft_cost + verify_slope))
+        return tokens / (1 + first + (k - 1) * draft_cost + k * verify_slope)
     return max(range(k_max + 1), key=tokens_per_cost)
 
 
 class StepCosts:
-    """Measured seconds of a plain decode step, of one draft step, and of a speculative decode step's
-    target side (verify forward, acceptance, bookkeeping) with its window tokens per sequence: the
-    adaptive lookahead's costs in plain steps, each from the last 32 samples, by median (a shared
-    machine's stalls would drag a mean). The target side is taken to cost 1 + slope * (window tokens
-    per sequence) plain steps: on a GPU at small batch a window is nearly free (slope ~ 0), on a CPU
-    or at large batch every token costs. Fixed per-step costs (host work, launches), which dominate
-    small models and CPUs, are in the samples; a weight-bytes ratio leaves them out."""
+    """Measured seconds of a plain decode step, of a window's first draft step (which also catches
+    the draft up) and of each later one, and of a speculative decode step's target side (verify
+    forward, acceptance, bookkeeping) with its window tokens per sequence: the adaptive lookahead's
+    costs in plain steps, each from the last 32 samples, by median (a shared machine's stalls would
+    drag a mean). The target side is taken to cost 1 + slope * (window tokens per sequence) plain
+    steps: on a GPU at small batch a window is nearly free (slope ~ 0), on a CPU or at large batch
+    every token costs. Fixed per-step costs (host work, launches), which dominate small models and
+    CPUs, are in the samples; a weight-bytes ratio leaves them out."""
 
-    KINDS = ("plain", "verify", "draft")
+    KINDS = ("plain", "verify", "first", "draft")
 
     def __init__(self, draft_prior: float, window: int = 32):
         self.draft_prior = draft_prior  # draft cost until both sides are measured
@@ -69,13 +77,21 @@ class StepCosts:
             self.median[kind] = statistics.median(t for t, _ in verify)
         else:
             self.median[kind] = plain = statistics.median(self.samples[kind])
-        if kind != "draft" and verify and plain:
+        if kind in ("plain", "verify") and verify and plain:
             self.verify_slope = min(4.0, statistics.median(max(0.0, t / plain - 1) / x for t, x in verify))
+
+    def _ratio(self, seconds: float | None) -> float:
+        base = self.median["plain"] or self.median["verify"]
+        return self.draft_prior if seconds is None or base is None else min(16.0, seconds / base)
+
+    @property
+    def first_draft_cost(self) -> float:
+        return self._ratio(self.median["first"])
 
     @property
     def draft_cost(self) -> float:
-        base, draft = self.median["plain"] or self.median["verify"], self.median["draft"]
-        return self.draft_prior if draft is None or base is None else min(16.0, draft / base)
+        """A later draft step (the first's cost until windows of two drafts have run)."""
+        return self._ratio(self.median["draft"] or self.median["first"])
 
 
 class Drafter:
@@ -91,14 +107,16 @@ class Drafter:
                                   max_context=max_context)
         self.cached: dict[int, int] = {}
         self.most_fed = 0  # the most tokens one sequence fed in the last propose's first forward
+        self.seconds: list[float] = []  # wall time of each draft step of the last propose
 
     def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Draft ks[i] tokens for each sequence; also each sampled sequence's q rows [ks[i], V]."""
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         blocks = self.cache.blocks
-        self.most_fed = 0
+        self.most_fed, self.seconds = 0, []
         for j in range(max(ks, default=0)):
+            t = time.perf_counter()
             live = [i for i, k in enumerate(ks) if k > j]
             items = []
             for i in live:
@@ -122,8 +140,9 @@ class Drafter:
                 nxt[sampled] = draw(q, [seqs[live[r]].generator for r in sampled])
                 for row, r in enumerate(sampled):
                     qs[live[r]].append(q[row])
-            for r, tok in enumerate(nxt.tolist()):
+            for r, tok in enumerate(nxt.tolist()):  # (reading the tokens waits for the GPU)
                 drafts[live[r]].append(tok)
+            self.seconds.append(time.perf_counter() - t)
         # the last proposal is never fed to the draft: it holds tokens up to d_{k-1}
         return drafts, [torch.stack(q) if q else None for q in qs]
 
@@ -152,6 +171,7 @@ class NgramDrafter:
 
     model = cache = None
     most_fed = 0  # nothing to catch up on
+    seconds: list[float] = []  # its lookups count as one draft step
 
     def __init__(self, max_n: int = 4, min_n: int = 2, max_candidates: int = 16):
         if not 2 <= min_n <= max_n:
@@ -189,7 +209,10 @@ class NgramDrafter:
         return seq.tokens(best + 1, min(k, length - best - 1)) if best_n >= self.min_n else []
 
     def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[None]]:
-        return [self._lookup(s, k) for s, k in zip(seqs, ks)], [None] * len(seqs)
+        t = time.perf_counter()
+        drafts = [self._lookup(s, k) for s, k in zip(seqs, ks)]
+        self.seconds = [time.perf_counter() - t]
+        return drafts, [None] * len(seqs)
 
     def keep(self, seq_id: int, n: int) -> None:
         pass

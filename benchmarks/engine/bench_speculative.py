@@ -97,6 +97,7 @@ def main(argv=None) -> list[dict]:
             plain, res = run([base, spec], prompts, suffixes, args.max_tokens, args.repeats)
             draft = "ngram" if drafter == NGRAM else draft_quant or "dense"
             emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft,
+                         "first_draft_cost": round(spec.engine.first_draft_cost, 3),
                          "draft_cost": round(spec.engine.draft_cost, 3),
                          "verify_slope": round(spec.engine.verify_slope, 3), **res,
                          "target_alone_tokens_per_s": plain["tokens_per_s"],

@@ -7,7 +7,8 @@ from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
-from gemforge.engine.speculative import NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept, best_lookahead
+from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept,
+                                         best_lookahead)
 
 from test_engine import prompts_of, run_all
 
@@ -44,6 +45,38 @@ def test_best_lookahead_counts_what_window_tokens_add_to_the_verify_step():
     assert best_lookahead(0.6, 4, 0.3, verify_slope=0.3) == 0
     assert best_lookahead(0.9, 8, 0.05, verify_slope=0.05) >= 6
     assert best_lookahead(0.05, 4, 0.005) == 1 and best_lookahead(0.05, 4, 0.005, verify_slope=0.1) == 0
+
+
+def test_best_lookahead_weighs_a_dear_first_draft_step():
+    """When the first draft step costs most (it catches the draft up), longer windows share that cost."""
+    assert best_lookahead(0.8, 8, 0.6) <= 2 < 6 <= best_lookahead(0.8, 8, 0.05, first_draft_cost=0.6)
+
+
+def test_step_costs_time_the_first_draft_step_apart():
+    c = StepCosts(draft_prior=0.29)
+    c.record("plain", 1.0)
+    c.record("first", 0.6)
+    assert c.first_draft_cost == pytest.approx(0.6) and c.draft_cost == pytest.approx(0.6)  # no later step yet
+    c.record("draft", 0.2)
+    assert c.first_draft_cost == pytest.approx(0.6) and c.draft_cost == pytest.approx(0.2)
+
+
+def test_a_plain_step_after_a_long_speculative_run(pair):
+    """Always drafting would leave the plain baseline (and the verify slope) unmeasured: after
+    CALIBRATE_EVERY speculative steps in a row one step decodes plainly."""
+    target, draft = pair
+    eng = engine(target, draft, k=3, adaptive_lookahead=True)
+    eng.add_request("a", prompts_of(1, 3)[0], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    eng.step()  # the prompt
+    seq = eng.requests["a"].seqs[0]
+    eng.since_plain = CALIBRATE_EVERY
+    eng._set_lookahead()
+    assert seq.lookahead == 0 and seq.spec_idle == 0  # not counted as declining to draft
+    eng.step()
+    assert eng.since_plain == 0 and eng.step_costs.median["plain"] is not None
+    eng.step_costs.draft_prior = 0.01  # cheap drafts: it speculates again
+    eng._set_lookahead()
+    assert seq.lookahead == 3
 
 
 def test_step_costs_are_ratios_to_a_plain_step():
