@@ -123,6 +123,9 @@ def _bench(args) -> int:
     return 0
 
 
+DRAFT_HELP = "speculative decoding: a small model of the same tokenizer, or [ngram] (prompt lookup)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemforge", description="CodeGemma inference engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpu", "torch"])
     g.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights while loading")
-    g.add_argument("--draft-model", default=None, help="speculative decoding: a small model of the same tokenizer, or [ngram] (prompt lookup)")
+    g.add_argument("--draft-model", default=None, help=DRAFT_HELP)
     g.set_defaults(func=_generate)
 
     q = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized copy of a checkpoint")
@@ -175,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size (default: from free memory)")
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights while loading")
-    s.add_argument("--draft-model", default=None, help="speculative decoding: a small model of the same tokenizer, or [ngram] (prompt lookup)")
+    s.add_argument("--draft-model", default=None, help=DRAFT_HELP)
     s.add_argument("--num-speculative-tokens", type=int, default=4)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of prompt prefixes seen before (default: on)")

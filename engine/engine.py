@@ -251,8 +251,7 @@ class Engine:
             return None
         for s in req.seqs:
             s.abort()
-            self.scheduler.finish(s)
-            self._forget_draft(s)
+            self._retire(s)
             self._by_seq.pop(s.seq_id, None)
         return req.output(True)
 
@@ -430,8 +429,7 @@ class Engine:
     def _finish_prompt_only(self, s: Sequence, touched: dict) -> None:
         """max_tokens=0: the prompt has run (its logprobs are collected); nothing is generated."""
         s.finish_reason = "length"
-        self.scheduler.finish(s)
-        self._forget_draft(s)
+        self._retire(s)
         req = self._by_seq[s.seq_id]
         touched[req.request_id] = req
 
@@ -456,14 +454,18 @@ class Engine:
         for i, (tok, lp) in enumerate(zip(tokens, lps)):
             s.delta += s.append(tok, lp)
             if s.finish_reason is not None:
-                self.scheduler.finish(s)
-                self._forget_draft(s)
+                self._retire(s)
                 break
         self.stats["generation_tokens"] += i + 1
         req = self._by_seq[s.seq_id]
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         touched[req.request_id] = req
+
+    def _retire(self, s: Sequence) -> None:
+        """A finished or aborted sequence leaves the scheduler and both KV pools."""
+        self.scheduler.finish(s)
+        self._forget_draft(s)
 
     def _forget_draft(self, s: Sequence) -> None:
         if self.drafter is not None:

@@ -23,10 +23,10 @@ class LLM:
     def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None,
                  backend: str = "auto", kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, cuda_graphs: bool = True, quantization: str | None = None, quantize_lm_head: bool = False,
-                 group_size: int = 128, draft_model: str | Path | None = None, draft_quantization: str | None = None,
-                 num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, draft_cost: float | None = None,
-                 progress: bool = True):
+                 enable_prefix_caching: bool = True, cuda_graphs: bool = True, quantization: str | None = None,
+                 quantize_lm_head: bool = False, group_size: int = 128, draft_model: str | Path | None = None,
+                 draft_quantization: str | None = None, num_speculative_tokens: int = 4,
+                 adaptive_lookahead: bool = True, draft_cost: float | None = None, progress: bool = True):
         self.engine = Engine(model, EngineConfig(dtype=dtype, device=device, backend=backend,
                                                  kv_cache_tokens=kv_cache_tokens, block_size=block_size,
                                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,

@@ -62,7 +62,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: object = None
     logprobs: list[dict] | None = None
-    prompt_logprobs: list[dict] | None = None  # see RequestOutput; filled as prompt chunks run
+    prompt_logprobs: list[dict] | None = None  # see RequestOutput; filled as prompt chunks run (index 0 only)
     delta: str = ""
     lookahead: int = 0               # speculative tokens to verify next step (set by the engine)
     spec_proposed: int = 0
@@ -82,16 +82,18 @@ class Sequence:
         gen = params.make_generator(device)
         if gen is not None and params.seed is not None and index:
             gen.manual_seed((params.seed + 7919 * index) & ((1 << 64) - 1))
-        first = [{"token": prompt_ids[0], "logprob": None, "top": None}] if params.prompt_logprobs is not None else None
+        # the prompt's logprobs are the request's: its first sequence collects them
+        first = ([{"token": prompt_ids[0], "logprob": None, "top": None}]
+                 if params.prompt_logprobs is not None and index == 0 else None)
         return cls(request_id, index, list(prompt_ids), params, Detokenizer(tokenizer, params.stop),
                    frozenset(stop_ids), gen, logprobs=[] if params.logprobs is not None else None,
                    prompt_logprobs=first)
 
     @property
     def reuses_prefix(self) -> bool:
-        """Whether the prefix cache may stand in for its prompt (not when every prompt token's
-        logprob is wanted: those need the prompt computed)."""
-        return self.params.prompt_logprobs is None
+        """Whether the prefix cache may stand in for its prompt (not when it collects every prompt
+        token's logprob: those need the prompt computed)."""
+        return self.prompt_logprobs is None
 
     @property
     def token_ids(self) -> list[int]:

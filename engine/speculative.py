@@ -171,12 +171,12 @@ class NgramDrafter:
 
     model = cache = None
     most_fed = 0  # nothing to catch up on
-    seconds: list[float] = []  # its lookups count as one draft step
 
     def __init__(self, max_n: int = 4, min_n: int = 2, max_candidates: int = 16):
         if not 2 <= min_n <= max_n:
             raise ValueError(f"n-gram drafting needs 2 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n, self.max_candidates = max_n, min_n, max_candidates
+        self.seconds: list[float] = []  # the last propose's lookups, counted as one draft step
         self.chains: dict[int, tuple[dict[int, int], array]] = {}  # seq_id -> (pair -> latest end, previous ends)
 
     def _lookup(self, seq, k: int) -> list[int]:
