@@ -83,7 +83,7 @@ class AsyncEngine:
         if request_id in self._queues:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
         _, ids = self.engine.encode_prompt(prompt, suffix, fim_mode)  # validation errors raise here
-        self.engine.check_fits(len(ids), params)
+        self.engine.check_request(len(ids), params)
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue

@@ -23,7 +23,7 @@ from .loader import load_weights, to_dtype
 from .model import GemmaModel
 from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
-from .sampling import SamplingParams, apply_penalties, logprobs_of, sample
+from .sampling import SamplingParams, adjust, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
 from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
                           best_lookahead)
@@ -218,7 +218,9 @@ class Engine:
                                field="prompt")
         return None, ids
 
-    def check_fits(self, n_prompt: int, params: SamplingParams) -> None:
+    def check_request(self, n_prompt: int, params: SamplingParams) -> None:
+        """The prompt and max_tokens fit the context and the KV cache, and every token id the
+        parameters name (stop_token_ids, logit_bias) is in the vocabulary; else RequestError."""
         total = n_prompt + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
@@ -226,13 +228,18 @@ class Engine:
         if total > self.capacity:
             raise RequestError(f"prompt ({n_prompt} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                                f"the KV cache ({self.capacity} tokens)", field="max_tokens")
+        V = self.cfg.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            bad = [i for i in ids if i >= V]
+            if bad:
+                raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {V})", field=name)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, suffix: str | None = None,
                     fim_mode: str = "psm", extra_stop_ids=()) -> Request:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
         text, ids = self.encode_prompt(prompt, suffix, fim_mode)
-        self.check_fits(len(ids), params)
+        self.check_request(len(ids), params)
         extra = tuple(extra_stop_ids) + (tuple(self.tokenizer.fim_stop_ids()) if suffix is not None else ())
         seqs = [Sequence.create(request_id, j, ids, params, self.tokenizer, self.cfg.eos_token_ids, extra, self.device)
                 for j in range(params.n)]
@@ -304,6 +311,7 @@ class Engine:
             s.lookahead = max(0, min(want, p.max_tokens - len(s.output_ids) - 1,
                                      self.max_model_len - s.num_tokens - 1))
 
+    @torch.inference_mode()  # logits are inference tensors: penalties and biases edit them in place
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that produced tokens (of those
         that finished, with `finished_only`: a caller that does not stream skips building the rest)."""
@@ -368,6 +376,8 @@ class Engine:
                 continue
             d, q = window[id(sc)]
             s = sc.seq
+            if s.adjusts:  # row j scores the token j places after the next one
+                adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(len(d) + 1)])
             toks = accept(s.params, s.generator, d, logits[rows[i]], q)
             accepted = len(toks) - 1
             s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
@@ -434,8 +444,10 @@ class Engine:
         touched[req.request_id] = req
 
     def _sample(self, seqs, logits):
-        """(tokens, logprob dicts) for the rows of `logits`, penalties and filters applied."""
+        """(tokens, logprob dicts) for the rows of `logits`, adjustments, penalties and filters applied."""
         params = [s.params for s in seqs]
+        if any(s.adjusts for s in seqs):
+            adjust(logits, [s.logit_adjustment() for s in seqs])
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             apply_penalties(logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
         tokens = sample(logits, params, [s.generator for s in seqs])

@@ -74,7 +74,7 @@ class LLM:
             raise RequestError(f"{n} prompts but {len(params)} params and {len(suffixes)} suffixes", field="params")
         eng = self.engine
         for prompt, p, suf in zip(prompts, params, suffixes):
-            eng.check_fits(len(eng.encode_prompt(prompt, suf, fim_mode)[1]), p)
+            eng.check_request(len(eng.encode_prompt(prompt, suf, fim_mode)[1]), p)
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
         try:
             for rid, prompt, p, suf in zip(ids, prompts, params, suffixes):

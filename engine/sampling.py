@@ -1,6 +1,8 @@
 """SamplingParams (validated against one table of ranges) and the batched sampler.
 
 Sampling of one row of fp32 logits l over the vocabulary:
+  0. adjustments (`Sequence.logit_adjustment`): + logit_bias[t] for each biased token t, and -inf
+     on the stop token ids (eos included) while fewer than min_tokens tokens have been generated;
   1. penalties: repetition r (HF rule: l/r where l > 0 else l*r, over prompt and output tokens),
      presence p and frequency f (OpenAI rule: l - p*[count > 0] - f*count over output tokens);
   2. temperature 0 -> argmax; else l / T, then top-k, top-p (nucleus) and min-p filtering;
@@ -73,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # each prompt token's logprob given those before it (+ top n)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -89,6 +92,8 @@ class SamplingParams:
                                field="stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", field="ignore_eos")
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_bias(self.logit_bias)
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             raise RequestError("max_tokens=0 generates nothing: it is only for prompt_logprobs (echo with logprobs)",
                                field="max_tokens")
@@ -110,6 +115,28 @@ class SamplingParams:
         else:
             g.manual_seed(self.seed & ((1 << 64) - 1))
         return g
+
+
+def _checked_bias(bias) -> dict[int, float]:
+    if not isinstance(bias, dict):
+        raise RequestError(f"logit_bias must map token ids to numbers, got {bias!r}", field="logit_bias")
+    for t, b in bias.items():
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {t!r}",
+                               field="logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise RequestError(f"logit_bias[{t}] must be a number in [-100, 100], got {b!r}", field="logit_bias")
+    return {t: float(b) for t, b in bias.items()}
+
+
+def adjust(logits: torch.Tensor, adjustments: list) -> torch.Tensor:
+    """In place on fp32 logits [B, V]: row i += adjustments[i] = (token ids, values), or nothing
+    where it is None (ids distinct within a row)."""
+    for row, adj in enumerate(adjustments):
+        if adj is not None:
+            ids, vals = adj
+            logits[row, ids] += vals
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],

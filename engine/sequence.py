@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,9 @@ class Sequence:
     spec_idle: int = 0               # steps since the adaptive lookahead last chose to draft
     spec_probe_every: int = PROBE_EVERY  # idle steps before the next one-token probe (backs off)
     seq_id: int = field(default_factory=lambda: next(_ids))
+    adjusts: bool = False            # has a logit_bias, or stop ids to ban until min_tokens
+    device: str | torch.device = "cpu"
+    _adjustments: dict = field(default_factory=dict, repr=False)  # banning stop ids? -> (ids, values)
 
     @classmethod
     def create(cls, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
@@ -87,7 +91,26 @@ class Sequence:
                  if params.prompt_logprobs is not None and index == 0 else None)
         return cls(request_id, index, list(prompt_ids), params, Detokenizer(tokenizer, params.stop),
                    frozenset(stop_ids), gen, logprobs=[] if params.logprobs is not None else None,
-                   prompt_logprobs=first)
+                   prompt_logprobs=first, adjusts=bool(params.logit_bias or (params.min_tokens and stop_ids)),
+                   device=device)
+
+    def logit_adjustment(self, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What to add to the logits of the token `ahead` places after its next one (token ids,
+        values), or None: the request's logit_bias, and -inf on its stop ids (eos unless ignore_eos,
+        stop_token_ids, FIM's) while that token would be among the first min_tokens."""
+        if not self.adjusts:
+            return None
+        ban = len(self.output_ids) + ahead < self.params.min_tokens
+        adj = self._adjustments.get(ban)
+        if adj is None:
+            add = dict(self.params.logit_bias or {})
+            if ban:
+                add.update(dict.fromkeys(self.stop_ids, -math.inf))
+            if not add:
+                return None
+            adj = self._adjustments[ban] = (torch.tensor(list(add), dtype=torch.long, device=self.device),
+                                            torch.tensor(list(add.values()), dtype=torch.float32, device=self.device))
+        return adj
 
     @property
     def reuses_prefix(self) -> bool:

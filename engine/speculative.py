@@ -23,7 +23,7 @@ import torch
 from .kv_cache import KVCache
 from .model import GemmaModel
 from .runner import ModelRunner, WorkItem
-from .sampling import draw, greedy, probs
+from .sampling import adjust, draw, greedy, probs
 
 
 NGRAM = "[ngram]"  # draft_model value for prompt-lookup drafting (NgramDrafter)
@@ -133,6 +133,8 @@ class Drafter:
                 self.most_fed = max(self.most_fed, len(feed))
                 self.cached[s.seq_id] = n + len(drafts[i])
             logits = self.runner.run(items)
+            if any(seqs[i].adjusts for i in live):  # the target's logit_bias and min_tokens, j tokens ahead
+                adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
             nxt = greedy(logits)
             sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
             if sampled:

@@ -33,7 +33,7 @@ class Generation:
         self.prompt_ids: list[list[int]] = []
         for p in prompts:  # the engine's own validation, for all prompts before any of them runs
             text, ids = core.encode_prompt(p, suffix, fim_mode)
-            core.check_fits(len(ids), params)
+            core.check_request(len(ids), params)
             self.prompt_texts.append(text if text is not None else core.tokenizer.decode(ids))
             self.prompt_ids.append(ids)
         self.engine, self.metrics = engine, metrics

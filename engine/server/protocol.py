@@ -51,8 +51,6 @@ class _GenerateRequest(_Request):
 
     def check(self) -> None:
         """Rules across fields and what gemforge does not support; RequestError names the field."""
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported", field="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream: true", field="stream_options")
 
@@ -60,9 +58,21 @@ class _GenerateRequest(_Request):
         """The engine's SamplingParams, after check(); a RequestError names the offending field."""
         self.check()
         given = {k: v for k in SAMPLING_FIELDS if (v := getattr(self, k)) is not None}
+        if self.logit_bias:
+            given["logit_bias"] = self.token_bias()
         max_tokens = self.requested_max_tokens
         return SamplingParams(max_tokens=default_max_tokens if max_tokens is None else max_tokens,
                               logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs, **given)
+
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its JSON keys (token ids written as decimal strings) as integers."""
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()):
+                raise RequestError(f"logit_bias keys must be token ids written as decimal integers, got {key!r}",
+                                   field="logit_bias")
+            bias[int(key)] = value
+        return bias
 
     @property
     def num_prompt_logprobs(self) -> int | None:
@@ -272,11 +282,14 @@ _FIELD_NAMES = frozenset(name for m in (CompletionRequest, ChatCompletionRequest
 
 
 def _param(loc: tuple, extra: bool) -> str:
-    """`messages[0].content` from a pydantic error location, dropping union-member tags."""
+    """`messages[0].content` (or `logit_bias.5`) from a pydantic error location, dropping union-member
+    tags."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
+        elif i and loc[i - 1] == "logit_bias":  # a key of the one mapping field
+            out += f".{part}"
         elif part in _FIELD_NAMES or (extra and part == loc[-1]):
             out += f".{part}" if out else part
         else:

@@ -51,10 +51,10 @@ def test_prefill_then_decode_equals_full_forward(make_checkpoint, shape):
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
 
 
-def hf_greedy(model, ids, n):
+def hf_greedy(model, ids, n, **kw):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kw)
     toks = out[0, len(ids):].tolist()
     return toks[: toks.index(1) + 1] if 1 in toks else toks  # HF pads after eos
 
@@ -68,6 +68,31 @@ def test_greedy_generation_matches_hf_fp32(make_checkpoint, shape):
         ref = hf_greedy(hf, out.prompt_token_ids, 32)
         assert out.outputs[0].token_ids == ref, prompt
         assert out.prompt_token_ids[0] == llm.tokenizer.bos_id
+
+
+def test_logit_bias_and_min_tokens_match_hf_fp32(make_checkpoint):
+    """logit_bias is HF's sequence_bias over one-token sequences and min_tokens HF's min_new_tokens
+    (the stop ids banned until then): greedy tokens equal HF's. The biases move the argmax: the
+    unbiased output's first token is forbidden, a token it never chose is favoured, and eos, pushed
+    up by +20 but banned for the first 5 tokens, ends the output at the 6th."""
+    d, hf = make_checkpoint("mqa", seed=1)
+    llm = LLM(d, dtype="float32", device="cpu", progress=False)
+    eos = llm.tokenizer.eos_id
+    for prompt in PROMPTS:
+        ids = llm.tokenizer.encode(prompt)
+        plain = llm.generate([ids], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids
+        unused = next(t for t in range(3, 1000) if t not in plain)
+        bias = {plain[0]: -100.0, unused: 4.0}
+        out = llm.generate([ids], SamplingParams(max_tokens=12, temperature=0.0, logit_bias=bias),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == hf_greedy(hf, ids, 12, sequence_bias={(t,): b for t, b in bias.items()}), prompt
+        assert out.token_ids[0] != plain[0] and out.token_ids != plain[:len(out.token_ids)]
+        bias[eos] = 20.0
+        out = llm.generate([ids], SamplingParams(max_tokens=12, min_tokens=5, temperature=0.0, logit_bias=bias),
+                           use_tqdm=False)[0].outputs[0]
+        ref = hf_greedy(hf, ids, 12, sequence_bias={(t,): b for t, b in bias.items()}, min_new_tokens=5)
+        assert out.token_ids == ref and len(ref) == 6 and ref[-1] == eos and out.finish_reason == "stop", prompt
 
 
 def test_greedy_generation_matches_hf_bf16_first_16_tokens(make_checkpoint):

@@ -71,6 +71,11 @@ def test_request_beyond_context_is_rejected(llm):
     assert e.value.field == "max_tokens"
     with pytest.raises(RequestError, match="prompt token ids"):
         llm.generate([[2, 10**7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    for field in ("logit_bias", "stop_token_ids"):
+        bad = {10**7: 1.0} if field == "logit_bias" else [10**7]
+        with pytest.raises(RequestError, match=f"{field}: token id 10000000 is outside the vocabulary") as e:
+            llm.generate(["x", "y"], SamplingParams(max_tokens=2, **{field: bad}), use_tqdm=False)
+        assert e.value.field == field and not llm.engine.requests
 
 
 def test_cli_generate_and_infill(make_checkpoint, capsys):

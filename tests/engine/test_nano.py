@@ -41,21 +41,58 @@ def test_tokenizer_round_trips_heldout_files():
         assert tok.decode(tok.encode(text)) == text
 
 
+def hf_fp32(model_dir):
+    from transformers import GemmaForCausalLM
+    return GemmaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, ids: list[int], n: int, **kw) -> list[int]:
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, **kw)[0, len(ids):].tolist()
+    return ref[: ref.index(1) + 1] if 1 in ref else ref  # HF pads after eos
+
+
 @pytest.mark.parametrize("model_dir", [TARGET, DRAFT], ids=["target", "draft"])
 def test_greedy_continuations_match_transformers(model_dir):
-    from transformers import GemmaForCausalLM
-
-    hf = GemmaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = hf_fp32(model_dir)
     llm = LLM(model_dir, dtype="float32", device="cpu", progress=False)
     prompts = [t[:300] for t in heldout_texts(3)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
     for out in outs:
-        ids = out.prompt_token_ids
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-        ref = ref[: ref.index(1) + 1] if 1 in ref else ref
-        assert out.outputs[0].token_ids == ref
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 24)
+
+
+def test_penalties_match_transformers_and_the_openai_rule():
+    """repetition_penalty is HF's (over prompt and output tokens): greedy tokens equal HF's. The
+    presence and frequency penalties (OpenAI's rule, which HF lacks) equal a greedy loop over HF's
+    logits minus presence + frequency * count of each generated token. One request alone and three
+    in one batch; the trained model repeats itself on code, so each penalty changes some output."""
+    hf = hf_fp32(TARGET)
+    llm = LLM(TARGET, dtype="float32", device="cpu", progress=False)
+    prompts = [llm.tokenizer.encode(t[:200]) for t in heldout_texts(3)]
+    n = 16
+    plain = [hf_greedy(hf, ids, n) for ids in prompts]
+    for batch in (prompts[:1], prompts):
+        outs = llm.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, repetition_penalty=1.5),
+                            use_tqdm=False)
+        refs = [hf_greedy(hf, ids, n, repetition_penalty=1.5) for ids in batch]
+        assert [o.outputs[0].token_ids for o in outs] == refs
+        assert refs != plain[:len(batch)] or len(batch) == 1
+        outs = llm.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, presence_penalty=0.5,
+                                                  frequency_penalty=1.5, ignore_eos=True), use_tqdm=False)
+        refs = []
+        for ids in batch:
+            ref = []
+            for _ in range(n):
+                with torch.no_grad():
+                    logits = hf(torch.tensor([ids + ref])).logits[0, -1].float()
+                for t in set(ref):
+                    logits[t] -= 0.5 + 1.5 * ref.count(t)
+                ref.append(int(logits.argmax()))
+            refs.append(ref)
+        assert [o.outputs[0].token_ids for o in outs] == refs
+        assert refs != plain[:len(batch)] or len(batch) == 1
 
 
 @pytest.fixture(scope="module")

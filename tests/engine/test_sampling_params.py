@@ -11,7 +11,9 @@ BAD = [("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 1.5), ("temperature
        ("temperature", math.nan), ("temperature", math.inf), ("top_p", 0.0), ("top_p", 1.01),
        ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
        ("frequency_penalty", -3), ("n", 0), ("logprobs", 21), ("seed", "7"), ("temperature", True),
-       ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("prompt_logprobs", 21)]
+       ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("prompt_logprobs", 21),
+       ("logit_bias", {"5": 1.0}), ("logit_bias", {5: 101}), ("logit_bias", {-1: 1.0}), ("logit_bias", [1]),
+       ("logit_bias", {5: math.nan}), ("logit_bias", {True: 1.0}), ("logit_bias", {5: "1"})]
 
 
 @pytest.mark.parametrize("field, value", BAD)

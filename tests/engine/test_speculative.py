@@ -159,6 +159,31 @@ def test_self_drafting_accepts_everything(pair):
     assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_step"] == 5.0
 
 
+def test_logit_bias_and_min_tokens_inside_windows(pair):
+    """The verify window applies the request's logit_bias and min_tokens' stop-id ban at each of its
+    positions (greedy output equals the target alone's, eos ending it right after min_tokens), and
+    the draft applies them too: drafting with the target itself still accepts everything."""
+    target, draft = pair
+    alone = engine(target)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randperm(alone.cfg.vocab_size, generator=g)[:300].tolist()
+    bias = dict(zip(ids, (torch.rand(300, generator=g) * 6 - 3).tolist()))
+    bias[1] = 15.0  # eos: banned for the first min_tokens, then it wins
+    params = [SamplingParams(max_tokens=20, min_tokens=m, temperature=0.0, logit_bias=bias) for m in (3, 9, 14)]
+    reqs = [(f"r{i}", p, q) for i, (p, q) in enumerate(zip(prompts_of(3, seed=4), params))]
+    plain = run_all(alone, reqs)
+    for (rid, _, q), out in zip(reqs, plain.values()):
+        assert len(out.outputs[0].token_ids) == q.min_tokens + 1 and out.outputs[0].token_ids[-1] == 1, rid
+    for d, k in ((draft, 5), (target, 5), (NGRAM, 3)):
+        eng = engine(target, d, k=k)
+        spec = run_all(eng, reqs)
+        for rid in plain:
+            assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, (d, rid)
+        assert eng.stats.get("spec_proposed", 0) > 0 or d == NGRAM
+        if d == target:
+            assert eng.stats["spec_accepted"] == eng.stats["spec_proposed"], eng.stats
+
+
 def test_stop_string_mid_window(pair):
     target, draft = pair
     p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

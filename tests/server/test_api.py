@@ -60,6 +60,21 @@ def test_infill_via_suffix_is_the_fim_prompt(client, server):
     assert r.choices[0].finish_reason == raw.choices[0].finish_reason
 
 
+def test_logit_bias_steers_completions_and_chat(client, server):
+    tok = server.core.tokenizer
+    t = tok.encode(" zebra", add_bos=False)[-1]
+    forced = tok.decode([t] * 5)
+    r = client.completions.create(prompt="def f(x):", logit_bias={str(t): 100}, **dict(GREEDY, max_tokens=5))
+    assert r.choices[0].text == forced and r.usage.completion_tokens == 5
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0.0,
+                                       max_tokens=5, logit_bias={str(t): 100})
+    assert r.choices[0].message.content == forced
+    u = tok.encode(" lion", add_bos=False)[-1]
+    r = client.completions.create(prompt="def f(x):", logit_bias={str(t): 50, str(u): 60.5},
+                                  **dict(GREEDY, max_tokens=3))
+    assert r.choices[0].text == tok.decode([u] * 3)
+
+
 def test_stop_string(client):
     kw = dict(prompt="import os", extra_body={"ignore_eos": True}, **GREEDY)
     full = client.completions.create(**kw).choices[0].text

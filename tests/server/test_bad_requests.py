@@ -69,7 +69,12 @@ CASES = [
     ("C", with_(C, best_of=2), 400, "best_of"),
     ("C", with_(C, echo=True, suffix="    return x"), 400, "echo"),
     ("C", with_(C, max_tokens=0), 400, "max_tokens"),
-    ("C", with_(C, logit_bias={"5": 10}), 400, "logit_bias"),
+    ("C", with_(C, logit_bias={"x5": 10}), 400, "logit_bias"),
+    ("C", with_(C, logit_bias={"-5": 10}), 400, "logit_bias"),
+    ("C", with_(C, logit_bias={"5": 101}), 400, "logit_bias"),
+    ("C", with_(C, logit_bias={"5": "up"}), 400, "logit_bias.5"),
+    ("C", with_(C, logit_bias={"99999": 1}), 400, "logit_bias"),           # out of the vocabulary
+    ("C", with_(C, stop_token_ids=[99999]), 400, "stop_token_ids"),
     ("C", with_(C, stream_options={"include_usage": True}), 400, "stream_options"),
     ("C", with_(C, stream=True, stream_options={"include_usage": "y"}), 400, "stream_options.include_usage"),
     ("C", with_(C, stream="yes"), 400, "stream"),
