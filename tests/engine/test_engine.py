@@ -1,5 +1,6 @@
 """Continuous batching: many concurrent requests, preemption, chunked prefill, aborts, seeds.
 Invariants (no block owned twice, free + used == total) are checked after every step."""
+import os
 import random
 
 import pytest
@@ -147,3 +148,57 @@ def test_auto_dtype_on_cpu(monkeypatch, ckpt_dtype, native_bf16, expected):
     assert engine_mod.resolve_dtype("auto", cfg, "cpu") == expected
     assert engine_mod.resolve_dtype("auto", cfg, "cuda") == getattr(torch, ckpt_dtype)
     assert engine_mod.resolve_dtype("float16", cfg, "cpu") == torch.float16
+
+
+def random_params(rng: random.Random, vocab: int) -> SamplingParams:
+    """Any mix of what a request may ask for, each field set or left at its default at random."""
+    kw = {"max_tokens": rng.randrange(1, 14), "seed": rng.randrange(1 << 20)}
+    pick = {"temperature": lambda: rng.choice([0.0, 0.5, 1.0, 1.7]), "top_k": lambda: rng.choice([1, 5, 50]),
+            "top_p": lambda: rng.choice([0.3, 0.9]), "min_p": lambda: rng.choice([0.05, 0.3]),
+            "repetition_penalty": lambda: rng.choice([0.8, 1.3]), "presence_penalty": lambda: rng.uniform(-2, 2),
+            "frequency_penalty": lambda: rng.uniform(-2, 2), "logprobs": lambda: rng.randrange(0, 4),
+            "n": lambda: rng.randrange(1, 4), "ignore_eos": lambda: True, "stop": lambda: ["e", "(\n"],
+            "stop_token_ids": lambda: [rng.randrange(vocab)], "prompt_logprobs": lambda: rng.randrange(0, 3),
+            "logit_bias": lambda: {rng.randrange(vocab): rng.choice([-100.0, 100.0, rng.uniform(-5, 5)])
+                                   for _ in range(rng.randrange(1, 9))}}
+    for name in rng.sample(sorted(pick), rng.randrange(len(pick) + 1)):
+        kw[name] = pick[name]()
+    kw["min_tokens"] = rng.randrange(kw["max_tokens"] + 1) if rng.random() < 0.3 else 0
+    return SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("draft", [None, "[ngram]", "self"])
+def test_any_mix_of_sampling_params_in_one_batch(ckpt, draft):
+    """40 requests with random combinations of every sampling field, batched together (prefix
+    caching on; plain, prompt-lookup and draft-model speculation): each finishes with a well-formed
+    output, and the seeded ones equal the same request run alone. GEMFORGE_MIX_SEED picks others."""
+    d, _ = ckpt
+    draft = d if draft == "self" else draft
+    rng = random.Random(int(os.environ.get("GEMFORGE_MIX_SEED", 99)))
+    eng = make_engine(d, max_num_seqs=16, max_num_batched_tokens=128, draft_model=draft,
+                      num_speculative_tokens=3, adaptive_lookahead=False)
+    V = eng.cfg.vocab_size
+    prompts = prompts_of(40, seed=5)
+    reqs = [(f"r{i}", prompts[i % 7 if i % 3 else i], random_params(rng, V)) for i in range(40)]
+    outs = run_all(eng, reqs)
+    for rid, prompt, p in reqs:
+        out = outs[rid]
+        assert len(out.outputs) == p.n and out.finished
+        for c in out.outputs:
+            ids = c.token_ids
+            assert 1 <= len(ids) <= p.max_tokens and all(0 <= t < V for t in ids)
+            assert c.finish_reason in ("stop", "length")
+            assert (c.finish_reason == "length") == (len(ids) == p.max_tokens and c.stop_reason is None)
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else {1})
+            assert not stop_ids & set(ids[: p.min_tokens]), (rid, p)  # banned until min_tokens
+            assert not stop_ids & set(ids[:-1])
+            if p.logprobs is not None:
+                assert len(c.logprobs) == len(ids) and all(len(e["top"]) == p.logprobs for e in c.logprobs)
+            for t, b in (p.logit_bias or {}).items():
+                if b == -100 and p.min_tokens == 0:
+                    assert t not in ids
+        if p.prompt_logprobs is not None:
+            assert len(out.prompt_logprobs) == len(prompt)
+    for rid, prompt, p in reqs[::5]:
+        alone = run_all(eng, [("alone", prompt, p)])["alone"]
+        assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in outs[rid].outputs], (rid, p)
