@@ -35,14 +35,25 @@ except ImportError:  # the torch backends work without Triton
     triton = None
 
 
+_GEMV_PAD_NUMEL = 1 << 18  # fp32 weights from 1 MiB: one row goes as two (see _linear_torch)
+
+
 def _linear_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w^T (+ b) in torch. On a CPU in fp32, 2-8 rows go as (w @ x^T)^T: torch's fp32 F.linear
+    """x @ w^T (+ b) in torch. On a CPU in fp32, 1-8 rows go as (w @ x^T)^T: torch's fp32 F.linear
     takes a slow path for so few rows (on our CI machine, 12 [2048, 256] weights: 4.1 / 3.8 / 4.6 ms
-    at 2 / 4 / 8 rows against 0.9 / 1.2 / 2.2 ms this way), and speculative verify windows and small
-    decode batches are exactly such rows. In bf16 F.linear is the faster (0.87 against 1.24 ms at 2 rows)."""
+    at 2 / 4 / 8 rows against 0.9 / 1.2 / 2.2 ms this way), and decode steps, speculative verify
+    windows and small batches are exactly such rows. One row times a weight of 1 MiB or more goes as
+    two (a copy): torch's GEMV reads the weight on one thread, about 2x slower than the two-row GEMM
+    when it is not in cache (the nano target's 33.6 MB of fp32 weights: 4.3 -> 2.4 ms a step, median
+    of 30); small weights stay in cache, where the GEMV is the faster (the 6.5 MB draft: 0.26 ms,
+    0.55 if every weight went as two rows, 0.29 with this 1 MiB threshold). In bf16 F.linear is the
+    faster (0.87 against 1.24 ms at 2 rows)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type == "cpu" and x.dtype == torch.float32 and 2 <= rows <= 8:
-        y = torch.mm(w, x.reshape(rows, -1).t()).t().contiguous().reshape(*x.shape[:-1], w.shape[0])
+    if x.device.type == "cpu" and x.dtype == torch.float32 and 1 <= rows <= 8:
+        x2 = x.reshape(rows, -1)
+        pad = rows == 1 and w.numel() >= _GEMV_PAD_NUMEL
+        y = torch.mm(w, x2.expand(2, -1).contiguous().t() if pad else x2.t())
+        y = y.t()[:rows].contiguous().reshape(*x.shape[:-1], w.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, w, bias)
 

@@ -110,14 +110,18 @@ def test_empty_batch(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9])
-def test_torch_linear_few_rows_on_cpu(rows, dtype):
-    """The CPU's few-row path ((w @ x^T)^T in fp32) equals F.linear, bias included."""
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 67, generator=g).to(dtype)
-    w = torch.randn(33, 67, generator=g).to(dtype)
-    b = torch.randn(33, generator=g).to(dtype)
+@pytest.mark.parametrize("n, k", [(33, 67), (1031, 257)], ids=["small", "1MiB"])
+def test_torch_linear_few_rows_on_cpu(rows, dtype, n, k):
+    """The CPU's few-row path ((w @ x^T)^T in fp32; one row times a weight of 1 MiB or more as two
+    rows) equals F.linear, bias included, on [rows, k] activations ([1, 1, k] for one row)."""
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    if rows == 1:
+        x = x.reshape(1, 1, k)
     got = linear(x, w, b, backend="torch")
-    assert got.shape == (rows, 33) and got.is_contiguous()
+    assert got.shape == (*x.shape[:-1], n) and got.is_contiguous()
     if dtype == torch.bfloat16:  # bf16 takes F.linear itself
         assert torch.equal(got, F.linear(x, w, b))
     else:
