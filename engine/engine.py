@@ -26,7 +26,7 @@ from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, adjust, apply_penalties, logprobs_of, sample
 from .scheduler import Scheduler
 from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
-                          best_lookahead)
+                          best_lookahead, updated_rate)
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -382,8 +382,8 @@ class Engine:
             accepted = len(toks) - 1
             s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
                                                               s.spec_steps + 1)
-            s.spec_rate = 0.7 * s.spec_rate + 0.3 * accepted / len(d)
-            self.spec_rate = 0.95 * self.spec_rate + 0.05 * accepted / len(d)
+            s.spec_rate = updated_rate(s.spec_rate, accepted, len(d), 0.8)
+            self.spec_rate = updated_rate(self.spec_rate, accepted, len(d), 0.98)
             self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
             self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1

@@ -51,6 +51,17 @@ def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_slope: fl
     return max(range(k_max + 1), key=tokens_per_cost)
 
 
+def updated_rate(rate: float, accepted: int, proposed: int, decay: float) -> float:
+    """The acceptance rate alpha (the chance that a draft token is accepted given the ones before it
+    were) as a mean over draft positions that decays by `decay` per position: a window is `accepted`
+    successes, then one failure if accepted < proposed. The positions after the first rejection were
+    never tried; counting them as failures (accepted / proposed) reads a k-token window's
+    (alpha - alpha^(k+1)) / ((1 - alpha) k), 0.33 for alpha 0.6 at k = 4, and drags the lookahead down."""
+    for _ in range(accepted):
+        rate = decay * rate + (1 - decay)
+    return decay * rate if accepted < proposed else rate
+
+
 class StepCosts:
     """Measured seconds of a plain decode step, of a window's first draft step (which also catches
     the draft up) and of each later one, and of a speculative decode step's target side (verify

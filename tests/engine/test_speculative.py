@@ -8,7 +8,7 @@ from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
 from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept,
-                                         best_lookahead)
+                                         best_lookahead, updated_rate)
 
 from test_engine import prompts_of, run_all
 
@@ -50,6 +50,21 @@ def test_best_lookahead_counts_what_window_tokens_add_to_the_verify_step():
 def test_best_lookahead_weighs_a_dear_first_draft_step():
     """When the first draft step costs most (it catches the draft up), longer windows share that cost."""
     assert best_lookahead(0.8, 8, 0.6) <= 2 < 6 <= best_lookahead(0.8, 8, 0.05, first_draft_cost=0.6)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_acceptance_rate_estimate_is_the_per_token_rate_at_any_lookahead(k):
+    """Windows of k drafts, each accepted with probability 0.6 until the first rejection: the estimate
+    settles near 0.6 whatever k (accepted / proposed would read 0.60, 0.33, 0.19)."""
+    g = torch.Generator().manual_seed(k)
+    rate, seen = 1.0, []
+    for _ in range(3000):
+        accepted = 0
+        while accepted < k and torch.rand(1, generator=g).item() < 0.6:
+            accepted += 1
+        rate = updated_rate(rate, accepted, k, 0.98)
+        seen.append(rate)
+    assert abs(sum(seen[500:]) / len(seen[500:]) - 0.6) < 0.03
 
 
 def test_step_costs_time_the_first_draft_step_apart():
