@@ -7,7 +7,8 @@ Each `schedule()` fills one flat batch under two budgets, `max_num_batched_token
      next tokens, the newest running sequence is preempted (its blocks freed, it is requeued at
      the front of the waiting queue and later recomputed from its prompt + output so far);
   2. then waiting sequences, first come first served, while the budgets and free blocks allow;
-     with prefix caching a sequence starts from the cached blocks its tokens begin with.
+     with prefix caching a sequence starts from the cached blocks its tokens begin with, and one
+     whose next block a running sequence is computing waits for it (later ones may go first).
 A sequence is anything with `seq_id`, `num_cached` (tokens in the cache), `num_tokens` (prompt +
 output so far), `lookahead` (speculative tokens to verify after its next decode token),
 `cached_prompt_tokens` (None until first scheduled, then what the prefix cache held) and, for
@@ -96,12 +97,18 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached, la))
                 budget -= n + la
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0  # waiting[:i] wait for a prefix that a running sequence is computing
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
             if id(seq) in gone:
                 break
             if self.blocks.prefix_caching and seq.reuses_prefix:
                 seq.num_cached = self.blocks.match(seq.seq_id, seq.tokens(0, seq.num_tokens - 1))
+                if self._being_computed(seq):
+                    self.blocks.free(seq.seq_id)
+                    seq.num_cached = 0
+                    i += 1
+                    continue
             n = min(seq.num_tokens - seq.num_cached, budget)
             if not self.blocks.reserve(seq.seq_id, n):
                 self.blocks.free(seq.seq_id)  # gives back what the match took
@@ -111,11 +118,29 @@ class Scheduler:
             self.prefix_hits += seq.num_cached
             if seq.cached_prompt_tokens is None:
                 seq.cached_prompt_tokens = seq.num_cached
-            self.waiting.popleft()
+            del self.waiting[i]
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_cached))
             budget -= n
         return out
+
+    def _being_computed(self, seq) -> bool:
+        """Whether a running sequence is computing the block of tokens that `seq` would match next
+        (it holds the same blocks before it, has the same tokens in it, and has not computed it yet):
+        then `seq` waits and matches it once registered, instead of computing it too (the n samples
+        of one request, or requests with one new long prefix, arriving together)."""
+        bs, m = self.blocks.block_size, seq.num_cached
+        if seq.num_tokens - 1 < m + bs:  # no full block left to match (the last token is computed)
+            return False
+        tables = self.blocks.tables
+        head = list(tables[seq.seq_id][: m // bs]) if m else []  # the cached blocks it matched
+        block = None
+        for r in self.running:
+            if r.num_cached < m + bs <= r.num_tokens and (not m or list(tables[r.seq_id][: m // bs]) == head):
+                block = block or seq.tokens(m, bs)
+                if r.tokens(m, bs) == block:
+                    return True
+        return False
 
     def finish(self, seq) -> None:
         """Drop a finished or aborted sequence wherever it is and free its blocks at once (registered

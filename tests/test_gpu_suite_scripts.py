@@ -52,8 +52,9 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert rows[0]["prompt_tokens"] == 16 and rows[0]["gemforge_ms"] > 0 and rows[0]["hf_forward_ms"] > 0
     rows = load(BENCH / "engine" / "bench_prefix_cache.py").main([
         "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--prefix", "64", "--requests", "2",
-        "--batch", "2", "--repeats", "1"])
-    assert [r["workload"] for r in rows] == ["completion", "shared"] and all(r["hit_rate"] > 0.5 for r in rows)
+        "--batch", "2", "--samples", "2", "--repeats", "1"])
+    assert [r["workload"] for r in rows] == ["completion", "shared", "samples", "burst"]
+    assert all(r["hit_rate"] > 0.5 and r["speedup"] > 0 for r in rows)
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()

@@ -61,17 +61,29 @@ def test_multi_turn_continuation_reuses_prompt_and_answer(ckpt):
     assert out.num_cached_tokens == (len(prompt) + len(answer) - 1) // BLOCK * BLOCK
 
 
-def test_parallel_samples_and_identical_prompts(ckpt):
-    """n = 3 of one prompt and two identical prompts in one batch: nothing is cached before they are
-    all scheduled, so they compute side by side; the outputs are unchanged and the blocks balance."""
+def test_samples_and_requests_arriving_together_compute_a_shared_prompt_once(ckpt):
+    """n = 3 of one prompt and two more requests with the same prompt, added at once: the first
+    sequence computes the prompt while the others wait (they would compute it too), then they match
+    its full blocks and compute only the rest. Likewise five requests that share a new 53-token
+    prefix. Outputs and logprobs are unchanged; each shared block is computed once."""
     d, _ = ckpt
     prompt = prompts_of(1, 11)[0] + list(range(200, 240))
     reqs = [("a", prompt, SamplingParams(n=3, max_tokens=6, temperature=0.0, logprobs=1)),
             ("b", prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=1)),
             ("c", list(prompt), SamplingParams(max_tokens=6, temperature=0.0, logprobs=1))]
-    got = run_all(make_engine(d), reqs)
+    eng = make_engine(d)
+    got = run_all(eng, reqs)
     want = run_all(make_engine(d, enable_prefix_caching=False), reqs)
     assert tokens_and_logprobs(got) == tokens_and_logprobs(want)
+    cached = (len(prompt) - 1) // BLOCK * BLOCK
+    assert eng.stats["prompt_tokens"] == len(prompt) + 4 * (len(prompt) - cached)
+    assert [o.num_cached_tokens for o in got.values()] == [cached] * 3  # a: its 2nd and 3rd sequences
+
+    reqs = shared_prefix_requests(5)
+    eng = make_engine(d)
+    got = run_all(eng, reqs)
+    assert tokens_and_logprobs(got) == tokens_and_logprobs(run_all(make_engine(d, enable_prefix_caching=False), reqs))
+    assert eng.stats["prompt_tokens"] == sum(len(p) for _, p, _ in reqs) - 4 * (53 // BLOCK * BLOCK)
 
 
 def test_preemption_and_eviction_keep_outputs(ckpt):
