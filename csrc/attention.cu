@@ -60,7 +60,7 @@ struct PagedSeq {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)  // <= 128 registers: the default heuristic spilled at 96
 decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_max,
                         float* __restrict__ part_sum, const T* __restrict__ q, const T* __restrict__ k_cache,
                         const T* __restrict__ v_cache, const int* __restrict__ cu_seqlens_q,

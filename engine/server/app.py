@@ -3,7 +3,8 @@
     app = build_app(AsyncEngine(Engine(model_dir)), "codegemma-2b", api_key=None)
 
 Routes: POST /v1/completions (`suffix` -> CodeGemma infill), POST /v1/chat/completions,
-GET /v1/models, GET /health (503 while the engine is unhealthy), GET /metrics (Prometheus).
+GET /v1/models, POST /tokenize and /detokenize (vLLM's), GET /health (503 while the engine is
+unhealthy), GET /metrics (Prometheus).
 With an api key, every route but /health needs `Authorization: Bearer KEY`. Bodies are read with a
 size limit and parsed strictly (protocol.py); every error leaves through errors.py.
 """
@@ -23,7 +24,8 @@ from . import errors
 from .errors import APIError
 from .generation import Generation, until_disconnected
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_request
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+                       ModelList, TokenizeRequest, TokenizeResponse, parse_request)
 from .render import ChatRenderer, CompletionRenderer, Renderer, response, sse
 
 MAX_BODY_BYTES = 4 << 20
@@ -133,6 +135,26 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
             raise
         renderer = ChatRenderer(rid, model_name, tokenizer, params.n)
         return await _serve(request, gen, renderer, bool(req.stream), req.include_usage)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> TokenizeResponse:
+        req = parse_request(TokenizeRequest, await read_body(request, max_body_bytes))
+        check_model(req.model)
+        req.check()
+        text = req.prompt if req.messages is None else tokenizer.chat_prompt(
+            [{"role": m.role, "content": m.text()} for m in req.messages])
+        ids = tokenizer.encode(text, add_bos=req.add_special_tokens is not False)
+        return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        req = parse_request(DetokenizeRequest, await read_body(request, max_body_bytes))
+        check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise RequestError(f"tokens: {bad[0]} is not a token id of the tokenizer [0, {tokenizer.vocab_size})",
+                               field="tokens")
+        return DetokenizeResponse(prompt=tokenizer.decode(req.tokens))
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -252,6 +252,33 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered as /v1/chat/completions would."""
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise RequestError("give exactly one of prompt and messages", field="prompt")
+
+
+class DetokenizeRequest(_Request):
+    model: str
+    tokens: list[int]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -277,8 +304,8 @@ class ErrorResponse(BaseModel):
 
 
 # -- parsing -----------------------------------------------------------------------------------
-_FIELD_NAMES = frozenset(name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions)
-                         for name in m.model_fields)
+_FIELD_NAMES = frozenset(name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions,
+                                         TokenizeRequest, DetokenizeRequest) for name in m.model_fields)
 
 
 def _param(loc: tuple, extra: bool) -> str:

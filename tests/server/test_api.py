@@ -215,6 +215,32 @@ def test_speculative_server_output_and_metrics(checkpoint, client):
         spec.stop()
 
 
+def test_tokenize_and_detokenize(server, client):
+    """vLLM's /tokenize (a prompt, or chat messages as the chat route renders them) and /detokenize:
+    the ids the engine runs, and back; bad input is a 400 naming the field."""
+    tok, url = server.core.tokenizer, server.url
+    text = "def f(x):\n    return x"
+    r = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text}, timeout=TIMEOUT).json()
+    assert r["tokens"] == tok.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] == CONTEXT
+    r2 = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False},
+                    timeout=TIMEOUT).json()
+    assert r2["tokens"] == r["tokens"][1:]
+    assert httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": r["tokens"]},
+                      timeout=TIMEOUT).json() == {"prompt": text}
+    messages = [{"role": "user", "content": "hi"}]
+    r = httpx.post(f"{url}/tokenize", json={"model": MODEL, "messages": messages}, timeout=TIMEOUT).json()
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert r["count"] == chat.usage.prompt_tokens
+    for path, body, field in (("tokenize", {"model": MODEL}, "prompt"),
+                              ("tokenize", {"model": MODEL, "prompt": "a", "messages": messages}, "prompt"),
+                              ("tokenize", {"model": "gpt-4", "prompt": "a"}, "model"),
+                              ("detokenize", {"model": MODEL, "tokens": [1, 10**6]}, "tokens"),
+                              ("detokenize", {"model": MODEL, "tokens": [-3]}, "tokens"),
+                              ("detokenize", {"model": MODEL, "tokens": "abc"}, "tokens")):
+        resp = httpx.post(f"{url}/{path}", json=body, timeout=TIMEOUT)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == field, (path, body, resp.text)
+
+
 def test_models_health_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code == 200
