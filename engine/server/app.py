@@ -103,6 +103,10 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
             raise APIError(400, f"model {name!r} is not served here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
+    def chat_prompt(messages) -> str:
+        """The Gemma chat template over the request's messages."""
+        return tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in messages])
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse_request(CompletionRequest, await read_body(request, max_body_bytes))
@@ -117,7 +121,7 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
     async def chat_completions(request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
-        prompt = tokenizer.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        prompt = chat_prompt(req.messages)
         default_max_tokens = 1
         if req.requested_max_tokens is None:  # OpenAI's default: as much as the context leaves
             left = min(core.max_model_len, core.capacity) - len(core.encode_prompt(prompt)[1])
@@ -141,8 +145,7 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
         req = parse_request(TokenizeRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
         req.check()
-        text = req.prompt if req.messages is None else tokenizer.chat_prompt(
-            [{"role": m.role, "content": m.text()} for m in req.messages])
+        text = req.prompt if req.messages is None else chat_prompt(req.messages)
         ids = tokenizer.encode(text, add_bos=req.add_special_tokens is not False)
         return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
 
