@@ -23,7 +23,7 @@ from .loader import load_weights, to_dtype
 from .model import GemmaModel
 from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
-from .sampling import SamplingParams, adjust, apply_penalties, logprobs_of, sample
+from .sampling import SamplingParams, adjust, apply_penalties, logprob_entries, sample
 from .scheduler import Scheduler
 from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
                           best_lookahead, updated_rate)
@@ -295,8 +295,7 @@ class Engine:
         calibrate = self.ec.adaptive_lookahead and self.ec.draft_cost is None and self.since_plain >= CALIBRATE_EVERY
         for s in self.scheduler.running:
             p = s.params
-            if calibrate or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty \
-                    or p.logprobs is not None:
+            if calibrate or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
                 s.lookahead = 0
                 continue
             want = k
@@ -380,6 +379,8 @@ class Engine:
                 adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(len(d) + 1)])
             toks = accept(s.params, s.generator, d, logits[rows[i]], q)
             accepted = len(toks) - 1
+            lps = [None] * len(toks) if s.params.logprobs is None else logprob_entries(
+                logits[rows[i]][:len(toks)], torch.tensor(toks, device=logits.device), [s.params.logprobs] * len(toks))
             s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
                                                               s.spec_steps + 1)
             s.spec_rate = updated_rate(s.spec_rate, accepted, len(d), 0.8)
@@ -387,7 +388,7 @@ class Engine:
             self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
             self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
-            self._append(s, toks, [None] * len(toks), touched)
+            self._append(s, toks, lps, touched)
             if not s.finished:  # keep the KV of the last token and the accepted drafts
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
@@ -430,11 +431,8 @@ class Engine:
         last = min(sc.num_tokens, len(s.prompt_ids) - 1 - start)  # the prompt's last row scores output
         if first >= last:
             return
-        k = s.params.prompt_logprobs
         nxt = torch.tensor(s.prompt_ids[start + first + 1: start + last + 1], device=logits.device)
-        chosen, top_v, top_i = logprobs_of(logits[first:last], nxt, k)
-        for tok, lp, tv, ti in zip(nxt.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()):
-            s.prompt_logprobs.append({"token": tok, "logprob": lp, "top": dict(zip(ti, tv))})
+        s.prompt_logprobs += logprob_entries(logits[first:last], nxt, [s.params.prompt_logprobs] * len(nxt))
 
     def _finish_prompt_only(self, s: Sequence, touched: dict) -> None:
         """max_tokens=0: the prompt has run (its logprobs are collected); nothing is generated."""
@@ -454,11 +452,9 @@ class Engine:
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lp_dicts: list[dict | None] = [None] * len(seqs)
         if want:
-            chosen, top_v, top_i = logprobs_of(logits[want], tokens[want], max(seqs[i].params.logprobs for i in want))
-            for r, i in enumerate(want):
-                k = seqs[i].params.logprobs
-                lp_dicts[i] = {"token": int(tokens[i]), "logprob": chosen[r].item(),
-                               "top": dict(zip(top_i[r, :k].tolist(), top_v[r, :k].tolist()))}
+            entries = logprob_entries(logits[want], tokens[want], [seqs[i].params.logprobs for i in want])
+            for i, entry in zip(want, entries):
+                lp_dicts[i] = entry
         return tokens.tolist(), lp_dicts
 
     def _append(self, s: Sequence, tokens: list[int], lps: list, touched: dict) -> None:

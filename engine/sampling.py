@@ -203,6 +203,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     return out
 
 
+def logprob_entries(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[dict]:
+    """Per row of logits [B, V]: {"token": tokens[i], "logprob": its log-softmax, "top": the tops[i]
+    most likely {token: logprob}} (a request's logprobs entry)."""
+    chosen, top_v, top_i = logprobs_of(logits, tokens, max(tops))
+    return [{"token": t, "logprob": c, "top": dict(zip(ti[:k], tv[:k]))}
+            for t, c, ti, tv, k in zip(tokens.tolist(), chosen.tolist(), top_i.tolist(), top_v.tolist(), tops)]
+
+
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprob of the chosen token [B], top-n logprobs [B, n], their ids [B, n]) of raw logits."""
     lp = logits.log_softmax(-1)

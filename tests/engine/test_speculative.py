@@ -199,6 +199,31 @@ def test_logit_bias_and_min_tokens_inside_windows(pair):
             assert eng.stats["spec_accepted"] == eng.stats["spec_proposed"], eng.stats
 
 
+def test_logprobs_requests_speculate(pair):
+    """A request that wants logprobs speculates too: each accepted token's entry comes from the verify
+    window row that scored it. Greedy tokens equal the target alone's, and their logprobs agree to
+    fp32 rounding (the window scores its tokens in one forward, the target alone one at a time);
+    a sampled request's entries name the tokens it emitted."""
+    target, draft = pair
+    greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=3)
+    reqs = [(f"r{i}", p, greedy) for i, p in enumerate(prompts_of(4, seed=8))]
+    plain = run_all(engine(target), reqs)
+    eng = engine(target, draft, k=3)
+    spec = run_all(eng, reqs)
+    assert eng.stats["spec_accepted"] > 0
+    for rid in plain:
+        a, b = spec[rid].outputs[0], plain[rid].outputs[0]
+        assert a.token_ids == b.token_ids and [e["token"] for e in a.logprobs] == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+            assert list(x["top"]) == list(y["top"]) and list(x["top"].values()) == pytest.approx(
+                list(y["top"].values()), abs=1e-4)
+    sampled = SamplingParams(max_tokens=14, temperature=0.9, seed=3, ignore_eos=True, logprobs=1)
+    out = run_all(eng, [("s", prompts_of(1, seed=9)[0], sampled)])["s"].outputs[0]
+    assert out.spec["verify_steps"] > 0 and [e["token"] for e in out.logprobs] == out.token_ids
+    assert all(e["logprob"] <= 0 and len(e["top"]) == 1 for e in out.logprobs)
+
+
 def test_stop_string_mid_window(pair):
     target, draft = pair
     p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
