@@ -28,11 +28,13 @@ def _built_with_cuda() -> Path | None:
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason=f"no cuobjdump at {CUOBJDUMP}")
 def test_cuda_kernels_do_not_spill_and_fit_static_shared_memory():
     kernels = resource_usage(_built_with_cuda())
-    assert {k.arch for k in kernels} == {"sm_80", "sm_90a"}
-    names = {k.name for k in kernels}
-    for family in ("decode_partition_kernel", "decode_reduce_kernel", "quant_gemv_kernel", "rms_norm", "rotary",
-                   "gelu_and_mul"):
-        assert any(family in n for n in names), f"no {family} in {sorted(names)}"
+    archs = {k.arch for k in kernels}  # CI builds sm_80 and sm_90a; the GPU suite its card's alone
+    assert archs and archs <= {"sm_80", "sm_90a"}, archs
+    for arch in archs:
+        names = {k.name for k in kernels if k.arch == arch}
+        for family in ("decode_partition_kernel", "decode_reduce_kernel", "quant_gemv_kernel", "rms_norm", "rotary",
+                       "gelu_and_mul"):
+            assert any(family in n for n in names), f"{arch}: no {family} in {sorted(names)}"
     bad = []
     for k in kernels:
         if k.stack > SPILL_LIMIT or k.local or k.shared > 48 * 1024:
