@@ -140,6 +140,7 @@ class Engine:
                                     if self.drafter is not None and self.drafter.model is not None else 0.0)
         self.spec_rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
         self.since_plain = 0  # speculative steps measured since the last plain one
+        self._lookahead_memo: tuple = (None, {})  # (costs, {acceptance in hundredths: best k})
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
@@ -291,7 +292,10 @@ class Engine:
         tokens inside the window). Measuring, after CALIBRATE_EVERY speculative steps in a row one step
         decodes plainly: the baseline the costs are relative to."""
         k = self.ec.num_speculative_tokens
-        draft_cost, first_cost, verify_slope = self.draft_cost, self.first_draft_cost, self.verify_slope
+        costs = (k, self.draft_cost, self.verify_slope, self.first_draft_cost)
+        if self._lookahead_memo[0] != costs:  # best k by acceptance rate in hundredths, under these costs
+            self._lookahead_memo = (costs, {})
+        memo = self._lookahead_memo[1]
         calibrate = self.ec.adaptive_lookahead and self.ec.draft_cost is None and self.since_plain >= CALIBRATE_EVERY
         for s in self.scheduler.running:
             p = s.params
@@ -300,7 +304,10 @@ class Engine:
                 continue
             want = k
             if self.ec.adaptive_lookahead:
-                want = best_lookahead(s.spec_rate, k, draft_cost, verify_slope, first_cost)
+                rate = round(s.spec_rate * 100)
+                want = memo.get(rate)
+                if want is None:
+                    want = memo[rate] = best_lookahead(rate / 100, *costs)
                 if want:
                     s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
                 else:

@@ -67,22 +67,27 @@ class StepCosts:
     the draft up) and of each later one, and of a speculative decode step's target side (verify
     forward, acceptance, bookkeeping) with its window tokens per sequence: the adaptive lookahead's
     costs in plain steps, each from the last 32 samples, by median (a shared machine's stalls would
-    drag a mean). The target side is taken to cost 1 + slope * (window tokens per sequence) plain
+    drag a mean), recomputed every 8th sample. The target side is taken to cost 1 + slope * (window tokens per sequence) plain
     steps: on a GPU at small batch a window is nearly free (slope ~ 0), on a CPU or at large batch
     every token costs. Fixed per-step costs (host work, launches), which dominate small models and
     CPUs, are in the samples; a weight-bytes ratio leaves them out."""
 
     KINDS = ("plain", "verify", "first", "draft")
+    REFRESH = 8  # after the first REFRESH samples of a kind, its median is recomputed every REFRESH-th
 
     def __init__(self, draft_prior: float, window: int = 32):
         self.draft_prior = draft_prior  # draft cost until both sides are measured
         self.samples = {kind: deque(maxlen=window) for kind in self.KINDS}  # verify: (seconds, tokens)
+        self.recorded = dict.fromkeys(self.KINDS, 0)
         self.median: dict[str, float | None] = dict.fromkeys(self.KINDS)  # seconds; kept current by record()
         self.verify_slope = 0.0  # kept current by record(); 0 until plain and verify steps are measured
 
     def record(self, kind: str, seconds: float, window_tokens: float = 0.0) -> None:
         """One step's seconds; for "verify", also its draft tokens per scheduled sequence (> 0)."""
         self.samples[kind].append((seconds, window_tokens) if kind == "verify" else seconds)
+        self.recorded[kind] += 1
+        if self.recorded[kind] > self.REFRESH and self.recorded[kind] % self.REFRESH:
+            return  # a median of the last 32 moves slowly: every step need not pay for it
         verify, plain = self.samples["verify"], self.median["plain"]
         if kind == "verify":
             self.median[kind] = statistics.median(t for t, _ in verify)
