@@ -4,7 +4,9 @@ Each `push(token_id)` returns the new text that is now certain:
 - UTF-8 safe: a token that ends in the middle of a multi-byte character (byte-fallback pieces)
   yields nothing until the character is complete, so '\ufffd' is never emitted half-way;
 - stop strings: text that could still be the start of a stop string is held back until decided;
-  once a stop string appears, the text ends right before it and `stopped` becomes True.
+  once a stop string appears, the text ends right before it and `stopped` becomes True. A token
+  pushed with `stops=False` (one of a request's first min_tokens) moves the floor: a stop string
+  counts only where it ends past the text of those tokens (vLLM's min_tokens rule).
 The pieces returned by push() and flush() concatenate to exactly the final `text`, which equals
 `tokenizer.decode(all ids)` truncated at the first stop string.
 """
@@ -28,13 +30,15 @@ class Detokenizer:
         self.emitted = 0         # characters of _decoded handed out
         self.stopped = False
         self.stop_reason: str | None = None
+        self.stop_floor = 0      # a stop string counts only where it ends past this many characters
 
     @property
     def text(self) -> str:
         return self._decoded[: self.emitted] if self.stopped else self._decoded
 
-    def push(self, token_id: int) -> str:
-        """Add one token; return the newly certain text (possibly '')."""
+    def push(self, token_id: int, stops: bool = True) -> str:
+        """Add one token; return the newly certain text (possibly ''). With `stops=False` no stop
+        string may end in the text decoded so far."""
         if self.stopped:
             return ""
         self.ids.append(token_id)
@@ -43,11 +47,13 @@ class Detokenizer:
             self._decoded += piece
             self.read_offset = len(self.ids)
             self.prefix_offset = max(0, self.read_offset - _CONTEXT)
-            return self._release()
-        window = self.tok.decode(self.ids[self.prefix_offset:])
-        if window.endswith("\ufffd"):
-            return ""  # an incomplete UTF-8 character: wait for its remaining bytes
-        self._advance(window)
+        else:
+            window = self.tok.decode(self.ids[self.prefix_offset:])
+            if window.endswith("\ufffd"):
+                return ""  # an incomplete UTF-8 character: wait for its remaining bytes
+            self._advance(window)
+        if not stops:
+            self.stop_floor = len(self._decoded)
         return self._release()
 
     def flush(self) -> str:
@@ -70,7 +76,7 @@ class Detokenizer:
         text = self._decoded
         if self.stop:
             start = max(0, self.emitted - max(map(len, self.stop)))
-            hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
+            hits = [(i, s) for s in self.stop if (i := text.find(s, max(start, self.stop_floor - len(s) + 1))) >= 0]
             if hits:
                 cut, s = min(hits)
                 self.stopped, self.stop_reason = True, s

@@ -148,7 +148,7 @@ class Sequence:
         if token in self.stop_ids and n > self.params.min_tokens:
             self.finish_reason, self.stop_reason = "stop", token
             return self.detok.flush()
-        delta = self.detok.push(token)
+        delta = self.detok.push(token, stops=n > self.params.min_tokens)
         if self.detok.stopped:
             self.finish_reason, self.stop_reason = "stop", self.detok.stop_reason
             return delta

@@ -120,3 +120,22 @@ def test_target_beats_draft_and_speculation_is_lossless(dense, heldout_ids):
     b = spec.generate(prompts, p, use_tqdm=False)
     assert a == [o.outputs[0].token_ids for o in b]
     assert sum(o.outputs[0].spec["accepted"] for o in b) > 0
+
+
+def test_min_tokens_holds_off_eos_and_stop_strings():
+    """min_tokens = m: no stop id among the first m tokens, and a stop string counts only where it
+    ends past their text (vLLM's rule): the output is the unconstrained one cut at the first such
+    stop string."""
+    llm = LLM(TARGET, progress=False)
+    prompt = heldout_texts(1)[0][:300]
+    free = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop = " "
+    assert free.text.count(stop) >= 3, free.text
+    for m in (0, 4, 9):
+        out = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop],
+                                                    min_tokens=m), use_tqdm=False)[0].outputs[0]
+        floor = len(llm.tokenizer.decode(free.token_ids[:m]))
+        cut = free.text.find(stop, max(0, floor - len(stop) + 1))
+        assert out.text == free.text[:cut] and out.finish_reason == "stop", (m, out.text, free.text)
+    assert free.text.find(stop) < len(llm.tokenizer.decode(free.token_ids[:9]))  # m = 9 skipped some

@@ -88,3 +88,16 @@ def test_stop_strings_truncate_and_are_held_back(tok, stop, expected):
         emitted += p
         assert all(s not in emitted for s in stop)
     assert d.stopped == (stop != ["never there"])
+
+
+@pytest.mark.parametrize("quiet, expected", [(0, "d"), (1, None), (3, None)])
+def test_stop_strings_count_only_past_the_quiet_tokens(tok, quiet, expected):
+    """Tokens pushed with stops=False (a request's first min_tokens) move the floor: a stop string
+    counts only where it ends past their text, wherever it starts."""
+    ids = tok.encode(TEXTS[0], add_bos=False)
+    d = Detokenizer(tok, ["e"])
+    pieces = [d.push(i, stops=j >= quiet) for j, i in enumerate(ids)] + [d.flush()]
+    floor = len(tok.decode(ids[:quiet]))
+    cut = TEXTS[0].find("e", max(0, floor - len("e") + 1))
+    assert "".join(pieces) == d.text == (expected if expected is not None else TEXTS[0][:cut])
+    assert d.stopped and TEXTS[0][:cut].count("e") == TEXTS[0][:floor].count("e")
