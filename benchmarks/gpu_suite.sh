@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
+export ROOT PY  # (functions run by part see them)
 LOG="$OUT/suite.log"
 STATUS="$OUT/status.txt"
 : > "$STATUS"
@@ -27,8 +28,11 @@ export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET=${SUITE_BUDGET:-480}
 SUMMARY_RESERVE=25
 
-part() {  # part NAME SECONDS COMMAND...   (SECONDS is cut to what the budget leaves)
+part() {  # part NAME SECONDS COMMAND...   (SECONDS is cut to what the budget leaves; COMMAND may be a function)
   local name=$1 limit=$2; shift 2
+  if declare -F "$1" >/dev/null; then  # timeout runs programs, not shell functions: give it a bash that has it
+    set -- bash -c "$(declare -f "$1"); $(printf '%q ' "$@")"
+  fi
   local t0=$SECONDS left=$((BUDGET - SECONDS - SUMMARY_RESERVE))
   [ "$name" = summary ] && left=$((BUDGET - SECONDS))
   if [ "$left" -lt 10 ]; then echo "$name: SKIPPED (suite budget spent)" | tee -a "$STATUS" "$LOG"; return; fi

@@ -1,10 +1,13 @@
 """The GPU suite's (and `gemforge bench`'s) Python parts run end to end on CPU with small stand-in
 shapes, so that a scarce GPU session never finds a broken script (bench_decode: every format, HF
 peer, verify windows; bench_throughput; bench_step_breakdown; bench_prefill; bench_prefix_cache;
-summarize: tables, the implied speculative speedup, the plot)."""
+summarize: tables, the implied speculative speedup, the plot); and gpu_suite.sh's own control flow
+runs with stand-in tools."""
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,3 +62,42 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
     assert "Continuous batching" in summary
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# python3 stand-in: logs its arguments, answers the suite's -c snippets, writes the summary
+echo "python $*" >> "$STUB_LOG"
+case "$1" in
+  -c) case "$2" in *pybind11*) echo /nonexistent ;; *copy_GBps*) echo 3000 ;; *) echo ok ;; esac ;;
+esac
+case "$*" in *summarize.py*) echo "# summary" > "${@: -1}/summary.md" ;; esac
+case "$*" in *bench_decode.py*) exit 3 ;; esac
+exit 0
+"""
+
+
+def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
+    """gpu_suite.sh's own control flow, with stand-ins for python3, cmake, nvcc and nvidia-smi: every
+    part runs (the build, a shell function, through `timeout`), a failing part is reported and the
+    rest still run, and the status and summary are written. (Its first GPU runs would otherwise be
+    where a shell mistake shows: the build part never ran before this test.)"""
+    stubs, out, log = tmp_path / "bin", tmp_path / "out", tmp_path / "calls.log"
+    stubs.mkdir()
+    (stubs / "python").write_text(FAKE_PYTHON)
+    for tool in ("cmake", "nvcc", "nvidia-smi"):
+        (stubs / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> "$STUB_LOG"\n')
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(stubs / "python"),
+           "STUB_LOG": str(log), "SUITE_BUDGET": "120"}
+    run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    status = (out / "status.txt").read_text()
+    parts = ["build", "ceilings", "decode", "throughput", "step_breakdown", "tests", "kernel_bench", "prefill",
+             "summary"]
+    assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
+    assert "decode: FAILED rc=3" in status and status.count(": ok") == len(parts) - 1, status
+    calls = log.read_text()
+    assert "cmake -S" in calls and "cmake --build" in calls and "assert c.WITH_CUDA" in calls
+    assert (out / "summary.md").read_text() == "# summary\n" and "# summary" in run.stdout
