@@ -73,7 +73,10 @@ part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$R
 part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 64 --out "$OUT/step_breakdown.json"
 
+# (the compile-time checks of tests/kernels run in CI against CI's nvcc and Triton; here they would only
+# add minutes, or stop -x on another nvcc's register choices)
 part tests 150 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
+  --ignore="$ROOT/tests/kernels/test_triton_compile.py" --ignore="$ROOT/tests/kernels/test_cuda_resources.py" \
   --junitxml="$OUT/tests.xml" 2>/dev/null || true
 grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
 
