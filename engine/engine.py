@@ -292,7 +292,8 @@ class Engine:
         tokens inside the window). Measuring, after CALIBRATE_EVERY speculative steps in a row one step
         decodes plainly: the baseline the costs are relative to."""
         k = self.ec.num_speculative_tokens
-        costs = (k, self.draft_cost, self.verify_slope, self.first_draft_cost)
+        timed = self.step_costs.window_costs if self.ec.draft_cost is None else ()
+        costs = (k, self.draft_cost, self.verify_slope, self.first_draft_cost, timed)
         if self._lookahead_memo[0] != costs:  # best k by acceptance rate in hundredths, under these costs
             self._lookahead_memo = (costs, {})
         memo = self._lookahead_memo[1]
@@ -417,7 +418,8 @@ class Engine:
         """Records this all-decode step's costs (only such steps count: a prefill chunk would inflate
         the target's side, a finishing request's output the step, a draft catching up on many tokens
         its own): plain, or the draft's first and later steps and the rest of the step with its window
-        tokens per sequence."""
+        tokens per sequence, and, when every sequence drafted the same k, the whole step as a window
+        of k (best_lookahead then uses that instead of the model)."""
         now = time.perf_counter()
         if not spec:
             self.step_costs.record("plain", now - t_start)
@@ -428,6 +430,8 @@ class Engine:
             if len(seconds) > 1:
                 self.step_costs.record("draft", sum(seconds[1:]) / (len(seconds) - 1))
             self.step_costs.record("verify", now - t_drafted, sum(sc.lookahead for sc in spec) / num_seqs)
+            if len(spec) == num_seqs and len({sc.lookahead for sc in spec}) == 1:
+                self.step_costs.record_window(spec[0].lookahead, now - t_start)
             self.since_plain += 1
 
     def _prompt_logprobs(self, sc, logits: torch.Tensor) -> None:

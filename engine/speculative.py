@@ -33,21 +33,23 @@ CALIBRATE_EVERY = 64  # speculative steps in a row after which one step decodes 
 
 
 def best_lookahead(alpha: float, k_max: int, draft_cost: float, verify_slope: float = 0.0,
-                   first_draft_cost: float | None = None) -> int:
+                   first_draft_cost: float | None = None, measured: tuple = ()) -> int:
     """The lookahead k in 0..k_max with the most expected tokens per unit of time, the unit being one
     plain decode step. At acceptance rate alpha a window of k drafts yields (1 - alpha^(k+1)) /
     (1 - alpha) tokens (the last one the target's own) for k draft steps, the first costing
     `first_draft_cost` (it also catches the draft up; default `draft_cost`) and each other
     `draft_cost`, plus the target's verify step, which costs 1 + k * `verify_slope` (each window token
-    adds that much to the target's forward); k = 0 is plain decoding, one token per unit. Ties go to
-    the smaller k."""
+    adds that much to the target's forward); `measured` ((k, cost), ...) replaces that model by what
+    whole windows of k were timed at. k = 0 is plain decoding, one token per unit. Ties go to the
+    smaller k."""
     first = draft_cost if first_draft_cost is None else first_draft_cost
+    timed = dict(measured)
 
     def tokens_per_cost(k: int) -> float:
         if k == 0:
             return 1.0
         tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-        return tokens / (1 + first + (k - 1) * draft_cost + k * verify_slope)
+        return tokens / timed.get(k, 1 + first + (k - 1) * draft_cost + k * verify_slope)
     return max(range(k_max + 1), key=tokens_per_cost)
 
 
@@ -75,12 +77,26 @@ class StepCosts:
     KINDS = ("plain", "verify", "first", "draft")
     REFRESH = 8  # after the first REFRESH samples of a kind, its median is recomputed every REFRESH-th
 
+    WINDOW_SAMPLES = 4  # timed windows of one lookahead before their cost replaces the model's
+
     def __init__(self, draft_prior: float, window: int = 32):
         self.draft_prior = draft_prior  # draft cost until both sides are measured
         self.samples = {kind: deque(maxlen=window) for kind in self.KINDS}  # verify: (seconds, tokens)
         self.recorded = dict.fromkeys(self.KINDS, 0)
         self.median: dict[str, float | None] = dict.fromkeys(self.KINDS)  # seconds; kept current by record()
         self.verify_slope = 0.0  # kept current by record(); 0 until plain and verify steps are measured
+        self.windows: dict[int, deque] = {}  # lookahead k -> seconds of whole steps that all drafted k
+        self.window_costs: tuple = ()  # ((k, plain steps), ...) kept current by record_window()
+
+    def record_window(self, k: int, seconds: float) -> None:
+        """A whole speculative step (drafts, verify, acceptance) in which every sequence drafted k."""
+        samples = self.windows.setdefault(k, deque(maxlen=16))
+        samples.append(seconds)
+        self.recorded[k] = self.recorded.get(k, 0) + 1
+        if self.recorded[k] % self.WINDOW_SAMPLES or not self.median["plain"]:
+            return  # refreshed every WINDOW_SAMPLES-th window of k
+        self.window_costs = tuple(sorted((j, statistics.median(t) / self.median["plain"])
+                                         for j, t in self.windows.items() if len(t) >= self.WINDOW_SAMPLES))
 
     def record(self, kind: str, seconds: float, window_tokens: float = 0.0) -> None:
         """One step's seconds; for "verify", also its draft tokens per scheduled sequence (> 0)."""

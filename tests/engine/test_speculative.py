@@ -67,6 +67,22 @@ def test_acceptance_rate_estimate_is_the_per_token_rate_at_any_lookahead(k):
     assert abs(sum(seen[500:]) / len(seen[500:]) - 0.6) < 0.03
 
 
+def test_timed_windows_replace_the_cost_model():
+    """At acceptance 0.6 the model (draft steps 0.2, windows free) rates k = 2 best of 0..2; once
+    windows of 1 and 2 are timed at 1.25 and 1.9 plain steps, k = 1 is (1.6 / 1.25 > 1.96 / 1.9).
+    StepCosts reports a k's window cost after WINDOW_SAMPLES of them, relative to the plain step."""
+    assert best_lookahead(0.6, 2, 0.2, 0.0, 0.2) == 2
+    assert best_lookahead(0.6, 2, 0.2, 0.0, 0.2, ((1, 1.25), (2, 1.9))) == 1
+    costs = StepCosts(draft_prior=0.3)
+    for _ in range(8):
+        costs.record("plain", 0.010)
+    for i in range(StepCosts.WINDOW_SAMPLES):
+        assert costs.window_costs == ()
+        costs.record_window(2, 0.019)
+        costs.record_window(1, 0.0125)
+    assert dict(costs.window_costs) == pytest.approx({1: 1.25, 2: 1.9})
+
+
 def test_step_costs_time_the_first_draft_step_apart():
     c = StepCosts(draft_prior=0.29)
     c.record("plain", 1.0)
