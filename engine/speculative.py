@@ -69,10 +69,12 @@ class StepCosts:
     the draft up) and of each later one, and of a speculative decode step's target side (verify
     forward, acceptance, bookkeeping) with its window tokens per sequence: the adaptive lookahead's
     costs in plain steps, each from the last 32 samples, by median (a shared machine's stalls would
-    drag a mean), recomputed every 8th sample. The target side is taken to cost 1 + slope * (window tokens per sequence) plain
-    steps: on a GPU at small batch a window is nearly free (slope ~ 0), on a CPU or at large batch
-    every token costs. Fixed per-step costs (host work, launches), which dominate small models and
-    CPUs, are in the samples; a weight-bytes ratio leaves them out."""
+    drag a mean), recomputed every 8th sample. The target side is taken to cost 1 + slope * (window
+    tokens per sequence) plain steps: on a GPU at small batch a window is nearly free (slope ~ 0), on
+    a CPU or at large batch every token costs. Fixed per-step costs (host work, launches), which
+    dominate small models and CPUs, are in the samples; a weight-bytes ratio leaves them out. Whole
+    steps in which every sequence drafted k are timed too (`window_costs`): measured, they replace
+    that model for k."""
 
     KINDS = ("plain", "verify", "first", "draft")
     REFRESH = 8  # after the first REFRESH samples of a kind, its median is recomputed every REFRESH-th
