@@ -64,6 +64,16 @@ part build 200 build
 part ceilings 60 $PY "$ROOT/benchmarks/ceilings.py" "$OUT/ceilings.json"
 BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps'])" 2>/dev/null || echo 3000)
 
+# Correctness first, before the long benchmarks (earlier H100 runs: ~2.5 min of tests in one process,
+# mostly Triton compiling; pytest-xdist, on the GPU image, spreads them over 8 processes). The
+# compile-time checks of tests/kernels run in CI against CI's nvcc and Triton: here they would only add
+# minutes, or stop -x on another nvcc's register choices.
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+part tests 150 $PY -m pytest -q -x $XDIST --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
+  --ignore="$ROOT/tests/kernels/test_triton_compile.py" --ignore="$ROOT/tests/kernels/test_cuda_resources.py" \
+  --junitxml="$OUT/tests.xml" 2>/dev/null || true
+grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
+
 BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none int8 int4 --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
@@ -72,13 +82,6 @@ part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$R
   --concurrency 1 8 64 --repeats 2 --out "$OUT/throughput.json"
 part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 64 --out "$OUT/step_breakdown.json"
-
-# (the compile-time checks of tests/kernels run in CI against CI's nvcc and Triton; here they would only
-# add minutes, or stop -x on another nvcc's register choices)
-part tests 150 $PY -m pytest -q -x --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
-  --ignore="$ROOT/tests/kernels/test_triton_compile.py" --ignore="$ROOT/tests/kernels/test_cuda_resources.py" \
-  --junitxml="$OUT/tests.xml" 2>/dev/null || true
-grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
 
 part kernel_bench 90 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
   --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-json="$OUT/kernels.json"
