@@ -83,10 +83,13 @@ class BlockManager:
     def reserve(self, seq_id, n: int) -> bool:
         """Reserve n more slots for `seq_id` (created on first use) if the pool holds them;
         return False, changing nothing, if it does not."""
+        table, length = self.tables.get(seq_id), self.lengths.get(seq_id, 0)
+        if table is not None and length + n <= len(table) * self.block_size:  # its blocks hold them
+            self.lengths[seq_id] = length + n
+            return True
         need = self.blocks_needed(seq_id, n)
         if need > self.num_free:
             return False
-        table = self.tables.get(seq_id)
         if table is None:
             table = self.tables[seq_id] = array("i")
         for _ in range(need):
