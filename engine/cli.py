@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -48,6 +49,11 @@ def _serve(args) -> int:
     engine = AsyncEngine(Engine(args.model, config))
     app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
                     api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
+    # The server process lives for the model: what loading left alive moves out of the collector's
+    # way (its full collections would walk it on every pass; a step at 64 running sequences: 714 ->
+    # 507 us, ad hoc, CPU). A library caller's process is left alone.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

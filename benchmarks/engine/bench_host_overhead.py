@@ -1,7 +1,8 @@
 """Host overhead of one engine step with a do-nothing model: scheduling, metadata, sampling,
 detokenization and stop checks, at 1..256 running sequences (goal: <= 300 us at 1, <= 2 ms at 256).
 `greedy_us` is the part of it that is the greedy pick over the [batch, vocab] logits, which runs on
-the device when there is one; `python_us` is the rest. Each is the best of `--repeats` measurements
+the device when there is one; `python_us` is the rest. The garbage collector is frozen first, as
+`gemforge serve` freezes it after loading. Each is the best of `--repeats` measurements
 (a shared CPU's noise only ever adds time).
 
     python benchmarks/engine/bench_host_overhead.py --model models/nano-codegemma
@@ -9,6 +10,7 @@ the device when there is one; `python_us` is the rest. Each is the best of `--re
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -46,9 +48,14 @@ def step_us(model_dir: str, batch: int, steps: int = 50, prompt_len: int = 4) ->
         eng.add_request(f"r{i}", [2] + [10 + (j % 50) for j in range(prompt_len - 1)], p)
     for _ in range(3):  # prefill and warm-up
         eng.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
+    gc.collect()
+    gc.freeze()  # as `gemforge serve` does after loading: full collections skip what is alive now
+    try:
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+    finally:
+        gc.unfreeze()
     return (time.perf_counter() - t) / steps * 1e6
 
 
