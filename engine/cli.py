@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import logging
 import os
@@ -54,6 +55,7 @@ def _serve(args) -> int:
     # 507 us, ad hoc, CPU). A library caller's process is left alone.
     gc.collect()
     gc.freeze()
+    atexit.register(gc.unfreeze)  # (so that shutdown still frees it: extensions check for leaks then)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
