@@ -85,3 +85,37 @@ def test_prefix_caching_and_prompt_lookup_keep_the_output():
     del cached
     lookup = LLM(model, draft_model="[ngram]", enable_prefix_caching=False, **common)
     assert tokens(lookup, prompts) == want
+
+
+def sampling_controls_on(device: str) -> None:
+    """The nano pair on `device` (CUDA graphs on, fp32), every sampling control that edits logits in
+    place: penalties, logit_bias, min_tokens (eos banned, then favoured), and logprobs, with the
+    draft model speculating; n = 4 samples of one prompt that wait for its blocks. Greedy tokens and
+    logprobs equal the target alone's, and the requests that may differ only in their draws finish
+    well-formed."""
+    from pathlib import Path
+
+    from gemforge.engine import LLM, SamplingParams
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    prompt = "def read_lines(path):\n    with open(path) as f:\n"
+    common = dict(dtype="float32", device=device, kv_cache_tokens=8192, progress=False)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, min_tokens=6, logit_bias={1: 8.0, 300: -100.0})
+    plain = LLM(models / "nano-codegemma", **common)
+    spec = LLM(models / "nano-codegemma", draft_model=models / "nano-codegemma-draft", num_speculative_tokens=3,
+               adaptive_lookahead=False, **common)
+    want, got = (llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0] for llm in (plain, spec))
+    assert got.token_ids == want.token_ids and 300 not in got.token_ids and 1 not in got.token_ids[:6]
+    assert [e["logprob"] for e in got.logprobs] == pytest.approx([e["logprob"] for e in want.logprobs], abs=1e-3)
+    assert got.spec is not None and got.spec["verify_steps"] > 0
+    penalised = SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5)
+    assert (spec.generate([prompt], penalised, use_tqdm=False)[0].outputs[0].token_ids
+            == plain.generate([prompt], penalised, use_tqdm=False)[0].outputs[0].token_ids)
+    samples = spec.generate([prompt * 8], SamplingParams(n=4, max_tokens=8, temperature=0.8, seed=1),
+                            use_tqdm=False)[0]
+    assert len(samples.outputs) == 4 and all(0 < len(o.token_ids) <= 8 for o in samples.outputs)
+    assert samples.num_cached_tokens > 0  # the later samples matched the first one's prompt blocks
+
+
+def test_sampling_controls_on_the_gpu():
+    sampling_controls_on("cuda")
