@@ -94,7 +94,7 @@ class BlockManager:
             table = self.tables[seq_id] = array("i")
         for _ in range(need):
             table.append(self._take())
-        self.lengths[seq_id] = self.lengths.get(seq_id, 0) + n
+        self.lengths[seq_id] = length + n
         return True
 
     def append(self, seq_id, n: int) -> list[int]:

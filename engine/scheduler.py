@@ -12,9 +12,10 @@ Each `schedule()` fills one flat batch under two budgets, `max_num_batched_token
 A sequence is anything with `seq_id`, `num_cached` (tokens in the cache), `num_tokens` (prompt +
 output so far), `lookahead` (speculative tokens to verify after its next decode token),
 `cached_prompt_tokens` (None until first scheduled, then what the prefix cache held) and, for
-prefix caching, `tokens(start, n)` and `reuses_prefix`. The scheduler reserves the cache slots of what it schedules,
-lookahead slots included; the engine rolls back those of rejected tokens. A sequence leaving the
-cache (finished or preempted) first registers its full blocks, so they can be matched later.
+prefix caching, `tokens(start, n)` and `reuses_prefix`. The scheduler reserves the cache slots of
+what it schedules, lookahead slots included; the engine rolls back those of rejected tokens. A
+sequence leaving the cache (finished or preempted) first registers its full blocks, so they can be
+matched later.
 """
 from __future__ import annotations
 
@@ -132,11 +133,13 @@ class Scheduler:
         bs, m = self.blocks.block_size, seq.num_cached
         if seq.num_tokens - 1 < m + bs:  # no full block left to match (the last token is computed)
             return False
-        tables = self.blocks.tables
-        head = list(tables[seq.seq_id][: m // bs]) if m else []  # the cached blocks it matched
+        # a registered block's key names the block before it, so holding `seq`'s last matched block at
+        # the same place means holding all the blocks before it too
+        tables, last = self.blocks.tables, m // bs - 1
+        mine = tables[seq.seq_id][last] if m else None
         block = None
         for r in self.running:
-            if r.num_cached < m + bs <= r.num_tokens and (not m or list(tables[r.seq_id][: m // bs]) == head):
+            if r.num_cached < m + bs <= r.num_tokens and (not m or tables[r.seq_id][last] == mine):
                 block = block or seq.tokens(m, bs)
                 if r.tokens(m, bs) == block:
                     return True

@@ -75,7 +75,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     adjusts: bool = False            # has a logit_bias, or stop ids to ban until min_tokens
     device: str | torch.device = "cpu"
-    _adjustments: dict = field(default_factory=dict, repr=False)  # banning stop ids? -> (ids, values)
+    _adjustments: dict = field(default_factory=dict, repr=False)  # banning stop ids? -> (ids, values) or None
 
     @classmethod
     def create(cls, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
@@ -101,16 +101,14 @@ class Sequence:
         if not self.adjusts:
             return None
         ban = len(self.output_ids) + ahead < self.params.min_tokens
-        adj = self._adjustments.get(ban)
-        if adj is None:
+        if ban not in self._adjustments:
             add = dict(self.params.logit_bias or {})
             if ban:
                 add.update(dict.fromkeys(self.stop_ids, -math.inf))
-            if not add:
-                return None
-            adj = self._adjustments[ban] = (torch.tensor(list(add), dtype=torch.long, device=self.device),
-                                            torch.tensor(list(add.values()), dtype=torch.float32, device=self.device))
-        return adj
+            self._adjustments[ban] = (torch.tensor(list(add), dtype=torch.long, device=self.device),
+                                      torch.tensor(list(add.values()), dtype=torch.float32, device=self.device)
+                                      ) if add else None
+        return self._adjustments[ban]
 
     @property
     def reuses_prefix(self) -> bool:

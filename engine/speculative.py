@@ -78,7 +78,6 @@ class StepCosts:
 
     KINDS = ("plain", "verify", "first", "draft")
     REFRESH = 8  # after the first REFRESH samples of a kind, its median is recomputed every REFRESH-th
-
     WINDOW_SAMPLES = 4  # timed windows of one lookahead before their cost replaces the model's
 
     def __init__(self, draft_prior: float, window: int = 32):
@@ -88,14 +87,15 @@ class StepCosts:
         self.median: dict[str, float | None] = dict.fromkeys(self.KINDS)  # seconds; kept current by record()
         self.verify_slope = 0.0  # kept current by record(); 0 until plain and verify steps are measured
         self.windows: dict[int, deque] = {}  # lookahead k -> seconds of whole steps that all drafted k
+        self.windows_recorded: dict[int, int] = {}
         self.window_costs: tuple = ()  # ((k, plain steps), ...) kept current by record_window()
 
     def record_window(self, k: int, seconds: float) -> None:
         """A whole speculative step (drafts, verify, acceptance) in which every sequence drafted k."""
         samples = self.windows.setdefault(k, deque(maxlen=16))
         samples.append(seconds)
-        self.recorded[k] = self.recorded.get(k, 0) + 1
-        if self.recorded[k] % self.WINDOW_SAMPLES or not self.median["plain"]:
+        self.windows_recorded[k] = count = self.windows_recorded.get(k, 0) + 1
+        if count % self.WINDOW_SAMPLES or not self.median["plain"]:
             return  # refreshed every WINDOW_SAMPLES-th window of k
         self.window_costs = tuple(sorted((j, statistics.median(t) / self.median["plain"])
                                          for j, t in self.windows.items() if len(t) >= self.WINDOW_SAMPLES))
@@ -272,9 +272,10 @@ def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
         return drafts + [best[k]]
     p = probs(target_logits, [params] * (k + 1))
     u = torch.rand(k, generator=generator, device=p.device).tolist()
+    at = (torch.arange(k, device=p.device), torch.tensor(drafts, device=p.device))
+    pd, qd = p[at].tolist(), [1.0] * k if q is None else q[at].tolist()  # one device read for all drafts
     for i, d in enumerate(drafts):
-        pd, qd = p[i, d].item(), 1.0 if q is None else q[i, d].item()
-        if u[i] * qd < pd:  # accept with probability min(1, p/q)
+        if u[i] * qd[i] < pd[i]:  # accept with probability min(1, p/q)
             continue
         if q is None:  # max(0, p - onehot(d)) = p without d
             residual = p[i].clone()
