@@ -130,8 +130,9 @@ class Engine:
                              self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device,
                              ec.enable_prefix_caching)
         graphs = ec.cuda_graphs and self.device.startswith("cuda") and ec.backend != "torch"
-        self.runner = ModelRunner(self.model, self.cache, cuda_graphs=graphs,
-                                  max_graph_batch=min(ec.max_num_seqs, 256), max_context=self.max_model_len)
+        self.runner = ModelRunner(self.model, self.cache, cuda_graphs=graphs, max_graph_batch=min(ec.max_num_seqs, 256),
+                                  max_context=self.max_model_len,  # verify windows are k + 1 tokens
+                                  max_graph_width=ec.num_speculative_tokens + 1 if ec.draft_model else 1)
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the

@@ -72,17 +72,18 @@ def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnM
 
 
 class ModelRunner:
-    """Runs WorkItems; decode-only batches replay a captured CUDA graph when graphs are enabled."""
+    """Runs WorkItems; steps whose sequences bring few new tokens each (decode steps, speculative
+    verify windows, a draft catching up) replay a captured CUDA graph when graphs are enabled."""
 
     def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False,
-                 max_graph_batch: int = 64, max_context: int | None = None):
+                 max_graph_batch: int = 64, max_context: int | None = None, max_graph_width: int = 1):
         self.model, self.cache, self.device = model, cache, model.device
         self.graphs = None
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graphs=True needs a CUDA device")
-            self.graphs = DecodeGraphs(model, cache, max_graph_batch,
-                                       max_context or model.cfg.max_position_embeddings)
+            self.graphs = StepGraphs(model, cache, max_graph_batch, max_context or model.cfg.max_position_embeddings,
+                                     max_graph_width)
 
     def run(self, items: list[WorkItem]) -> torch.Tensor:
         """fp32 logits [rows, V]: one row per item, or one per token for `all_logits` items."""
@@ -94,70 +95,120 @@ class ModelRunner:
         return self.model.forward(ids, meta, self.cache, logits_indices=idx)
 
 
-class DecodeGraphs:
-    """CUDA graphs of decode steps (one new token per sequence), one per batch-size bucket.
+class StepGraphs:
+    """CUDA graphs of steps in which every sequence brings at most `w` new tokens (w <= max_width):
+    decode steps (w = 1), speculative verify windows (w = k + 1), a draft catching up (w = 2).
+    One graph per (batch bucket b, width w, every row's logits or the last of each sequence).
 
-    Inputs live in static buffers sized for the largest bucket; a batch is padded up to its
-    bucket with dummy rows (slot -1: nothing written; context 1 over block 0: harmless reads)
-    whose logits are dropped. Attention is captured with max_context_len = `max_context`, so
-    kernels size their grids for the longest context and stop at each row's real length.
-    """
+    Inputs live in static buffers. Sequence i owns flat rows [i w, i w + w): its n_i real tokens
+    first, then w - n_i padding tokens (slot -1: nothing written) at the positions after them; its
+    context counts the padding (start + w), so each real token keeps its position and causal range
+    and no real token attends to a padding one. Batches are padded up to their bucket with dummy
+    sequences (context w over block 0: harmless reads). Padding rows' logits are dropped. Attention
+    is captured with the longest context, so kernels size their grids for it and stop at each row's
+    real length. Windows are captured up to MAX_WINDOW_TOKENS flat rows (b w): beyond that, batches
+    are large enough that launches are not the bottleneck, and every graph keeps its logits."""
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    MAX_WINDOW_TOKENS = 256
 
-    def __init__(self, model: GemmaModel, cache: KVCache, max_batch: int, max_context: int):
+    def __init__(self, model: GemmaModel, cache: KVCache, max_batch: int, max_context: int, max_width: int = 1):
         self.model, self.cache = model, cache
         self.buckets = [b for b in self.BUCKETS if b < max_batch] + [max_batch]
-        self.max_context = max_context
-        self.width = -(-max_context // cache.block_size)
+        self.max_context, self.max_width = max_context, max_width
+        self.width = -(-(max_context + max_width - 1) // cache.block_size)  # block-table columns
         dev, B = model.device, max_batch
-        self.ids = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.slots = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        T = max(B, self.MAX_WINDOW_TOKENS) if max_width > 1 else B  # flat rows
+        self.ids = torch.zeros(T, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(T, dtype=torch.int64, device=dev)
+        self.slots = torch.full((T,), -1, dtype=torch.int64, device=dev)
+        self.last_rows = torch.zeros(B, dtype=torch.int64, device=dev)
         self.context = torch.ones(B, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
         self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.cu_width = 1  # cu holds i * cu_width
+        self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None
 
+    def _bucket(self, n: int, w: int) -> int | None:
+        b = next((x for x in self.buckets if x >= n), None)
+        return b if b is not None and (w == 1 or b * w <= self.MAX_WINDOW_TOKENS) else None
+
     def accepts(self, items: list[WorkItem]) -> bool:
-        return (0 < len(items) <= self.buckets[-1]
-                and all(len(it.token_ids) == 1 and not it.all_logits and it.start + 1 <= self.max_context
-                        for it in items))
+        if not items:
+            return False
+        w, tables = max(len(it.token_ids) for it in items), self.cache.blocks.tables
+        return (w <= self.max_width and self._bucket(len(items), w) is not None
+                and all(it.token_ids and it.start + len(it.token_ids) <= self.max_context
+                        and len(tables[it.seq_id]) <= self.width for it in items))
 
-    def _meta(self, b: int) -> AttnMetadata:
-        return AttnMetadata(positions=self.positions[:b], cu_seqlens_q=self.cu[: b + 1],
+    def _step(self, b: int, w: int, every: bool):
+        """The forward over the first b sequences of the buffers at width w, as a call to capture."""
+        meta = AttnMetadata(positions=self.positions[: b * w], cu_seqlens_q=self.cu[: b + 1],
                             context_lens=self.context[:b], block_tables=self.tables[:b],
-                            slot_mapping=self.slots[:b], max_query_len=1, max_context_len=self.max_context)
+                            slot_mapping=self.slots[: b * w], max_query_len=w,
+                            max_context_len=self.max_context + w - 1)
+        rows = None if every or w == 1 else self.last_rows[:b]
+        return lambda: self.model.forward(self.ids[: b * w], meta, self.cache, logits_indices=rows)
 
-    def _capture(self, b: int):
-        meta = self._meta(b)
+    def _record(self, step):
+        """(replay, output) of `step` captured in a CUDA graph (all graphs share one memory pool)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile kernels and settle the allocator outside the capture
-                self.model.forward(self.ids[:b], meta, self.cache)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model.forward(self.ids[:b], meta, self.cache)
+            out = step()
         self.pool = graph.pool()
-        self.graphs[b] = (graph, out)
-        return self.graphs[b]
+        return graph.replay, out
 
     def run(self, items: list[WorkItem]) -> torch.Tensor:
-        n = len(items)
-        b = next(x for x in self.buckets if x >= n)
+        n, w = len(items), max(len(it.token_ids) for it in items)
+        b = self._bucket(n, w)
+        pad = b - n
+        every = w > 1 and any(it.all_logits for it in items)
         blocks = self.cache.blocks
-        ids = [it.token_ids[0] for it in items] + [0] * (b - n)
-        pos = [it.start for it in items] + [0] * (b - n)
-        slots = [blocks.slots(it.seq_id, it.start, 1)[0] for it in items] + [-1] * (b - n)
-        ctx = [it.start + 1 for it in items] + [1] * (b - n)
-        table = padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b)
-        self.ids[:b].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(pos), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor(slots), non_blocking=True)
+        if w == 1:  # decode: the common case, kept cheap
+            ids = [it.token_ids[0] for it in items] + [0] * pad
+            pos = [it.start for it in items] + [0] * pad
+            slots = [blocks.slots(it.seq_id, it.start, 1)[0] for it in items] + [-1] * pad
+            ctx = [it.start + 1 for it in items] + [1] * pad
+        else:
+            ids, pos, slots, ctx, last, wanted = [], [], [], [], [], []
+            for i, it in enumerate(items):
+                k, p = len(it.token_ids), it.start
+                ids += it.token_ids + [0] * (w - k)
+                pos += range(p, p + w)
+                slots += blocks.slots(it.seq_id, p, k) + [-1] * (w - k)
+                ctx.append(p + w)
+                last.append(i * w + k - 1)
+                if every:
+                    wanted += range(i * w, i * w + k) if it.all_logits else [i * w + k - 1]
+            ids += [0] * (pad * w)
+            pos += list(range(w)) * pad
+            slots += [-1] * (pad * w)
+            ctx += [w] * pad
+            if not every:
+                last += [(n + j) * w + w - 1 for j in range(pad)]
+                self.last_rows[:b].copy_(torch.tensor(last), non_blocking=True)
+        self.ids[: b * w].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[: b * w].copy_(torch.tensor(pos), non_blocking=True)
+        self.slots[: b * w].copy_(torch.tensor(slots), non_blocking=True)
         self.context[:b].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
-        self.tables[:b].copy_(table, non_blocking=True)
-        graph, out = self.graphs.get(b) or self._capture(b)
-        graph.replay()
-        return out[:n]
+        self.tables[:b].copy_(padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b),
+                              non_blocking=True)
+        if self.cu_width != w:  # the sequences' row offsets: i w
+            self.cu.copy_(torch.arange(0, self.cu.shape[0] * w, w, dtype=torch.int32), non_blocking=True)
+            self.cu_width = w
+        key = (b, w, every)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(self._step(b, w, every))
+        replay, out = self.graphs[key]
+        replay()
+        if not every:
+            return out[:n]
+        if len(wanted) == n * w:  # every sequence a full window that wants all its rows
+            return out[: n * w]
+        return out[torch.tensor(wanted, device=out.device)]

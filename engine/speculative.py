@@ -137,8 +137,9 @@ class Drafter:
     def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False, max_batch: int = 64,
                  max_context: int | None = None):
         self.model, self.cache = model, cache
+        # a propose's first step feeds one or two tokens a sequence (two after a window accepted whole)
         self.runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=max_batch,
-                                  max_context=max_context)
+                                  max_context=max_context, max_graph_width=2)
         self.cached: dict[int, int] = {}
         self.most_fed = 0  # the most tokens one sequence fed in the last propose's first forward
         self.seconds: list[float] = []  # wall time of each draft step of the last propose

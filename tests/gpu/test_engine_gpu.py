@@ -57,6 +57,22 @@ def test_cuda_graph_replay_equals_eager():
     torch.testing.assert_close(graph, eager, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", ["mqa", "mha"])
+def test_graph_windows_equal_eager(shape):
+    """Real CUDA graphs of decode steps, verify windows and catch-up feeds (the batch layout that
+    tests/engine/test_step_graphs.py checks on CPU) give the eager Triton/CUDA path's logits and cache,
+    fp32: only the capture differs (and cuBLAS's choice per row count)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from test_step_graphs import check_graph_steps
+
+    from gemforge.engine.runner import StepGraphs
+
+    check_graph_steps(shape, seed=5, device="cuda", backend="auto", graphs=StepGraphs, tol=1e-4)
+
+
 def test_prefix_caching_and_prompt_lookup_keep_the_output():
     """The bundled nano model on the GPU (CUDA graphs on, fp32): prompts that share a prefix give the
     same greedy tokens with prefix caching as without (the second wave reuses the first's blocks),

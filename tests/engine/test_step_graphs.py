@@ -1,0 +1,150 @@
+"""The CUDA-graph step runner's batch layout, on CPU: StepGraphs pads every sequence to the step's
+width and the batch to its bucket, and must give the eager runner's logits for the real rows and
+write the same cache slots. Here the "graph" runs its captured call again over the static buffers
+(tests/gpu replays real CUDA graphs); everything but the capture itself is the code the GPU runs."""
+import random
+
+import pytest
+import torch
+
+from gemforge.engine.config import ModelConfig
+from gemforge.engine.kv_cache import KVCache
+from gemforge.engine.model import GemmaModel
+from gemforge.engine.runner import ModelRunner, StepGraphs, WorkItem
+from gemforge.engine.weights import random_weights
+
+
+class RerunGraphs(StepGraphs):
+    """StepGraphs whose replay calls the step again and copies its logits into the first call's."""
+
+    def _record(self, step):
+        out = step()
+
+        @torch.inference_mode()
+        def replay():
+            out.copy_(step())
+        return replay, out
+
+
+SHAPES = {"mqa": dict(num_heads=4, num_kv_heads=1, head_dim=16), "mha": dict(num_heads=4, num_kv_heads=4, head_dim=8)}
+BLOCK = 4
+
+
+def runners(shape: str, max_batch: int, max_context: int, max_width: int, device="cpu", backend="torch",
+            graphs=RerunGraphs, blocks: int = 96):
+    """An eager runner and one with `graphs`, each with its own cache, over one random model."""
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=2,
+                      max_position_embeddings=max_context, **SHAPES[shape])
+    model = GemmaModel(cfg, random_weights(cfg, torch.float32, device, seed=3, std=0.15), torch.float32, device,
+                       backend)
+    caches = [KVCache(cfg.num_layers, blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim, torch.float32, device)
+              for _ in range(2)]
+    eager, graphed = ModelRunner(model, caches[0]), ModelRunner(model, caches[1])
+    graphed.graphs = graphs(model, caches[1], max_batch, max_context, max_width)
+    return eager, graphed, caches
+
+
+def both(caches, op, *args):
+    for c in caches:
+        getattr(c.blocks, op)(*args)
+
+
+def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", graphs=RerunGraphs, tol=1e-5):
+    """Random steps over up to 6 sequences (bucket padding to 8 with max_batch 8): decode tokens,
+    verify windows of up to 5 tokens with every row's logits, short catch-up feeds wanting the last
+    row, ragged mixes of all three, contexts up to the graph's limit, and rejected window tokens
+    rolled back; the logits and the cache equal the eager runner's at every step."""
+    rng = random.Random(seed)
+    max_context, max_width = 48, 5
+    eager, graphed, caches = runners(shape, 8, max_context, max_width, device, backend, graphs)
+    lens = {}
+    for s in range(6):  # prompts, eagerly
+        n = rng.randint(1, 20)
+        both(caches, "append", s, n)
+        ids = [rng.randrange(300) for _ in range(n)]
+        for r in (eager, graphed):
+            r.run([WorkItem(s, ids, 0)])
+        lens[s] = n
+    widths, modes = set(), set()
+    for step in range(30):
+        live = [s for s in lens if lens[s] < max_context]
+        items = []
+        for s in rng.sample(live, rng.randint(1, len(live))):
+            n = min(rng.choice([1, 1, 2, 3, 5]), max_context - lens[s])
+            both(caches, "append", s, n)
+            items.append(WorkItem(s, [rng.randrange(300) for _ in range(n)], lens[s], all_logits=rng.random() < 0.5))
+        assert graphed.graphs.accepts(items)
+        want, got = eager.run(items), graphed.run(items)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(caches[1].data, caches[0].data, rtol=tol, atol=tol)
+        w = max(len(it.token_ids) for it in items)
+        widths.add(w)
+        modes.add(w > 1 and any(it.all_logits for it in items))
+        for it in items:  # keep a random prefix of each window, as verification does
+            n = len(it.token_ids)
+            keep = rng.randint(1, n) if it.all_logits else n
+            both(caches, "rollback", it.seq_id, n - keep)
+            lens[it.seq_id] += keep
+    assert {1, 5} <= widths and modes == {False, True}
+    assert all(b in (1, 2, 4, 8) for b, _, _ in graphed.graphs.graphs)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_graph_steps_equal_eager_steps(shape, seed):
+    check_graph_steps(shape, seed)
+
+
+def test_graphs_take_only_what_they_were_built_for():
+    """Steps wider than the widest window, batches past the largest bucket or past the window row
+    limit, and tokens past the context limit run eagerly."""
+    _, graphed, caches = runners("mqa", 8, 32, 3)
+    for s in range(9):
+        both(caches, "append", s, 31)
+    g = graphed.graphs
+    assert g.accepts([WorkItem(s, [1], 30) for s in range(8)])
+    assert not g.accepts([WorkItem(s, [1], 30) for s in range(9)])    # 9 sequences > max_batch
+    assert g.accepts([WorkItem(0, [1, 2, 3], 28)])
+    assert not g.accepts([WorkItem(0, [1, 2, 3, 4], 27)])             # 4 tokens > max_width
+    assert not g.accepts([WorkItem(0, [1, 2], 31)])                   # past max_context
+    assert not g.accepts([])
+    g.MAX_WINDOW_TOKENS = 12
+    assert g.accepts([WorkItem(s, [1, 2, 3], 28) for s in range(4)])  # bucket 4 x 3 rows
+    assert not g.accepts([WorkItem(s, [1, 2, 3], 28) for s in range(5)])  # bucket 8 x 3 > 12 rows
+    assert g.accepts([WorkItem(s, [1], 30) for s in range(8)])         # decode steps are not limited
+
+
+def test_speculative_engine_through_step_graphs(make_checkpoint):
+    """The engine's target and draft runners with StepGraphs (rerun on CPU) give the target alone's
+    greedy tokens; verify windows and the draft's two-token catch-up went through the graphs."""
+    from gemforge.engine import SamplingParams
+    from gemforge.engine.engine import Engine, EngineConfig
+
+    from test_engine import prompts_of, run_all
+
+    target, _ = make_checkpoint("mha", seed=11)
+    draft, _ = make_checkpoint("mha", seed=11, noise=0.03)  # agrees often: windows accepted whole, and not
+
+    def build(draft_model=None):
+        eng = Engine(target, EngineConfig(dtype="float32", device="cpu", draft_model=draft_model,
+                                          num_speculative_tokens=3, adaptive_lookahead=False), progress=False)
+        for r in (eng.runner, getattr(eng.drafter, "runner", None)):
+            if r is not None:
+                width = 2 if r is not eng.runner else (4 if draft_model else 1)
+                r.graphs = RerunGraphs(r.model, r.cache, 16, eng.max_model_len, width)
+        return eng
+
+    batch = 5
+    prompts = prompts_of(batch, seed=4)
+    reqs = [(f"r{i}", p, SamplingParams(max_tokens=7 + 3 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    plain = run_all(build(), reqs)
+    spec_engine = build(draft)
+    spec = run_all(spec_engine, reqs)
+    for rid in plain:
+        assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
+    target_keys, draft_keys = spec_engine.runner.graphs.graphs, spec_engine.drafter.runner.graphs.graphs
+    assert any(w == 4 and every for _, w, every in target_keys), target_keys   # verify windows
+    assert any(w == 2 and not every for _, w, every in draft_keys), draft_keys  # the draft catching up
+    assert 0 < spec_engine.stats["spec_accepted"] < spec_engine.stats["spec_proposed"]
