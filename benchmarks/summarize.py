@@ -95,7 +95,8 @@ def main(outdir: str) -> None:
         windows = [r for r in decode if "verify_window" in r]
         if windows:
             parts.append("### Speculative verify window cost (batch 1)\n")
-            parts.append(table(windows, ["model", "verify_window", "window_ms", "decode_step_ms", "window_over_step"]) + "\n")
+            parts.append(table(windows, ["model", "verify_window", "graph_window_ms", "eager_window_ms", "window_ms",
+                                         "decode_step_ms", "window_over_step"]) + "\n")
         spec = speculative_rows(decode)
         if spec:
             parts.append("### Speculative decoding speedup these costs imply (batch 1, 2B drafts for 7B)\n")

@@ -4,7 +4,8 @@ On a CUDA device each benchmark times gemforge's "triton" backend against its pe
 torch.compile of the reference, and for attention SDPA on dense tensors); on a CPU it times the
 "cpu" backend (the C++ kernels of csrc/cpu/, where _C is built) against the torch reference on the
 bundled nano model's shapes, so CI exercises the files in seconds. The subject is timed by
-pytest-benchmark (wall clock, synchronised) and, like every peer, by CUDA events (median, L2 flushed);
+pytest-benchmark (wall clock, synchronised) and, like every peer, by CUDA events (median, L2 flushed)
+and on a GPU also replayed from a CUDA graph (no launch overhead: `<impl>_graph_us`);
 benchmark.extra_info gets each one's microseconds and GB/s — bytes counted once: every input read
 once, every output written once — and the subject's speedup over each peer.
 GEMFORGE_BENCH_COMPILE=0 leaves out the torch.compile peers (they compile for minutes).
@@ -45,6 +46,46 @@ def device_time(fn: Callable[[], object]) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> float | None:
+    """Seconds per call of fn replayed from a CUDA graph, the L2 cache flushed before each call and
+    the flushes' own time subtracted: device time without launch overhead, as in the engine's
+    CUDA-graph steps (do_bench's event timing includes the host's launch time wherever that is the
+    longer). None where fn cannot be captured (it synchronises with the host)."""
+    flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4, dtype=torch.int32, device="cuda")
+
+    def capture(body):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        return graph
+
+    def seconds(graph):
+        graph.replay()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        return sorted(times)[len(times) // 2]
+
+    try:
+        both = capture(lambda: (flush.zero_(), fn()))
+    except Exception:  # (a failed capture leaves the stream usable again once it is torn down)
+        torch.cuda.synchronize()
+        return None
+    only = capture(flush.zero_)
+    return max(0.0, seconds(both) - seconds(only)) / calls
+
+
 def compiled(fn: Callable, *args) -> Callable[[], object] | None:
     """A zero-argument call of torch.compile(fn) on args, or None (with a warning) if compiling fails."""
     if not COMPILE:
@@ -83,6 +124,12 @@ def compare(benchmark, impls: dict[str, Callable[[], object] | None], bytes_move
         info[f"{k}_GBps"] = round(bytes_moved / t / 1e9, 1)
         if k != name:
             info[f"speedup_vs_{k}"] = round(t / times[name], 2)
+    if ON_GPU:  # the same without launch overhead; not the torch references (some read the device)
+        for k, fn in impls.items():
+            t = graph_time(fn) if fn is not None and k not in ("torch", "torch.compile") else None
+            if t:
+                info[f"{k}_graph_us"] = round(t * 1e6, 2)
+                info[f"{k}_graph_GBps"] = round(bytes_moved / t / 1e9, 1)
     sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
     rounds = max(3, min(50, int(0.2 / max(times[name], 1e-6))))
     benchmark.pedantic(lambda: (subject(), sync()), rounds=rounds, warmup_rounds=1)
