@@ -34,9 +34,10 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
                       double scale, int dtype, int64_t stream);
 
 // y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu and docs/QUANT_FORMAT.md).
+// max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks).
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int dtype, int64_t stream);
+                int64_t N, int64_t K, int64_t max_ctas, int dtype, int64_t stream);
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias,
-                int64_t M, int64_t N, int64_t K, int64_t group_size, int dtype, int64_t stream);
+                int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype, int64_t stream);
 
 }  // namespace gf

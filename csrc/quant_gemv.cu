@@ -2,7 +2,8 @@
 // M <= 16, formats of docs/QUANT_FORMAT.md, fp32 accumulation:
 //   int8: W[n, k] = q[n, k] * s[n]                   (s applied once per row at the end)
 //   int4: W[n, k] = (q[n, k] - z[n, k/g]) * s[n, k/g]  (z = 8 when symmetric; s applied per chunk)
-// CTA = 8 warps; warp w owns kRowsPerWarp rows and splits K across its lanes in 16-byte weight
+// CTA = 8 warps looping over groups of 16 rows (grid-stride; see quant_gemv_kernel); in a group
+// warp w owns kRowsPerWarp rows and splits K across its lanes in 16-byte weight
 // chunks (16 int8 or 32 int4 weights; a 32-wide int4 chunk never straddles a group, g >= 32), so
 // each warp load is 512 contiguous bytes per row; partial dots are warp-reduced at the end.
 // x is staged in shared memory as fp32 (in K tiles when it does not fit), padded by 4 floats per
@@ -103,6 +104,19 @@ int tile_chunks(int MT, int64_t K) {
   return static_cast<int>(std::min<int64_t>(K / Fmt::kPerChunk, kXSmemFloats / (MT * (Fmt::kPerChunk + kXPad))));
 }
 
+// Stages chunks [c0, c0 + nc) of x's M rows into shared memory as fp32 (zero rows past M).
+template <typename T, int MT, int P>
+__device__ __forceinline__ void stage_x(float* xs, const T* __restrict__ x, int M, int K, int c0, int nc, int ldx) {
+  constexpr int PS = P + kXPad;
+  for (int i = threadIdx.x; i < MT * nc * P; i += kThreads) {
+    const int m = i / (nc * P), kk = i - m * nc * P;
+    xs[m * ldx + kk / P * PS + kk % P] = m < M ? to_float(x[int64_t{m} * K + int64_t{c0} * P + kk]) : 0.f;
+  }
+}
+
+// Grid-stride over groups of kWarps * kRowsPerWarp rows: when x fits one shared-memory tile it is
+// staged once per CTA and the launch keeps only as many CTAs as are resident (one CTA per row group
+// would restage x for every 16 rows: with K = 3072 that is as much work as the rows' weights).
 template <typename T, int MT, class Fmt>
 __global__ void __launch_bounds__(kThreads)
 quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
@@ -113,54 +127,70 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
   extern __shared__ float xs[];  // [MT][tile * PS]
   const Fmt fmt(scales, zeros, K, group_size);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t row0 = (int64_t{blockIdx.x} * kWarps + warp) * kRowsPerWarp;
   const int64_t row_bytes = int64_t{K} / P * 16;  // K (int8) or K / 2 (int4)
-  const int ldx = tile * PS;
-
-  float acc[kRowsPerWarp][MT] = {};
-  for (int c0 = 0; c0 < K / P; c0 += tile) {
-    const int nc = min(tile, K / P - c0);
-    __syncthreads();  // the previous tile is consumed
-    for (int i = threadIdx.x; i < MT * nc * P; i += kThreads) {
-      const int m = i / (nc * P), kk = i - m * nc * P;
-      xs[m * ldx + kk / P * PS + kk % P] = m < M ? to_float(x[int64_t{m} * K + int64_t{c0} * P + kk]) : 0.f;
+  const int ldx = tile * PS, chunks = K / P;
+  const bool one_tile = tile >= chunks;
+  const int64_t groups = (int64_t{N} + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp);
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the CTA
+    const int64_t row0 = (g * kWarps + warp) * kRowsPerWarp;
+    float acc[kRowsPerWarp][MT] = {};
+    for (int c0 = 0; c0 < chunks; c0 += tile) {
+      const int nc = min(tile, chunks - c0);
+      if (!one_tile || g == blockIdx.x) {  // (one tile: staged once, by the first row group)
+        __syncthreads();  // the previous tile is consumed
+        stage_x<T, MT, P>(xs, x, M, K, c0, nc, ldx);
+        __syncthreads();
+      }
+      for (int c = lane; c < nc; c += 32 * kUnroll) {
+        uint4 w[kUnroll][kRowsPerWarp];
+        ChunkMeta md[kUnroll][kRowsPerWarp];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r)
+            if (c + 32 * u < nc && row0 + r < N) {
+              w[u][r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (row0 + r) * row_bytes) + c0 + c + 32 * u);
+              md[u][r] = fmt.meta(row0 + r, c0 + c + 32 * u);
+            }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r)
+            if (c + 32 * u < nc && row0 + r < N)
+              fmt.accumulate(acc[r], w[u][r], md[u][r], xs + (c + 32 * u) * PS, ldx);
+      }
     }
-    __syncthreads();
-    for (int c = lane; c < nc; c += 32 * kUnroll) {
-      uint4 w[kUnroll][kRowsPerWarp];
-      ChunkMeta md[kUnroll][kRowsPerWarp];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t row = row0 + r;
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
-          if (c + 32 * u < nc && row0 + r < N) {
-            w[u][r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (row0 + r) * row_bytes) + c0 + c + 32 * u);
-            md[u][r] = fmt.meta(row0 + r, c0 + c + 32 * u);
-          }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r)
-          if (c + 32 * u < nc && row0 + r < N) fmt.accumulate(acc[r], w[u][r], md[u][r], xs + (c + 32 * u) * PS, ldx);
-    }
-  }
-
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t row = row0 + r;
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      const float v = warp_sum(acc[r][m]);
-      if (lane == 0 && m < M && row < N)
-        y[int64_t{m} * N + row] = from_float<T>(v * fmt.row_scale(row) + (bias ? to_float(bias[row]) : 0.f));
+      for (int m = 0; m < MT; ++m) {
+        const float v = warp_sum(acc[r][m]);
+        if (lane == 0 && m < M && row < N)
+          y[int64_t{m} * N + row] = from_float<T>(v * fmt.row_scale(row) + (bias ? to_float(bias[row]) : 0.f));
+      }
     }
   }
 }
 
+// CTAs of `kernel` (kThreads threads, `smem` bytes) that the current device holds at once.
+template <class Kernel>
+int64_t resident_ctas(Kernel kernel, size_t smem) {
+  int dev = 0, sms = 1, per_sm = 1;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  return int64_t{std::max(per_sm, 1)} * std::max(sms, 1);
+}
+
+// max_ctas: 0 keeps the CTAs the device holds at once when x fits one tile (else one per row
+// group); n > 0 caps the grid at n (tests force few CTAs, benchmarks one per row group).
 template <template <typename> class Format>
 void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros,
-                 int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int dtype, int64_t stream) {
+                 int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype,
+                 int64_t stream) {
   require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
+  require(max_ctas >= 0, op, "max_ctas must be >= 0, got " + std::to_string(max_ctas));
   require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
   require(aligned16(qweight), op, "qweight must be 16-byte aligned");
   dispatch_half(dtype, op, [&](auto tag) {
@@ -171,8 +201,11 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
       constexpr int MT = decltype(mt)::value;
       const int tile = tile_chunks<Fmt>(MT, K);
       const size_t smem = size_t(MT) * tile * (Fmt::kPerChunk + kXPad) * sizeof(float);
-      const unsigned grid = static_cast<unsigned>(ceil_div(N, kWarps * kRowsPerWarp));
-      quant_gemv_kernel<T, MT, Fmt><<<grid, kThreads, smem, as_stream(stream)>>>(
+      const auto kernel = quant_gemv_kernel<T, MT, Fmt>;
+      int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);
+      if (max_ctas > 0) grid = std::min(grid, max_ctas);
+      else if (tile >= K / Fmt::kPerChunk) grid = std::min(grid, resident_ctas(kernel, smem));
+      kernel<<<static_cast<unsigned>(grid), kThreads, smem, as_stream(stream)>>>(
           as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
           as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile);
     };
@@ -188,16 +221,17 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
 }  // namespace
 
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
-                int64_t K, int dtype, int64_t stream) {
-  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, dtype, stream);
+                int64_t K, int64_t max_ctas, int dtype, int64_t stream) {
+  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, max_ctas, dtype, stream);
 }
 
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t group_size, int dtype, int64_t stream) {
+                int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype, int64_t stream) {
   require(group_size == 32 || group_size == 64 || group_size == 128, "w4a16_gemm",
           "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
   require(K % group_size == 0, "w4a16_gemm", "K must be a multiple of group_size");
-  launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, dtype, stream);
+  launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, dtype,
+                          stream);
 }
 
 }  // namespace gf

@@ -394,7 +394,8 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- quantized linear
-def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias):
+def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0):
+    """max_ctas: 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks)."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
@@ -429,19 +430,19 @@ def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias):
     b = 0 if bias is None else bias.data_ptr()
     if fmt == "int8":
         _ext().w8a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k,
-                          _DTYPE_CODES[x.dtype], _stream(x))
+                          max_ctas, _DTYPE_CODES[x.dtype], _stream(x))
     else:
         _ext().w4a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size,
+                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, max_ctas,
                           _DTYPE_CODES[x.dtype], _stream(x))
     return y
 
 
 @register("linear_int8", "cuda")
-def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
-    return _linear_quant("int8", x, qweight, scales, zeros, group_size, bias)
+def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0) -> torch.Tensor:
+    return _linear_quant("int8", x, qweight, scales, zeros, group_size, bias, max_ctas)
 
 
 @register("linear_int4", "cuda")
-def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
-    return _linear_quant("int4", x, qweight, scales, zeros, group_size, bias)
+def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0) -> torch.Tensor:
+    return _linear_quant("int4", x, qweight, scales, zeros, group_size, bias, max_ctas)

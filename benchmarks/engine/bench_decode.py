@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from pathlib import Path
 
 import torch
 
@@ -169,7 +170,8 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["codegemma-2b", "codegemma-7b"])
+    ap.add_argument("--models", nargs="+", default=["codegemma-2b", "codegemma-7b"],
+                    help="presets, or model directories whose config.json gives the shape")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
@@ -188,7 +190,7 @@ def main(argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     rows = []
     for name in args.models:
-        cfg = preset(name)
+        cfg = ModelConfig.from_pretrained(Path(name)) if Path(name).is_dir() else preset(name)  # shape only
         hf = hf_model(cfg, dtype, device)
         for method in args.quant:
             try:

@@ -1,8 +1,9 @@
 """CUDA (gemforge.kernels._C) backends against their peers on CodeGemma shapes, on a CUDA device.
 
 Peers: the Triton backend and the torch reference of the same op; for the quantized GEMVs also
-dense bf16 cuBLAS (F.linear) and torch's own weight-only kernels (torch._weight_int8pack_mm,
-torch._weight_int4pack_mm) where this torch build has them on CUDA. GB/s in benchmark.extra_info
+the same CUDA kernel launched with one CTA per 16 rows (each staging x: its grid before it kept
+only the CTAs the device holds at once), dense bf16 cuBLAS (F.linear) and torch's own weight-only
+kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm) where this torch build has them. GB/s in benchmark.extra_info
 counts every input read once and every output written once (common.compare); for the GEMVs that is
 dominated by the packed weight bytes. Skipped without CUDA or without the built extension.
 """
@@ -138,6 +139,8 @@ def test_linear_quant(benchmark, shape, m, fmt):
     qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
     args = (x, qw.qweight, qw.scales, qw.zeros, qw.group_size, None)
     fns = impls(f"linear_{fmt}", *args)
+    flat = select(f"linear_{fmt}", "cuda", DEV)  # one CTA per 16 rows, x staged by each (the grid before)
+    fns["cuda_cta_per_rows"] = lambda: flat(*args, max_ctas=2**31 - 1)
     fns["cublas_bf16"] = lambda: F.linear(x, w)
     fns[f"torch_{fmt}"] = _torch_int8_peer(x, qw) if fmt == "int8" else _torch_int4_peer(x, n, k, 128)
     parts = [t for t in (qw.qweight, qw.scales, qw.zeros, x) if t is not None]

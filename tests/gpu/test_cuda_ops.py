@@ -189,9 +189,9 @@ def test_write_kv(dtype, head_dim):
 
 
 # ---------------------------------------------------------------------- quantized linear
-def _check_linear(fmt, qw, x, bias):
+def _check_linear(fmt, qw, x, bias, **kw):
     args = (qw.qweight, qw.scales, qw.zeros, qw.group_size, bias)
-    out = cuda(f"linear_{fmt}")(x, *args)
+    out = cuda(f"linear_{fmt}")(x, *args, **kw)
     r32 = ref(f"linear_{fmt}")(x.float(), *args[:-1], None if bias is None else bias.float())
     lp = ref(f"linear_{fmt}")(x, *args)
     assert_close(out, r32, lp, what=f"linear_{fmt} M={x.shape[0]} {tuple(qw.shape)}")
@@ -220,6 +220,20 @@ def test_linear_int4(nan_empty, dtype, m, nk, group, symmetric):
     x = torch.randn(m, k, device=DEV).to(dtype)
     bias = torch.randn(n, device=DEV).to(dtype) if m == 3 else None
     _check_linear("int4", qw, x, bias)
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+@pytest.mark.parametrize("m", (1, 5, 16))
+@pytest.mark.parametrize("nk_ctas", (((257, 768), 3), ((96, 24576), 2), ((8209, 1024), 0), ((2051, 3072), 1)))
+def test_linear_quant_grid_stride(nan_empty, fmt, m, nk_ctas):
+    """Few CTAs looping over many row groups: x staged once (one tile) or per tile (K = 24576), the
+    device-sized grid on a tall weight, and a single CTA doing every row."""
+    (n, k), max_ctas = nk_ctas
+    w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 64, symmetric=False)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    _check_linear(fmt, qw, x, torch.randn(n, device=DEV, dtype=torch.bfloat16) if m == 5 else None,
+                  max_ctas=max_ctas)
 
 
 @pytest.mark.parametrize("fmt", ("int8", "int4"))

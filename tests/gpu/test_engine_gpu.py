@@ -16,11 +16,19 @@ PROMPTS = [[2, 5, 9, 100, 7], [2] + list(range(40, 77)), [2, 1000]]
 STEPS = 12
 
 
-def decode(backend: str, graphs: bool, dtype, feed=None):
-    """Prefill PROMPTS, then STEPS decode steps fed with `feed` (or greedy); logits of every step."""
+def decode(backend: str, graphs: bool, dtype, feed=None, quant: str | None = None):
+    """Prefill PROMPTS, then STEPS decode steps fed with `feed` (or greedy); logits of every step.
+    `quant` ("int8", "int4"): the layers' linears quantized (int4 in groups of 64)."""
+    from gemforge.engine.quantization import LINEARS, QuantConfig
+
     w = random_weights(CFG, torch.float32, "cuda", seed=0, std=0.08)
     w = type(w)(w.embed.to(dtype), [type(l)(*(t.to(dtype) for t in vars(l).values())) for l in w.layers],
                 w.final_norm.to(dtype))
+    if quant:
+        qc = QuantConfig(quant, group_size=64)
+        for layer in w.layers:
+            for name in LINEARS:
+                setattr(layer, name, qc.quantize(name, getattr(layer, name)))
     model = GemmaModel(CFG, w, dtype, "cuda", backend)
     cache = KVCache(CFG.num_layers, 64, 16, CFG.num_kv_heads, CFG.head_dim, dtype, "cuda")
     runner = ModelRunner(model, cache, cuda_graphs=graphs, max_graph_batch=8, max_context=512)
@@ -54,6 +62,15 @@ def test_cuda_graph_replay_equals_eager():
     eager_tokens, eager = decode("auto", False, torch.float16)
     graph_tokens, graph = decode("auto", True, torch.float16)
     assert graph_tokens == eager_tokens
+    torch.testing.assert_close(graph, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_cuda_graph_replay_equals_eager(quant):
+    """A quantized model (the int4 draft's case) replays from CUDA graphs as it runs eagerly."""
+    tokens, eager = decode("auto", False, torch.float16, quant=quant)
+    _, graph = decode("auto", True, torch.float16, feed=tokens, quant=quant)
+    assert torch.isfinite(graph).all()
     torch.testing.assert_close(graph, eager, rtol=1e-3, atol=1e-3)
 
 

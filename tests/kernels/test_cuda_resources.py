@@ -3,9 +3,8 @@ and architecture, at most SPILL_LIMIT bytes of stack frame (where spilled regist
 memory and static shared memory within the 48 KiB a block may declare, read off the binary with
 cuobjdump, without a GPU. The decode attention kernel spilled 4-12 bytes (a 16-byte frame on
 sm_90a) under ptxas's default register budget (96) before its launch bounds asked for 4 blocks per
-SM; two quantized-GEMV tilings keep an 8-byte spill (int8 at 4 rows on sm_80, int4 at 2 rows on
-sm_90a), since tighter or looser bounds spill more elsewhere (ptxas -v over 1-3 blocks per SM) and
-only a GPU can say which costs less."""
+SM; two quantized-GEMV tilings kept an 8-byte spill (int8 at 4 rows on sm_80, int4 at 2 rows on
+sm_90a) until the kernel's grid-stride loop over row groups, which ptxas allocates without one."""
 import importlib
 from pathlib import Path
 
