@@ -118,14 +118,21 @@ class StepGraphs:
         self.width = -(-(max_context + max_width - 1) // cache.block_size)  # block-table columns
         dev, B = model.device, max_batch
         T = max(B, self.MAX_WINDOW_TOKENS) if max_width > 1 else B  # flat rows
-        self.ids = torch.zeros(T, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(T, dtype=torch.int64, device=dev)
-        self.slots = torch.full((T,), -1, dtype=torch.int64, device=dev)
-        self.last_rows = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.context = torch.ones(B, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(B, self.width, dtype=torch.int32, device=dev)
-        self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.T, self.B = T, B
+        # Inputs in two device buffers, each filled by ONE copy from a pinned host twin a step:
+        # int64 [ids T | positions T | slots T | last_rows B], int32 [context B | cu B+1 | tables B x width]
+        # (the int32 copy stops after the batch's table rows).
+        pin = dev.type == "cuda"
+        self.h64 = torch.zeros(3 * T + B, dtype=torch.int64, pin_memory=pin)
+        self.h32 = torch.zeros(2 * B + 1 + B * self.width, dtype=torch.int32, pin_memory=pin)
+        self.h32[B: 2 * B + 1] = torch.arange(B + 1, dtype=torch.int32)
         self.cu_width = 1  # cu holds i * cu_width
+        self.i64, self.i32 = self.h64.to(dev), self.h32.to(dev)
+        self.ids, self.positions, self.slots = self.i64[:T], self.i64[T: 2 * T], self.i64[2 * T: 3 * T]
+        self.last_rows = self.i64[3 * T:]
+        self.context, self.cu = self.i32[:B], self.i32[B: 2 * B + 1]
+        self.tables = self.i32[2 * B + 1:].view(B, self.width)
+        self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None
 
@@ -167,7 +174,7 @@ class StepGraphs:
     def run(self, items: list[WorkItem]) -> torch.Tensor:
         n, w = len(items), max(len(it.token_ids) for it in items)
         b = self._bucket(n, w)
-        pad = b - n
+        pad, T, B = b - n, self.T, self.B
         every = w > 1 and any(it.all_logits for it in items)
         blocks = self.cache.blocks
         if w == 1:  # decode: the common case, kept cheap
@@ -190,18 +197,24 @@ class StepGraphs:
             pos += list(range(w)) * pad
             slots += [-1] * (pad * w)
             ctx += [w] * pad
-            if not every:
-                last += [(n + j) * w + w - 1 for j in range(pad)]
-                self.last_rows[:b].copy_(torch.tensor(last), non_blocking=True)
-        self.ids[: b * w].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[: b * w].copy_(torch.tensor(pos), non_blocking=True)
-        self.slots[: b * w].copy_(torch.tensor(slots), non_blocking=True)
-        self.context[:b].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
-        self.tables[:b].copy_(padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b),
-                              non_blocking=True)
+            last += [(n + j) * w + w - 1 for j in range(pad)]
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copies have read the host twins
+        h64, h32, rows = self.h64.numpy(), self.h32.numpy(), b * w
+        h64[:rows], h64[T: T + rows], h64[2 * T: 2 * T + rows] = ids, pos, slots
+        if w > 1 and not every:
+            h64[3 * T: 3 * T + b] = last
+        h32[:b] = ctx
         if self.cu_width != w:  # the sequences' row offsets: i w
-            self.cu.copy_(torch.arange(0, self.cu.shape[0] * w, w, dtype=torch.int32), non_blocking=True)
+            h32[B: 2 * B + 1] = range(0, (B + 1) * w, w)
             self.cu_width = w
+        tables = padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b)
+        end = 2 * B + 1 + b * self.width
+        h32[2 * B + 1: end] = tables.view(-1).numpy()
+        self.i64.copy_(self.h64, non_blocking=True)
+        self.i32[:end].copy_(self.h32[:end], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         key = (b, w, every)
         if key not in self.graphs:
             self.graphs[key] = self._record(self._step(b, w, every))
