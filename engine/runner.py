@@ -119,19 +119,20 @@ class StepGraphs:
         dev, B = model.device, max_batch
         T = max(B, self.MAX_WINDOW_TOKENS) if max_width > 1 else B  # flat rows
         self.T, self.B = T, B
-        # Inputs in two device buffers, each filled by ONE copy from a pinned host twin a step:
-        # int64 [ids T | positions T | slots T | last_rows B], int32 [context B | cu B+1 | tables B x width]
-        # (the int32 copy stops after the batch's table rows).
+        # Inputs in two device buffers, each filled by ONE copy from a pinned host twin a step: int64
+        # [ids T | positions T | slots T | last_rows B], int32 [context B | cu B+1 | pad | tables B x width]
+        # (the tables 16-byte aligned; the int32 copy stops after the batch's table rows).
         pin = dev.type == "cuda"
+        self.t0 = -(-(2 * B + 1) // 4) * 4
         self.h64 = torch.zeros(3 * T + B, dtype=torch.int64, pin_memory=pin)
-        self.h32 = torch.zeros(2 * B + 1 + B * self.width, dtype=torch.int32, pin_memory=pin)
+        self.h32 = torch.zeros(self.t0 + B * self.width, dtype=torch.int32, pin_memory=pin)
         self.h32[B: 2 * B + 1] = torch.arange(B + 1, dtype=torch.int32)
         self.cu_width = 1  # cu holds i * cu_width
         self.i64, self.i32 = self.h64.to(dev), self.h32.to(dev)
         self.ids, self.positions, self.slots = self.i64[:T], self.i64[T: 2 * T], self.i64[2 * T: 3 * T]
         self.last_rows = self.i64[3 * T:]
         self.context, self.cu = self.i32[:B], self.i32[B: 2 * B + 1]
-        self.tables = self.i32[2 * B + 1:].view(B, self.width)
+        self.tables = self.i32[self.t0:].view(B, self.width)
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None
@@ -209,8 +210,8 @@ class StepGraphs:
             h32[B: 2 * B + 1] = range(0, (B + 1) * w, w)
             self.cu_width = w
         tables = padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b)
-        end = 2 * B + 1 + b * self.width
-        h32[2 * B + 1: end] = tables.view(-1).numpy()
+        end = self.t0 + b * self.width
+        h32[self.t0: end] = tables.view(-1).numpy()
         self.i64.copy_(self.h64, non_blocking=True)
         self.i32[:end].copy_(self.h32[:end], non_blocking=True)
         if self.copied is not None:

@@ -51,7 +51,8 @@ def graph_time(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> f
     the flushes' own time subtracted: device time without launch overhead, as in the engine's
     CUDA-graph steps (do_bench's event timing includes the host's launch time wherever that is the
     longer). None where fn cannot be captured (it synchronises with the host)."""
-    flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4, dtype=torch.int32, device="cuda")
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    flush = torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device="cuda")
 
     def capture(body):
         stream = torch.cuda.Stream()
