@@ -39,6 +39,7 @@ class _Pending:
     suffix: str | None
     fim_mode: str
     extra_stop_ids: tuple
+    stream: bool
 
 
 class AsyncEngine:
@@ -77,7 +78,9 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def generate(self, prompt, params: SamplingParams, request_id: str, suffix: str | None = None,
-                       fim_mode: str = "psm", extra_stop_ids=()) -> AsyncIterator[RequestOutput]:
+                       fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine makes them: one each step it progresses, or with
+        stream=False the final one only."""
         if self.dead is not None:
             raise EngineError(f"engine is dead: {self.dead!r}")
         if request_id in self._queues:
@@ -87,7 +90,7 @@ class AsyncEngine:
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._adds.append(_Pending(request_id, prompt, params, suffix, fim_mode, tuple(extra_stop_ids)))
+        self._adds.append(_Pending(request_id, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream))
         self._wake.set()
         finished = False
         try:
@@ -120,7 +123,8 @@ class AsyncEngine:
             if p.request_id in self._aborts:
                 continue
             try:
-                self.engine.add_request(p.request_id, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids)
+                self.engine.add_request(p.request_id, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids,
+                                        p.stream)
             except Exception as e:  # validated already; anything here is still the request's own failure
                 self._deliver(p.request_id, e if isinstance(e, GemforgeError) else EngineError(str(e)))
         aborts, self._aborts = self._aborts, set()

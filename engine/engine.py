@@ -71,6 +71,7 @@ class Request:
     seqs: list[Sequence]
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    stream: bool = True  # an output every step it makes progress; False: only the final one
 
     @property
     def finished(self) -> bool:
@@ -82,7 +83,7 @@ class Request:
     def output(self, finished: bool) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
                              finished, max(s.cached_prompt_tokens or 0 for s in self.seqs),
-                             self.seqs[0].prompt_logprobs)
+                             self.seqs[0].prompt_logprobs, self.first_token_time)
 
 
 @dataclass
@@ -237,7 +238,9 @@ class Engine:
                 raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {V})", field=name)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, suffix: str | None = None,
-                    fim_mode: str = "psm", extra_stop_ids=()) -> Request:
+                    fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True) -> Request:
+        """Queue a request. stream=False: `step` returns its output only once it has finished (a
+        caller that wants no deltas saves building and delivering one every step)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
         text, ids = self.encode_prompt(prompt, suffix, fim_mode)
@@ -245,7 +248,7 @@ class Engine:
         extra = tuple(extra_stop_ids) + (tuple(self.tokenizer.fim_stop_ids()) if suffix is not None else ())
         seqs = [Sequence.create(request_id, j, ids, params, self.tokenizer, self.cfg.eos_token_ids, extra, self.device)
                 for j in range(params.n)]
-        req = Request(request_id, text, ids, seqs)
+        req = Request(request_id, text, ids, seqs, stream=stream)
         self.requests[request_id] = req
         for s in seqs:
             s.spec_rate = self.spec_rate
@@ -495,10 +498,10 @@ class Engine:
         outs = []
         for req in touched.values():
             done = req.finished
-            if done or not finished_only:
+            if done or (req.stream and not finished_only):
                 outs.append(req.output(done))
-            for s in req.seqs:
-                s.delta = ""
+                for s in req.seqs:  # a delta is the text since the request's previous output
+                    s.delta = ""
             if done:
                 self.requests.pop(req.request_id, None)
                 for s in req.seqs:

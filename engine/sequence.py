@@ -45,6 +45,7 @@ class RequestOutput:
     # with prompt_logprobs: entry i is prompt token i's {"token", "logprob", "top"} given the tokens
     # before it (entry 0: logprob and top None); complete once the prompt has run
     prompt_logprobs: list[dict] | None = None
+    first_token_time: float | None = None  # time.monotonic() when its first token was generated
 
 
 @dataclass(eq=False)  # identity: the scheduler tests membership in its queues

@@ -3,7 +3,10 @@ detokenization and stop checks, at 1..256 running sequences (goal: <= 300 us at 
 `greedy_us` is the part of it that is the greedy pick over the [batch, vocab] logits, which runs on
 the device when there is one; `python_us` is the rest. The garbage collector is frozen first, as
 `gemforge serve` freezes it after loading. Each is the best of `--repeats` measurements
-(a shared CPU's noise only ever adds time).
+(a shared CPU's noise only ever adds time). For `--async-batches`, the same requests also run
+through the AsyncEngine, the server's path, each consumed by its own coroutine: `async_stream_us`
+when every request streams (an output delivered each step), `async_final_us` when none does (the
+engine delivers final outputs only), both per step of the whole run.
 
     python benchmarks/engine/bench_host_overhead.py --model models/nano-codegemma
 """
@@ -38,11 +41,7 @@ class NullModel:
 
 def step_us(model_dir: str, batch: int, steps: int = 50, prompt_len: int = 4) -> float:
     """Mean wall time of a decode step with `batch` running sequences of `prompt_len`-token prompts."""
-    ctx = prompt_len + steps + 32
-    eng = Engine(model_dir, EngineConfig(dtype="float32", device="cpu", max_num_seqs=max(batch, 1),
-                                         max_num_batched_tokens=max(2048, batch * prompt_len),
-                                         max_model_len=ctx, kv_cache_tokens=batch * ctx + 512), progress=False)
-    eng.runner.model = NullModel(eng.cfg.vocab_size, max(batch, 1) * 8)
+    eng = null_engine(model_dir, batch, prompt_len + steps + 32, prompt_len)
     p = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         eng.add_request(f"r{i}", [2] + [10 + (j % 50) for j in range(prompt_len - 1)], p)
@@ -57,6 +56,41 @@ def step_us(model_dir: str, batch: int, steps: int = 50, prompt_len: int = 4) ->
     finally:
         gc.unfreeze()
     return (time.perf_counter() - t) / steps * 1e6
+
+
+def null_engine(model_dir: str, batch: int, ctx: int, prompt_len: int) -> Engine:
+    eng = Engine(model_dir, EngineConfig(dtype="float32", device="cpu", max_num_seqs=max(batch, 1),
+                                         max_num_batched_tokens=max(2048, batch * prompt_len),
+                                         max_model_len=ctx, kv_cache_tokens=batch * ctx + 512), progress=False)
+    eng.runner.model = NullModel(eng.cfg.vocab_size, max(batch, 1) * 8)
+    return eng
+
+
+def async_step_us(model_dir: str, batch: int, stream: bool, steps: int = 50, prompt_len: int = 4) -> float:
+    """Wall time per step of `batch` requests of `steps` tokens through an AsyncEngine, prefill included."""
+    import asyncio
+
+    from gemforge.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(null_engine(model_dir, batch, prompt_len + steps + 32, prompt_len))
+    p = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    prompt = [2] + [10 + (j % 50) for j in range(prompt_len - 1)]
+
+    async def one(i):
+        async for _ in engine.generate(prompt, p, f"r{i}", stream=stream):
+            pass
+
+    async def run():
+        await asyncio.gather(*(one(i) for i in range(batch)))
+
+    gc.collect()
+    gc.freeze()
+    try:
+        t = time.perf_counter()
+        asyncio.run(run())
+    finally:
+        gc.unfreeze()
+    return (time.perf_counter() - t) / (steps + 1) * 1e6
 
 
 def greedy_us(vocab: int, batch: int, iters: int = 50) -> float:
@@ -75,6 +109,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prompt-lens", nargs="+", type=int, default=[4, 1024],
                     help="context per sequence (long ones expose per-step work that grows with length)")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per point (the best counts)")
+    ap.add_argument("--async-batches", nargs="*", type=int, default=[64, 256],
+                    help="running requests at which to time the AsyncEngine too (4-token prompts)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = []
@@ -85,6 +121,13 @@ def main(argv=None) -> list[dict]:
             pick = min(greedy_us(vocab, b) for _ in range(args.repeats))
             emit(rows, {"running_seqs": b, "prompt_len": plen, "step_us": round(step, 1), "greedy_us": round(pick, 1),
                          "python_us": round(step - pick, 1)})
+    for b in args.async_batches:
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(args.repeats):  # streamed and final-only interleaved
+            for stream in best:
+                best[stream] = min(best[stream], async_step_us(args.model, b, stream))
+        emit(rows, {"running_seqs": b, "prompt_len": 4, "async_stream_us": round(best[True], 1),
+                    "async_final_us": round(best[False], 1)})
     return save(rows, args.out)
 
 

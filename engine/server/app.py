@@ -113,7 +113,8 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
         check_model(req.model)
         params = req.sampling_params(default_max_tokens=16)  # OpenAI's default
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gen = Generation(async_engine, metrics, rid, req.prompts(), params, req.suffix, req.fim_mode)
+        gen = Generation(async_engine, metrics, rid, req.prompts(), params, req.suffix, req.fim_mode,
+                         stream=bool(req.stream))
         renderer = CompletionRenderer(rid, model_name, tokenizer, params.n, gen if req.echo else None)
         return await _serve(request, gen, renderer, bool(req.stream), req.include_usage)
 
@@ -130,7 +131,7 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
         try:
             params = req.sampling_params(default_max_tokens)
             gen = Generation(async_engine, metrics, rid, [prompt], params,
-                             extra_stop_ids=tokenizer.chat_stop_ids())
+                             extra_stop_ids=tokenizer.chat_stop_ids(), stream=bool(req.stream))
         except RequestError as e:  # name the field as the client spelled it
             if e.field == "max_tokens" and req.max_completion_tokens is not None:
                 e.field = "max_completion_tokens"

@@ -27,7 +27,8 @@ _DONE = object()
 
 class Generation:
     def __init__(self, engine: AsyncEngine, metrics: Metrics, request_id: str, prompts: list, params: SamplingParams,
-                 suffix: str | None = None, fim_mode: str = "psm", extra_stop_ids=()):
+                 suffix: str | None = None, fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True):
+        """stream=False: the engine delivers each prompt's final output only (`collect`)."""
         core = engine.engine
         self.prompt_texts: list[str] = []
         self.prompt_ids: list[list[int]] = []
@@ -38,7 +39,8 @@ class Generation:
             self.prompt_ids.append(ids)
         self.engine, self.metrics = engine, metrics
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        self._args = [(p, params, rid, suffix, fim_mode, tuple(extra_stop_ids)) for p, rid in zip(prompts, self.ids)]
+        self._args = [(p, params, rid, suffix, fim_mode, tuple(extra_stop_ids), stream)
+                      for p, rid in zip(prompts, self.ids)]
         self.latest: list[RequestOutput | None] = [None] * len(prompts)  # per prompt, its last output
         self.error: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
@@ -79,12 +81,16 @@ class Generation:
         return self.latest
 
     def _observe(self, i: int, out: RequestOutput) -> None:
+        """TTFT from the engine's first-token time; the tokens an output brings share the gap since the
+        previous one (since the first token, for the first output: a final-only output brings them all)."""
         now, tokens = time.monotonic(), max(o.num_tokens for o in out.outputs)
         then, before = self._last[i]
-        if tokens > before:  # a speculative step may bring several tokens: they share the gap
+        if tokens > before:
             if before == 0:
-                self.metrics.ttft.observe(now - then)
-            for _ in range(tokens - before if before else 0):
+                first = out.first_token_time if out.first_token_time is not None else now
+                self.metrics.ttft.observe(first - then)
+                then, before = first, 1
+            for _ in range(tokens - before):
                 self.metrics.itl.observe((now - then) / (tokens - before))
             self._last[i] = (now, tokens)
         self.latest[i] = out

@@ -36,6 +36,37 @@ def test_concurrent_requests_equal_sequential(aengine):
     assert aengine.engine.cache.blocks.num_used == 0
 
 
+def test_non_streaming_requests_get_their_final_output_only(aengine):
+    """stream=False: one output, the finished one, equal to a streamed request's last (its delta the
+    whole text, its first-token time set), while a streamed request beside it gets one per step; an
+    abort still ends it with an output."""
+    p = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        whole = [o async for o in aengine.generate("def g(x):", p, "quiet", stream=False)]
+        both = await asyncio.gather(
+            collect(aengine, "loud", "def g(x):", p),
+            _quiet(aengine, "quiet2", "def g(x):", p))
+        gen = aengine.generate("x = 1", SamplingParams(max_tokens=500, ignore_eos=True), "cut", stream=False)
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        await aengine.abort("cut")
+        return whole, both, await task
+
+    whole, (loud, quiet2), cut = asyncio.run(main())
+    assert len(whole) == 1 and whole[0].finished and len(quiet2) == 1 and len(loud) == 9
+    for out in (whole[0], quiet2[0]):
+        assert out.outputs[0].token_ids == loud[-1].outputs[0].token_ids
+        assert out.outputs[0].delta == out.outputs[0].text == loud[-1].outputs[0].text
+        assert out.first_token_time is not None
+    assert cut.finished and cut.outputs[0].finish_reason == "abort"
+    assert aengine.engine.cache.blocks.num_used == 0
+
+
+async def _quiet(engine, rid, prompt, params):
+    return [o async for o in engine.generate(prompt, params, rid, stream=False)]
+
+
 def test_abort_and_cancellation_free_blocks(aengine):
     p = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 

@@ -252,6 +252,32 @@ def test_models_health_metrics(client, server):
     assert 'gemforge_requests_total{outcome="ok"}' in text
 
 
+def test_latency_histograms_count_streamed_and_whole_responses(client, server):
+    """TTFT counts one observation per completion, inter-token latency one per token after the first,
+    whether the response streamed (an output each step) or not (the engine delivers the final output
+    only), and each observed time is within the request's wall time."""
+    import time
+
+    def counts():  # {"ttft_count": ..., "ttft_sum": ..., "itl_count": ..., "itl_sum": ...}
+        text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+        value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+        return {f"{short}_{s}": value[f"gemforge_{name}_seconds_{s}"] for s in ("count", "sum")
+                for short, name in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency"))}
+
+    kw = dict(prompt="def area(r):\n", extra_body={"ignore_eos": True}, **GREEDY)
+    for stream in (False, True):
+        before, t = counts(), time.monotonic()
+        if stream:
+            assert len(list(client.completions.create(stream=True, **kw))) >= 8
+        else:
+            assert client.completions.create(**kw).usage.completion_tokens == 8
+        wall, after = time.monotonic() - t, counts()
+        assert after["ttft_count"] - before["ttft_count"] == 1, stream
+        assert after["itl_count"] - before["itl_count"] == 7, stream
+        ttft, itl = (after[f"{k}_sum"] - before[f"{k}_sum"] for k in ("ttft", "itl"))
+        assert 0 < ttft < wall and 0 < itl < wall and ttft + itl <= wall, (stream, ttft, itl, wall)
+
+
 def test_bad_requests_through_the_client(client):
     cases = [(dict(max_tokens=-1), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
              (dict(model="gpt-4"), "model"), (dict(prompt=""), "prompt"), (dict(prompt=[5, 10**6]), "prompt"),
