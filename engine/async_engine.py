@@ -1,13 +1,15 @@
-"""AsyncEngine: many coroutines share one Engine through one background step loop.
+"""AsyncEngine: many coroutines share one Engine, stepped by one worker thread.
 
     engine = AsyncEngine(Engine(model_dir))
     async for out in engine.generate(prompt, params, request_id):   # cumulative outputs + deltas
         ...
     await engine.abort(request_id)
 
-Requests are validated when `generate` is called (a bad one raises RequestError at once). Adds and
-aborts are applied by the loop between steps, so the Engine is only touched by one thread at a
-time; each step runs in a worker thread so the event loop keeps serving. A coroutine that stops
+Requests are validated when `generate` is called (a bad one raises RequestError at once). Only the
+worker thread touches the Engine: it applies the adds and aborts queued since its last step, runs
+the next step, and hands the step's outputs to the event loop in one call, then goes on stepping
+while there is work (no thread hop and no event-loop turn between steps); the event loop only
+queues requests and delivers outputs, so it keeps serving HTTP meanwhile. A coroutine that stops
 iterating (a client disconnect) aborts its request. An exception inside a step fails the requests
 in flight with EngineError; if the engine cannot be cleaned up afterwards it is marked dead.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -43,14 +46,21 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, stall_seconds: float = 30.0):
+    def __init__(self, engine: Engine, stall_seconds: float = 30.0, overlap: bool | None = None):
+        """overlap: the worker runs the next step while the event loop delivers the last one's outputs
+        (default: on a GPU, where a step mostly waits on the device; on a CPU the forward uses every
+        core and the delivery would only slow it down, so the worker waits for it)."""
         self.engine = engine
         self.stall_seconds = stall_seconds
-        self._queues: dict[str, asyncio.Queue] = {}
+        self.overlap = str(engine.device).startswith("cuda") if overlap is None else overlap
+        self._delivered = threading.Event()
+        self._queues: dict[str, asyncio.Queue] = {}  # touched on the event loop only
+        self._lock = threading.Lock()  # guards _adds and _aborts, shared with the worker
         self._adds: list[_Pending] = []
         self._aborts: set[str] = set()
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._work = threading.Event()  # set when there is something for the worker to do
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: threading.Thread | None = None
         self.dead: BaseException | None = None
         self.last_progress = time.monotonic()
         self.stepping = False
@@ -58,7 +68,7 @@ class AsyncEngine:
     # -- health -----------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        if self.dead is not None or (self._loop_task is not None and self._loop_task.done()):
+        if self.dead is not None or (self._worker is not None and not self._worker.is_alive()):
             return False
         busy = self.stepping or bool(self._queues)
         return not (busy and time.monotonic() - self.last_progress > self.stall_seconds)
@@ -71,11 +81,12 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + len(self._adds)
 
-    # -- requests ---------------------------------------------------------------------------
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None:
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+    # -- requests (event loop) --------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        self._loop = asyncio.get_running_loop()  # outputs go to the loop that asks for them
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name="gemforge-engine", daemon=True)
+            self._worker.start()
 
     async def generate(self, prompt, params: SamplingParams, request_id: str, suffix: str | None = None,
                        fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True) -> AsyncIterator[RequestOutput]:
@@ -87,11 +98,12 @@ class AsyncEngine:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
         _, ids = self.engine.encode_prompt(prompt, suffix, fim_mode)  # validation errors raise here
         self.engine.check_request(len(ids), params)
-        self._ensure_loop()
+        self._ensure_worker()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._adds.append(_Pending(request_id, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream))
-        self._wake.set()
+        with self._lock:
+            self._adds.append(_Pending(request_id, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream))
+        self._work.set()
         finished = False
         try:
             while True:
@@ -108,67 +120,102 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
 
     def _abort_later(self, request_id: str) -> None:
-        self._aborts.add(request_id)
-        if self._wake is not None:
-            self._wake.set()
+        with self._lock:
+            self._aborts.add(request_id)
+        self._work.set()
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its generator ends with a final output whose finish_reason is 'abort'."""
         self._abort_later(request_id)
 
-    # -- the loop ---------------------------------------------------------------------------
-    def _apply_pending(self) -> None:
-        adds, self._adds = self._adds, []
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """(event loop) Each item to its request's queue, if the request is still listening; once the
+        consumers it wakes have run, `_delivered` is set."""
+        for request_id, item in items:
+            q = self._queues.get(request_id)
+            if q is not None:
+                q.put_nowait(item)
+        self._loop.call_soon(self._delivered.set)  # (after the woken consumers' turns)
+
+    def _fail_listeners(self) -> None:
+        """(event loop) Every request still listening gets the dead engine's error."""
+        self._deliver([(rid, EngineError(f"engine is dead: {self.dead!r}")) for rid in list(self._queues)])
+
+    # -- the worker ---------------------------------------------------------------------------
+    def _post(self, callback, *args) -> bool:
+        """Run callback(*args) on the event loop; False once that loop is closed (the worker then ends)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:  # the loop is closed
+            return False
+
+    def _apply_pending(self) -> list[tuple[str, object]]:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, set()
+        out = []
         for p in adds:
-            if p.request_id in self._aborts:
+            if p.request_id in aborts:
                 continue
             try:
                 self.engine.add_request(p.request_id, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids,
                                         p.stream)
             except Exception as e:  # validated already; anything here is still the request's own failure
-                self._deliver(p.request_id, e if isinstance(e, GemforgeError) else EngineError(str(e)))
-        aborts, self._aborts = self._aborts, set()
+                out.append((p.request_id, e if isinstance(e, GemforgeError) else EngineError(str(e))))
         for rid in aborts:
-            out = self.engine.abort(rid)
-            if out is not None:
-                self._deliver(rid, out)
+            final = self.engine.abort(rid)
+            if final is not None:
+                out.append((rid, final))
+        return out
 
-    def _deliver(self, request_id: str, item) -> None:
-        q = self._queues.get(request_id)
-        if q is not None:
-            q.put_nowait(item)
-
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException) -> list[tuple[str, object]]:
+        out = []
         for rid in list(self.engine.requests):
             try:
                 self.engine.abort(rid)
             except Exception as e:  # cannot free its blocks: the engine is unusable
                 self.dead = e
-            self._deliver(rid, EngineError(f"request {rid} failed in the engine: {error!r}"))
+            out.append((rid, EngineError(f"request {rid} failed in the engine: {error!r}")))
+        return out
 
-    async def _run_loop(self) -> None:
+    def _run(self) -> None:
+        """Apply what is queued, step while there is work, post each step's outputs; idle otherwise.
+        Ends when the event loop it posts to has closed, or when the engine is dead."""
         while True:
-            self._apply_pending()
+            try:
+                delivered = self._apply_pending()
+            except Exception as e:  # an abort that cannot free its blocks
+                log.exception("applying adds and aborts failed")
+                self.dead = e
+                self._post(self._fail_listeners)
+                return
             if not self.engine.has_unfinished():
                 self.last_progress = time.monotonic()
-                self._wake.clear()
-                if not (self._adds or self._aborts):
-                    await self._wake.wait()
+                if delivered and not self._post(self._deliver, delivered):
+                    return
+                self._work.clear()
+                with self._lock:
+                    idle = not (self._adds or self._aborts)
+                if idle and not self._work.wait(timeout=1.0) and self._loop.is_closed():
+                    return
                 continue
             self.stepping = True
             try:
-                outs = await asyncio.to_thread(self.engine.step)
+                delivered += [(out.request_id, out) for out in self.engine.step()]
             except Exception as e:
                 log.exception("engine step failed")
-                self._fail_all(e)
-                if self.dead is not None:
-                    for rid in list(self._queues):
-                        self._deliver(rid, EngineError(f"engine is dead: {self.dead!r}"))
-                    return
-                continue
+                delivered += self._fail_all(e)
             finally:
                 self.stepping = False
             self.last_progress = time.monotonic()
-            for out in outs:
-                self._deliver(out.request_id, out)
-            await asyncio.sleep(0)
+            if delivered:
+                self._delivered.clear()
+                if not self._post(self._deliver, delivered):
+                    return
+                while not self.overlap and not self._delivered.wait(timeout=1.0):
+                    if self._loop.is_closed():
+                        return
+            if self.dead is not None:
+                self._post(self._fail_listeners)
+                return

@@ -67,6 +67,40 @@ async def _quiet(engine, rid, prompt, params):
     return [o async for o in engine.generate(prompt, params, rid, stream=False)]
 
 
+def test_only_the_worker_thread_touches_the_engine_and_it_ends_with_the_loop(aengine):
+    """Adds, aborts and steps all run on the one worker thread (the event loop only queues and
+    delivers); it serves a second event loop after the first closes, and ends when its loop has."""
+    import threading
+    import time
+
+    seen = set()
+    for name in ("add_request", "abort", "step"):
+        real = getattr(aengine.engine, name)
+
+        def spy(*a, _real=real, **kw):
+            seen.add(threading.current_thread().name)
+            return _real(*a, **kw)
+        setattr(aengine.engine, name, spy)
+    p = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    async def main(tag):
+        gen = aengine.generate("def h():", SamplingParams(max_tokens=300, ignore_eos=True), f"cut-{tag}")
+        await gen.__anext__()
+        await gen.aclose()  # a walk-away abort
+        return await collect(aengine, f"ok-{tag}", "def h():", p)
+
+    first, second = asyncio.run(main(1)), asyncio.run(main(2))
+    assert first[-1].outputs[0].token_ids == second[-1].outputs[0].token_ids and len(first) == 6
+    assert seen == {"gemforge-engine"}, seen
+    worker = aengine._worker
+    for _ in range(40):  # the worker notices its loop has closed within a second
+        if not worker.is_alive():
+            break
+        time.sleep(0.1)
+    assert not worker.is_alive()
+    assert aengine.engine.cache.blocks.num_used == 0 and not aengine.engine.requests
+
+
 def test_abort_and_cancellation_free_blocks(aengine):
     p = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
