@@ -20,7 +20,9 @@ async def collect(engine, rid, prompt, params):
     return outs
 
 
-def test_concurrent_requests_equal_sequential(aengine):
+@pytest.mark.parametrize("overlap", [False, True])  # True: the GPU default (the next step runs during delivery)
+def test_concurrent_requests_equal_sequential(aengine, overlap):
+    aengine.overlap = overlap
     p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [f"def f{i}(x):" * (i + 1) for i in range(6)]
 
