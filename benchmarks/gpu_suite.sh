@@ -78,13 +78,19 @@ BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none int8 int4 --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
+# Kernel benchmarks in two runs, each writing its own JSON (pytest-benchmark writes at the end: a run
+# cut by its limit leaves nothing). torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them.
+export GEMFORGE_BENCH_COMPILE=${SUITE_COMPILE_PEERS:-0}
+BENCH_ARGS="-q -p no:cacheprovider --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05"
+part kernel_cuda 60 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels/bench_cuda_ops.py" \
+  --benchmark-json="$OUT/kernels-cuda.json"
+part kernel_triton 75 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels" --ignore="$ROOT/benchmarks/kernels/bench_cuda_ops.py" \
+  --benchmark-json="$OUT/kernels-triton.json"
+
 part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 8 64 --repeats 2 --out "$OUT/throughput.json"
 part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 64 --out "$OUT/step_breakdown.json"
-
-part kernel_bench 90 $PY -m pytest -q -p no:cacheprovider "$ROOT/benchmarks/kernels" \
-  --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05 --benchmark-json="$OUT/kernels.json"
 
 part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/models/nano-codegemma" \
   --lengths 512 2000 --out "$OUT/prefill.json"

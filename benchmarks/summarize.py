@@ -114,11 +114,13 @@ def main(outdir: str) -> None:
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
         parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype"]) + "\n")
-    kern = load(d / "kernels.json")
-    if kern:
+    for path in sorted(d.glob("kernels*.json")):  # kernels-cuda.json, kernels-triton.json
+        kern = load(path)
+        if not kern:
+            continue
         rows = kernel_rows(kern)
         cols = ["benchmark", "median_us"] + sorted({k for r in rows for k in r} - {"benchmark", "median_us"})
-        parts.append("## Kernel benchmarks\n")
+        parts.append(f"## Kernel benchmarks ({path.name})\n")
         parts.append(table(rows, cols) + "\n")
     (d / "summary.md").write_text("\n".join(parts))
 

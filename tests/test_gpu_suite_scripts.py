@@ -94,8 +94,8 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
-    parts = ["build", "ceilings", "tests", "decode", "throughput", "step_breakdown", "kernel_bench", "prefill",
-             "summary"]
+    parts = ["build", "ceilings", "tests", "decode", "kernel_cuda", "kernel_triton", "throughput", "step_breakdown",
+             "prefill", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
     assert "decode: FAILED rc=3" in status and status.count(": ok") == len(parts) - 1, status
     calls = log.read_text()
