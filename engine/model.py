@@ -103,16 +103,19 @@ class GemmaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, cache: KVCache,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [len(logits_indices) or T, V] for the flat batch `input_ids` [T]."""
+                logits_indices: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [len(logits_indices) or T, V] for the flat batch `input_ids` [T]; written into
+        `out` when given (the CUDA graphs of a runner share one such buffer)."""
         if self.native_layers is not None:
             h, residual = self.native_layers(self.embed(input_ids), meta, cache)
-            return self.native_layers.logits(h, residual, logits_indices)
+            logits = self.native_layers.logits(h, residual, logits_indices)
+            return logits if out is None else out.copy_(logits)
         h, residual = self.layers(self.embed(input_ids), meta, cache)
         x, _ = self.ops.rms_norm(h, self.w.final_norm, self.cfg.rms_norm_eps, residual)
         if logits_indices is not None:
             x = x[logits_indices]
-        return self.ops.linear(x, self.w.embed).float()
+        logits = self.ops.linear(x, self.w.embed)
+        return logits.float() if out is None else out.copy_(logits)  # (the same one conversion)
 
     def layers(self, h: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers op by op: (the last layer's output, the residual stream)."""

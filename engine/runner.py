@@ -107,7 +107,7 @@ class StepGraphs:
     sequences (context w over block 0: harmless reads). Padding rows' logits are dropped. Attention
     is captured with the longest context, so kernels size their grids for it and stop at each row's
     real length. Windows are captured up to MAX_WINDOW_TOKENS flat rows (b w): beyond that, batches
-    are large enough that launches are not the bottleneck, and every graph keeps its logits."""
+    are large enough that launches are not the bottleneck."""
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     MAX_WINDOW_TOKENS = 256
 
@@ -134,6 +134,8 @@ class StepGraphs:
         self.context, self.cu = self.i32[:B], self.i32[B: 2 * B + 1]
         self.tables = self.i32[self.t0:].view(B, self.width)
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
+        # every graph writes its logits here (each graph keeping its own would hold up to GBs at V = 256k)
+        self.logits = torch.empty(T, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.pool = None
 
@@ -156,10 +158,12 @@ class StepGraphs:
                             slot_mapping=self.slots[: b * w], max_query_len=w,
                             max_context_len=self.max_context + w - 1)
         rows = None if every or w == 1 else self.last_rows[:b]
-        return lambda: self.model.forward(self.ids[: b * w], meta, self.cache, logits_indices=rows)
+        out = self.logits[: b * w if every else b]
+        return lambda: self.model.forward(self.ids[: b * w], meta, self.cache, logits_indices=rows, out=out)
 
     def _record(self, step):
-        """(replay, output) of `step` captured in a CUDA graph (all graphs share one memory pool)."""
+        """(replay, output) of `step` captured in a CUDA graph (all graphs share one memory pool and
+        one logits buffer: a step's logits are read before the next replay)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -88,6 +88,8 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
             lens[it.seq_id] += keep
     assert {1, 5} <= widths and modes == {False, True}
     assert all(b in (1, 2, 4, 8) for b, _, _ in graphed.graphs.graphs)
+    shared = graphed.graphs.logits.data_ptr()  # one logits buffer for all graphs
+    assert all(out.data_ptr() == shared for _, out in graphed.graphs.graphs.values())
 
 
 @pytest.mark.parametrize("shape", SHAPES)
