@@ -202,10 +202,12 @@ if triton is not None:
                      qk_scale, num_seqs, num_heads, num_parts,
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                      G: tl.constexpr, QT: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                     PART: tl.constexpr, SPLIT: tl.constexpr, ONE_TILE: tl.constexpr,
+                     SPLIT: tl.constexpr, ONE_TILE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program: up to QT query tokens x the G query heads of KV head `kvh` (row m = token m // G,
-        head m % G), against the cached keys [lo, hi) of one partition (all of the causal range unless SPLIT)."""
+        head m % G), against the cached keys [lo, hi) of one partition (all of the causal range unless SPLIT).
+        With SPLIT, partition `part` of `num_parts` is the part-th share of the tile's own causal range, in
+        whole BLOCK_N tiles: a grid sized for a long context keeps every program busy on a short one."""
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -230,8 +232,9 @@ if triton is not None:
         ctx = tl.load(ctx_ptr + b)
         kv_end = ctx - n + tl.minimum((j + 1) * QT, n)  # causal limit of the tile's last token
         if SPLIT:
-            kv_lo = part * PART
-            kv_hi = tl.minimum(kv_lo + PART, kv_end)
+            share = tl.cdiv(tl.cdiv(kv_end, num_parts), BLOCK_N) * BLOCK_N
+            kv_lo = part * share
+            kv_hi = tl.minimum(kv_lo + share, kv_end)
         else:
             kv_lo = 0
             kv_hi = kv_end
@@ -328,13 +331,17 @@ if triton is not None:
         return dict(QT=block_m // group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
                     num_stages=2)
 
-    def _num_partitions(meta: AttnMetadata, kv_heads: int, block_n: int, device: torch.device) -> tuple[int, int]:
-        """(partition size, count) for split-K: halve the 512-token partitions of the longest context
-        until the grid (sequences x KV heads x partitions) has about two programs per SM."""
-        part, target = 512, 2 * _num_sms(device)
-        while part > block_n and meta.num_seqs * kv_heads * triton.cdiv(meta.max_context_len, part) < target:
-            part //= 2
-        return part, triton.cdiv(meta.max_context_len, part)
+    MAX_PARTS = 64
+
+    def _num_partitions(meta: AttnMetadata, kv_heads: int, block_n: int, device: torch.device) -> int:
+        """Split-K partitions per sequence and KV head: as many as bring the grid (sequences x KV heads x
+        partitions) to about two programs per SM, at most one per BLOCK_N keys of the longest context and
+        at most MAX_PARTS. Each program takes an equal share of its own sequence's context, so the count
+        depends on the batch's shape only: a CUDA graph captured for the longest context launches no
+        programs that a shorter one leaves empty (beyond those of contexts under partitions x BLOCK_N)."""
+        per_part = meta.num_seqs * kv_heads
+        return max(1, min(MAX_PARTS, triton.cdiv(2 * _num_sms(device), per_part),
+                          triton.cdiv(meta.max_context_len, block_n)))
 
     @register("attention", "triton")
     def attention_triton(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
@@ -358,9 +365,8 @@ if triton is not None:
         qt = cfg.pop("QT")
         one_tile = meta.max_query_len <= qt
         num_tiles = meta.num_seqs if one_tile else num_tokens // qt + meta.num_seqs
-        part, num_parts = _num_partitions(meta, kv_heads, cfg["BLOCK_N"], q.device) if one_tile else (0, 1)
+        num_parts = _num_partitions(meta, kv_heads, cfg["BLOCK_N"], q.device) if one_tile else 1
         split = num_parts > 1
-        part = part if split else 0  # one specialisation for every unsplit launch
         if split:
             part_acc = torch.empty((num_tokens, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((num_tokens, num_heads, num_parts, 2), dtype=torch.float32, device=q.device)
@@ -370,7 +376,7 @@ if triton is not None:
             q, k_cache, v_cache, out, part_acc, part_ml, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
             scale * 1.4426950408889634, meta.num_seqs, num_heads, num_parts,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], meta.block_tables.stride(0),
-            G=group, QT=qt, HEAD_DIM=head_dim, PAGE=page, PART=part, SPLIT=split, ONE_TILE=one_tile, **cfg)
+            G=group, QT=qt, HEAD_DIM=head_dim, PAGE=page, SPLIT=split, ONE_TILE=one_tile, **cfg)
         if split:
             _attn_reduce_kernel[(num_tokens, num_heads)](
                 part_acc, part_ml, out, num_heads, num_parts, out.stride(0), out.stride(1), HEAD_DIM=head_dim,

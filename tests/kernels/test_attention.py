@@ -49,8 +49,11 @@ def make_batch(seqs, hq, hk, d, block_size, dtype, device, seed):
     return q, k_cache, v_cache, meta
 
 
-def check_attention(seqs, hq, hk, d, block_size, dtype, kernel, seed=0):
+def check_attention(seqs, hq, hk, d, block_size, dtype, kernel, seed=0, max_context_len=None):
+    """`max_context_len`: launch as if for a longer context than the batch's (as CUDA graphs do)."""
     q, k_cache, v_cache, meta = make_batch(seqs, hq, hk, d, block_size, dtype, kernel.device, seed)
+    if max_context_len is not None:
+        meta = replace(meta, max_context_len=max_context_len)
     scale = d ** -0.5
     out = attention(q, k_cache, v_cache, meta, scale, backend=kernel.backend)
     ref32 = attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale)
@@ -116,7 +119,21 @@ def test_decode_split_k(heads, block_size, kernel, nan_empty, big_gpu):
     meta = check_attention(seqs, hq, hk, d=32, block_size=block_size, dtype=torch.bfloat16, kernel=kernel, seed=3)
     if kernel.backend == "triton":
         block_n = _attn_config(32, hq // hk, 1)["BLOCK_N"]
-        assert _num_partitions(meta, hk, block_n, torch.device(kernel.device))[1] > 16
+        assert _num_partitions(meta, hk, block_n, torch.device(kernel.device)) > 16
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+def test_split_k_grid_sized_for_a_longer_context(heads, kernel, nan_empty):
+    """As a CUDA graph launches it: partitions counted for the longest context the model allows (4096),
+    the batch's own contexts shorter (1100 and 40, decode and a verify window); each partition takes
+    an equal share of its own sequence's context, several key tiles each."""
+    hq, hk = HEADS[heads]
+    meta = check_attention([(1, 1100), (4, 40)], hq, hk, d=32, block_size=16, dtype=torch.bfloat16, kernel=kernel,
+                           seed=6, max_context_len=4096)
+    if kernel.backend == "triton":
+        block_n = _attn_config(32, hq // hk, 4)["BLOCK_N"]
+        parts = _num_partitions(meta, hk, block_n, torch.device(kernel.device))
+        assert 1 < parts and parts * block_n < 1100, parts
 
 
 def test_verify_windows_split_k(kernel, nan_empty, big_gpu):
@@ -124,7 +141,7 @@ def test_verify_windows_split_k(kernel, nan_empty, big_gpu):
     meta = check_attention([(5, 200), (5, 9), (3, 150)], 8, 1, d=16, block_size=16, dtype=torch.float16,
                            kernel=kernel, seed=4)
     if kernel.backend == "triton":
-        assert _num_partitions(meta, 1, _attn_config(16, 8, 5)["BLOCK_N"], torch.device(kernel.device))[1] > 1
+        assert _num_partitions(meta, 1, _attn_config(16, 8, 5)["BLOCK_N"], torch.device(kernel.device)) > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
