@@ -76,7 +76,7 @@ grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
 
 BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant none int8 int4 --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+  --batches $BATCHES --steps 32 --quant none int8 int4 int4-head --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
 # Kernel benchmarks in two runs, each writing its own JSON (pytest-benchmark writes at the end: a run
 # cut by its limit leaves nothing). torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them.

@@ -34,8 +34,8 @@ def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: floa
 
 
 def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: str = "codegemma-2b") -> list[dict]:
-    """Batch-1 speedups that the measured costs imply: a draft step (2B, dense, int8 or int4) and a
-    k+1 verify window (from a CUDA graph, as the engine runs it), both relative to one dense 7B decode
+    """Batch-1 speedups that the measured costs imply: a draft step (2B, dense, int8 or int4, and int4
+    with its LM head quantized, as the engine loads a quantized draft) and a k+1 verify window (from a CUDA graph, as the engine runs it), both relative to one dense 7B decode
     step; for each acceptance rate the best k."""
     step = {(r["model"], r["weights"]): r["gemforge_step_ms"] for r in decode
             if r.get("batch") == 1 and "gemforge_step_ms" in r}
@@ -44,7 +44,7 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     if (target, "none") not in step or not window:
         return []
     rows = []
-    for weights in ("none", "int8", "int4"):
+    for weights in ("none", "int8", "int4", "int4-head"):  # (drafts quantize their LM head too)
         if (draft, weights) not in step:
             continue
         ratio = step[(draft, weights)] / step[(target, "none")]

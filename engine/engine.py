@@ -182,7 +182,9 @@ class Engine:
             raise RequestError(f"draft model {d}: its vocabulary (size {dcfg.vocab_size}, {dtok.path}) differs from "
                                f"the target's (size {self.cfg.vocab_size}, {self.tokenizer.path}); speculative "
                                f"decoding needs the same tokenizer", field="draft_model")
-        weights = load_weights(d, dcfg, self.dtype, self.device, self._quant(self.ec.draft_quantization, False),
+        # a draft's logits only propose (the target decides), so its tied LM head is quantized with it: for
+        # the 2B in int4 the bf16 head (1 GB) would be half of what a draft step reads
+        weights = load_weights(d, dcfg, self.dtype, self.device, self._quant(self.ec.draft_quantization, True),
                                progress=False)
         model = GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend)
         blocks = self.cache.blocks

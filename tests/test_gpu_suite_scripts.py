@@ -35,11 +35,11 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
              for n in ("codegemma-2b", "codegemma-7b")}
     monkeypatch.setattr(decode, "preset", small.__getitem__)
     rows = decode.main(["--models", "codegemma-2b", "codegemma-7b", "--batches", "1", "--steps", "8",
-                        "--prompt-len", "8", "--quant", "none", "int4", "--verify", "--bandwidth-GBps", "50",
+                        "--prompt-len", "8", "--quant", "none", "int4", "int4-head", "--verify", "--bandwidth-GBps", "50",
                         "--dtype", "float32", "--out", str(tmp_path / "decode.json")])
     assert not [r for r in rows if "error" in r], rows
     steps = [r for r in rows if "batch" in r]
-    assert len(steps) == 4 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
+    assert len(steps) == 6 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
     assert len([r for r in rows if "verify_window" in r]) == 16
     (tmp_path / "ceilings.json").write_text(json.dumps({"device": "cpu", "torch": "test", "copy_GBps": 50,
                                                         "bf16_matmul_TFLOPs": 1}))
@@ -61,6 +61,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
+    assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
     assert "Continuous batching" in summary
 
 

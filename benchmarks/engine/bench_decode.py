@@ -127,7 +127,8 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device)
 
 def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device) -> list[dict]:
     """Decode rows (and verify-window rows) for one model in one weight format; HF beside it if given."""
-    quant = None if method == "none" else QuantConfig(method)
+    base, _, head = method.partition("-")  # "int4-head": the tied LM head quantized too (as drafts are)
+    quant = None if method == "none" else QuantConfig(base, quantize_lm_head=head == "head")
     model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant), dtype, device,
                        args.backend)
     wbytes = weight_bytes_per_step(model)
@@ -177,8 +178,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4"],
-                    help="weight formats to run (the HF peer runs beside 'none')")
+    ap.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4", "int8-head", "int4-head"],
+                    help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode steps only")

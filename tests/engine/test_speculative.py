@@ -345,6 +345,27 @@ def test_prompt_lookup_speculation_equals_target_alone(batch):
         "a"].outputs[0].token_ids
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_draft_keeps_the_targets_output(pair, method):
+    """A quantized draft, its tied LM head quantized too (its logits only propose), speculates to the
+    target alone's greedy tokens, and its weights shrink."""
+    from gemforge.kernels.quant import QuantizedWeight
+
+    target, draft = pair
+    prompts = prompts_of(4, seed=9)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reqs = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    plain = run_all(engine(target), reqs)
+    dense = engine(target, draft, k=3)
+    quant = engine(target, draft, k=3, draft_quantization=method, group_size=32)  # (hidden 64)
+    spec = run_all(quant, reqs)
+    assert all(spec[r].outputs[0].token_ids == plain[r].outputs[0].token_ids for r in plain)
+    assert isinstance(quant.drafter.model.w.embed, QuantizedWeight)
+    assert quant.stats["spec_accepted"] > 0
+    assert (quant.memory_report()["draft_weights"]["total"]
+            < 0.6 * dense.memory_report()["draft_weights"]["total"])
+
+
 def test_prompt_lookup_takes_no_draft_quantization(pair):
     target, _ = pair
     with pytest.raises(RequestError, match="draft_quantization"):
