@@ -152,3 +152,39 @@ def sampling_controls_on(device: str) -> None:
 
 def test_sampling_controls_on_the_gpu():
     sampling_controls_on("cuda")
+
+
+def async_speculation_on(device: str, overlap: bool | None = None) -> None:
+    """The nano pair behind the AsyncEngine on `device` (on a GPU: its worker thread captures the CUDA
+    graphs of decode steps, verify windows and draft catch-ups, and delivery overlaps the next step):
+    8 concurrent greedy requests, streamed and not, equal the offline engine's outputs."""
+    import asyncio
+    from pathlib import Path
+
+    from gemforge.engine import LLM, SamplingParams
+    from gemforge.engine.async_engine import AsyncEngine
+    from gemforge.engine.engine import Engine, EngineConfig
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    kw = dict(dtype="float32", device=device, kv_cache_tokens=8192, draft_model=str(models / "nano-codegemma-draft"),
+              num_speculative_tokens=3, adaptive_lookahead=False)
+    prompts = [f"def f{i}(x):\n    return x * {i} + " for i in range(8)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(models / "nano-codegemma", progress=False, **kw).generate(
+        prompts, params, use_tqdm=False)]
+    engine = AsyncEngine(Engine(models / "nano-codegemma", EngineConfig(**kw), progress=False), overlap=overlap)
+
+    async def one(i):
+        outs = [o async for o in engine.generate(prompts[i], params, f"r{i}", stream=i % 2 == 0)]
+        return outs[-1].outputs[0].token_ids
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), timeout=120)
+
+    got = asyncio.run(main())
+    assert got == want
+    assert engine.engine.cache.blocks.num_used == 0 and engine.engine.stats.get("spec_windows", 0) > 0
+
+
+def test_async_engine_speculation_on_the_gpu():
+    async_speculation_on("cuda")
