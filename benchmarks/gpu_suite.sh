@@ -5,7 +5,8 @@
 # the summary written; a part that fails or times out is reported and the rest still runs.
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR        (GPU machine: python3 with torch, triton, transformers)
-# Env: SUITE_QUICK=1 runs fewer shapes; GEMFORGE_CUDA_ARCHS (default 90a) picks the build target.
+# Env: SUITE_QUICK=1 runs fewer shapes; GEMFORGE_CUDA_ARCHS (default 90a) picks the build target;
+# SUITE_ONLY="build decode ..." runs just those parts (and the summary), e.g. to rerun what failed.
 set -u
 OUT=${1:?usage: gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -30,6 +31,9 @@ SUMMARY_RESERVE=25
 
 part() {  # part NAME SECONDS COMMAND...   (SECONDS is cut to what the budget leaves; COMMAND may be a function)
   local name=$1 limit=$2; shift 2
+  if [ -n "${SUITE_ONLY:-}" ] && [ "$name" != summary ] && [[ " $SUITE_ONLY " != *" $name "* ]]; then
+    echo "$name: not run (SUITE_ONLY)" | tee -a "$STATUS" "$LOG"; return
+  fi
   if declare -F "$1" >/dev/null; then  # timeout runs programs, not shell functions: give it a bash that has it
     set -- bash -c "$(declare -f "$1"); $(printf '%q ' "$@")"
   fi

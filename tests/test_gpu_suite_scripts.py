@@ -102,3 +102,11 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
     calls = log.read_text()
     assert "cmake -S" in calls and "cmake --build" in calls and "assert c.WITH_CUDA" in calls
     assert (out / "summary.md").read_text() == "# summary\n" and "# summary" in run.stdout
+
+    log.write_text("")  # a rerun of chosen parts only
+    run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out)], env={**env, "SUITE_ONLY": "build kernel_cuda"},
+                         capture_output=True, text=True, timeout=120)
+    status = (out / "status.txt").read_text()
+    ran = [line.split(":")[0] for line in status.splitlines() if ": ok" in line]
+    assert run.returncode == 0 and ran == ["build", "kernel_cuda", "summary"], status
+    assert status.count("not run (SUITE_ONLY)") == len(parts) - 3 and "bench_decode" not in log.read_text()
