@@ -26,7 +26,7 @@ from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, adjust, apply_penalties, logprob_entries, sample
 from .scheduler import Scheduler
 from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
-                          best_lookahead, updated_rate)
+                          best_lookahead, greedy_picks, updated_rate)
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -384,14 +384,18 @@ class Engine:
             picked = logits if len(plain) == len(logits) else logits[[rows[i].stop - 1 for i in plain]]  # no copy
             for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
                 self._append(s, (tok,), (lp,), touched)
-        for i, sc in enumerate(plan.scheduled):
-            if id(sc) not in window:
-                continue
-            d, q = window[id(sc)]
-            s = sc.seq
+        verified = [i for i, sc in enumerate(plan.scheduled) if id(sc) in window]
+        for i in verified:
+            s, d = plan.scheduled[i].seq, window[id(plan.scheduled[i])][0]
             if s.adjusts:  # row j scores the token j places after the next one
                 adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(len(d) + 1)])
-            toks = accept(s.params, s.generator, d, logits[rows[i]], q)
+        # every greedy window's target picks in one device read (not one per sequence)
+        picks = greedy_picks(logits, [rows[i] for i in verified if plan.scheduled[i].seq.params.greedy])
+        for i in verified:
+            sc = plan.scheduled[i]
+            d, q = window[id(sc)]
+            s = sc.seq
+            toks = accept(s.params, s.generator, d, logits[rows[i]], q, picks.get(rows[i].start))
             accepted = len(toks) - 1
             lps = [None] * len(toks) if s.params.logprobs is None else logprob_entries(
                 logits[rows[i]][:len(toks)], torch.tensor(toks, device=logits.device), [s.params.logprobs] * len(toks))

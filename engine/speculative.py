@@ -258,15 +258,31 @@ class NgramDrafter:
         self.chains.pop(seq_id, None)
 
 
+def greedy_picks(logits: torch.Tensor, windows: list[slice]) -> dict[int, list[int]]:
+    """The argmax of every row of the given row ranges of `logits`, in one device read:
+    {range start: [argmax of each of its rows]}."""
+    if not windows:
+        return {}
+    if sum(w.stop - w.start for w in windows) == logits.shape[0]:  # the ranges cover every row
+        flat = greedy(logits).tolist()
+        return {w.start: flat[w.start: w.stop] for w in windows}
+    idx = torch.tensor([r for w in windows for r in range(w.start, w.stop)], device=logits.device)
+    flat, picks, at = greedy(logits[idx]).tolist(), {}, 0
+    for w in windows:
+        picks[w.start], at = flat[at: at + w.stop - w.start], at + w.stop - w.start
+    return picks
+
+
 def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
-           q: torch.Tensor | None) -> list[int]:
+           q: torch.Tensor | None, best: list[int] | None = None) -> list[int]:
     """Tokens to append for one sequence: the accepted prefix of `drafts` plus one target token.
     target_logits: [k+1, V] fp32 (row i scores the token after d_i; row 0 follows the last token).
     q: the draft's distributions [k, V], or None for certain proposals (q(d_i) = 1: d_i is accepted
-    with probability p(d_i), and on rejection the token is drawn from p without d_i)."""
+    with probability p(d_i), and on rejection the token is drawn from p without d_i).
+    best: for a greedy request, the rows' argmax if already read (`greedy_picks`)."""
     k = len(drafts)
     if params.greedy:
-        best = greedy(target_logits).tolist()
+        best = greedy(target_logits).tolist() if best is None else best
         for i, d in enumerate(drafts):
             if d != best[i]:
                 return drafts[:i] + [best[i]]

@@ -8,7 +8,7 @@ from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
 from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept,
-                                         best_lookahead, updated_rate)
+                                         best_lookahead, greedy_picks, updated_rate)
 
 from test_engine import prompts_of, run_all
 
@@ -364,6 +364,20 @@ def test_quantized_draft_keeps_the_targets_output(pair, method):
     assert quant.stats["spec_accepted"] > 0
     assert (quant.memory_report()["draft_weights"]["total"]
             < 0.6 * dense.memory_report()["draft_weights"]["total"])
+
+
+def test_greedy_picks_read_every_window_at_once():
+    """The argmax of each row range equals its own argmax, whether the ranges cover the batch (one
+    argmax over it) or leave rows out (gathered), and accept() takes them as they are."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(11, 50, generator=g)
+    own = lambda w: logits[w].argmax(-1).tolist()  # noqa: E731
+    for windows in ([slice(0, 3), slice(3, 4), slice(4, 11)], [slice(5, 9), slice(0, 2)], []):
+        assert greedy_picks(logits, windows) == {w.start: own(w) for w in windows}
+    params = SamplingParams(temperature=0.0)
+    best = own(slice(0, 4))
+    assert accept(params, None, best[:2] + [(best[2] + 1) % 50], logits[:4], None, best) == best[:3]
+    assert accept(params, None, best[:3], logits[:4], None, best) == best
 
 
 def test_prompt_lookup_takes_no_draft_quantization(pair):
