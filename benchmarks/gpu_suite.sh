@@ -82,14 +82,15 @@ BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none int8 int4 int4-head --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
-# Kernel benchmarks in two runs, each writing its own JSON (pytest-benchmark writes at the end: a run
-# cut by its limit leaves nothing). torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them.
+# Kernel benchmarks in two runs, each writing its own JSON, and each case a JSON line as it is measured
+# (pytest-benchmark writes its JSON at the end: a run cut by its limit leaves only the lines).
+# torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them.
 export GEMFORGE_BENCH_COMPILE=${SUITE_COMPILE_PEERS:-0}
 BENCH_ARGS="-q -p no:cacheprovider --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05"
-part kernel_cuda 60 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels/bench_cuda_ops.py" \
-  --benchmark-json="$OUT/kernels-cuda.json"
-part kernel_triton 75 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels" --ignore="$ROOT/benchmarks/kernels/bench_cuda_ops.py" \
-  --benchmark-json="$OUT/kernels-triton.json"
+GEMFORGE_BENCH_LOG="$OUT/kernels-cuda.jsonl" part kernel_cuda 60 $PY -m pytest $BENCH_ARGS \
+  "$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-cuda.json"
+GEMFORGE_BENCH_LOG="$OUT/kernels-triton.jsonl" part kernel_triton 75 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels" \
+  --ignore="$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-triton.json"
 
 part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 8 64 --repeats 2 --out "$OUT/throughput.json"

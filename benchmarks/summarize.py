@@ -114,13 +114,17 @@ def main(outdir: str) -> None:
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
         parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype"]) + "\n")
-    for path in sorted(d.glob("kernels*.json")):  # kernels-cuda.json, kernels-triton.json
-        kern = load(path)
-        if not kern:
+    for stem in sorted({p.stem for p in d.glob("kernels*.json*")}):  # kernels-cuda, kernels-triton
+        kern, name, lines = load(d / f"{stem}.json"), f"{stem}.json", d / f"{stem}.jsonl"
+        if kern:
+            rows = kernel_rows(kern)
+        elif lines.exists():  # the run was cut before pytest-benchmark wrote its JSON: what each case logged
+            rows, name = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()], lines.name
+        else:
             continue
-        rows = kernel_rows(kern)
-        cols = ["benchmark", "median_us"] + sorted({k for r in rows for k in r} - {"benchmark", "median_us"})
-        parts.append(f"## Kernel benchmarks ({path.name})\n")
+        first = ["benchmark", "median_us"] if kern else ["benchmark"]
+        cols = first + sorted({k for r in rows for k in r} - set(first))
+        parts.append(f"## Kernel benchmarks ({name})\n")
         parts.append(table(rows, cols) + "\n")
     (d / "summary.md").write_text("\n".join(parts))
 

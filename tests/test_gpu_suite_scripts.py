@@ -58,8 +58,17 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
         "--batch", "2", "--samples", "2", "--repeats", "1"])
     assert [r["workload"] for r in rows] == ["completion", "shared", "samples", "burst"]
     assert all(r["hit_rate"] > 0.5 and r["speedup"] > 0 for r in rows)
+    log = tmp_path / "kernels-cuda.jsonl"  # a kernel run cut before pytest-benchmark wrote its JSON
+    env = {**os.environ, "GEMFORGE_BENCH_LOG": str(log), "GEMFORGE_BENCH_COMPILE": "0"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          str(BENCH / "kernels" / "bench_rms_norm.py")], env=env, capture_output=True, text=True,
+                         cwd=BENCH / "kernels", timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert logged and all(r["benchmark"].startswith("test_rms_norm") and r["impl"] for r in logged)
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
+    assert "Kernel benchmarks (kernels-cuda.jsonl)" in summary and logged[0]["benchmark"] in summary
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
     assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
     assert "Continuous batching" in summary

@@ -9,9 +9,12 @@ and on a GPU also replayed from a CUDA graph (no launch overhead: `<impl>_graph_
 benchmark.extra_info gets each one's microseconds and GB/s — bytes counted once: every input read
 once, every output written once — and the subject's speedup over each peer.
 GEMFORGE_BENCH_COMPILE=0 leaves out the torch.compile peers (they compile for minutes).
+GEMFORGE_BENCH_LOG=FILE appends each benchmark's extra_info to FILE as a JSON line as soon as it is
+measured (pytest-benchmark's own JSON is written only at the end of the run).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -131,6 +134,9 @@ def compare(benchmark, impls: dict[str, Callable[[], object] | None], bytes_move
             if t:
                 info[f"{k}_graph_us"] = round(t * 1e6, 2)
                 info[f"{k}_graph_GBps"] = round(bytes_moved / t / 1e9, 1)
+    if os.environ.get("GEMFORGE_BENCH_LOG"):
+        with open(os.environ["GEMFORGE_BENCH_LOG"], "a") as f:
+            f.write(json.dumps({"benchmark": benchmark.name, **info}) + "\n")
     sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
     rounds = max(3, min(50, int(0.2 / max(times[name], 1e-6))))
     benchmark.pedantic(lambda: (subject(), sync()), rounds=rounds, warmup_rounds=1)
