@@ -26,7 +26,7 @@ from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, adjust, apply_penalties, logprob_entries, sample
 from .scheduler import Scheduler
 from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
-                          best_lookahead, greedy_picks, updated_rate)
+                          accept_sampled, best_lookahead, greedy_picks, updated_rate)
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 
@@ -389,13 +389,20 @@ class Engine:
             s, d = plan.scheduled[i].seq, window[id(plan.scheduled[i])][0]
             if s.adjusts:  # row j scores the token j places after the next one
                 adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(len(d) + 1)])
-        # every greedy window's target picks in one device read (not one per sequence)
+        def verify_args(i):  # accept()'s arguments for scheduled item i's window
+            sc = plan.scheduled[i]
+            d, q = window[id(sc)]
+            return sc.seq.params, sc.seq.generator, d, logits[rows[i]], q
+
+        # the windows' verdicts in a few device reads for the step, not several per sequence
         picks = greedy_picks(logits, [rows[i] for i in verified if plan.scheduled[i].seq.params.greedy])
+        sampled = [i for i in verified if not plan.scheduled[i].seq.params.greedy]
+        drawn = dict(zip(sampled, accept_sampled([verify_args(i) for i in sampled])))
         for i in verified:
             sc = plan.scheduled[i]
             d, q = window[id(sc)]
             s = sc.seq
-            toks = accept(s.params, s.generator, d, logits[rows[i]], q, picks.get(rows[i].start))
+            toks = drawn[i] if i in drawn else accept(*verify_args(i), picks[rows[i].start])
             accepted = len(toks) - 1
             lps = [None] * len(toks) if s.params.logprobs is None else logprob_entries(
                 logits[rows[i]][:len(toks)], torch.tensor(toks, device=logits.device), [s.params.logprobs] * len(toks))

@@ -181,11 +181,30 @@ def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return scaled.softmax(-1)
 
 
-def draw(p: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row of probabilities p [B, V], each row from its own generator.
-    Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p."""
-    noise = torch.stack([torch.empty(p.shape[-1], device=p.device).exponential_(generator=g) for g in generators])
-    return greedy(p / noise)
+def draw(p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of probabilities p [B, V] (not necessarily normalised), each row from its own
+    generator: the inverse CDF at one uniform u of the row, t = u * sum(p), is the first token whose
+    cumulative mass exceeds t. Found in two levels: which block of the row (fp32 block sums, summed up
+    in fp64), then where in that block (fp64); a token of zero probability is never drawn. One uniform a row, where an
+    exponential race needs V of them (torch draws those at ~20 ns each on a CPU: 5 ms a row at V =
+    256000)."""
+    rows, vocab = p.shape
+    block = _draw_block(vocab)
+    u = torch.stack([torch.rand((), generator=g, device=p.device, dtype=torch.float64) for g in generators])
+    blocks = p.reshape(rows, vocab // block, block)
+    cum = blocks.sum(-1).double().cumsum(-1)  # [B, nb]: mass up to the end of each block
+    t = u * cum[:, -1]
+    b = torch.searchsorted(cum, t[:, None], right=True).clamp_(max=cum.shape[1] - 1)  # block holding t
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(t[:, None]))
+    within = blocks[torch.arange(rows, device=p.device), b[:, 0]].double().cumsum(-1) + before  # [B, block]
+    last = within[:, -1:]
+    t = torch.maximum(torch.minimum(t[:, None], torch.nextafter(last, torch.zeros_like(last))), before)
+    return b[:, 0] * block + torch.searchsorted(within, t, right=True)[:, 0]  # (p > 0 where within rises past t)
+
+
+def _draw_block(vocab: int) -> int:
+    """The divisor of vocab nearest above sqrt(vocab): draw's block length (256000 -> 512)."""
+    return next(b for b in range(max(1, math.isqrt(vocab)), vocab + 1) if vocab % b == 0)
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:

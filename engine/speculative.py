@@ -287,19 +287,46 @@ def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
             if d != best[i]:
                 return drafts[:i] + [best[i]]
         return drafts + [best[k]]
-    p = probs(target_logits, [params] * (k + 1))
-    u = torch.rand(k, generator=generator, device=p.device).tolist()
-    at = (torch.arange(k, device=p.device), torch.tensor(drafts, device=p.device))
-    pd, qd = p[at].tolist(), [1.0] * k if q is None else q[at].tolist()  # one device read for all drafts
-    for i, d in enumerate(drafts):
-        if u[i] * qd[i] < pd[i]:  # accept with probability min(1, p/q)
+    return accept_sampled([(params, generator, drafts, target_logits, q)])[0]
+
+
+def accept_sampled(windows: list[tuple]) -> list[list[int]]:
+    """`accept` for sampled sequences' windows (params, generator, drafts, target_logits, q), all at
+    once: two device reads for the lot. Draft i of a window is accepted with probability
+    min(1, p(d_i) / q(d_i)) (u_i ~ U(0, 1) from the sequence's generator); at the first rejection
+    the token is drawn from norm(max(0, p - q)) (p when that is all zero), after k acceptances from
+    p's row k. Each generator gives its k uniforms and then one draw, as one window alone would."""
+    if not windows:
+        return []
+    dev = windows[0][3].device
+    p = probs(torch.cat([t for *_, t, _ in windows]), [w[0] for w in windows for _ in range(len(w[2]) + 1)])
+    starts, n = [], 0
+    for w in windows:
+        starts.append(n)
+        n += len(w[2]) + 1
+    def ids(x):
+        return torch.tensor(x, dtype=torch.long, device=dev)
+    rows = ids([s + j for s, w in zip(starts, windows) for j in range(len(w[2]))])
+    toks = ids([d for w in windows for d in w[2]])
+    if len(toks):
+        u = torch.cat([torch.rand(len(d), generator=g, device=dev) for _, g, d, _, _ in windows])
+        qd = torch.cat([torch.ones(len(d), device=dev) if q is None else q[ids(range(len(d))), ids(d)]
+                        for _, _, d, _, q in windows])
+        u, pd, qd = torch.stack([u, p[rows, toks], qd]).tolist()  # read 1
+    residuals, cut, at = [], [], 0
+    for s, (_, _, d, _, q) in zip(starts, windows):
+        i = next((j for j in range(len(d)) if u[at + j] * qd[at + j] >= pd[at + j]), len(d))  # first rejection
+        at += len(d)
+        cut.append(i)
+        if i == len(d):  # all accepted: the bonus token from p's last row
+            residuals.append(p[s + i])
             continue
         if q is None:  # max(0, p - onehot(d)) = p without d
-            residual = p[i].clone()
-            residual[d] = 0
+            residual = p[s + i].clone()
+            residual[d[i]] = 0
         else:
-            residual = (p[i] - q[i]).clamp_(min=0)
+            residual = (p[s + i] - q[i]).clamp_(min=0)
         total = residual.sum()
-        residual = residual / total if total > 0 else p[i]
-        return drafts[:i] + [draw(residual[None], [generator]).item()]
-    return drafts + [draw(p[k:k + 1], [generator]).item()]
+        residuals.append(torch.where(total > 0, residual / total, p[s + i]))
+    drawn = draw(torch.stack(residuals), [w[1] for w in windows]).tolist()  # read 2
+    return [w[2][:i] + [tok] for w, i, tok in zip(windows, cut, drawn)]

@@ -79,3 +79,35 @@ def test_penalties():
     p = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     apply_penalties(logits, [p], [[0]], [[1, 1, 2]])
     assert torch.allclose(logits, torch.tensor([[1.0, -4.0 - 1.0, 0.5 - 0.75, 0.5]]))
+
+
+@pytest.mark.parametrize("vocab", [1200, 97, 8192])  # blocks of 40; one block (97 is prime); 128
+def test_draw_follows_each_rows_distribution(vocab):
+    """draw(): per row from its own generator, the counts of 12000 draws fit the row's (unnormalised)
+    distribution by chi-square (for df >= 10 the 0.999 quantile of chi2(df) is below df + 4.5 sqrt(2 df),
+    so a correct sampler fails with probability < 0.001 per row), tokens of zero probability (every
+    7th, and the whole first half of the second row, whose mass sits in its last block) are never
+    drawn, and a row draws the same token alone as beside other rows from the same generator state."""
+    from gemforge.engine.sampling import draw
+
+    g = torch.Generator().manual_seed(vocab)
+    p = torch.softmax(torch.randn(2, vocab, generator=g) * 2.5, -1) * torch.tensor([[3.0], [0.5]])
+    p[:, ::7] = 0
+    p[1, : vocab // 2] = 0
+    trials = 12000
+    gens = [torch.Generator().manual_seed(10 + r) for r in range(2)]
+    drawn = torch.stack([draw(p, gens) for _ in range(trials)])  # [trials, 2]
+    for r in range(2):
+        counts = torch.bincount(drawn[:, r], minlength=vocab).double()
+        assert counts[p[r] == 0].sum() == 0
+        expected = p[r].double() / p[r].sum() * trials
+        big = expected >= 5  # the rest pooled into one cell
+        obs = torch.cat([counts[big], counts[~big].sum()[None]])
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        keep = exp > 0
+        chi2, df = (((obs - exp) ** 2 / exp)[keep]).sum().item(), int(keep.sum()) - 1
+        assert df >= 10 and chi2 < df + 4.5 * math.sqrt(2 * df), (r, chi2, df)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    alone = draw(p[1:], [a])
+    beside = draw(p, [torch.Generator().manual_seed(99), b])
+    assert alone.item() == beside[1].item()

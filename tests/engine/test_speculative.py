@@ -8,7 +8,7 @@ from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
 from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept,
-                                         best_lookahead, greedy_picks, updated_rate)
+                                         accept_sampled, best_lookahead, greedy_picks, updated_rate)
 
 from test_engine import prompts_of, run_all
 
@@ -279,6 +279,27 @@ def test_rejection_sampler_output_distribution_is_the_targets():
     expected = p * trials
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 20.52, (chi2, counts.tolist())
+
+
+def test_sampled_windows_accepted_together_as_one_by_one():
+    """accept_sampled over many windows (draft distributions or certain proposals, 0..5 drafts,
+    temperatures, top-k) gives each window what accept() alone gives it from the same generator
+    state, with rejections and full acceptances both among them."""
+    g = torch.Generator().manual_seed(31)
+    V, windows = 40, []
+    for i in range(24):
+        k = i % 6
+        params = SamplingParams(temperature=0.5 + (i % 3) * 0.4, top_k=0 if i % 4 else 9)
+        target = torch.randn(k + 1, V, generator=g) * 2
+        q = None if i % 5 == 0 else torch.softmax(target[:k] + torch.randn(k, V, generator=g), -1)
+        drafts = ([int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)] if q is not None
+                  else [int(target[j].argmax()) for j in range(k)])
+        windows.append((params, torch.Generator().manual_seed(100 + i), drafts, target, q))
+    alone = [accept(p, torch.Generator().manual_seed(100 + i), d, t, q) for i, (p, _, d, t, q) in enumerate(windows)]
+    together = accept_sampled(windows)
+    assert together == alone
+    cut = [len(t) - 1 for t in together]
+    assert any(c < len(w[2]) for c, w in zip(cut, windows)) and any(c == len(w[2]) > 0 for c, w in zip(cut, windows))
 
 
 class _Seq:
