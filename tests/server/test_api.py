@@ -136,7 +136,8 @@ def test_streaming_concatenates_to_the_non_streamed_text(client, kind):
         if kind == "completion_logprobs":
             streamed = [t for ch in chunks[:-1] for c in ch.choices if c.index == 0 and c.logprobs
                         for t in c.logprobs.token_logprobs]
-            assert streamed == pytest.approx(full.choices[0].logprobs.token_logprobs)
+            # (the second run finds the first's prompt blocks cached and may batch differently: fp32 noise)
+            assert streamed == pytest.approx(full.choices[0].logprobs.token_logprobs, rel=1e-5, abs=1e-5)
     finishes = {c.index: c.finish_reason for ch in chunks[:-1] for c in ch.choices if c.finish_reason}
     assert finishes == {c.index: c.finish_reason for c in full.choices}
     usage = lambda u: (u.prompt_tokens, u.completion_tokens, u.total_tokens)  # noqa: E731
