@@ -11,6 +11,7 @@ Sampling of one row of fp32 logits l over the vocabulary:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 
@@ -202,6 +203,7 @@ def draw(p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Ten
     return b[:, 0] * block + torch.searchsorted(within, t, right=True)[:, 0]  # (p > 0 where within rises past t)
 
 
+@functools.lru_cache(maxsize=None)
 def _draw_block(vocab: int) -> int:
     """The divisor of vocab nearest above sqrt(vocab): draw's block length (256000 -> 512)."""
     return next(b for b in range(max(1, math.isqrt(vocab)), vocab + 1) if vocab % b == 0)
