@@ -154,8 +154,43 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     return logits
 
 
+FILTER_CANDIDATES = 1024  # a CPU first looks for the top-k / top-p cut among this many best tokens
+
+
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set; [B, V] fp32."""
+    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set; [B, V] fp32 (the rule of
+    `_filter_sorted`). On a CPU, where sorting a 256000-token row costs ~30 ms: min_p alone is a
+    comparison with the best logit, and a top-k / top-p cut is looked for among the row's
+    FILTER_CANDIDATES best tokens (topk), where it lies when its top_k does or when their mass reaches
+    its top_p; only the rows where neither holds are sorted whole."""
+    V = logits.shape[-1]
+    if logits.device.type != "cpu" or V <= FILTER_CANDIDATES:
+        return _filter_sorted(logits, top_k, top_p, min_p)
+    # p < min_p * p_max  <=>  logit < max logit + log(min_p)   (min_p = 0: log = -inf, nothing dropped)
+    out = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + min_p.log()[:, None], -INF)
+    ranked = ((top_k > 0) | (top_p < 1)).nonzero()[:, 0].tolist()
+    if not ranked:
+        return out
+    x, tk, tp, mp = logits[ranked], top_k[ranked], top_p[ranked], min_p[ranked]
+    k = torch.where(tk <= 0, V, tk.clamp(max=V))
+    cand = min(V, max(FILTER_CANDIDATES, int(tk.max())))
+    vals, order = x.topk(cand, dim=-1)
+    p = (vals - x.logsumexp(-1, keepdim=True)).exp()
+    mass_before = p.cumsum(-1) - p
+    drop = ((torch.arange(cand)[None, :] >= k[:, None]) | ((mass_before >= tp[:, None]) & (tp[:, None] < 1))
+            | (p < mp[:, None] * p[:, :1]))
+    drop[:, 0] = False  # the most likely token always survives
+    cut = torch.full_like(x, -INF).scatter_(-1, order, vals.masked_fill(drop, -INF))
+    beyond = (k > cand) & (p.sum(-1) < tp)  # rows whose set may reach past their candidates
+    if bool(beyond.any()):
+        cut[beyond] = _filter_sorted(x[beyond], tk[beyond], tp[beyond], mp[beyond])
+    out[ranked] = cut
+    return out
+
+
+def _filter_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set, by a full sort of each row:
+    drop rank >= top_k, or mass before it >= top_p, or probability < min_p x the best's; keep the best."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     V = logits.shape[-1]
     ranks = torch.arange(V, device=logits.device)
@@ -163,7 +198,7 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     drop = ranks[None, :] >= k[:, None]
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs
-    drop |= mass_before >= top_p[:, None]
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # (fp32 sums reach 1 before the tail)
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(drop, -INF)

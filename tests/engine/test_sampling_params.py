@@ -111,3 +111,29 @@ def test_draw_follows_each_rows_distribution(vocab):
     alone = draw(p[1:], [a])
     beside = draw(p, [torch.Generator().manual_seed(99), b])
     assert alone.item() == beside[1].item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cpu_filter_keeps_what_the_full_sort_keeps(seed):
+    """On a CPU, _filter looks for the top-k / top-p cut among each row's best 1024 tokens: on rows of
+    every kind (top-k inside or past the candidates, top-p reached among them or not (those rows
+    are sorted whole), min-p alone, no filter, top_p = 1) it keeps the tokens the full sort keeps,
+    except a token whose cumulative mass lies within 1e-5 of top_p (fp32 normalises two ways)."""
+    from gemforge.engine.sampling import _filter, _filter_sorted
+
+    g = torch.Generator().manual_seed(seed)
+    V = (1025, 3000, 8192)[seed]
+    x = torch.randn(9, V, generator=g) * torch.tensor([0.3, 1, 3, 3, 0.3, 1, 3, 0.3, 1])[:, None]
+    tk = torch.tensor([0, 5, 0, 2000, 0, 1, 0, 0, 3000])
+    tp = torch.tensor([1.0, 1.0, 0.9, 0.95, 0.5, 1.0, 1.0, 0.999, 0.8])
+    mp = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.0, 0.0, 0.1, 0.0, 0.02])
+    ours, ref = _filter(x, tk, tp, mp), _filter_sorted(x, tk, tp, mp)
+    kept, ref_kept = ours > -math.inf, ref > -math.inf
+    assert torch.equal(ours[kept & ref_kept], x[kept & ref_kept])
+    p = torch.softmax(x, -1)
+    mass_before = torch.empty_like(p).scatter_(-1, p.argsort(-1, descending=True),
+                                               p.sort(-1, descending=True).values.cumsum(-1)) - p
+    for r, t in (kept != ref_kept).nonzero().tolist():
+        assert abs(mass_before[r, t] - tp[r]) < 1e-5, (r, t, mass_before[r, t].item(), tp[r].item())
+    assert (kept != ref_kept).sum() <= 2
+    assert kept[0].all() and kept[1].sum() == 5 and kept[5].sum() == 1  # no filter; top_k 5 (top_p 1); top_k 1
