@@ -220,10 +220,10 @@ def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 def draw(p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of probabilities p [B, V] (not necessarily normalised), each row from its own
     generator: the inverse CDF at one uniform u of the row, t = u * sum(p), is the first token whose
-    cumulative mass exceeds t. Found in two levels: which block of the row (fp32 block sums, summed up
-    in fp64), then where in that block (fp64); a token of zero probability is never drawn. One uniform a row, where an
-    exponential race needs V of them (torch draws those at ~20 ns each on a CPU: 5 ms a row at V =
-    256000)."""
+    cumulative mass exceeds t. Found in two levels: which block of the row (fp32 block sums, summed
+    up in fp64), then where in that block (fp64); a token of zero probability is never drawn. One
+    uniform a row, where an exponential race needs V of them (torch draws those at ~20 ns each on a
+    CPU: 5 ms a row at V = 256000)."""
     rows, vocab = p.shape
     block = _draw_block(vocab)
     u = torch.stack([torch.rand((), generator=g, device=p.device, dtype=torch.float64) for g in generators])
@@ -235,7 +235,8 @@ def draw(p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Ten
     within = blocks[torch.arange(rows, device=p.device), b[:, 0]].double().cumsum(-1) + before  # [B, block]
     last = within[:, -1:]
     t = torch.maximum(torch.minimum(t[:, None], torch.nextafter(last, torch.zeros_like(last))), before)
-    return b[:, 0] * block + torch.searchsorted(within, t, right=True)[:, 0]  # (p > 0 where within rises past t)
+    at = torch.searchsorted(within, t, right=True)[:, 0].clamp_(max=block - 1)  # p > 0 where within rises past t
+    return b[:, 0] * block + at
 
 
 @functools.lru_cache(maxsize=None)
