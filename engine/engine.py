@@ -385,24 +385,22 @@ class Engine:
             for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
                 self._append(s, (tok,), (lp,), touched)
         verified = [i for i, sc in enumerate(plan.scheduled) if id(sc) in window]
+        args = {}  # accept()'s arguments per window
         for i in verified:
-            s, d = plan.scheduled[i].seq, window[id(plan.scheduled[i])][0]
+            s, (d, q) = plan.scheduled[i].seq, window[id(plan.scheduled[i])]
             if s.adjusts:  # row j scores the token j places after the next one
                 adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(len(d) + 1)])
-        def verify_args(i):  # accept()'s arguments for scheduled item i's window
-            sc = plan.scheduled[i]
-            d, q = window[id(sc)]
-            return sc.seq.params, sc.seq.generator, d, logits[rows[i]], q
-
-        # the windows' verdicts in a few device reads for the step, not several per sequence
-        picks = greedy_picks(logits, [rows[i] for i in verified if plan.scheduled[i].seq.params.greedy])
-        sampled = [i for i in verified if not plan.scheduled[i].seq.params.greedy]
-        drawn = dict(zip(sampled, accept_sampled([verify_args(i) for i in sampled])))
+            args[i] = (s.params, s.generator, d, logits[rows[i]], q)
+        # the verdicts in a few device reads for the step, not several per sequence: the greedy windows'
+        # picks at once, the sampled windows' draws at once
+        picks = greedy_picks(logits, [rows[i] for i in verified if args[i][0].greedy])
+        sampled = [i for i in verified if not args[i][0].greedy]
+        drawn = dict(zip(sampled, accept_sampled([args[i] for i in sampled])))
         for i in verified:
             sc = plan.scheduled[i]
-            d, q = window[id(sc)]
+            d = window[id(sc)][0]
             s = sc.seq
-            toks = drawn[i] if i in drawn else accept(*verify_args(i), picks[rows[i].start])
+            toks = drawn[i] if i in drawn else accept(*args[i], picks[rows[i].start])
             accepted = len(toks) - 1
             lps = [None] * len(toks) if s.params.logprobs is None else logprob_entries(
                 logits[rows[i]][:len(toks)], torch.tensor(toks, device=logits.device), [s.params.logprobs] * len(toks))

@@ -304,8 +304,10 @@ def accept_sampled(windows: list[tuple]) -> list[list[int]]:
     for w in windows:
         starts.append(n)
         n += len(w[2]) + 1
+
     def ids(x):
         return torch.tensor(x, dtype=torch.long, device=dev)
+
     rows = ids([s + j for s, w in zip(starts, windows) for j in range(len(w[2]))])
     toks = ids([d for w in windows for d in w[2]])
     if len(toks):
