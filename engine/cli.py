@@ -46,7 +46,8 @@ def _serve(args) -> int:
                           kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len,
                           quantization=args.quantization, draft_model=args.draft_model,
                           num_speculative_tokens=args.num_speculative_tokens,
-                          enable_prefix_caching=args.enable_prefix_caching)
+                          enable_prefix_caching=args.enable_prefix_caching, cuda_graphs=args.cuda_graphs,
+                          warmup=args.warmup)
     engine = AsyncEngine(Engine(args.model, config))
     app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
                     api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-speculative-tokens", type=int, default=4)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of prompt prefixes seen before (default: on)")
+    s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay decode steps and verify windows from CUDA graphs (default: on; GPU only)")
+    s.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the kernels and capture every CUDA graph before serving (default: on; GPU only)")
     s.set_defaults(func=_serve)
     return p
 

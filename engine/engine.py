@@ -23,7 +23,7 @@ from .loader import load_weights, to_dtype
 from .model import GemmaModel
 from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
-from .sampling import SamplingParams, adjust, apply_penalties, logprob_entries, sample
+from .sampling import SamplingParams, adjust, apply_penalties, greedy, logprob_entries, sample
 from .scheduler import Scheduler
 from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
                           accept_sampled, best_lookahead, greedy_picks, updated_rate)
@@ -98,6 +98,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True  # share the cached blocks of identical prompt prefixes
     cuda_graphs: bool = True
+    warmup: bool = True  # on a GPU: compile kernels and capture every CUDA graph at start, not mid-serving
     gpu_memory_utilization: float = 0.85
     quantization: str | None = None      # "int8" | "int4": quantize while loading
     quantize_lm_head: bool = False
@@ -146,6 +147,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        if ec.warmup and self.device.startswith("cuda"):
+            self.warmup()
         log.info("gemforge: %s on %s in %s; weights %.1f MB (%s); KV cache %d tokens (%.1f MB)",
                  self.model_dir.name, self.device, self.dtype, self.weight_bytes["total"] / 1e6,
                  ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in self.weight_bytes.items() if v and k != "total"),
@@ -192,6 +195,24 @@ class Engine:
                         self.dtype, self.device, blocks.prefix_caching)
         return Drafter(model, cache, cuda_graphs=graphs, max_batch=min(self.ec.max_num_seqs, 256),
                        max_context=self.max_model_len)
+
+    @torch.inference_mode()
+    def warmup(self) -> int:
+        """Compile the kernels (eager prefill steps over scratch blocks, the greedy pick) and capture
+        the CUDA graph of every step shape serving replays, for every batch bucket: decode steps, and
+        with speculation the target's verify windows of 2..k+1 tokens and the draft's one- and
+        two-token steps. Serving then never stops to compile or capture (each capture is a few eager
+        forwards; Triton's first compile of a kernel takes seconds). Returns the graphs captured."""
+        t = time.perf_counter()
+        k = self.ec.num_speculative_tokens if self.drafter is not None else 0
+        graphs = self.runner.warmup([(1, False)] + [(w, True) for w in range(2, k + 2)])
+        if self.drafter is not None and self.drafter.model is not None:
+            graphs += self.drafter.runner.warmup([(1, False), (2, False)])
+        for rows in (1, 2):
+            greedy(torch.zeros(rows, self.cfg.vocab_size, device=self.device))
+        log.info("gemforge: warm-up: kernels compiled, %d CUDA graphs captured in %.1f s", graphs,
+                 time.perf_counter() - t)
+        return graphs
 
     @property
     def capacity(self) -> int:

@@ -78,12 +78,12 @@ class ModelRunner:
     def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False,
                  max_graph_batch: int = 64, max_context: int | None = None, max_graph_width: int = 1):
         self.model, self.cache, self.device = model, cache, model.device
+        self.max_context = max_context or model.cfg.max_position_embeddings
         self.graphs = None
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graphs=True needs a CUDA device")
-            self.graphs = StepGraphs(model, cache, max_graph_batch, max_context or model.cfg.max_position_embeddings,
-                                     max_graph_width)
+            self.graphs = StepGraphs(model, cache, max_graph_batch, self.max_context, max_graph_width)
 
     def run(self, items: list[WorkItem]) -> torch.Tensor:
         """fp32 logits [rows, V]: one row per item, or one per token for `all_logits` items."""
@@ -93,6 +93,26 @@ class ModelRunner:
         ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device)
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device)
         return self.model.forward(ids, meta, self.cache, logits_indices=idx)
+
+    def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16))) -> int:
+        """Before serving: run eager prefill steps of the given sequence lengths (on a GPU this compiles
+        the Triton kernels for one and several sequences, token counts that are and are not multiples
+        of 16) over scratch blocks it then frees, and capture the graphs of the given (width, every
+        row's logits) step shapes for every batch bucket. Returns how many graphs it captured."""
+        blocks = self.cache.blocks
+        for lengths in prefill_steps:
+            lengths = [min(n, self.max_context) for n in lengths]
+            sids = [("warmup", i) for i in range(len(lengths))]
+            if sum(blocks.blocks_needed(None, n) for n in lengths) > blocks.num_free:
+                continue  # a pool too small to spare them: the first real prefill compiles instead
+            try:
+                for sid, n in zip(sids, lengths):
+                    blocks.append(sid, n)
+                self.run([WorkItem(sid, [0] * n, 0) for sid, n in zip(sids, lengths)])
+            finally:
+                for sid in sids:
+                    blocks.free(sid)
+        return self.graphs.warmup(graph_shapes) if self.graphs is not None else 0
 
 
 class StepGraphs:
@@ -176,19 +196,36 @@ class StepGraphs:
         self.pool = graph.pool()
         return graph.replay, out
 
-    def run(self, items: list[WorkItem]) -> torch.Tensor:
-        n, w = len(items), max(len(it.token_ids) for it in items)
-        b = self._bucket(n, w)
-        pad, T, B = b - n, self.T, self.B
-        every = w > 1 and any(it.all_logits for it in items)
+    def capture(self, b: int, w: int, every: bool) -> bool:
+        """Capture the graph of key (b, w, every) now, over a batch of padding only, unless it exists
+        or the key is beyond what this runner graphs; True if it captured."""
+        every = every and w > 1  # a decode step reads one row a sequence either way
+        if (b, w, every) in self.graphs or w > self.max_width or b not in self.buckets or self._bucket(b, w) != b:
+            return False
+        self._fill([], b, w, every)
+        self.graphs[(b, w, every)] = self._record(self._step(b, w, every))
+        return True
+
+    def warmup(self, shapes) -> int:
+        """Capture, for every batch bucket, the graphs of the given (width, every row's logits) step
+        shapes, so that serving never stops to capture (or to compile the kernels a capture runs).
+        Returns how many graphs it captured."""
+        return sum(self.capture(b, w, every) for w, every in shapes for b in self.buckets)
+
+    def _fill(self, items: list[WorkItem], b: int, w: int, every: bool) -> list[int]:
+        """Write the inputs of `items` padded to b sequences of width w into the device buffers (one
+        copy each from the pinned twins); returns the output rows wanted when `every`."""
+        n, T, B = len(items), self.T, self.B
+        pad = b - n
         blocks = self.cache.blocks
+        wanted: list[int] = []
         if w == 1:  # decode: the common case, kept cheap
             ids = [it.token_ids[0] for it in items] + [0] * pad
             pos = [it.start for it in items] + [0] * pad
             slots = [blocks.slots(it.seq_id, it.start, 1)[0] for it in items] + [-1] * pad
             ctx = [it.start + 1 for it in items] + [1] * pad
         else:
-            ids, pos, slots, ctx, last, wanted = [], [], [], [], [], []
+            ids, pos, slots, ctx, last = [], [], [], [], []
             for i, it in enumerate(items):
                 k, p = len(it.token_ids), it.start
                 ids += it.token_ids + [0] * (w - k)
@@ -220,6 +257,13 @@ class StepGraphs:
         self.i32[:end].copy_(self.h32[:end], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        return wanted
+
+    def run(self, items: list[WorkItem]) -> torch.Tensor:
+        n, w = len(items), max(len(it.token_ids) for it in items)
+        b = self._bucket(n, w)
+        every = w > 1 and any(it.all_logits for it in items)
+        wanted = self._fill(items, b, w, every)
         key = (b, w, every)
         if key not in self.graphs:
             self.graphs[key] = self._record(self._step(b, w, every))

@@ -49,14 +49,27 @@ def both(caches, op, *args):
         getattr(c.blocks, op)(*args)
 
 
-def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", graphs=RerunGraphs, tol=1e-5):
+def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", graphs=RerunGraphs, tol=1e-5,
+                      warm: bool = False):
     """Random steps over up to 6 sequences (bucket padding to 8 with max_batch 8): decode tokens,
     verify windows of up to 5 tokens with every row's logits, short catch-up feeds wanting the last
     row, ragged mixes of all three, contexts up to the graph's limit, and rejected window tokens
-    rolled back; the logits and the cache equal the eager runner's at every step."""
+    rolled back; the logits and the cache equal the eager runner's at every step. `warm`: both
+    runners warm up first (scratch prefills; the graphed one captures every shape over padding),
+    and no step captures a graph after that."""
     rng = random.Random(seed)
     max_context, max_width = 48, 5
     eager, graphed, caches = runners(shape, 8, max_context, max_width, device, backend, graphs)
+    if warm:
+        free = caches[1].blocks.num_free
+        shapes = [(w, every) for w in range(1, max_width + 1) for every in (False, True)]
+        assert eager.warmup(shapes) == 0
+        assert graphed.warmup(shapes) == 4 * (1 + 2 * (max_width - 1))  # buckets 1, 2, 4, 8; w = 1 has one mode
+        assert graphed.graphs.warmup(shapes) == 0  # nothing left to capture
+        for c in caches:  # the scratch prefills' blocks are back
+            assert c.blocks.num_free == free and not c.blocks.tables
+            c.blocks.check_invariants()
+        warmed = set(graphed.graphs.graphs)
     lens = {}
     for s in range(6):  # prompts, eagerly
         n = rng.randint(1, 20)
@@ -87,6 +100,8 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
             both(caches, "rollback", it.seq_id, n - keep)
             lens[it.seq_id] += keep
     assert {1, 5} <= widths and modes == {False, True}
+    if warm:
+        assert set(graphed.graphs.graphs) == warmed  # every step replayed a warm-up capture
     assert all(b in (1, 2, 4, 8) for b, _, _ in graphed.graphs.graphs)
     shared = graphed.graphs.logits.data_ptr()  # one logits buffer for all graphs
     assert all(out.data_ptr() == shared for _, out in graphed.graphs.graphs.values())
@@ -96,6 +111,11 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_graph_steps_equal_eager_steps(shape, seed):
     check_graph_steps(shape, seed)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_warmed_up_graphs_serve_every_step(shape):
+    check_graph_steps(shape, seed=5, warm=True)
 
 
 def test_graphs_take_only_what_they_were_built_for():
@@ -119,7 +139,8 @@ def test_graphs_take_only_what_they_were_built_for():
 
 def test_speculative_engine_through_step_graphs(make_checkpoint):
     """The engine's target and draft runners with StepGraphs (rerun on CPU) give the target alone's
-    greedy tokens; verify windows and the draft's two-token catch-up went through the graphs."""
+    greedy tokens; verify windows and the draft's two-token catch-up went through the graphs, all
+    of them captured by the engine's warm-up (none while serving)."""
     from gemforge.engine import SamplingParams
     from gemforge.engine.engine import Engine, EngineConfig
 
@@ -135,6 +156,10 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
             if r is not None:
                 width = 2 if r is not eng.runner else (4 if draft_model else 1)
                 r.graphs = RerunGraphs(r.model, r.cache, 16, eng.max_model_len, width)
+        free = eng.cache.blocks.num_free
+        # buckets 1, 2, 4, 8, 16: the target's decode steps and windows of 2..4, the draft's 1- and 2-token steps
+        assert eng.warmup() == (5 * 4 + 5 * 2 if draft_model else 5)
+        assert eng.cache.blocks.num_free == free and not eng.cache.blocks.tables
         return eng
 
     batch = 5
@@ -147,6 +172,7 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
     for rid in plain:
         assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
     target_keys, draft_keys = spec_engine.runner.graphs.graphs, spec_engine.drafter.runner.graphs.graphs
+    assert len(target_keys) == 20 and len(draft_keys) == 10  # no step captured a graph of its own
     assert any(w == 4 and every for _, w, every in target_keys), target_keys   # verify windows
     assert any(w == 2 and not every for _, w, every in draft_keys), draft_keys  # the draft catching up
     assert 0 < spec_engine.stats["spec_accepted"] < spec_engine.stats["spec_proposed"]

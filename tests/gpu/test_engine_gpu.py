@@ -74,11 +74,13 @@ def test_quantized_cuda_graph_replay_equals_eager(quant):
     torch.testing.assert_close(graph, eager, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("shape", ["mqa", "mha"])
-def test_graph_windows_equal_eager(shape):
+def test_graph_windows_equal_eager(shape, warm):
     """Real CUDA graphs of decode steps, verify windows and catch-up feeds (the batch layout that
     tests/engine/test_step_graphs.py checks on CPU) give the eager Triton/CUDA path's logits and cache,
-    fp32: only the capture differs (and cuBLAS's choice per row count)."""
+    fp32: only the capture differs (and cuBLAS's choice per row count). `warm`: every graph captured
+    first, over padding only (the engine's warm-up), then replayed with real steps."""
     import sys
     from pathlib import Path
 
@@ -87,7 +89,7 @@ def test_graph_windows_equal_eager(shape):
 
     from gemforge.engine.runner import StepGraphs
 
-    check_graph_steps(shape, seed=5, device="cuda", backend="auto", graphs=StepGraphs, tol=1e-4)
+    check_graph_steps(shape, seed=5, device="cuda", backend="auto", graphs=StepGraphs, tol=1e-4, warm=warm)
 
 
 def test_prefix_caching_and_prompt_lookup_keep_the_output():
@@ -154,10 +156,11 @@ def test_sampling_controls_on_the_gpu():
     sampling_controls_on("cuda")
 
 
-def async_speculation_on(device: str, overlap: bool | None = None) -> None:
-    """The nano pair behind the AsyncEngine on `device` (on a GPU: its worker thread captures the CUDA
-    graphs of decode steps, verify windows and draft catch-ups, and delivery overlaps the next step):
-    8 concurrent greedy requests, streamed and not, equal the offline engine's outputs."""
+def async_speculation_on(device: str, overlap: bool | None = None, warmup: bool = True) -> None:
+    """The nano pair behind the AsyncEngine on `device` (on a GPU: the CUDA graphs of decode steps,
+    verify windows and draft catch-ups are captured by the engine's warm-up, or without it by the
+    worker thread as steps need them, and delivery overlaps the next step): 8 concurrent greedy
+    requests, streamed and not, equal the offline engine's outputs."""
     import asyncio
     from pathlib import Path
 
@@ -167,7 +170,7 @@ def async_speculation_on(device: str, overlap: bool | None = None) -> None:
 
     models = Path(__file__).resolve().parents[2] / "models"
     kw = dict(dtype="float32", device=device, kv_cache_tokens=8192, draft_model=str(models / "nano-codegemma-draft"),
-              num_speculative_tokens=3, adaptive_lookahead=False)
+              num_speculative_tokens=3, adaptive_lookahead=False, warmup=warmup)
     prompts = [f"def f{i}(x):\n    return x * {i} + " for i in range(8)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(models / "nano-codegemma", progress=False, **kw).generate(
@@ -186,5 +189,6 @@ def async_speculation_on(device: str, overlap: bool | None = None) -> None:
     assert engine.engine.cache.blocks.num_used == 0 and engine.engine.stats.get("spec_windows", 0) > 0
 
 
-def test_async_engine_speculation_on_the_gpu():
-    async_speculation_on("cuda")
+@pytest.mark.parametrize("warmup", [True, False])
+def test_async_engine_speculation_on_the_gpu(warmup):
+    async_speculation_on("cuda", warmup=warmup)
