@@ -208,12 +208,13 @@ def _filter_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
 def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution each (non-greedy) row samples from: softmax of logits / T after the
     top-k / top-p / min-p filters; [B, V] fp32. Speculative decoding uses it for p and q alike."""
-    dev = logits.device
-    scaled = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    def per_row(values):  # (copied without the host waiting for the device, as torch.tensor(device=) would)
+        return torch.tensor(values).to(logits.device, non_blocking=True)
+
+    scaled = logits / per_row([p.temperature for p in params])[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
-        scaled = _filter(scaled, torch.tensor([p.top_k for p in params], device=dev),
-                         torch.tensor([p.top_p for p in params], device=dev),
-                         torch.tensor([p.min_p for p in params], device=dev))
+        scaled = _filter(scaled, per_row([p.top_k for p in params]), per_row([p.top_p for p in params]),
+                         per_row([p.min_p for p in params]))
     return scaled.softmax(-1)
 
 

@@ -145,43 +145,79 @@ class Drafter:
         self.seconds: list[float] = []  # wall time of each draft step of the last propose
 
     def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
-        """Draft ks[i] tokens for each sequence; also each sampled sequence's q rows [ks[i], V]."""
-        drafts: list[list[int]] = [[] for _ in seqs]
+        """Draft ks[i] tokens for each sequence; also each sampled sequence's q rows [ks[i], V].
+
+        The first step feeds each sequence what the draft has not cached (its last token, two after a
+        window accepted whole, a whole prompt when new); each later step feeds the token the step
+        before picked, taken from the device: the host reads the proposals once, after the last
+        step, so on a GPU it queues step j + 1 while step j runs. `seconds` gets each step's time:
+        on a GPU from events between the steps (read after the last), else wall time."""
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         blocks = self.cache.blocks
-        self.most_fed, self.seconds = 0, []
+        self.most_fed = 0
+        steps = []  # (rows of seqs that drafted, their tokens on the device)
+        marks = [self._mark()]
         for j in range(max(ks, default=0)):
-            t = time.perf_counter()
             live = [i for i, k in enumerate(ks) if k > j]
-            items = []
+            items, ids = [], None
             for i in live:
                 s = seqs[i]
-                start, n = self.cached.get(s.seq_id, 0), s.num_tokens   # feed token_ids + drafts from start
-                if j == 0 and blocks.prefix_caching:  # what it holds is the sequence's own (see keep)
-                    if s.seq_id in blocks.tables:
-                        blocks.register(s.seq_id, s.tokens, start)
-                    else:
-                        start = blocks.match(s.seq_id, s.tokens(0, n - 1))
-                feed = s.tokens(start, n - start) + drafts[i] if start < n else drafts[i][start - n:]
+                start, n = self.cached.get(s.seq_id, 0), s.num_tokens   # feed token_ids from start
+                if j == 0:
+                    if blocks.prefix_caching:  # what it holds is the sequence's own (see keep)
+                        if s.seq_id in blocks.tables:
+                            blocks.register(s.seq_id, s.tokens, start)
+                        else:
+                            start = blocks.match(s.seq_id, s.tokens(0, n - 1))
+                    feed = s.tokens(start, n - start)
+                    self.most_fed = max(self.most_fed, len(feed))
+                else:  # the previous draft, on the device
+                    feed = [0]
                 blocks.append(s.seq_id, len(feed))
                 items.append(WorkItem(s.seq_id, feed, start))
-                self.most_fed = max(self.most_fed, len(feed))
-                self.cached[s.seq_id] = n + len(drafts[i])
-            logits = self.runner.run(items)
+                self.cached[s.seq_id] = n + j
+            if j:
+                prev_live, prev = steps[-1]
+                ids = prev if len(live) == len(prev_live) else prev[
+                    torch.tensor([r for r, i in enumerate(prev_live) if ks[i] > j]).to(prev.device, non_blocking=True)]
+            logits = self.runner.run(items, ids)
             if any(seqs[i].adjusts for i in live):  # the target's logit_bias and min_tokens, j tokens ahead
                 adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
             nxt = greedy(logits)
             sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
-            if sampled:
-                q = probs(logits[sampled], [seqs[live[r]].params for r in sampled])
-                nxt[sampled] = draw(q, [seqs[live[r]].generator for r in sampled])
+            if sampled:  # (row indices copied without waiting: the host does not wait for the device here)
+                rows = None if len(sampled) == len(live) else torch.tensor(sampled).to(logits.device, non_blocking=True)
+                q = probs(logits if rows is None else logits[rows], [seqs[live[r]].params for r in sampled])
+                drawn = draw(q, [seqs[live[r]].generator for r in sampled])
+                nxt = drawn if rows is None else nxt.index_copy_(0, rows, drawn)
                 for row, r in enumerate(sampled):
                     qs[live[r]].append(q[row])
-            for r, tok in enumerate(nxt.tolist()):  # (reading the tokens waits for the GPU)
-                drafts[live[r]].append(tok)
-            self.seconds.append(time.perf_counter() - t)
+            steps.append((live, nxt))
+            marks.append(self._mark())
+        drafts: list[list[int]] = [[] for _ in seqs]
+        if steps:  # one read for every step's proposals (it waits for the device)
+            flat = iter(torch.cat([nxt for _, nxt in steps]).tolist())
+            for live, _ in steps:
+                for i in live:
+                    drafts[i].append(next(flat))
+        self.seconds = self._elapsed(marks)
         # the last proposal is never fed to the draft: it holds tokens up to d_{k-1}
         return drafts, [torch.stack(q) if q else None for q in qs]
+
+    def _mark(self):
+        """A point in time: an event on the current CUDA stream, or the wall clock."""
+        if self.model.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def _elapsed(marks: list) -> list[float]:
+        """Seconds between consecutive marks (events: once the device has passed them)."""
+        if marks and isinstance(marks[0], float):
+            return [b - a for a, b in zip(marks, marks[1:])]
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
 
     def keep(self, seq_id: int, n: int) -> None:
         """Roll the draft cache of `seq_id` back to its first n tokens."""

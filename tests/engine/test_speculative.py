@@ -183,11 +183,18 @@ def test_greedy_speculative_equals_target_alone(pair, batch):
 
 
 def test_self_drafting_accepts_everything(pair):
+    """The target drafting for itself proposes its own greedy tokens: every draft is accepted, also
+    when the sequences of a batch draft different k (each capped by its max_tokens near the end, so
+    later draft steps carry fewer sequences and take their tokens from a subset of the last step's)."""
     target, _ = pair
     eng = engine(target, target, k=4, adaptive_lookahead=False)
     out = run_all(eng, [("a", prompts_of(1, 5)[0], SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True))])
     stats = out["a"].outputs[0].spec
     assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_step"] == 5.0
+    eng = engine(target, target, k=4, adaptive_lookahead=False)
+    out = run_all(eng, [(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+                        for i, (p, n) in enumerate(zip(prompts_of(4, 6), (23, 18, 9, 12)))])
+    assert all(o.outputs[0].spec["acceptance_rate"] == 1.0 for o in out.values()), out
 
 
 def test_logit_bias_and_min_tokens_inside_windows(pair):

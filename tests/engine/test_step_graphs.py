@@ -176,3 +176,6 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
     assert any(w == 4 and every for _, w, every in target_keys), target_keys   # verify windows
     assert any(w == 2 and not every for _, w, every in draft_keys), draft_keys  # the draft catching up
     assert 0 < spec_engine.stats["spec_accepted"] < spec_engine.stats["spec_proposed"]
+    selfish = build(target)  # drafting for itself through the graphs (later draft steps take the tokens
+    run_all(selfish, reqs)   # the step before picked from the device): every draft is accepted
+    assert 0 < selfish.stats["spec_accepted"] == selfish.stats["spec_proposed"], selfish.stats
