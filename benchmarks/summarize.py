@@ -113,7 +113,8 @@ def main(outdir: str) -> None:
     throughput = load(d / "throughput.json")
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
-        parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype"]) + "\n")
+        parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype",
+                                        "gemforge_sync_tok_s", "async_speedup"]) + "\n")
     for stem in sorted({p.stem for p in d.glob("kernels*.json*")}):  # kernels-cuda, kernels-triton
         kern, name, lines = load(d / f"{stem}.json"), f"{stem}.json", d / f"{stem}.jsonl"
         if kern:

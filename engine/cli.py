@@ -47,7 +47,7 @@ def _serve(args) -> int:
                           quantization=args.quantization, draft_model=args.draft_model,
                           num_speculative_tokens=args.num_speculative_tokens,
                           enable_prefix_caching=args.enable_prefix_caching, cuda_graphs=args.cuda_graphs,
-                          warmup=args.warmup)
+                          warmup=args.warmup, async_scheduling=args.async_scheduling)
     engine = AsyncEngine(Engine(args.model, config))
     app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
                     api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay decode steps and verify windows from CUDA graphs (default: on; GPU only)")
     s.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the kernels and capture every CUDA graph before serving (default: on; GPU only)")
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the previous one's tokens (default: on a GPU)")
     s.set_defaults(func=_serve)
     return p
 

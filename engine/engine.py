@@ -87,6 +87,20 @@ class Request:
 
 
 @dataclass
+class InFlight:
+    """A step whose sampled tokens the host has not read: its sampling sequences, in row order, and
+    their tokens on the device."""
+    seqs: list
+    tokens: torch.Tensor
+    _rows: dict | None = None
+
+    def row(self, seq) -> int:
+        if self._rows is None:
+            self._rows = {s.seq_id: i for i, s in enumerate(self.seqs)}
+        return self._rows[seq.seq_id]
+
+
+@dataclass
 class EngineConfig:
     dtype: str = "auto"
     device: str | None = None
@@ -99,6 +113,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the cached blocks of identical prompt prefixes
     cuda_graphs: bool = True
     warmup: bool = True  # on a GPU: compile kernels and capture every CUDA graph at start, not mid-serving
+    async_scheduling: bool | None = None  # launch each step before reading the last one's tokens; None: on a GPU
     gpu_memory_utilization: float = 0.85
     quantization: str | None = None      # "int8" | "int4": quantize while loading
     quantize_lm_head: bool = False
@@ -146,8 +161,12 @@ class Engine:
         self._lookahead_memo: tuple = (None, {})  # (costs, {acceptance in hundredths: best k})
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
+        on_gpu = self.device.startswith("cuda")
+        self.async_scheduling = on_gpu if ec.async_scheduling is None else ec.async_scheduling
+        self._inflight: InFlight | None = None  # the step whose tokens are still on the device
+        self._sync_seqs: set[int] = set()  # live sequences whose next step needs their tokens read first
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        if ec.warmup and self.device.startswith("cuda"):
+        if ec.warmup and on_gpu:
             self.warmup()
         log.info("gemforge: %s on %s in %s; weights %.1f MB (%s); KV cache %d tokens (%.1f MB)",
                  self.model_dir.name, self.device, self.dtype, self.weight_bytes["total"] / 1e6,
@@ -273,10 +292,14 @@ class Engine:
                 for j in range(params.n)]
         req = Request(request_id, text, ids, seqs, stream=stream)
         self.requests[request_id] = req
+        needs_tokens = (params.logprobs is not None or params.prompt_logprobs is not None or params.max_tokens == 0
+                        or params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty)
         for s in seqs:
             s.spec_rate = self.spec_rate
             self._by_seq[s.seq_id] = req
             self.scheduler.add(s)
+            if needs_tokens:
+                self._sync_seqs.add(s.seq_id)
         return req
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -348,14 +371,33 @@ class Engine:
     @torch.inference_mode()  # logits are inference tensors: penalties and biases edit them in place
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that produced tokens (of those
-        that finished, with `finished_only`: a caller that does not stream skips building the rest)."""
+        that finished, with `finished_only`: a caller that does not stream skips building the rest).
+
+        With async scheduling, a step's sampled tokens stay on the device (`Sequence.pending`): the
+        next call schedules and launches its batch first, feeding them from the device, and only
+        then reads them (appends, stop checks, outputs), so the device computes one step while the
+        host finishes the one before; outputs come one call after their step. A sequence whose
+        unread token is certain to end it (max_tokens) sits out; one that an unread token ends
+        otherwise (a stop) has one step computed in vain, dropped. Steps with speculation, or with a
+        sequence that needs its tokens on the host before the next step (penalties, logprobs,
+        prompt logprobs), read the previous step's tokens first, as without it."""
+        touched: dict[str, Request] = {}
+        inflight, self._inflight = self._inflight, None
+        overlap = self.async_scheduling and self.drafter is None and not self._sync_seqs
+        if inflight is not None and not overlap:
+            self._resolve(inflight, touched)
+            inflight = None
         if self.drafter is not None:
             self._set_lookahead()
-        plan = self.scheduler.schedule()
+        skip = {s.seq_id for s in inflight.seqs if len(s.output_ids) + s.pending >= s.params.max_tokens} \
+            if inflight is not None else ()
+        plan = self.scheduler.schedule(skip)
         for s in plan.preempted:
             self._forget_draft(s)
         if not plan.scheduled:
-            return []
+            if inflight is not None:
+                self._resolve(inflight, touched)
+            return self._collect(touched, finished_only)
         spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
         t_start = time.perf_counter()
         drafts, qs = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else ([], [])
@@ -369,11 +411,17 @@ class Engine:
                 window[id(sc)] = (d, q)
         spec = [sc for sc in spec if sc.lookahead]
         items, rows, plain, scored, r, prompt_tokens = [], [], [], [], 0, 0
+        at, src, flat = [], [], 0  # flat positions of tokens not read yet, their rows in inflight.tokens
         for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
             seq, start, n = sc.seq, sc.start, sc.num_tokens
-            if not seq.output_ids:
+            if not seq.output_ids and not seq.pending:
                 prompt_tokens += n
-            toks = seq.tokens(start, n)
+            if seq.pending:  # (only ever its last token, sampled by the step in flight, fed alone)
+                at.append(flat)
+                src.append(inflight.row(seq))
+                toks = [0]
+            else:
+                toks = seq.tokens(start, n)
             w = window.get(id(sc)) if window else None
             if w is not None:
                 items.append(WorkItem(seq.seq_id, toks + w[0], start, all_logits=True))
@@ -388,12 +436,17 @@ class Engine:
                 if sc.completes:  # brought up to date: a token is sampled
                     plain.append(i)
                 r = rows[-1].stop
-        logits = self.runner.run(items)
+            flat += len(items[-1].token_ids)
+        if at:  # the step in flight's tokens, gathered on the device
+            ids = inflight.tokens if src == list(range(len(inflight.seqs))) else \
+                inflight.tokens[torch.tensor(src).to(inflight.tokens.device, non_blocking=True)]
+            logits = self.runner.run(items, ids, None if len(at) == flat else at)
+        else:
+            logits = self.runner.run(items)
         for sc in plan.scheduled:
             sc.seq.num_cached = sc.start + sc.num_tokens
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += prompt_tokens
-        touched: dict[str, Request] = {}
         for i in scored:
             self._prompt_logprobs(plan.scheduled[i], logits[rows[i]])
         if plain:
@@ -402,9 +455,17 @@ class Engine:
             plain = [i for i in plain if plan.scheduled[i].seq.params.max_tokens]
         if plain:
             seqs = [plan.scheduled[i].seq for i in plain]
-            picked = logits if len(plain) == len(logits) else logits[[rows[i].stop - 1 for i in plain]]  # no copy
-            for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
-                self._append(s, (tok,), (lp,), touched)
+            picked = logits if len(plain) == len(logits) else logits[  # (all rows: no copy)
+                torch.tensor([rows[i].stop - 1 for i in plain]).to(logits.device, non_blocking=True)]
+            if overlap:  # read next call, after the next step is launched
+                self._inflight = InFlight(seqs, self._pick(seqs, picked))
+                for s in seqs:
+                    s.pending += 1
+            else:
+                for s, tok, lp in zip(seqs, *self._sample(seqs, picked)):
+                    self._append(s, (tok,), (lp,), touched)
+        if inflight is not None:
+            self._resolve(inflight, touched)
         verified = [i for i, sc in enumerate(plan.scheduled) if id(sc) in window]
         args = {}  # accept()'s arguments per window
         for i in verified:
@@ -488,14 +549,27 @@ class Engine:
         req = self._by_seq[s.seq_id]
         touched[req.request_id] = req
 
-    def _sample(self, seqs, logits):
-        """(tokens, logprob dicts) for the rows of `logits`, adjustments, penalties and filters applied."""
+    def _pick(self, seqs, logits) -> torch.Tensor:
+        """The next token of each sequence (a row of `logits` each), on the device: adjustments
+        (for the token after any not read yet), penalties and filters applied."""
         params = [s.params for s in seqs]
         if any(s.adjusts for s in seqs):
-            adjust(logits, [s.logit_adjustment() for s in seqs])
+            adjust(logits, [s.logit_adjustment(s.pending) for s in seqs])
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             apply_penalties(logits, params, [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
-        tokens = sample(logits, params, [s.generator for s in seqs])
+        return sample(logits, params, [s.generator for s in seqs])
+
+    def _resolve(self, inflight: "InFlight", touched: dict) -> None:
+        """Read the tokens of a step launched earlier and append them (a sequence that finished or
+        was aborted since drops its own)."""
+        for s, tok in zip(inflight.seqs, inflight.tokens.tolist()):
+            s.pending -= 1
+            if not s.finished:
+                self._append(s, (tok,), (None,), touched)
+
+    def _sample(self, seqs, logits):
+        """(tokens, logprob dicts) for the rows of `logits`, adjustments, penalties and filters applied."""
+        tokens = self._pick(seqs, logits)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lp_dicts: list[dict | None] = [None] * len(seqs)
         if want:
@@ -521,6 +595,7 @@ class Engine:
         """A finished or aborted sequence leaves the scheduler and both KV pools."""
         self.scheduler.finish(s)
         self._forget_draft(s)
+        self._sync_seqs.discard(s.seq_id)
 
     def _forget_draft(self, s: Sequence) -> None:
         if self.drafter is not None:

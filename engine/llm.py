@@ -24,7 +24,8 @@ class LLM:
                  backend: str = "auto", kv_cache_tokens: int | None = None, block_size: int = 16,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, cuda_graphs: bool = True, warmup: bool = True,
-                 quantization: str | None = None, quantize_lm_head: bool = False, group_size: int = 128,
+                 async_scheduling: bool | None = None, quantization: str | None = None,
+                 quantize_lm_head: bool = False, group_size: int = 128,
                  draft_model: str | Path | None = None, draft_quantization: str | None = None,
                  num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, draft_cost: float | None = None,
                  progress: bool = True):
@@ -34,6 +35,7 @@ class LLM:
                                                  max_num_batched_tokens=max_num_batched_tokens,
                                                  enable_prefix_caching=enable_prefix_caching,
                                                  cuda_graphs=cuda_graphs, warmup=warmup,
+                                                 async_scheduling=async_scheduling,
                                                  quantization=quantization,
                                                  quantize_lm_head=quantize_lm_head, group_size=group_size,
                                                  draft_model=draft_model, draft_quantization=draft_quantization,

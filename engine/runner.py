@@ -85,21 +85,23 @@ class ModelRunner:
                 raise ValueError("cuda_graphs=True needs a CUDA device")
             self.graphs = StepGraphs(model, cache, max_graph_batch, self.max_context, max_graph_width)
 
-    def run(self, items: list[WorkItem], ids: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None) -> torch.Tensor:
         """fp32 logits [rows, V]: one row per item, or one per token for `all_logits` items.
-        ids: for a step of one token per item, those tokens already on the device (int64 [items]),
-        read in place of the items' token_ids: a step can take the tokens the previous one picked
-        without the host reading them (which waits for the device)."""
-        if ids is not None and (len(ids) != len(items) or any(len(it.token_ids) != 1 for it in items)):
-            raise ValueError(f"run: device ids ({len(ids)}) need one single-token item each ({len(items)} items)")
-        if self.graphs is not None and self.graphs.accepts(items):
-            return self.graphs.run(items, ids)
+        ids: tokens already on the device (int64), read in place of the items' token_ids at the flat
+        batch's token positions `at` (default: every position, one token per item): a step takes
+        the tokens a step before picked without the host reading them (which waits for the device)."""
+        n = sum(len(it.token_ids) for it in items)
+        if ids is not None and len(ids) != (n if at is None else len(at)):
+            raise ValueError(f"run: {len(ids)} device ids for {n if at is None else len(at)} positions")
+        if self.graphs is not None and self.graphs.accepts(items) and (ids is None or n == len(items)):
+            return self.graphs.run(items, ids, at)
         meta, rows = build_metadata(items, self.cache, self.device)
-        if ids is None:
-            ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device,
-                                                                                                 non_blocking=True)
+        flat = ids if ids is not None and at is None else torch.tensor(
+            [t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device, non_blocking=True)
+        if ids is not None and at is not None:
+            flat.index_copy_(0, torch.tensor(at).to(self.device, non_blocking=True), ids)
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        return self.model.forward(ids, meta, self.cache, logits_indices=idx)
+        return self.model.forward(flat, meta, self.cache, logits_indices=idx)
 
     def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16))) -> int:
         """Before serving: run eager prefill steps of the given sequence lengths (on a GPU this compiles
@@ -266,13 +268,18 @@ class StepGraphs:
             self.copied.record()
         return wanted
 
-    def run(self, items: list[WorkItem], ids: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None) -> torch.Tensor:
         n, w = len(items), max(len(it.token_ids) for it in items)
         b = self._bucket(n, w)
         every = w > 1 and any(it.all_logits for it in items)
         wanted = self._fill(items, b, w, every)
-        if ids is not None:  # (w = 1) the step's tokens from the device, after the copy of the host's
-            self.ids[:n].copy_(ids)
+        if ids is not None:  # tokens from the device, over the host's (copied before them)
+            if w != 1:
+                raise ValueError("StepGraphs.run: device ids are for decode-shaped steps (one token a sequence)")
+            if at is None:
+                self.ids[:n].copy_(ids)
+            else:  # (w = 1: flat position i is row i)
+                self.ids.index_copy_(0, torch.tensor(at).to(self.ids.device, non_blocking=True), ids)
         key = (b, w, every)
         if key not in self.graphs:
             self.graphs[key] = self._record(self._step(b, w, every))

@@ -256,8 +256,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """One token per row of fp32 logits [B, V] (penalties already applied) -> int64 [B]."""
     out = greedy(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        out[rows] = draw(probs(logits[rows], [params[i] for i in rows]), [generators[i] for i in rows])
+    if len(rows) == len(params):
+        return draw(probs(logits, params), generators)
+    if rows:  # (row indices copied without the host waiting for the device)
+        idx = torch.tensor(rows).to(logits.device, non_blocking=True)
+        out.index_copy_(0, idx, draw(probs(logits[idx], [params[i] for i in rows]), [generators[i] for i in rows]))
     return out
 
 

@@ -78,12 +78,14 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, skip=frozenset()) -> SchedulerOutput:
+        """The next batch; running sequences whose seq_id is in `skip` sit this step out (the engine's
+        async scheduling: their last token, not read yet, is certain to end them)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         gone: set[int] = set()  # ids of sequences preempted during this schedule()
         for seq in list(self.running):
-            if id(seq) in gone:  # preempted while making room for an older sequence
+            if id(seq) in gone or seq.seq_id in skip:  # (gone: preempted to make room for an older one)
                 continue
             if budget == 0:
                 break

@@ -67,6 +67,9 @@ class Sequence:
     prompt_logprobs: list[dict] | None = None  # see RequestOutput; filled as prompt chunks run (index 0 only)
     delta: str = ""
     lookahead: int = 0               # speculative tokens to verify next step (set by the engine)
+    pending: int = 0                 # sampled tokens the host has not read yet (async scheduling): they
+    #                                  count in num_tokens; tokens() never reaches them (the engine feeds
+    #                                  them to the next step from the device)
     spec_proposed: int = 0
     spec_accepted: int = 0
     spec_steps: int = 0
@@ -132,7 +135,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
 
     @property
     def finished(self) -> bool:

@@ -1,5 +1,7 @@
 """Offline throughput: gemforge's continuous batching against HF transformers `generate` (batched,
-left-padded) on the same checkpoint in the same run, with 1, 8 and 64 concurrent requests.
+left-padded) on the same checkpoint in the same run, with 1, 8 and 64 concurrent requests. On a GPU
+gemforge also runs with async scheduling off (`gemforge_sync_tok_s`: each step's tokens read before
+the next step is launched), interleaved with the rest: what the overlap buys.
 
     python benchmarks/engine/bench_throughput.py --model models/nano-codegemma
 """
@@ -24,11 +26,20 @@ def prompts_for(llm: LLM, n: int, seed: int = 0) -> list[list[int]]:
     return [[llm.tokenizer.bos_id] + ids[: rng.randrange(16, min(96, len(ids)))] for _ in range(n)]
 
 
-def gemforge_run(llm: LLM, prompts, max_tokens: int):
-    """A timed callable: all prompts through LLM.generate; returns the tokens generated."""
+def gemforge_run(llm: LLM, prompts, max_tokens: int, async_scheduling: bool | None = None):
+    """A timed callable: all prompts through LLM.generate (async scheduling as given, else the
+    engine's default); returns the tokens generated."""
     p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    default = llm.engine.async_scheduling
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)  # warm-up
-    return lambda: sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, p, use_tqdm=False))
+
+    def run():
+        llm.engine.async_scheduling = default if async_scheduling is None else async_scheduling
+        try:
+            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, p, use_tqdm=False))
+        finally:
+            llm.engine.async_scheduling = default
+    return run
 
 
 def hf_run(model, prompts, max_tokens: int, device: str):
@@ -67,8 +78,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="both engines run in this dtype (auto: gemforge's choice)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (the best counts)")
+    ap.add_argument("--async-ab", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time gemforge with async scheduling off (default: on a GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    ab = args.async_ab if args.async_ab is not None else args.device.startswith("cuda")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, max_num_seqs=max(args.concurrency),
               enable_prefix_caching=False)  # repeats would find their prompts cached; HF has no such cache
     from transformers import GemmaForCausalLM
@@ -77,11 +91,18 @@ def main(argv=None) -> list[dict]:
     rows = []
     for n in args.concurrency:
         prompts = prompts_for(llm, n)
-        best = best_tok_s({"gemforge": gemforge_run(llm, prompts, args.max_tokens),
-                           "hf": hf_run(hf, prompts, args.max_tokens, args.device)}, args.repeats)
-        emit(rows, {"concurrency": n, "gemforge_tok_s": round(best["gemforge"], 1), "hf_generate_tok_s":
-                     round(best["hf"], 1), "ratio": round(best["gemforge"] / best["hf"], 2), "repeats": args.repeats,
-                     "device": args.device, "dtype": str(llm.engine.dtype)})
+        runs = {"gemforge": gemforge_run(llm, prompts, args.max_tokens),
+                "hf": hf_run(hf, prompts, args.max_tokens, args.device)}
+        if ab:
+            runs["sync"] = gemforge_run(llm, prompts, args.max_tokens, async_scheduling=False)
+        best = best_tok_s(runs, args.repeats)
+        row = {"concurrency": n, "gemforge_tok_s": round(best["gemforge"], 1), "hf_generate_tok_s":
+               round(best["hf"], 1), "ratio": round(best["gemforge"] / best["hf"], 2), "repeats": args.repeats,
+               "device": args.device, "dtype": str(llm.engine.dtype),
+               "async_scheduling": llm.engine.async_scheduling}
+        if ab:
+            row.update(gemforge_sync_tok_s=round(best["sync"], 1), async_speedup=round(best["gemforge"] / best["sync"], 3))
+        emit(rows, row)
     return save(rows, args.out)
 
 

@@ -9,10 +9,11 @@ from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 
 
-@pytest.fixture
-def aengine(make_checkpoint):
+@pytest.fixture(params=[False, True], ids=["sync", "async"])  # the engine's async scheduling (the GPU default)
+def aengine(make_checkpoint, request):
     d, _ = make_checkpoint("mqa", seed=4)
-    return AsyncEngine(Engine(d, EngineConfig(dtype="float32", device="cpu", kv_cache_tokens=1024), progress=False))
+    return AsyncEngine(Engine(d, EngineConfig(dtype="float32", device="cpu", kv_cache_tokens=1024,
+                                              async_scheduling=request.param), progress=False))
 
 
 async def collect(engine, rid, prompt, params):
@@ -138,11 +139,11 @@ def test_step_failure_fails_requests_but_engine_continues(aengine, monkeypatch):
     real = aengine.engine.runner.run
     calls = {"n": 0}
 
-    def flaky(items):
+    def flaky(items, *device_ids):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected fault")
-        return real(items)
+        return real(items, *device_ids)
 
     monkeypatch.setattr(aengine.engine.runner, "run", flaky)
 

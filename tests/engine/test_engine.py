@@ -1,5 +1,7 @@
 """Continuous batching: many concurrent requests, preemption, chunked prefill, aborts, seeds.
-Invariants (no block owned twice, free + used == total) are checked after every step."""
+Invariants (no block owned twice, free + used == total) are checked after every step. Every test
+runs twice: with async scheduling (each step launched before the previous one's tokens are read)
+and without; on a CPU it only reorders the host's work, and the outputs must not change."""
 import os
 import random
 
@@ -12,8 +14,18 @@ from gemforge.engine.engine import Engine, EngineConfig
 from test_hf_parity import hf_greedy
 
 
+SCHEDULING = {"async_scheduling": False}  # what make_engine passes unless told: set per test below
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request):
+    SCHEDULING["async_scheduling"] = request.param
+    yield request.param
+    SCHEDULING["async_scheduling"] = False
+
+
 def make_engine(d, **kw):
-    ec = EngineConfig(dtype="float32", device="cpu", **kw)
+    ec = EngineConfig(dtype="float32", device="cpu", **{**SCHEDULING, **kw})
     return Engine(d, ec, progress=False)
 
 
@@ -217,7 +229,7 @@ def test_random_engines_with_aborts_preemption_and_speculation(make_checkpoint, 
         dtype="float32", device="cpu", draft_model=rng.choice([draft, "[ngram]", None]),
         num_speculative_tokens=rng.randrange(1, 5), adaptive_lookahead=rng.random() < 0.5,
         kv_cache_tokens=rng.choice([256, 512, 4096]), max_num_batched_tokens=rng.choice([32, 64, 2048]),
-        max_num_seqs=rng.choice([4, 16])), progress=False)
+        max_num_seqs=rng.choice([4, 16]), **SCHEDULING), progress=False)
     prompts = prompts_of(20, seed=seed)
     reqs = [(f"r{i}", prompts[i % 6] if i % 2 else prompts[i], random_params(rng, eng.cfg.vocab_size))
             for i in range(20)]

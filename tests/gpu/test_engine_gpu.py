@@ -192,3 +192,36 @@ def async_speculation_on(device: str, overlap: bool | None = None, warmup: bool 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_async_engine_speculation_on_the_gpu(warmup):
     async_speculation_on("cuda", warmup=warmup)
+
+
+def test_async_scheduling_keeps_the_output_on_the_gpu():
+    """The nano model on the GPU (CUDA graphs, warm-up): with async scheduling (the default there:
+    each step launched before the previous step's tokens are read, decode steps taking them from the
+    device through the graphs' input buffer) the outputs equal those of reading each step first, with
+    requests arriving mid-run, seeded sampling, and a logprobs request switching steps to reading
+    first while it runs. (ignore_eos everywhere: a stop would add a step in vain, and a batch of
+    another size may round differently in cuBLAS.)"""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from test_async_scheduling import drive
+
+    from gemforge.engine import SamplingParams
+    from gemforge.engine.engine import Engine, EngineConfig
+
+    model = Path(__file__).resolve().parents[2] / "models" / "nano-codegemma"
+    prompts = [f"def f{i}(x):\n    return x * {i} + " for i in range(8)]
+    base = [(f"r{i}", prompts[i], SamplingParams(max_tokens=6 + 5 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
+                                                 ignore_eos=True)) for i in range(6)]
+    late = [("lp", prompts[6], SamplingParams(max_tokens=5, temperature=0.0, logprobs=2, ignore_eos=True)),
+            ("more", prompts[7], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))]
+    outs = {}
+    for a in (False, True):
+        eng = Engine(model, EngineConfig(dtype="float32", device="cuda", kv_cache_tokens=8192, max_num_seqs=8,
+                                         async_scheduling=a), progress=False)
+        assert eng.async_scheduling == a and eng.runner.graphs is not None
+        outs[a] = drive(eng, base, late)[1]
+    for rid, want in outs[False].items():
+        got = outs[True][rid].outputs[0]
+        assert (got.token_ids, got.text) == (want.outputs[0].token_ids, want.outputs[0].text), rid

@@ -17,7 +17,19 @@ def body(prompt, **kw):
     return {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True} | kw
 
 
-def test_200_concurrent_streams_with_random_disconnects(server):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_200_concurrent_streams_with_random_disconnects(server, checkpoint, async_scheduling):
+    """(async_scheduling: on a server of its own whose engine launches each step before reading the
+    last one's tokens, the GPU default: the same texts, and nothing is left behind.)"""
+    own = start_server(checkpoint, engine_kw=dict(async_scheduling=True)) if async_scheduling else None
+    try:
+        run_200_streams(own or server)
+    finally:
+        if own is not None:
+            own.stop()
+
+
+def run_200_streams(server):
     rng = random.Random(0)
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
         alone = [c.post("/v1/completions", json=body(p)).json()["choices"][0]["text"] for p in PROMPTS]
