@@ -88,11 +88,30 @@ class Request:
 
 @dataclass
 class InFlight:
-    """A step whose sampled tokens the host has not read: its sampling sequences, in row order, and
-    their tokens on the device."""
+    """A step whose sampled tokens the host has not read: its sampling sequences, in row order, their
+    tokens on the device, and (on a GPU) a copy on its way to pinned host memory with an event after
+    it: reading waits for that step alone, where reading the device tensor would wait for everything
+    queued on the stream since, the next step included."""
     seqs: list
     tokens: torch.Tensor
+    host: torch.Tensor
+    copied: object = None  # torch.cuda.Event, or None where tokens are host memory already
     _rows: dict | None = None
+
+    @classmethod
+    def launch(cls, seqs: list, tokens: torch.Tensor) -> "InFlight":
+        if tokens.device.type != "cuda":
+            return cls(seqs, tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(seqs, tokens, host, copied)
+
+    def read(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
     def row(self, seq) -> int:
         if self._rows is None:
@@ -458,7 +477,7 @@ class Engine:
             picked = logits if len(plain) == len(logits) else logits[  # (all rows: no copy)
                 torch.tensor([rows[i].stop - 1 for i in plain]).to(logits.device, non_blocking=True)]
             if overlap:  # read next call, after the next step is launched
-                self._inflight = InFlight(seqs, self._pick(seqs, picked))
+                self._inflight = InFlight.launch(seqs, self._pick(seqs, picked))
                 for s in seqs:
                     s.pending += 1
             else:
@@ -562,7 +581,7 @@ class Engine:
     def _resolve(self, inflight: "InFlight", touched: dict) -> None:
         """Read the tokens of a step launched earlier and append them (a sequence that finished or
         was aborted since drops its own)."""
-        for s, tok in zip(inflight.seqs, inflight.tokens.tolist()):
+        for s, tok in zip(inflight.seqs, inflight.read()):
             s.pending -= 1
             if not s.finished:
                 self._append(s, (tok,), (None,), touched)
