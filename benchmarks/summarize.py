@@ -90,8 +90,9 @@ def main(outdir: str) -> None:
     if decode:
         parts.append("## End-to-end greedy decode (random weights, real shapes, prompt 128)\n")
         steps = [r for r in decode if "batch" in r]
-        parts.append(table(steps, ["model", "dtype", "weights", "batch", "gemforge_tok_s", "gemforge_eager_tok_s",
-                                   "roofline_tok_s", "roofline_frac", "hf_static_tok_s", "speedup_vs_hf"]) + "\n")
+        parts.append(table(steps, ["model", "dtype", "weights", "batch", "gemforge_tok_s", "gemforge_async_tok_s",
+                                   "gemforge_eager_tok_s", "roofline_tok_s", "roofline_frac", "async_roofline_frac",
+                                   "hf_static_tok_s", "speedup_vs_hf"]) + "\n")
         windows = [r for r in decode if "verify_window" in r]
         if windows:
             parts.append("### Speculative verify window cost (batch 1)\n")

@@ -1,8 +1,10 @@
 """End-to-end decode speed on random-weight checkpoints of the real CodeGemma shapes.
 
 For each model and batch size: prefill `--prompt-len` tokens per sequence, then time `--steps`
-greedy decode steps through gemforge's runner (host work, metadata and sampling included), and
-the same with HF transformers `generate` (static cache) on the same weights. Reports tokens/s and
+greedy decode steps through gemforge's runner (host work, metadata and sampling included), each
+step's tokens read before the next step (`gemforge_tok_s`) and, as the engine's async scheduling
+runs them, read while the next step runs (`gemforge_async_tok_s`), and the same with HF
+transformers `generate` (static cache) on the same weights. Reports tokens/s and
 the fraction of the bandwidth roofline: (weight bytes + KV bytes read per step) / copy bandwidth.
 
     python benchmarks/engine/bench_decode.py --models codegemma-2b codegemma-7b --batches 1 8 64 \
@@ -23,6 +25,7 @@ from gemforge.engine.loader import weights_from_state_dict
 from gemforge.engine.model import GemmaModel
 from gemforge.engine.quantization import QuantConfig
 from gemforge.engine.runner import ModelRunner, WorkItem
+from gemforge.engine.sampling import greedy
 
 from report import emit, save
 
@@ -53,7 +56,10 @@ def hf_model(cfg: ModelConfig, dtype, device):
 
 
 def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, cuda_graphs: bool,
-                   block_size: int = 16) -> dict:
+                   block_size: int = 16, overlap: bool = False) -> dict:
+    """Greedy decode steps through the runner. overlap: as the engine's async scheduling runs them,
+    each step launched with the previous step's tokens from the device before the host reads those
+    (from a pinned copy behind an event); else each step's tokens are read before the next."""
     cfg = model.cfg
     total = prompt_len + steps + 1
     cache = KVCache(cfg.num_layers, batch * -(-total // block_size), block_size, cfg.num_kv_heads,
@@ -71,16 +77,42 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
             cache.blocks.append(i, 1)
         return runner.run([WorkItem(i, [last[i]], pos) for i in range(batch)]).argmax(-1).tolist()
 
+    def launch(pos, ids):  # -> the step's tokens on the device, their host copy, the event after it
+        for i in range(batch):
+            cache.blocks.append(i, 1)
+        nxt = greedy(runner.run([WorkItem(i, [0], pos) for i in range(batch)], ids))
+        host = torch.empty(batch, dtype=torch.int64, pin_memory=nxt.is_cuda).copy_(nxt, non_blocking=True)
+        event = torch.cuda.Event() if nxt.is_cuda else None
+        if event is not None:
+            event.record()
+        return nxt, host, event
+
+    def read(pending):
+        if pending[2] is not None:
+            pending[2].synchronize()
+        return pending[1].tolist()
+
     last = step(prompt_len)  # warm-up (compiles Triton kernels)
+    first = torch.tensor(last, device=model.device)
     sync()
     t = time.perf_counter()
-    for s in range(steps):
-        last = step(prompt_len + 1 + s)
+    decoded = []  # each step's tokens
+    if overlap:
+        pending = launch(prompt_len + 1, first)
+        for s in range(1, steps):
+            nxt = launch(prompt_len + 1 + s, pending[0])
+            decoded.append(read(pending))  # step s - 1's tokens, while step s runs
+            pending = nxt
+        decoded.append(read(pending))
+    else:
+        for s in range(steps):
+            last = step(prompt_len + 1 + s)
+            decoded.append(last)
     sync()
     dt = (time.perf_counter() - t) / steps
     kv_bytes = batch * (prompt_len + steps // 2) * KVCache.bytes_per_token(
         cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.tensor([], dtype=model.dtype).element_size())
-    return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt, "kv_bytes": kv_bytes}
+    return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt, "kv_bytes": kv_bytes, "tokens": decoded}
 
 
 def bench_window(model: GemmaModel, window: int, prompt_len: int, cuda_graphs: bool, iters: int = 20,
@@ -141,6 +173,8 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
         ours = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=graphs)
         row.update({"gemforge_tok_s": round(ours["tokens_per_s"], 1), "gemforge_step_ms": round(ours["step_ms"], 3),
                     "cuda_graphs": graphs})
+        overlapped = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=graphs, overlap=True)
+        row["gemforge_async_tok_s"] = round(overlapped["tokens_per_s"], 1)
         if graphs:
             eager = bench_gemforge(model, b, args.prompt_len, args.steps, cuda_graphs=False)
             row["gemforge_eager_tok_s"] = round(eager["tokens_per_s"], 1)
@@ -148,6 +182,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
             roof_s = (wbytes + ours["kv_bytes"]) / (args.bandwidth_GBps * 1e9)
             row["roofline_tok_s"] = round(b / roof_s, 1)
             row["roofline_frac"] = round(row["gemforge_tok_s"] / row["roofline_tok_s"], 3)
+            row["async_roofline_frac"] = round(row["gemforge_async_tok_s"] / row["roofline_tok_s"], 3)
         if method == "none" and not args.no_hf:
             try:
                 peer = bench_hf(hf, b, args.prompt_len, args.steps, cfg.vocab_size, device)
