@@ -237,15 +237,16 @@ class Engine:
     @torch.inference_mode()
     def warmup(self) -> int:
         """Compile the kernels (eager prefill steps over scratch blocks, the greedy pick) and capture
-        the CUDA graph of every step shape serving replays, for every batch bucket: decode steps, and
-        with speculation the target's verify windows of 2..k+1 tokens and the draft's one- and
-        two-token steps. Serving then never stops to compile or capture (each capture is a few eager
-        forwards; Triton's first compile of a kernel takes seconds). Returns the graphs captured."""
+        the CUDA graph of every step shape serving replays, for every batch bucket: decode steps,
+        ragged steps (prompt chunks beside decodes) for every flat-token bucket, and with speculation
+        the target's verify windows of 2..k+1 tokens and the draft's one- and two-token steps.
+        Serving then never stops to compile or capture (each capture is a few eager forwards;
+        Triton's first compile of a kernel takes seconds). Returns the graphs captured."""
         t = time.perf_counter()
         k = self.ec.num_speculative_tokens if self.drafter is not None else 0
-        graphs = self.runner.warmup([(1, False)] + [(w, True) for w in range(2, k + 2)])
+        graphs = self.runner.warmup([(1, False)] + [(w, True) for w in range(2, k + 2)], ragged=True)
         if self.drafter is not None and self.drafter.model is not None:
-            graphs += self.drafter.runner.warmup([(1, False), (2, False)])
+            graphs += self.drafter.runner.warmup([(1, False), (2, False)], ragged=True)
         for rows in (1, 2):
             greedy(torch.zeros(rows, self.cfg.vocab_size, device=self.device))
         log.info("gemforge: warm-up: kernels compiled, %d CUDA graphs captured in %.1f s", graphs,

@@ -93,8 +93,11 @@ class ModelRunner:
         n = sum(len(it.token_ids) for it in items)
         if ids is not None and len(ids) != (n if at is None else len(at)):
             raise ValueError(f"run: {len(ids)} device ids for {n if at is None else len(at)} positions")
-        if self.graphs is not None and self.graphs.accepts(items) and (ids is None or n == len(items)):
+        if self.graphs is not None and self.graphs.accepts(items, ids is not None):
             return self.graphs.run(items, ids, at)
+        return self._eager(items, ids, at)
+
+    def _eager(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None):
         meta, rows = build_metadata(items, self.cache, self.device)
         flat = ids if ids is not None and at is None else torch.tensor(
             [t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device, non_blocking=True)
@@ -103,11 +106,12 @@ class ModelRunner:
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model.forward(flat, meta, self.cache, logits_indices=idx)
 
-    def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16))) -> int:
+    def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16)), ragged: bool = False) -> int:
         """Before serving: run eager prefill steps of the given sequence lengths (on a GPU this compiles
-        the Triton kernels for one and several sequences, token counts that are and are not multiples
-        of 16) over scratch blocks it then frees, and capture the graphs of the given (width, every
-        row's logits) step shapes for every batch bucket. Returns how many graphs it captured."""
+        the Triton kernels of steps too large for graphs for one and several sequences, token counts
+        that are and are not multiples of 16) over scratch blocks it then frees, and capture the graphs of the given (width, every
+        row's logits) step shapes for every batch bucket, with `ragged` those of ragged steps too.
+        Returns how many graphs it captured."""
         blocks = self.cache.blocks
         for lengths in prefill_steps:
             lengths = [min(n, self.max_context) for n in lengths]
@@ -117,11 +121,11 @@ class ModelRunner:
             try:
                 for sid, n in zip(sids, lengths):
                     blocks.append(sid, n)
-                self.run([WorkItem(sid, [0] * n, 0) for sid, n in zip(sids, lengths)])
+                self._eager([WorkItem(sid, [0] * n, 0) for sid, n in zip(sids, lengths)])
             finally:
                 for sid in sids:
                     blocks.free(sid)
-        return self.graphs.warmup(graph_shapes) if self.graphs is not None else 0
+        return self.graphs.warmup(graph_shapes, ragged) if self.graphs is not None else 0
 
 
 class StepGraphs:
@@ -136,9 +140,18 @@ class StepGraphs:
     sequences (context w over block 0: harmless reads). Padding rows' logits are dropped. Attention
     is captured with the longest context, so kernels size their grids for it and stop at each row's
     real length. Windows are captured up to MAX_WINDOW_TOKENS flat rows (b w): beyond that, batches
-    are large enough that launches are not the bottleneck."""
+    are large enough that launches are not the bottleneck.
+
+    Ragged steps (prompt chunks beside decode tokens, wanting each sequence's last row) up to the
+    largest of RAGGED_TOKENS flat tokens have graphs of their own, one per (flat-token bucket T,
+    batch bucket b): the real tokens first, as the eager batch lays them out, then the T - N padding
+    tokens as sequences of their own (slots -1, positions 0.., context their count, over block 0;
+    one unless a block-table row holds fewer slots), then sequences of no tokens up to b; attention is captured for a query length of T,
+    so it tiles any layout of up to T tokens. Serving with arrivals makes many steps ragged; run
+    eagerly, a step's ~10 launches a layer from Python can outlast a small model's device time."""
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     MAX_WINDOW_TOKENS = 256
+    RAGGED_TOKENS = (16, 32, 64, 128, 256, 512)
 
     def __init__(self, model: GemmaModel, cache: KVCache, max_batch: int, max_context: int, max_width: int = 1):
         self.model, self.cache = model, cache
@@ -146,7 +159,8 @@ class StepGraphs:
         self.max_context, self.max_width = max_context, max_width
         self.width = -(-(max_context + max_width - 1) // cache.block_size)  # block-table columns
         dev, B = model.device, max_batch
-        T = max(B, self.MAX_WINDOW_TOKENS) if max_width > 1 else B  # flat rows
+        rows = max(B, self.MAX_WINDOW_TOKENS) if max_width > 1 else B  # logits rows: windows want every row
+        T = max(rows, self.RAGGED_TOKENS[-1])  # flat rows
         self.T, self.B = T, B
         # Inputs in two device buffers, each filled by ONE copy from a pinned host twin a step: int64
         # [ids T | positions T | slots T | last_rows B], int32 [context B | cu B+1 | pad | tables B x width]
@@ -164,21 +178,40 @@ class StepGraphs:
         self.tables = self.i32[self.t0:].view(B, self.width)
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
         # every graph writes its logits here (each graph keeping its own would hold up to GBs at V = 256k)
-        self.logits = torch.empty(T, model.cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.logits = torch.empty(rows, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
+        self.ragged: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}  # (T, b) -> (replay, logits)
         self.pool = None
 
     def _bucket(self, n: int, w: int) -> int | None:
         b = next((x for x in self.buckets if x >= n), None)
         return b if b is not None and (w == 1 or b * w <= self.MAX_WINDOW_TOKENS) else None
 
-    def accepts(self, items: list[WorkItem]) -> bool:
+    def _ragged_bucket(self, n: int, tokens: int) -> tuple[int, int] | None:
+        """(T, b) of a ragged step of n sequences and `tokens` tokens (b counts the padding's sequences)."""
+        T = next((t for t in self.RAGGED_TOKENS if t >= tokens), None)
+        b = None if T is None else next((x for x in self.buckets if x >= n + self._pad_seqs(T - tokens)), None)
+        return None if b is None else (T, b)
+
+    def _pad_seqs(self, pad: int) -> int:
+        """Sequences that hold `pad` padding tokens: each at most a block-table row's slots."""
+        return -(-pad // (self.width * self.cache.block_size))
+
+    def _uniform(self, items: list[WorkItem], device_ids: bool = False) -> bool:
+        """Whether `items` is a step of the (b, w, every) graphs (device tokens: decode steps only)."""
+        w = max(len(it.token_ids) for it in items)
+        return w <= self.max_width and self._bucket(len(items), w) is not None and (w == 1 or not device_ids)
+
+    def accepts(self, items: list[WorkItem], device_ids: bool = False) -> bool:
+        """Whether a graph runs `items` (`device_ids`: some of its tokens come from the device)."""
         if not items:
             return False
-        w, tables = max(len(it.token_ids) for it in items), self.cache.blocks.tables
-        return (w <= self.max_width and self._bucket(len(items), w) is not None
-                and all(it.token_ids and it.start + len(it.token_ids) <= self.max_context
-                        and len(tables[it.seq_id]) <= self.width for it in items))
+        tables = self.cache.blocks.tables
+        if not all(it.token_ids and it.start + len(it.token_ids) <= self.max_context
+                   and len(tables[it.seq_id]) <= self.width for it in items):
+            return False
+        return self._uniform(items, device_ids) or (not any(it.all_logits for it in items) and self._ragged_bucket(
+            len(items), sum(len(it.token_ids) for it in items)) is not None)
 
     def _step(self, b: int, w: int, every: bool):
         """The forward over the first b sequences of the buffers at width w, as a call to capture."""
@@ -189,6 +222,14 @@ class StepGraphs:
         rows = None if every or w == 1 else self.last_rows[:b]
         out = self.logits[: b * w if every else b]
         return lambda: self.model.forward(self.ids[: b * w], meta, self.cache, logits_indices=rows, out=out)
+
+    def _ragged_step(self, T: int, b: int):
+        """The forward over T flat tokens of b sequences (the buffers' ragged layout), as a call to capture."""
+        meta = AttnMetadata(positions=self.positions[:T], cu_seqlens_q=self.cu[: b + 1], context_lens=self.context[:b],
+                            block_tables=self.tables[:b], slot_mapping=self.slots[:T], max_query_len=T,
+                            max_context_len=self.max_context)
+        out, rows = self.logits[:b], self.last_rows[:b]
+        return lambda: self.model.forward(self.ids[:T], meta, self.cache, logits_indices=rows, out=out)
 
     def _record(self, step):
         """(replay, output) of `step` captured in a CUDA graph (all graphs share one memory pool and
@@ -215,11 +256,24 @@ class StepGraphs:
         self.graphs[(b, w, every)] = self._record(self._step(b, w, every))
         return True
 
-    def warmup(self, shapes) -> int:
+    def capture_ragged(self, T: int, b: int) -> bool:
+        """Capture the ragged graph of (T, b) now, over padding only, unless it exists or b sequences
+        cannot hold T padding tokens; True if it captured."""
+        if (T, b) in self.ragged or T not in self.RAGGED_TOKENS or b not in self.buckets or self._pad_seqs(T) > b:
+            return False
+        self._fill_ragged([], T, b)
+        self.ragged[(T, b)] = self._record(self._ragged_step(T, b))
+        return True
+
+    def warmup(self, shapes, ragged: bool = False) -> int:
         """Capture, for every batch bucket, the graphs of the given (width, every row's logits) step
-        shapes, so that serving never stops to capture (or to compile the kernels a capture runs).
-        Returns how many graphs it captured."""
-        return sum(self.capture(b, w, every) for w, every in shapes for b in self.buckets)
+        shapes, and with `ragged` those of ragged steps for every flat-token bucket, so that serving
+        never stops to capture (or to compile the kernels a capture runs). Returns how many graphs it
+        captured."""
+        count = sum(self.capture(b, w, every) for w, every in shapes for b in self.buckets)
+        if ragged:
+            count += sum(self.capture_ragged(T, b) for T in self.RAGGED_TOKENS for b in self.buckets)
+        return count
 
     def _fill(self, items: list[WorkItem], b: int, w: int, every: bool) -> list[int]:
         """Write the inputs of `items` padded to b sequences of width w into the device buffers (one
@@ -249,37 +303,69 @@ class StepGraphs:
             slots += [-1] * (pad * w)
             ctx += [w] * pad
             last += [(n + j) * w + w - 1 for j in range(pad)]
+        cu = None
+        if self.cu_width != w:  # the sequences' row offsets: i w
+            cu, self.cu_width = range(0, (B + 1) * w, w), w
+        self._upload(items, b, ids, pos, slots, ctx, cu, last if w > 1 and not every else None)
+        return wanted
+
+    def _fill_ragged(self, items: list[WorkItem], T: int, b: int) -> None:
+        """Write the inputs of ragged `items` in T flat rows and b sequences (see the class) into the
+        device buffers."""
+        blocks, ids, pos, slots, cu, ctx, last = self.cache.blocks, [], [], [], [0], [], []
+        for it in items:
+            k, p = len(it.token_ids), it.start
+            ids += it.token_ids
+            pos += range(p, p + k)
+            slots += blocks.slots(it.seq_id, p, k)
+            cu.append(cu[-1] + k)
+            ctx.append(p + k)
+            last.append(cu[-1] - 1)
+        pad, cap = T - cu[-1], self.width * self.cache.block_size
+        while pad:
+            k = min(pad, cap)
+            ids += [0] * k
+            pos += range(k)
+            slots += [-1] * k
+            cu.append(cu[-1] + k)
+            ctx.append(k)
+            last.append(cu[-1] - 1)
+            pad -= k
+        empty = b + 1 - len(cu)
+        cu += [T] * (empty + self.B - b)  # sequences of no tokens, to the end of the buffer
+        self.cu_width = None
+        self._upload(items, b, ids, pos, slots, ctx + [0] * empty, cu, last + [T - 1] * empty)
+
+    def _upload(self, items: list[WorkItem], b: int, ids, pos, slots, ctx, cu, last) -> None:
+        """Host lists into the pinned twins (cu and last left as they are when None), the tables of
+        `items` padded to b rows, and ONE copy of each twin to the device buffers."""
+        T, B = self.T, self.B
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copies have read the host twins
-        h64, h32, rows = self.h64.numpy(), self.h32.numpy(), b * w
+        h64, h32, rows = self.h64.numpy(), self.h32.numpy(), len(ids)
         h64[:rows], h64[T: T + rows], h64[2 * T: 2 * T + rows] = ids, pos, slots
-        if w > 1 and not every:
+        if last is not None:
             h64[3 * T: 3 * T + b] = last
         h32[:b] = ctx
-        if self.cu_width != w:  # the sequences' row offsets: i w
-            h32[B: 2 * B + 1] = range(0, (B + 1) * w, w)
-            self.cu_width = w
-        tables = padded_tables([blocks.tables[it.seq_id] for it in items], self.width, b)
+        if cu is not None:
+            h32[B: 2 * B + 1] = cu
+        tables = padded_tables([self.cache.blocks.tables[it.seq_id] for it in items], self.width, b)
         end = self.t0 + b * self.width
         h32[self.t0: end] = tables.view(-1).numpy()
         self.i64.copy_(self.h64, non_blocking=True)
         self.i32[:end].copy_(self.h32[:end], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
-        return wanted
 
     def run(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None) -> torch.Tensor:
         n, w = len(items), max(len(it.token_ids) for it in items)
+        if not self._uniform(items, ids is not None):
+            return self._run_ragged(items, ids, at)
         b = self._bucket(n, w)
         every = w > 1 and any(it.all_logits for it in items)
         wanted = self._fill(items, b, w, every)
-        if ids is not None:  # tokens from the device, over the host's (copied before them)
-            if w != 1:
-                raise ValueError("StepGraphs.run: device ids are for decode-shaped steps (one token a sequence)")
-            if at is None:
-                self.ids[:n].copy_(ids)
-            else:  # (w = 1: flat position i is row i)
-                self.ids.index_copy_(0, torch.tensor(at).to(self.ids.device, non_blocking=True), ids)
+        if ids is not None:  # tokens from the device, over the host's (copied before them; w = 1)
+            self._put_ids(ids, at, n)
         key = (b, w, every)
         if key not in self.graphs:
             self.graphs[key] = self._record(self._step(b, w, every))
@@ -290,3 +376,22 @@ class StepGraphs:
         if len(wanted) == n * w:  # every sequence a full window that wants all its rows
             return out[: n * w]
         return out[torch.tensor(wanted, device=out.device)]
+
+    def _run_ragged(self, items: list[WorkItem], ids: torch.Tensor | None, at: list[int] | None) -> torch.Tensor:
+        tokens = sum(len(it.token_ids) for it in items)
+        T, b = self._ragged_bucket(len(items), tokens)
+        self._fill_ragged(items, T, b)
+        if ids is not None:  # (the real tokens lead the flat rows as in the eager batch)
+            self._put_ids(ids, at, tokens)
+        if (T, b) not in self.ragged:
+            self.ragged[(T, b)] = self._record(self._ragged_step(T, b))
+        replay, out = self.ragged[(T, b)]
+        replay()
+        return out[: len(items)]
+
+    def _put_ids(self, ids: torch.Tensor, at: list[int] | None, n: int) -> None:
+        """Device tokens over the first n flat rows, or over rows `at` (after the host's copy)."""
+        if at is None:
+            self.ids[:n].copy_(ids)
+        else:
+            self.ids.index_copy_(0, torch.tensor(at).to(self.ids.device, non_blocking=True), ids)

@@ -97,8 +97,8 @@ def test_sequences_that_need_their_tokens_switch_steps_to_reading_first(ckpt):
 
 def test_decode_steps_take_device_tokens_through_the_step_graphs(ckpt):
     """With StepGraphs (rerun on CPU), decode steps copy the tokens in flight into the graph's input
-    buffer, and mixed steps (a prompt joining decodes) put them among the host's: the outputs equal
-    the synchronous engine's."""
+    buffer, and mixed steps (prompts joining decodes: ragged graphs) put them among the host's: the
+    outputs equal the synchronous engine's."""
     d = ckpt
     prompts = prompts_of(6, seed=12)
     reqs = [(f"r{i}", prompts[i], SamplingParams(max_tokens=4 + 2 * i, temperature=0.0, ignore_eos=True))
@@ -108,4 +108,4 @@ def test_decode_steps_take_device_tokens_through_the_step_graphs(ckpt):
     eng.runner.graphs = RerunGraphs(eng.model, eng.cache, 8, eng.max_model_len, 1)
     calls, got = drive(eng, reqs[:3], reqs[3:])
     assert {k: v.outputs[0].token_ids for k, v in got.items()} == {k: v.outputs[0].token_ids for k, v in want.items()}
-    assert eng.runner.graphs.graphs  # decode steps replayed graphs
+    assert eng.runner.graphs.graphs and eng.runner.graphs.ragged  # decode and mixed steps replayed graphs

@@ -53,23 +53,27 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
                       warm: bool = False):
     """Random steps over up to 6 sequences (bucket padding to 8 with max_batch 8): decode tokens,
     verify windows of up to 5 tokens with every row's logits, short catch-up feeds wanting the last
-    row, ragged mixes of all three, contexts up to the graph's limit, and rejected window tokens
-    rolled back; the logits and the cache equal the eager runner's at every step. `warm`: both
-    runners warm up first (scratch prefills; the graphed one captures every shape over padding),
-    and no step captures a graph after that."""
+    row, prompt chunks of 6-9 tokens (wider than any window: ragged graphs), mixes of all four,
+    contexts up to the graph's limit, and rejected window tokens rolled back; the logits and the
+    cache equal the eager runner's at every step. `warm`: both runners warm up first (scratch
+    prefills; the graphed one captures every shape over padding), and no step captures a graph
+    after that."""
     rng = random.Random(seed)
-    max_context, max_width = 48, 5
+    max_context, max_width = 64, 5
     eager, graphed, caches = runners(shape, 8, max_context, max_width, device, backend, graphs)
     if warm:
         free = caches[1].blocks.num_free
         shapes = [(w, every) for w in range(1, max_width + 1) for every in (False, True)]
-        assert eager.warmup(shapes) == 0
-        assert graphed.warmup(shapes) == 4 * (1 + 2 * (max_width - 1))  # buckets 1, 2, 4, 8; w = 1 has one mode
-        assert graphed.graphs.warmup(shapes) == 0  # nothing left to capture
+        assert eager.warmup(shapes, ragged=True) == 0
+        cap = graphed.graphs.width * BLOCK  # padding tokens a sequence holds: T = 512 needs 8 of them here
+        ragged = sum(-(-T // cap) <= b for T in graphed.graphs.RAGGED_TOKENS for b in (1, 2, 4, 8))
+        # buckets 1, 2, 4, 8; w = 1 has one mode
+        assert graphed.warmup(shapes, ragged=True) == 4 * (1 + 2 * (max_width - 1)) + ragged
+        assert graphed.graphs.warmup(shapes, ragged=True) == 0  # nothing left to capture
         for c in caches:  # the scratch prefills' blocks are back
             assert c.blocks.num_free == free and not c.blocks.tables
             c.blocks.check_invariants()
-        warmed = set(graphed.graphs.graphs)
+        warmed = set(graphed.graphs.graphs), set(graphed.graphs.ragged)
     lens = {}
     for s in range(6):  # prompts, eagerly
         n = rng.randint(1, 20)
@@ -81,27 +85,32 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
     widths, modes = set(), set()
     for step in range(30):
         live = [s for s in lens if lens[s] < max_context]
+        if not live:
+            break
         items = []
         for s in rng.sample(live, rng.randint(1, len(live))):
-            n = min(rng.choice([1, 1, 2, 3, 5]), max_context - lens[s])
+            n = min(rng.choice([1, 1, 2, 3, 5, rng.randint(6, 9)]), max_context - lens[s])
             both(caches, "append", s, n)
-            items.append(WorkItem(s, [rng.randrange(300) for _ in range(n)], lens[s], all_logits=rng.random() < 0.5))
-        assert graphed.graphs.accepts(items)
+            items.append(WorkItem(s, [rng.randrange(300) for _ in range(n)], lens[s],
+                                  all_logits=n <= max_width and rng.random() < 0.5))
+        wide = max(len(it.token_ids) for it in items) > max_width
+        assert graphed.graphs.accepts(items) == (not wide or not any(it.all_logits for it in items))
         want, got = eager.run(items), graphed.run(items)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         torch.testing.assert_close(caches[1].data, caches[0].data, rtol=tol, atol=tol)
         w = max(len(it.token_ids) for it in items)
         widths.add(w)
-        modes.add(w > 1 and any(it.all_logits for it in items))
+        modes.add("ragged" if wide else w > 1 and any(it.all_logits for it in items))
         for it in items:  # keep a random prefix of each window, as verification does
             n = len(it.token_ids)
             keep = rng.randint(1, n) if it.all_logits else n
             both(caches, "rollback", it.seq_id, n - keep)
             lens[it.seq_id] += keep
-    assert {1, 5} <= widths and modes == {False, True}
-    if warm:
-        assert set(graphed.graphs.graphs) == warmed  # every step replayed a warm-up capture
+    assert {1, 5} <= widths and modes == {False, True, "ragged"}
+    assert graphed.graphs.ragged  # (a ragged step wanting every row's logits runs eagerly)
+    if warm:  # every step replayed a warm-up capture
+        assert (set(graphed.graphs.graphs), set(graphed.graphs.ragged)) == warmed
     assert all(b in (1, 2, 4, 8) for b, _, _ in graphed.graphs.graphs)
     shared = graphed.graphs.logits.data_ptr()  # one logits buffer for all graphs
     assert all(out.data_ptr() == shared for _, out in graphed.graphs.graphs.values())
@@ -119,21 +128,28 @@ def test_warmed_up_graphs_serve_every_step(shape):
 
 
 def test_graphs_take_only_what_they_were_built_for():
-    """Steps wider than the widest window, batches past the largest bucket or past the window row
-    limit, and tokens past the context limit run eagerly."""
+    """Steps wider than the widest window, or batches past the window row limit, replay ragged graphs
+    unless they want every row's logits; batches past the largest bucket (the padding's sequence
+    counts), past the largest ragged token bucket, and tokens past the context limit run eagerly."""
     _, graphed, caches = runners("mqa", 8, 32, 3)
     for s in range(9):
         both(caches, "append", s, 31)
     g = graphed.graphs
-    assert g.accepts([WorkItem(s, [1], 30) for s in range(8)])
+    assert g.accepts([WorkItem(s, [1], 30) for s in range(8)]) and g._uniform([WorkItem(s, [1], 30) for s in range(8)])
     assert not g.accepts([WorkItem(s, [1], 30) for s in range(9)])    # 9 sequences > max_batch
     assert g.accepts([WorkItem(0, [1, 2, 3], 28)])
-    assert not g.accepts([WorkItem(0, [1, 2, 3, 4], 27)])             # 4 tokens > max_width
+    wide = [WorkItem(0, [1, 2, 3, 4], 27)]                             # 4 tokens > max_width: ragged
+    assert g.accepts(wide) and not g._uniform(wide) and g._ragged_bucket(1, 4) == (16, 2)
+    assert not g.accepts([WorkItem(0, [1, 2, 3, 4], 27, all_logits=True)])
     assert not g.accepts([WorkItem(0, [1, 2], 31)])                   # past max_context
     assert not g.accepts([])
+    assert g._ragged_bucket(8, 16) == (16, 8) and g._ragged_bucket(8, 15) is None  # no bucket for 8 + padding
+    assert g._ragged_bucket(1, 513) is None                                         # past the token buckets
     g.MAX_WINDOW_TOKENS = 12
     assert g.accepts([WorkItem(s, [1, 2, 3], 28) for s in range(4)])  # bucket 4 x 3 rows
-    assert not g.accepts([WorkItem(s, [1, 2, 3], 28) for s in range(5)])  # bucket 8 x 3 > 12 rows
+    five = [WorkItem(s, [1, 2, 3], 28) for s in range(5)]             # bucket 8 x 3 > 12 rows: ragged
+    assert g.accepts(five) and not g._uniform(five)
+    assert not g.accepts([WorkItem(s, [1, 2, 3], 28, all_logits=True) for s in range(5)])
     assert g.accepts([WorkItem(s, [1], 30) for s in range(8)])         # decode steps are not limited
 
 
@@ -157,8 +173,10 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
                 width = 2 if r is not eng.runner else (4 if draft_model else 1)
                 r.graphs = RerunGraphs(r.model, r.cache, 16, eng.max_model_len, width)
         free = eng.cache.blocks.num_free
-        # buckets 1, 2, 4, 8, 16: the target's decode steps and windows of 2..4, the draft's 1- and 2-token steps
-        assert eng.warmup() == (5 * 4 + 5 * 2 if draft_model else 5)
+        # buckets 1, 2, 4, 8, 16: the target's decode steps and windows of 2..4, the draft's 1- and 2-token
+        # steps, and each runner's ragged steps of 16..512 tokens
+        ragged = len(StepGraphs.RAGGED_TOKENS) * 5
+        assert eng.warmup() == (5 * 4 + 5 * 2 + 2 * ragged if draft_model else 5 + ragged)
         assert eng.cache.blocks.num_free == free and not eng.cache.blocks.tables
         return eng
 
@@ -173,6 +191,7 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
         assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
     target_keys, draft_keys = spec_engine.runner.graphs.graphs, spec_engine.drafter.runner.graphs.graphs
     assert len(target_keys) == 20 and len(draft_keys) == 10  # no step captured a graph of its own
+    assert len(spec_engine.runner.graphs.ragged) == len(spec_engine.drafter.runner.graphs.ragged) == 30
     assert any(w == 4 and every for _, w, every in target_keys), target_keys   # verify windows
     assert any(w == 2 and not every for _, w, every in draft_keys), draft_keys  # the draft catching up
     assert 0 < spec_engine.stats["spec_accepted"] < spec_engine.stats["spec_proposed"]
