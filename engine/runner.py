@@ -97,7 +97,8 @@ class ModelRunner:
             return self.graphs.run(items, ids, at)
         return self._eager(items, ids, at)
 
-    def _eager(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None):
+    def _eager(self, items: list[WorkItem], ids: torch.Tensor | None = None,
+               at: list[int] | None = None) -> torch.Tensor:
         meta, rows = build_metadata(items, self.cache, self.device)
         flat = ids if ids is not None and at is None else torch.tensor(
             [t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device, non_blocking=True)
@@ -108,10 +109,10 @@ class ModelRunner:
 
     def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16)), ragged: bool = False) -> int:
         """Before serving: run eager prefill steps of the given sequence lengths (on a GPU this compiles
-        the Triton kernels of steps too large for graphs for one and several sequences, token counts
-        that are and are not multiples of 16) over scratch blocks it then frees, and capture the graphs of the given (width, every
-        row's logits) step shapes for every batch bucket, with `ragged` those of ragged steps too.
-        Returns how many graphs it captured."""
+        the Triton kernels of steps too large for graphs, for one and several sequences, token counts
+        that are and are not multiples of 16) over scratch blocks it then frees, and capture the
+        graphs of the given (width, every row's logits) step shapes for every batch bucket, with
+        `ragged` those of ragged steps too. Returns how many graphs it captured."""
         blocks = self.cache.blocks
         for lengths in prefill_steps:
             lengths = [min(n, self.max_context) for n in lengths]
@@ -146,9 +147,10 @@ class StepGraphs:
     largest of RAGGED_TOKENS flat tokens have graphs of their own, one per (flat-token bucket T,
     batch bucket b): the real tokens first, as the eager batch lays them out, then the T - N padding
     tokens as sequences of their own (slots -1, positions 0.., context their count, over block 0;
-    one unless a block-table row holds fewer slots), then sequences of no tokens up to b; attention is captured for a query length of T,
-    so it tiles any layout of up to T tokens. Serving with arrivals makes many steps ragged; run
-    eagerly, a step's ~10 launches a layer from Python can outlast a small model's device time."""
+    one unless a block-table row holds fewer slots), then sequences of no tokens up to b; attention
+    is captured for a query length of T, so it tiles any layout of up to T tokens. Serving with
+    arrivals makes many steps ragged; run eagerly, a step's ~10 launches a layer from Python can
+    outlast a small model's device time."""
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     MAX_WINDOW_TOKENS = 256
     RAGGED_TOKENS = (16, 32, 64, 128, 256, 512)
