@@ -107,10 +107,11 @@ class ModelRunner:
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model.forward(flat, meta, self.cache, logits_indices=idx)
 
-    def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16)), ragged: bool = False) -> int:
+    def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16), (2,) * 16), ragged: bool = False) -> int:
         """Before serving: run eager prefill steps of the given sequence lengths (on a GPU this compiles
-        the Triton kernels of steps too large for graphs, for one and several sequences, token counts
-        that are and are not multiples of 16) over scratch blocks it then frees, and capture the
+        the Triton kernels of steps too large for graphs: Triton specialises integer arguments equal
+        to 1 and divisible by 16, so one, two and sixteen sequences, token counts that are and are not
+        multiples of 16) over scratch blocks it then frees, and capture the
         graphs of the given (width, every row's logits) step shapes for every batch bucket, with
         `ragged` those of ragged steps too. Returns how many graphs it captured."""
         blocks = self.cache.blocks
