@@ -249,8 +249,10 @@ class Engine:
             graphs += self.drafter.runner.warmup([(1, False), (2, False)], ragged=True)
         for rows in (1, 2):
             greedy(torch.zeros(rows, self.cfg.vocab_size, device=self.device))
-        log.info("gemforge: warm-up: kernels compiled, %d CUDA graphs captured in %.1f s", graphs,
-                 time.perf_counter() - t)
+        failed = sum(len(r.graphs.failed) for r in (self.runner, getattr(self.drafter, "runner", None))
+                     if r is not None and r.graphs is not None)
+        log.info("gemforge: warm-up: kernels compiled, %d CUDA graphs captured%s in %.1f s", graphs,
+                 f" ({failed} shapes failed to capture: they run eagerly)" if failed else "", time.perf_counter() - t)
         return graphs
 
     @property

@@ -7,6 +7,7 @@ token of each item (or for every token of items that ask for all, as verificatio
 """
 from __future__ import annotations
 
+import logging
 from array import array
 from dataclasses import dataclass
 
@@ -16,6 +17,12 @@ from gemforge.kernels import AttnMetadata
 
 from .kv_cache import KVCache
 from .model import GemmaModel
+
+log = logging.getLogger("gemforge")
+
+
+class CaptureFailed(RuntimeError):
+    """A step's CUDA graph could not be captured: the runner runs that step shape eagerly."""
 
 
 @dataclass
@@ -94,7 +101,10 @@ class ModelRunner:
         if ids is not None and len(ids) != (n if at is None else len(at)):
             raise ValueError(f"run: {len(ids)} device ids for {n if at is None else len(at)} positions")
         if self.graphs is not None and self.graphs.accepts(items, ids is not None):
-            return self.graphs.run(items, ids, at)
+            try:
+                return self.graphs.run(items, ids, at)
+            except CaptureFailed:
+                pass  # (logged once; the step's inputs are untouched)
         return self._eager(items, ids, at)
 
     def _eager(self, items: list[WorkItem], ids: torch.Tensor | None = None,
@@ -184,6 +194,7 @@ class StepGraphs:
         self.logits = torch.empty(rows, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self.ragged: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}  # (T, b) -> (replay, logits)
+        self.failed: dict[tuple, str] = {}  # keys ((b, w, every) or ("ragged", T, b)) whose capture failed
         self.pool = None
 
     def _bucket(self, n: int, w: int) -> int | None:
@@ -213,8 +224,12 @@ class StepGraphs:
         if not all(it.token_ids and it.start + len(it.token_ids) <= self.max_context
                    and len(tables[it.seq_id]) <= self.width for it in items):
             return False
-        return self._uniform(items, device_ids) or (not any(it.all_logits for it in items) and self._ragged_bucket(
-            len(items), sum(len(it.token_ids) for it in items)) is not None)
+        if self._uniform(items, device_ids):
+            w = max(len(it.token_ids) for it in items)
+            return (self._bucket(len(items), w), w, w > 1 and any(it.all_logits for it in items)) not in self.failed
+        bucket = None if any(it.all_logits for it in items) else self._ragged_bucket(
+            len(items), sum(len(it.token_ids) for it in items))
+        return bucket is not None and ("ragged", *bucket) not in self.failed
 
     def _step(self, b: int, w: int, every: bool):
         """The forward over the first b sequences of the buffers at width w, as a call to capture."""
@@ -233,6 +248,19 @@ class StepGraphs:
                             max_context_len=self.max_context)
         out, rows = self.logits[:b], self.last_rows[:b]
         return lambda: self.model.forward(self.ids[:T], meta, self.cache, logits_indices=rows, out=out)
+
+    def _graph(self, table: dict, key: tuple, make_step, name: tuple):
+        """table[key], captured from make_step() first if need be; a capture that fails is logged once,
+        remembered under `name` (accepts then declines that shape) and raised as CaptureFailed."""
+        if key not in table:
+            try:
+                table[key] = self._record(make_step())
+            except Exception as e:  # e.g. an op that cannot be captured: eager still serves the shape
+                self.failed[name] = f"{type(e).__name__}: {e}"
+                log.warning("gemforge: the CUDA graph of step shape %s failed to capture (%s); that shape runs "
+                            "eagerly", name, self.failed[name])
+                raise CaptureFailed(self.failed[name]) from e
+        return table[key]
 
     def _record(self, step):
         """(replay, output) of `step` captured in a CUDA graph (all graphs share one memory pool and
@@ -253,19 +281,27 @@ class StepGraphs:
         """Capture the graph of key (b, w, every) now, over a batch of padding only, unless it exists
         or the key is beyond what this runner graphs; True if it captured."""
         every = every and w > 1  # a decode step reads one row a sequence either way
-        if (b, w, every) in self.graphs or w > self.max_width or b not in self.buckets or self._bucket(b, w) != b:
+        key = (b, w, every)
+        if key in self.graphs or key in self.failed or w > self.max_width or self._bucket(b, w) != b:
             return False
         self._fill([], b, w, every)
-        self.graphs[(b, w, every)] = self._record(self._step(b, w, every))
+        try:
+            self._graph(self.graphs, key, lambda: self._step(b, w, every), key)
+        except CaptureFailed:
+            return False
         return True
 
     def capture_ragged(self, T: int, b: int) -> bool:
         """Capture the ragged graph of (T, b) now, over padding only, unless it exists or b sequences
         cannot hold T padding tokens; True if it captured."""
-        if (T, b) in self.ragged or T not in self.RAGGED_TOKENS or b not in self.buckets or self._pad_seqs(T) > b:
+        if ((T, b) in self.ragged or ("ragged", T, b) in self.failed or T not in self.RAGGED_TOKENS
+                or b not in self.buckets or self._pad_seqs(T) > b):
             return False
         self._fill_ragged([], T, b)
-        self.ragged[(T, b)] = self._record(self._ragged_step(T, b))
+        try:
+            self._graph(self.ragged, (T, b), lambda: self._ragged_step(T, b), ("ragged", T, b))
+        except CaptureFailed:
+            return False
         return True
 
     def warmup(self, shapes, ragged: bool = False) -> int:
@@ -370,9 +406,7 @@ class StepGraphs:
         if ids is not None:  # tokens from the device, over the host's (copied before them; w = 1)
             self._put_ids(ids, at, n)
         key = (b, w, every)
-        if key not in self.graphs:
-            self.graphs[key] = self._record(self._step(b, w, every))
-        replay, out = self.graphs[key]
+        replay, out = self._graph(self.graphs, key, lambda: self._step(b, w, every), key)
         replay()
         if not every:
             return out[:n]
@@ -386,9 +420,7 @@ class StepGraphs:
         self._fill_ragged(items, T, b)
         if ids is not None:  # (the real tokens lead the flat rows as in the eager batch)
             self._put_ids(ids, at, tokens)
-        if (T, b) not in self.ragged:
-            self.ragged[(T, b)] = self._record(self._ragged_step(T, b))
-        replay, out = self.ragged[(T, b)]
+        replay, out = self._graph(self.ragged, (T, b), lambda: self._ragged_step(T, b), ("ragged", T, b))
         replay()
         return out[: len(items)]
 

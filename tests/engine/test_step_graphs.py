@@ -108,7 +108,7 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
             both(caches, "rollback", it.seq_id, n - keep)
             lens[it.seq_id] += keep
     assert {1, 5} <= widths and modes == {False, True, "ragged"}
-    assert graphed.graphs.ragged  # (a ragged step wanting every row's logits runs eagerly)
+    assert graphed.graphs.ragged and not graphed.graphs.failed  # (ragged steps wanting every row's logits: eager)
     if warm:  # every step replayed a warm-up capture
         assert (set(graphed.graphs.graphs), set(graphed.graphs.ragged)) == warmed
     assert all(b in (1, 2, 4, 8) for b, _, _ in graphed.graphs.graphs)
@@ -125,6 +125,41 @@ def test_graph_steps_equal_eager_steps(shape, seed):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_warmed_up_graphs_serve_every_step(shape):
     check_graph_steps(shape, seed=5, warm=True)
+
+
+class RaggedFails(RerunGraphs):
+    """Graphs whose ragged captures fail (as an op that cannot be captured would)."""
+
+    def _ragged_step(self, T, b):
+        def step():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return step
+
+
+def test_a_shape_that_fails_to_capture_runs_eagerly(caplog):
+    """A ragged graph that fails to capture is logged once and its shape runs eagerly from then on
+    (the same logits as the eager runner), in warm-up as in serving; decode steps keep their graphs."""
+    eager, graphed, caches = runners("mha", 8, 32, 1, graphs=RaggedFails)
+    assert graphed.warmup([(1, False)], ragged=True) == 4  # the decode graphs of buckets 1, 2, 4, 8 only
+    failed = dict(graphed.graphs.failed)
+    assert failed and all(k[0] == "ragged" and "not permitted" in v for k, v in failed.items())
+    rng = random.Random(4)
+    for s in range(3):
+        both(caches, "append", s, 7)
+    for step in range(2):
+        items = [WorkItem(s, [rng.randrange(300) for _ in range(7)], 0) for s in range(3)]  # a ragged step
+        if step:  # the same sequences' next tokens: a decode step
+            for s in range(3):
+                both(caches, "append", s, 1)
+            items = [WorkItem(s, [rng.randrange(300)], 7) for s in range(3)]
+        torch.testing.assert_close(graphed.run(items), eager.run(items), rtol=1e-5, atol=1e-5)
+    assert graphed.graphs.failed == failed and len(graphed.graphs.graphs) == 4
+    assert sum("failed to capture" in r.message for r in caplog.records) == len(failed)  # once each
+    eager, graphed, caches = runners("mha", 8, 32, 1, graphs=RaggedFails)  # failing while serving
+    both(caches, "append", 0, 5)
+    items = [WorkItem(0, [3, 1, 4, 1, 5], 0)]
+    torch.testing.assert_close(graphed.run(items), eager.run(items), rtol=1e-5, atol=1e-5)
+    assert list(graphed.graphs.failed) == [("ragged", 16, 2)] and not graphed.graphs.accepts(items)
 
 
 def test_graphs_take_only_what_they_were_built_for():

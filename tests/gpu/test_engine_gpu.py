@@ -222,6 +222,7 @@ def test_async_scheduling_keeps_the_output_on_the_gpu():
                                          async_scheduling=a), progress=False)
         assert eng.async_scheduling == a and eng.runner.graphs is not None
         outs[a] = drive(eng, base, late)[1]
+        assert not eng.runner.graphs.failed and eng.runner.graphs.ragged  # every shape captured
     for rid, want in outs[False].items():
         got = outs[True][rid].outputs[0]
         assert (got.token_ids, got.text) == (want.outputs[0].token_ids, want.outputs[0].text), rid
