@@ -500,14 +500,15 @@ class Engine:
         picks = greedy_picks(logits, [rows[i] for i in verified if args[i][0].greedy])
         sampled = [i for i in verified if not args[i][0].greedy]
         drawn = dict(zip(sampled, accept_sampled([args[i] for i in sampled])))
+        kept = {i: drawn[i] if i in drawn else accept(*args[i], picks[rows[i].start]) for i in verified}
+        tops = {i: args[i][0].logprobs for i in verified if args[i][0].logprobs is not None}
+        lps = self._window_logprobs(logits, rows, kept, tops) if tops else {}
         for i in verified:
             sc = plan.scheduled[i]
             d = window[id(sc)][0]
             s = sc.seq
-            toks = drawn[i] if i in drawn else accept(*args[i], picks[rows[i].start])
+            toks = kept[i]
             accepted = len(toks) - 1
-            lps = [None] * len(toks) if s.params.logprobs is None else logprob_entries(
-                logits[rows[i]][:len(toks)], torch.tensor(toks, device=logits.device), [s.params.logprobs] * len(toks))
             s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
                                                               s.spec_steps + 1)
             s.spec_rate = updated_rate(s.spec_rate, accepted, len(d), 0.8)
@@ -515,7 +516,7 @@ class Engine:
             self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
             self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
-            self._append(s, toks, lps, touched)
+            self._append(s, toks, lps.get(i, [None] * len(toks)), touched)
             if not s.finished:  # keep the KV of the last token and the accepted drafts
                 s.num_cached = sc.start + 1 + accepted
                 self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
@@ -531,6 +532,20 @@ class Engine:
         out = self._collect(touched, finished_only)
         if measure:
             self._measure(spec, len(plan.scheduled), t_start, t_drafted)
+        return out
+
+    @staticmethod
+    def _window_logprobs(logits: torch.Tensor, rows: list[slice], kept: dict, tops: dict) -> dict:
+        """{window: logprob entries of its kept tokens (each scored by its window row, with tops[window]
+        alternatives)} for the given windows, in one device read."""
+        sel = [r for i in tops for r in range(rows[i].start, rows[i].start + len(kept[i]))]
+        dev = logits.device
+        entries = logprob_entries(logits[torch.tensor(sel).to(dev, non_blocking=True)],
+                                  torch.tensor([t for i in tops for t in kept[i]]).to(dev, non_blocking=True),
+                                  [tops[i] for i in tops for _ in kept[i]])
+        out, at = {}, 0
+        for i in tops:
+            out[i], at = entries[at: at + len(kept[i])], at + len(kept[i])
         return out
 
     def _measure(self, spec: list, num_seqs: int, t_start: float, t_drafted: float) -> None:

@@ -228,8 +228,8 @@ def test_logprobs_requests_speculate(pair):
     fp32 rounding (the window scores its tokens in one forward, the target alone one at a time);
     a sampled request's entries name the tokens it emitted."""
     target, draft = pair
-    greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=3)
-    reqs = [(f"r{i}", p, greedy) for i, p in enumerate(prompts_of(4, seed=8))]
+    reqs = [(f"r{i}", p, SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=1 + i))
+            for i, p in enumerate(prompts_of(4, seed=8))]  # (a step's windows are scored in one read)
     plain = run_all(engine(target), reqs)
     eng = engine(target, draft, k=3)
     spec = run_all(eng, reqs)
@@ -238,7 +238,7 @@ def test_logprobs_requests_speculate(pair):
         a, b = spec[rid].outputs[0], plain[rid].outputs[0]
         assert a.token_ids == b.token_ids and [e["token"] for e in a.logprobs] == a.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+            assert len(x["top"]) == 1 + int(rid[1:]) and x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
             assert list(x["top"]) == list(y["top"]) and list(x["top"].values()) == pytest.approx(
                 list(y["top"].values()), abs=1e-4)
     sampled = SamplingParams(max_tokens=14, temperature=0.9, seed=3, ignore_eos=True, logprobs=1)
