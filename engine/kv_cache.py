@@ -191,6 +191,21 @@ class BlockManager:
             assert len(self._chains.get(s, ())) <= self.lengths[s] // self.block_size, f"sequence {s!r}: chain too long"
 
 
+def padded_tables(tables: list[array], width: int, rows: int) -> "torch.Tensor":
+    """Host int32 [rows, width]: the block tables (int32 arrays), each padded with block 0, then
+    all-zero rows. Packed with array concatenation (memcpy), not element by element."""
+    import torch  # (this module's bookkeeping runs without torch)
+    flat = array("i")
+    for t in tables:
+        flat += t
+        if len(t) < width:
+            flat += array("i", bytes(4 * (width - len(t))))
+    flat += array("i", bytes(4 * width * (rows - len(tables))))
+    if not flat:
+        return torch.zeros(rows, width, dtype=torch.int32)
+    return torch.frombuffer(flat, dtype=torch.int32).view(rows, width)
+
+
 class KVCache:
     """Per-layer K and V tensors over one BlockManager."""
 

@@ -10,7 +10,8 @@ import torch
 from gemforge.engine.config import ModelConfig
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.model import GemmaModel
-from gemforge.engine.runner import ModelRunner, StepGraphs, WorkItem
+from gemforge.engine.graphs import StepGraphs
+from gemforge.engine.runner import ModelRunner, WorkItem
 from gemforge.engine.weights import random_weights
 
 

@@ -87,7 +87,7 @@ def test_graph_windows_equal_eager(shape, warm):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
     from test_step_graphs import check_graph_steps
 
-    from gemforge.engine.runner import StepGraphs
+    from gemforge.engine.graphs import StepGraphs
 
     check_graph_steps(shape, seed=5, device="cuda", backend="auto", graphs=StepGraphs, tol=1e-4, warm=warm)
 
