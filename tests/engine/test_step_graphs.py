@@ -66,7 +66,7 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
         free = caches[1].blocks.num_free
         shapes = [(w, every) for w in range(1, max_width + 1) for every in (False, True)]
         assert eager.warmup(shapes, ragged=True) == 0
-        cap = graphed.graphs.width * BLOCK  # padding tokens a sequence holds: T = 512 needs 8 of them here
+        cap = graphed.graphs.width * BLOCK  # padding tokens a sequence holds: T = 256 needs 4 of them here
         ragged = sum(-(-T // cap) <= b for T in graphed.graphs.RAGGED_TOKENS for b in (1, 2, 4, 8))
         # buckets 1, 2, 4, 8; w = 1 has one mode
         assert graphed.warmup(shapes, ragged=True) == 4 * (1 + 2 * (max_width - 1)) + ragged
@@ -180,7 +180,7 @@ def test_graphs_take_only_what_they_were_built_for():
     assert not g.accepts([WorkItem(0, [1, 2], 31)])                   # past max_context
     assert not g.accepts([])
     assert g._ragged_bucket(8, 16) == (16, 8) and g._ragged_bucket(8, 15) is None  # no bucket for 8 + padding
-    assert g._ragged_bucket(1, 513) is None                                         # past the token buckets
+    assert g._ragged_bucket(1, 257) is None                                         # past the token buckets
     g.MAX_WINDOW_TOKENS = 12
     assert g.accepts([WorkItem(s, [1, 2, 3], 28) for s in range(4)])  # bucket 4 x 3 rows
     five = [WorkItem(s, [1, 2, 3], 28) for s in range(5)]             # bucket 8 x 3 > 12 rows: ragged
@@ -201,6 +201,8 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
     target, _ = make_checkpoint("mha", seed=11)
     draft, _ = make_checkpoint("mha", seed=11, noise=0.03)  # agrees often: windows accepted whole, and not
 
+    ragged = len(StepGraphs.RAGGED_TOKENS) * 5
+
     def build(draft_model=None):
         eng = Engine(target, EngineConfig(dtype="float32", device="cpu", draft_model=draft_model,
                                           num_speculative_tokens=3, adaptive_lookahead=False), progress=False)
@@ -210,8 +212,7 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
                 r.graphs = RerunGraphs(r.model, r.cache, 16, eng.max_model_len, width)
         free = eng.cache.blocks.num_free
         # buckets 1, 2, 4, 8, 16: the target's decode steps and windows of 2..4, the draft's 1- and 2-token
-        # steps, and each runner's ragged steps of 16..512 tokens
-        ragged = len(StepGraphs.RAGGED_TOKENS) * 5
+        # steps, and each runner's ragged steps of 16..256 tokens
         assert eng.warmup() == (5 * 4 + 5 * 2 + 2 * ragged if draft_model else 5 + ragged)
         assert eng.cache.blocks.num_free == free and not eng.cache.blocks.tables
         return eng
@@ -227,7 +228,7 @@ def test_speculative_engine_through_step_graphs(make_checkpoint):
         assert spec[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
     target_keys, draft_keys = spec_engine.runner.graphs.graphs, spec_engine.drafter.runner.graphs.graphs
     assert len(target_keys) == 20 and len(draft_keys) == 10  # no step captured a graph of its own
-    assert len(spec_engine.runner.graphs.ragged) == len(spec_engine.drafter.runner.graphs.ragged) == 30
+    assert len(spec_engine.runner.graphs.ragged) == len(spec_engine.drafter.runner.graphs.ragged) == ragged
     assert any(w == 4 and every for _, w, every in target_keys), target_keys   # verify windows
     assert any(w == 2 and not every for _, w, every in draft_keys), draft_keys  # the draft catching up
     assert 0 < spec_engine.stats["spec_accepted"] < spec_engine.stats["spec_proposed"]
