@@ -115,7 +115,8 @@ def main(outdir: str) -> None:
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
         parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype",
-                                        "gemforge_sync_tok_s", "async_speedup"]) + "\n")
+                                        "gemforge_sync_tok_s", "async_speedup", "warmup_s", "warmup_graphs",
+                                        "graphs_failed"]) + "\n")
     for stem in sorted({p.stem for p in d.glob("kernels*.json*")}):  # kernels-cuda, kernels-triton
         kern, name, lines = load(d / f"{stem}.json"), f"{stem}.json", d / f"{stem}.jsonl"
         if kern:

@@ -251,8 +251,9 @@ class Engine:
             greedy(torch.zeros(rows, self.cfg.vocab_size, device=self.device))
         failed = sum(len(r.graphs.failed) for r in (self.runner, getattr(self.drafter, "runner", None))
                      if r is not None and r.graphs is not None)
+        self.stats.update(warmup_s=round(time.perf_counter() - t, 3), warmup_graphs=graphs, graphs_failed=failed)
         log.info("gemforge: warm-up: kernels compiled, %d CUDA graphs captured%s in %.1f s", graphs,
-                 f" ({failed} shapes failed to capture: they run eagerly)" if failed else "", time.perf_counter() - t)
+                 f" ({failed} shapes failed to capture: they run eagerly)" if failed else "", self.stats["warmup_s"])
         return graphs
 
     @property

@@ -100,8 +100,11 @@ def main(argv=None) -> list[dict]:
                round(best["hf"], 1), "ratio": round(best["gemforge"] / best["hf"], 2), "repeats": args.repeats,
                "device": args.device, "dtype": str(llm.engine.dtype),
                "async_scheduling": llm.engine.async_scheduling}
+        stats = llm.engine.stats  # (the warm-up's, on a GPU: its seconds and graphs are the start-up cost)
+        row.update({k: stats[k] for k in ("warmup_s", "warmup_graphs", "graphs_failed") if k in stats})
         if ab:
-            row.update(gemforge_sync_tok_s=round(best["sync"], 1), async_speedup=round(best["gemforge"] / best["sync"], 3))
+            row.update(gemforge_sync_tok_s=round(best["sync"], 1),
+                       async_speedup=round(best["gemforge"] / best["sync"], 3))
         emit(rows, row)
     return save(rows, args.out)
 
