@@ -17,19 +17,7 @@ def body(prompt, **kw):
     return {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True} | kw
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_200_concurrent_streams_with_random_disconnects(server, checkpoint, async_scheduling):
-    """(async_scheduling: on a server of its own whose engine launches each step before reading the
-    last one's tokens, the GPU default: the same texts, and nothing is left behind.)"""
-    own = start_server(checkpoint, engine_kw=dict(async_scheduling=True)) if async_scheduling else None
-    try:
-        run_200_streams(own or server)
-    finally:
-        if own is not None:
-            own.stop()
-
-
-def run_200_streams(server):
+def test_200_concurrent_streams_with_random_disconnects(server):
     rng = random.Random(0)
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
         alone = [c.post("/v1/completions", json=body(p)).json()["choices"][0]["text"] for p in PROMPTS]
@@ -76,9 +64,9 @@ def slow_steps(server, monkeypatch):
     """Every engine step takes 50 ms, so a request of 400 tokens runs ~20 s unless aborted."""
     run = server.core.runner.run
 
-    def slow(items):
+    def slow(items, *device_ids):
         time.sleep(0.05)
-        return run(items)
+        return run(items, *device_ids)
 
     monkeypatch.setattr(server.core.runner, "run", slow)
 
@@ -108,14 +96,14 @@ def faults(server, monkeypatch):
     calls = {"n": 0}
 
     def arm(fail_on, hold_first=0):
-        def flaky(items):
+        def flaky(items, *device_ids):
             calls["n"] += 1
             deadline = time.monotonic() + TIMEOUT
             while calls["n"] == 1 and server.engine.num_waiting < hold_first and time.monotonic() < deadline:
                 time.sleep(0.005)
             if calls["n"] in fail_on:
                 raise RuntimeError("injected fault")
-            return run(items)
+            return run(items, *device_ids)
 
         monkeypatch.setattr(server.core.runner, "run", flaky)
         return calls
