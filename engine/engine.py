@@ -482,6 +482,7 @@ class Engine:
                 torch.tensor([rows[i].stop - 1 for i in plain]).to(logits.device, non_blocking=True)]
             if overlap:  # read next call, after the next step is launched
                 self._inflight = InFlight.launch(seqs, self._pick(seqs, picked))
+                self.stats["async_steps"] = self.stats.get("async_steps", 0) + 1
                 for s in seqs:
                     s.pending += 1
             else:

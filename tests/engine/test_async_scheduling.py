@@ -2,12 +2,15 @@
 the next step from the device), so outputs come one engine call after their step. On a CPU
 nothing overlaps, but every line of the GPU's path runs: the outputs must equal the synchronous
 engine's. (test_engine.py runs all its continuous-batching tests both ways too.)"""
+import dataclasses
+import random
+
 import pytest
 
 from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 
-from test_engine import prompts_of, run_all
+from test_engine import prompts_of, random_params, run_all
 from test_step_graphs import RerunGraphs
 
 
@@ -109,3 +112,32 @@ def test_decode_steps_take_device_tokens_through_the_step_graphs(ckpt):
     calls, got = drive(eng, reqs[:3], reqs[3:])
     assert {k: v.outputs[0].token_ids for k, v in got.items()} == {k: v.outputs[0].token_ids for k, v in want.items()}
     assert eng.runner.graphs.graphs and eng.runner.graphs.ragged  # decode and mixed steps replayed graphs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_engines_give_the_same_tokens_both_ways(ckpt, seed):
+    """Engines of random shape (KV pool from tight to roomy: preemption; token budget: chunked
+    prefill; batch width) serving requests with random sampling fields (seeded samples, n, logit
+    bias, min_tokens, and requests that switch steps to reading first: penalties, logprobs, prompt
+    logprobs), some aborted at a random call: every request not aborted gets the same tokens with
+    async scheduling as without. (No stops: a stop costs an async engine one step in vain, which
+    changes that step's batch, and a batch of another size may round differently.)"""
+    rng = random.Random(2000 + seed)
+    kw = dict(kv_cache_tokens=rng.choice([256, 512, 4096]), max_num_batched_tokens=rng.choice([32, 64, 2048]),
+              max_num_seqs=rng.choice([4, 16]))
+    prompts = prompts_of(16, seed=seed)
+    plain = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logprobs=None,
+                 prompt_logprobs=None)  # all but two requests leave the engine free to launch first
+    reqs = [(f"r{i}", prompts[i], dataclasses.replace(random_params(rng, 1100), stop=[], stop_token_ids=[],
+                                                      ignore_eos=True, **({} if i < 2 else plain)))
+            for i in range(16)]
+    reqs = [(rid, p, q) for rid, p, q in reqs if len(p) + q.max_tokens < 200]
+    aborts = {rid: rng.randrange(20) for rid, _, _ in reqs if rng.random() < 0.25}
+    engines = {a: engine(ckpt, async_scheduling=a, **kw) for a in (False, True)}
+    outs = {a: run_all(eng, reqs, abort_at=aborts) for a, eng in engines.items()}
+    overlapped = engines[True].stats["async_steps"]  # steps launched before their predecessor was read
+    assert overlapped > engines[True].stats["steps"] // 3 and "async_steps" not in engines[False].stats
+    for rid, _, _ in reqs:
+        if rid not in aborts:
+            got, want = outs[True][rid].outputs, outs[False][rid].outputs
+            assert [c.token_ids for c in got] == [c.token_ids for c in want], rid
