@@ -34,21 +34,28 @@ def _generate(args) -> int:
     return 0
 
 
+def serve_config(args):
+    """The EngineConfig of `gemforge serve`'s arguments."""
+    from .engine import EngineConfig
+
+    return EngineConfig(dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                        quantization=args.quantization, draft_model=args.draft_model,
+                        draft_quantization=args.draft_quantization, num_speculative_tokens=args.num_speculative_tokens,
+                        enable_prefix_caching=args.enable_prefix_caching, cuda_graphs=args.cuda_graphs,
+                        warmup=args.warmup, async_scheduling=args.async_scheduling)
+
+
 def _serve(args) -> int:
     import uvicorn
 
     from .async_engine import AsyncEngine
-    from .engine import Engine, EngineConfig
+    from .engine import Engine
     from .server.app import build_app
 
     logging.getLogger("gemforge").setLevel(logging.INFO)
-    config = EngineConfig(dtype=args.dtype, device=args.device, backend=args.backend, max_num_seqs=args.max_num_seqs,
-                          kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len,
-                          quantization=args.quantization, draft_model=args.draft_model,
-                          num_speculative_tokens=args.num_speculative_tokens,
-                          enable_prefix_caching=args.enable_prefix_caching, cuda_graphs=args.cuda_graphs,
-                          warmup=args.warmup, async_scheduling=args.async_scheduling)
-    engine = AsyncEngine(Engine(args.model, config))
+    engine = AsyncEngine(Engine(args.model, serve_config(args)))
     app = build_app(engine, args.served_model_name or Path(args.model).resolve().name,
                     api_key=args.api_key or os.environ.get("GEMFORGE_API_KEY") or None)
     # The server process lives for the model: what loading left alive moves out of the collector's
@@ -184,10 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpu", "torch"])
     s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens one step may run (chunked prefill)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of GPU memory for weights, activations and the KV cache (default 0.85)")
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size (default: from free memory)")
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--quantization", default=None, choices=["int8", "int4"], help="quantize weights while loading")
     s.add_argument("--draft-model", default=None, help=DRAFT_HELP)
+    s.add_argument("--draft-quantization", default=None, choices=["int8", "int4"],
+                   help="quantize the draft model while loading (its LM head too)")
     s.add_argument("--num-speculative-tokens", type=int, default=4)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of prompt prefixes seen before (default: on)")

@@ -85,3 +85,28 @@ def test_cli_generate_and_infill(make_checkpoint, capsys):
     assert main(["generate", "--model", str(d), "--prompt", "a", "--suffix", "b", "--max-tokens", "3", "--device", "cpu"]) == 0
     assert main(["generate", "--model", str(d / "nope"), "--prompt", "a"]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_serve_flags_reach_the_engine_config(make_checkpoint):
+    """Every `gemforge serve` engine flag lands in the EngineConfig (defaults: async scheduling and
+    warm-up left to the device), and a memory fraction outside (0, 1] is refused by name."""
+    from gemforge.engine.cli import build_parser, serve_config
+    from gemforge.engine.engine import Engine
+
+    args = build_parser().parse_args([
+        "serve", "M", "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5",
+        "--kv-cache-tokens", "4096", "--max-model-len", "1024", "--quantization", "int8", "--draft-model", "D",
+        "--draft-quantization", "int4", "--num-speculative-tokens", "3", "--no-enable-prefix-caching",
+        "--no-cuda-graphs", "--no-warmup", "--async-scheduling"])
+    c = serve_config(args)
+    assert (c.max_num_seqs, c.max_num_batched_tokens, c.gpu_memory_utilization, c.kv_cache_tokens, c.max_model_len,
+            c.quantization, c.draft_model, c.draft_quantization, c.num_speculative_tokens, c.enable_prefix_caching,
+            c.cuda_graphs, c.warmup, c.async_scheduling) == (8, 512, 0.5, 4096, 1024, "int8", "D", "int4", 3, False,
+                                                             False, False, True)
+    c = serve_config(build_parser().parse_args(["serve", "M"]))
+    assert c.async_scheduling is None and c.warmup and c.cuda_graphs and c.max_num_batched_tokens == 2048
+    c.gpu_memory_utilization, c.device = 1.5, "cpu"
+    d, _ = make_checkpoint("mqa", seed=5)
+    with pytest.raises(RequestError, match=r"gpu_memory_utilization must be in \(0, 1\], got 1.5") as e:
+        Engine(d, c, progress=False)
+    assert e.value.field == "gpu_memory_utilization"
