@@ -17,7 +17,8 @@ def _generate(args) -> int:
     from .sampling import SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-              quantization=args.quantization, draft_model=args.draft_model)
+              quantization=args.quantization, draft_model=args.draft_model,
+              warmup=False)  # one request: capturing every batch bucket's graphs first would only delay it
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     out = llm.generate([args.prompt], params, suffixes=[args.suffix] if args.suffix is not None else None,
