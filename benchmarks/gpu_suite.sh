@@ -93,7 +93,7 @@ GEMFORGE_BENCH_LOG="$OUT/kernels-triton.jsonl" part kernel_triton 75 $PY -m pyte
   --ignore="$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-triton.json"
 
 part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \
-  --concurrency 1 8 64 --repeats 2 --out "$OUT/throughput.json"
+  --concurrency 1 8 64 --repeats 2 --staggered 64 --out "$OUT/throughput.json"
 part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 64 --out "$OUT/step_breakdown.json"
 

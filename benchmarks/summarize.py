@@ -114,9 +114,14 @@ def main(outdir: str) -> None:
     throughput = load(d / "throughput.json")
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
-        parts.append(table(throughput, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype",
-                                        "gemforge_sync_tok_s", "async_speedup", "warmup_s", "warmup_graphs",
-                                        "graphs_failed"]) + "\n")
+        batched = [r for r in throughput if "concurrency" in r]
+        parts.append(table(batched, ["concurrency", "gemforge_tok_s", "hf_generate_tok_s", "ratio", "dtype",
+                                     "gemforge_sync_tok_s", "async_speedup", "warmup_s", "warmup_graphs",
+                                     "graphs_failed"]) + "\n")
+        staggered = [r for r in throughput if "workload" in r]
+        if staggered:  # requests joining a running batch: steps that mix prompt chunks with decode tokens
+            parts.append(table(staggered, ["workload", "gemforge_tok_s", "eager_mixed_tok_s",
+                                           "ragged_graph_speedup", "cuda_graphs"]) + "\n")
     for stem in sorted({p.stem for p in d.glob("kernels*.json*")}):  # kernels-cuda, kernels-triton
         kern, name, lines = load(d / f"{stem}.json"), f"{stem}.json", d / f"{stem}.jsonl"
         if kern:

@@ -54,8 +54,9 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     (tmp_path / "status.txt").write_text("decode: ok (1s)\n")
     rows = load(BENCH / "engine" / "bench_throughput.py").main([
         "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--concurrency", "2", "--max-tokens", "4",
-        "--repeats", "1", "--async-ab", "--out", str(tmp_path / "throughput.json")])
+        "--repeats", "1", "--async-ab", "--staggered", "3", "--out", str(tmp_path / "throughput.json")])
     assert rows[0]["gemforge_sync_tok_s"] > 0 and rows[0]["async_speedup"] > 0
+    assert rows[-1]["gemforge_tok_s"] > 0 and rows[-1]["eager_mixed_tok_s"] > 0 and not rows[-1]["cuda_graphs"]
     rows = load(BENCH / "engine" / "bench_step_breakdown.py").main([
         "--model", str(BENCH.parent / "models" / "nano-codegemma"), "--concurrency", "2", "--max-tokens", "4"])
     assert rows[0]["decode_steps"] == 3 and 0 < rows[0]["linear_ms"] < rows[0]["forward_ms"] < rows[0]["step_ms"]

@@ -1,13 +1,17 @@
 """Offline throughput: gemforge's continuous batching against HF transformers `generate` (batched,
 left-padded) on the same checkpoint in the same run, with 1, 8 and 64 concurrent requests. On a GPU
 gemforge also runs with async scheduling off (`gemforge_sync_tok_s`: each step's tokens read before
-the next step is launched), interleaved with the rest: what the overlap buys.
+the next step is launched), interleaved with the rest: what the overlap buys. `--staggered`: the
+requests also join one every few engine steps instead of all at once, so that steps mix prompt
+chunks with decode tokens as serving with arrivals does; timed with those mixed steps replayed from
+CUDA graphs (`ragged`) and run eagerly (`eager_mixed_tok_s`).
 
     python benchmarks/engine/bench_throughput.py --model models/nano-codegemma
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import time
 
@@ -39,6 +43,34 @@ def gemforge_run(llm: LLM, prompts, max_tokens: int, async_scheduling: bool | No
             return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, p, use_tqdm=False))
         finally:
             llm.engine.async_scheduling = default
+    return run
+
+
+_ids = itertools.count()
+
+
+def staggered_run(llm: LLM, prompts, max_tokens: int, every: int, ragged_graphs: bool = True):
+    """A timed callable: the prompts join the engine one every `every` steps, each running to
+    max_tokens (steps mix prompt chunks with decode tokens); with ragged_graphs=False those mixed
+    steps run eagerly. Returns the tokens generated."""
+    eng = llm.engine
+    p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    graphs = eng.runner.graphs
+
+    def run():
+        if graphs is not None and not ragged_graphs:
+            graphs.RAGGED_TOKENS = ()  # (the instance's: no step is ragged-graphed)
+        try:
+            waiting, tokens, step = list(prompts), 0, 0
+            while waiting or eng.has_unfinished():
+                if waiting and step % every == 0:
+                    eng.add_request(f"staggered-{next(_ids)}", waiting.pop(), p)
+                tokens += sum(len(c.token_ids) for out in eng.step(finished_only=True) for c in out.outputs)
+                step += 1
+            return tokens
+        finally:
+            if graphs is not None:
+                graphs.__dict__.pop("RAGGED_TOKENS", None)
     return run
 
 
@@ -78,6 +110,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="both engines run in this dtype (auto: gemforge's choice)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (the best counts)")
+    ap.add_argument("--staggered", type=int, default=0, metavar="N",
+                    help="also N requests joining one every 2 steps (with mixed steps graphed and eager)")
     ap.add_argument("--async-ab", action=argparse.BooleanOptionalAction, default=None,
                     help="also time gemforge with async scheduling off (default: on a GPU)")
     ap.add_argument("--out", default=None)
@@ -106,6 +140,15 @@ def main(argv=None) -> list[dict]:
             row.update(gemforge_sync_tok_s=round(best["sync"], 1),
                        async_speedup=round(best["gemforge"] / best["sync"], 3))
         emit(rows, row)
+    if args.staggered:
+        prompts = prompts_for(llm, args.staggered, seed=1)
+        best = best_tok_s({"ragged": staggered_run(llm, prompts, args.max_tokens, every=2),
+                           "eager": staggered_run(llm, prompts, args.max_tokens, every=2, ragged_graphs=False)},
+                          args.repeats)
+        emit(rows, {"workload": f"{args.staggered} requests, one joining every 2 steps",
+                    "gemforge_tok_s": round(best["ragged"], 1), "eager_mixed_tok_s": round(best["eager"], 1),
+                    "ragged_graph_speedup": round(best["ragged"] / best["eager"], 3),
+                    "cuda_graphs": llm.engine.runner.graphs is not None, "device": args.device})
     return save(rows, args.out)
 
 
