@@ -100,6 +100,11 @@ part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --m
 part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/models/nano-codegemma" \
   --lengths 512 2000 --out "$OUT/prefill.json"
 
+# HF's best configuration: its decode step compiled (static cache), at batch 1, beside gemforge measured again
+# in the same process. Compiling takes minutes a shape: last, on what the budget leaves, or alone by SUITE_ONLY.
+part decode_hf_compiled 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches 1 --steps 32 --quant none --hf-compile --bandwidth-GBps "$BW" --out "$OUT/decode_hf_compiled.json"
+
 part summary 25 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
 cat "$STATUS"
 [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"

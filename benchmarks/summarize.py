@@ -111,6 +111,11 @@ def main(outdir: str) -> None:
             parts.append("![decode](decode.png)\n")
         except Exception as e:  # a plot must not lose the table
             parts.append(f"(plot failed: {e})\n")
+    compiled = [r for r in load(d / "decode_hf_compiled.json") or [] if "hf_compiled_tok_s" in r]
+    if compiled:
+        parts.append("## Batch-1 decode against HF with its decode step compiled (static cache)\n")
+        parts.append(table(compiled, ["model", "dtype", "gemforge_async_tok_s", "gemforge_tok_s", "hf_static_tok_s",
+                                      "hf_compiled_tok_s", "speedup_vs_hf_compiled", "roofline_frac"]) + "\n")
     throughput = load(d / "throughput.json")
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")
