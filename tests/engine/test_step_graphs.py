@@ -51,10 +51,10 @@ def both(caches, op, *args):
 
 
 def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", graphs=RerunGraphs, tol=1e-5,
-                      warm: bool = False):
+                      warm: bool = False, chunks: tuple[int, int] = (6, 9)):
     """Random steps over up to 6 sequences (bucket padding to 8 with max_batch 8): decode tokens,
     verify windows of up to 5 tokens with every row's logits, short catch-up feeds wanting the last
-    row, prompt chunks of 6-9 tokens (wider than any window: ragged graphs), mixes of all four,
+    row, prompt chunks of `chunks` tokens (wider than any window: ragged graphs), mixes of all four,
     contexts up to the graph's limit, and rejected window tokens rolled back; the logits and the
     cache equal the eager runner's at every step. `warm`: both runners warm up first (scratch
     prefills; the graphed one captures every shape over padding), and no step captures a graph
@@ -90,7 +90,7 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
             break
         items = []
         for s in rng.sample(live, rng.randint(1, len(live))):
-            n = min(rng.choice([1, 1, 2, 3, 5, rng.randint(6, 9)]), max_context - lens[s])
+            n = min(rng.choice([1, 1, 2, 3, 5, rng.randint(*chunks)]), max_context - lens[s])
             both(caches, "append", s, n)
             items.append(WorkItem(s, [rng.randrange(300) for _ in range(n)], lens[s],
                                   all_logits=n <= max_width and rng.random() < 0.5))
@@ -121,6 +121,15 @@ def check_graph_steps(shape: str, seed: int, device="cpu", backend="torch", grap
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_graph_steps_equal_eager_steps(shape, seed):
     check_graph_steps(shape, seed)
+
+
+def test_graph_steps_equal_eager_steps_through_the_triton_kernels():
+    """The random steps again through the Triton kernels (the interpreter here), as a GPU runs them:
+    the ragged layout (padding sequences, sequences of no tokens, attention tiled for the bucket's
+    token count, chunks of 33-40 tokens: more than one attention tile of this shape holds) and padded
+    windows give the eager Triton runner's logits and cache."""
+    pytest.importorskip("triton")
+    check_graph_steps("mqa", seed=5, backend="triton", tol=1e-4, chunks=(33, 40))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
