@@ -157,6 +157,9 @@ def _attention_batches():
     yield "verify 1 x (k=8)", [9], [4000]
     yield "prefill 512", [512], [512]
     yield "mixed prefill 77 + 5 decodes", [77] + [1] * 5, [77] + [600] * 5
+    # a ragged CUDA graph's layout (engine/graphs.py): 37 prompt tokens + 3 decodes, padded to 64 tokens by a
+    # padding sequence, then sequences of no tokens up to the bucket of 8, captured for a query length of 64
+    yield "ragged graph 64 tokens, 8 sequences", [37, 1, 1, 1, 24, 0, 0, 0], [37, 600, 600, 600, 24, 0, 0, 0]
 
 
 def _cases(dtypes):
@@ -186,7 +189,8 @@ def _cases(dtypes):
                     positions=ids(sum(new)), cu_seqlens_q=torch.tensor([0] + new).cumsum(0).to(torch.int32),
                     context_lens=torch.tensor(ctx, dtype=torch.int32),
                     block_tables=torch.zeros(len(new), -(-max(ctx) // page), dtype=torch.int32),
-                    slot_mapping=ids(sum(new)), max_query_len=max(new), max_context_len=max(ctx))
+                    slot_mapping=ids(sum(new)), max_query_len=64 if label.startswith("ragged") else max(new),
+                    max_context_len=8192 if label.startswith("ragged") else max(ctx))
                 yield f"{tag} attention {label}", lambda meta=meta, dt=dt, page=page: op("attention")(
                     e(meta.num_tokens, hq, d, dtype=dt), e(8, page, hk, d, dtype=dt), e(8, page, hk, d, dtype=dt),
                     meta, d ** -0.5)
