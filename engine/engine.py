@@ -29,6 +29,7 @@ from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafte
                           accept_sampled, best_lookahead, greedy_picks, updated_rate)
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
+from .transfer import HostCopy, to_device
 
 log = logging.getLogger("gemforge")
 
@@ -89,29 +90,18 @@ class Request:
 @dataclass
 class InFlight:
     """A step whose sampled tokens the host has not read: its sampling sequences, in row order, their
-    tokens on the device, and (on a GPU) a copy on its way to pinned host memory with an event after
-    it: reading waits for that step alone, where reading the device tensor would wait for everything
-    queued on the stream since, the next step included."""
+    tokens on the device (the next step's input) and their copy on the way to the host."""
     seqs: list
     tokens: torch.Tensor
-    host: torch.Tensor
-    copied: object = None  # torch.cuda.Event, or None where tokens are host memory already
+    copy: HostCopy
     _rows: dict | None = None
 
     @classmethod
     def launch(cls, seqs: list, tokens: torch.Tensor) -> "InFlight":
-        if tokens.device.type != "cuda":
-            return cls(seqs, tokens, tokens)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return cls(seqs, tokens, host, copied)
+        return cls(seqs, tokens, HostCopy(tokens))
 
     def read(self) -> list[int]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.host.tolist()
+        return self.copy.read()
 
     def row(self, seq) -> int:
         if self._rows is None:
@@ -465,7 +455,7 @@ class Engine:
             flat += len(items[-1].token_ids)
         if at:  # the step in flight's tokens, gathered on the device
             ids = inflight.tokens if src == list(range(len(inflight.seqs))) else \
-                inflight.tokens[torch.tensor(src).to(inflight.tokens.device, non_blocking=True)]
+                inflight.tokens[to_device(src, inflight.tokens.device)]
             logits = self.runner.run(items, ids, None if len(at) == flat else at)
         else:
             logits = self.runner.run(items)
@@ -482,7 +472,7 @@ class Engine:
         if plain:
             seqs = [plan.scheduled[i].seq for i in plain]
             picked = logits if len(plain) == len(logits) else logits[  # (all rows: no copy)
-                torch.tensor([rows[i].stop - 1 for i in plain]).to(logits.device, non_blocking=True)]
+                to_device([rows[i].stop - 1 for i in plain], logits.device)]
             if overlap:  # read next call, after the next step is launched
                 self._inflight = InFlight.launch(seqs, self._pick(seqs, picked))
                 self.stats["async_steps"] = self.stats.get("async_steps", 0) + 1
@@ -545,8 +535,7 @@ class Engine:
         alternatives)} for the given windows, in one device read."""
         sel = [r for i in tops for r in range(rows[i].start, rows[i].start + len(kept[i]))]
         dev = logits.device
-        entries = logprob_entries(logits[torch.tensor(sel).to(dev, non_blocking=True)],
-                                  torch.tensor([t for i in tops for t in kept[i]]).to(dev, non_blocking=True),
+        entries = logprob_entries(logits[to_device(sel, dev)], to_device([t for i in tops for t in kept[i]], dev),
                                   [tops[i] for i in tops for _ in kept[i]])
         out, at = {}, 0
         for i in tops:

@@ -12,6 +12,7 @@ from gemforge.kernels import AttnMetadata
 
 from .kv_cache import KVCache, padded_tables
 from .model import GemmaModel
+from .transfer import to_device
 
 if TYPE_CHECKING:
     from .runner import WorkItem
@@ -78,9 +79,9 @@ class StepGraphs:
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
         # every graph writes its logits here (each graph keeping its own would hold up to GBs at V = 256k)
         self.logits = torch.empty(rows, model.cfg.vocab_size, dtype=torch.float32, device=dev)
-        self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
-        self.ragged: dict[tuple[int, int], tuple[object, torch.Tensor]] = {}  # (T, b) -> (replay, logits)
-        self.failed: dict[tuple, str] = {}  # keys ((b, w, every) or ("ragged", T, b)) whose capture failed
+        self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}  # (b, w, every) -> graph
+        self.ragged: dict[tuple[str, int, int], tuple[object, torch.Tensor]] = {}  # ("ragged", T, b) -> graph
+        self.failed: dict[tuple, str] = {}  # keys of either kind whose capture failed -> the error
         self.pool = None
 
     def _bucket(self, n: int, w: int) -> int | None:
@@ -97,25 +98,34 @@ class StepGraphs:
         """Sequences that hold `pad` padding tokens: each at most a block-table row's slots."""
         return -(-pad // (self.width * self.cache.block_size))
 
-    def _uniform(self, items: list[WorkItem], device_ids: bool = False) -> bool:
-        """Whether `items` is a step of the (b, w, every) graphs (device tokens: decode steps only)."""
-        w = max(len(it.token_ids) for it in items)
-        return w <= self.max_width and self._bucket(len(items), w) is not None and (w == 1 or not device_ids)
-
-    def accepts(self, items: list[WorkItem], device_ids: bool = False) -> bool:
-        """Whether a graph runs `items` (`device_ids`: some of its tokens come from the device)."""
+    def plan(self, items: list[WorkItem], device_ids: bool = False) -> tuple | None:
+        """The key of the graph that runs `items`: (b, w, every row's logits) when every sequence
+        brings at most w <= max_width tokens (with tokens from the device: decode steps only), else
+        ("ragged", T, b) when only last rows are wanted; None (run eagerly) past the buckets, the
+        context or the table width, or for a shape whose capture failed."""
         if not items:
-            return False
+            return None
         tables = self.cache.blocks.tables
         if not all(it.token_ids and it.start + len(it.token_ids) <= self.max_context
                    and len(tables[it.seq_id]) <= self.width for it in items):
-            return False
-        if self._uniform(items, device_ids):
-            w = max(len(it.token_ids) for it in items)
-            return (self._bucket(len(items), w), w, w > 1 and any(it.all_logits for it in items)) not in self.failed
-        bucket = None if any(it.all_logits for it in items) else self._ragged_bucket(
-            len(items), sum(len(it.token_ids) for it in items))
-        return bucket is not None and ("ragged", *bucket) not in self.failed
+            return None
+        n, w = len(items), max(len(it.token_ids) for it in items)
+        every = any(it.all_logits for it in items)
+        b = self._bucket(n, w) if w <= self.max_width and (w == 1 or not device_ids) else None
+        if b is not None:
+            key = (b, w, every and w > 1)  # (a decode step reads one row a sequence either way)
+        elif every:
+            return None
+        else:
+            bucket = self._ragged_bucket(n, sum(len(it.token_ids) for it in items))
+            if bucket is None:
+                return None
+            key = ("ragged", *bucket)
+        return None if key in self.failed else key
+
+    def accepts(self, items: list[WorkItem], device_ids: bool = False) -> bool:
+        """Whether a graph runs `items` (`device_ids`: some of its tokens come from the device)."""
+        return self.plan(items, device_ids) is not None
 
     def _step(self, b: int, w: int, every: bool):
         """The forward over the first b sequences of the buffers at width w, as a call to capture."""
@@ -135,17 +145,19 @@ class StepGraphs:
         out, rows = self.logits[:b], self.last_rows[:b]
         return lambda: self.model.forward(self.ids[:T], meta, self.cache, logits_indices=rows, out=out)
 
-    def _graph(self, table: dict, key: tuple, make_step, name: tuple):
-        """table[key], captured from make_step() first if need be; a capture that fails is logged once,
-        remembered under `name` (accepts then declines that shape) and raised as CaptureFailed."""
+    def _graph(self, key: tuple):
+        """The graph of `key`, captured first if need be (from the buffers as they are); a capture that
+        fails is logged once, remembered (plan then declines that shape) and raised as CaptureFailed."""
+        ragged = key[0] == "ragged"
+        table = self.ragged if ragged else self.graphs
         if key not in table:
             try:
-                table[key] = self._record(make_step())
+                table[key] = self._record(self._ragged_step(*key[1:]) if ragged else self._step(*key))
             except Exception as e:  # e.g. an op that cannot be captured: eager still serves the shape
-                self.failed[name] = f"{type(e).__name__}: {e}"
+                self.failed[key] = f"{type(e).__name__}: {e}"
                 log.warning("gemforge: the CUDA graph of step shape %s failed to capture (%s); that shape runs "
-                            "eagerly", name, self.failed[name])
-                raise CaptureFailed(self.failed[name]) from e
+                            "eagerly", key, self.failed[key])
+                raise CaptureFailed(self.failed[key]) from e
         return table[key]
 
     def _record(self, step):
@@ -172,7 +184,7 @@ class StepGraphs:
             return False
         self._fill([], b, w, every)
         try:
-            self._graph(self.graphs, key, lambda: self._step(b, w, every), key)
+            self._graph(key)
         except CaptureFailed:
             return False
         return True
@@ -180,12 +192,13 @@ class StepGraphs:
     def capture_ragged(self, T: int, b: int) -> bool:
         """Capture the ragged graph of (T, b) now, over padding only, unless it exists or b sequences
         cannot hold T padding tokens; True if it captured."""
-        if ((T, b) in self.ragged or ("ragged", T, b) in self.failed or T not in self.RAGGED_TOKENS
-                or b not in self.buckets or self._pad_seqs(T) > b):
+        key = ("ragged", T, b)
+        if (key in self.ragged or key in self.failed or T not in self.RAGGED_TOKENS or b not in self.buckets
+                or self._pad_seqs(T) > b):
             return False
         self._fill_ragged([], T, b)
         try:
-            self._graph(self.ragged, (T, b), lambda: self._ragged_step(T, b), ("ragged", T, b))
+            self._graph(key)
         except CaptureFailed:
             return False
         return True
@@ -282,37 +295,27 @@ class StepGraphs:
         if self.copied is not None:
             self.copied.record()
 
-    def run(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None) -> torch.Tensor:
-        n, w = len(items), max(len(it.token_ids) for it in items)
-        if not self._uniform(items, ids is not None):
-            return self._run_ragged(items, ids, at)
-        b = self._bucket(n, w)
-        every = w > 1 and any(it.all_logits for it in items)
-        wanted = self._fill(items, b, w, every)
-        if ids is not None:  # tokens from the device, over the host's (copied before them; w = 1)
-            self._put_ids(ids, at, n)
-        key = (b, w, every)
-        replay, out = self._graph(self.graphs, key, lambda: self._step(b, w, every), key)
+    def run(self, items: list[WorkItem], key: tuple, ids: torch.Tensor | None = None,
+            at: list[int] | None = None) -> torch.Tensor:
+        """Replay the graph of `key` (from `plan`) over `items`; ids / at: tokens from the device over
+        the first flat rows or over rows `at` (in both layouts the real tokens lead, in order, wherever
+        device tokens are allowed)."""
+        n = len(items)
+        if key[0] == "ragged":
+            self._fill_ragged(items, *key[1:])
+            every, wanted = False, []
+        else:
+            b, w, every = key
+            wanted = self._fill(items, b, w, every)
+        if ids is not None:  # over the host's tokens, copied before them
+            if at is None:
+                self.ids[: len(ids)].copy_(ids)
+            else:
+                self.ids.index_copy_(0, to_device(at, self.ids.device), ids)
+        replay, out = self._graph(key)
         replay()
         if not every:
             return out[:n]
         if len(wanted) == n * w:  # every sequence a full window that wants all its rows
             return out[: n * w]
-        return out[torch.tensor(wanted, device=out.device)]
-
-    def _run_ragged(self, items: list[WorkItem], ids: torch.Tensor | None, at: list[int] | None) -> torch.Tensor:
-        tokens = sum(len(it.token_ids) for it in items)
-        T, b = self._ragged_bucket(len(items), tokens)
-        self._fill_ragged(items, T, b)
-        if ids is not None:  # (the real tokens lead the flat rows as in the eager batch)
-            self._put_ids(ids, at, tokens)
-        replay, out = self._graph(self.ragged, (T, b), lambda: self._ragged_step(T, b), ("ragged", T, b))
-        replay()
-        return out[: len(items)]
-
-    def _put_ids(self, ids: torch.Tensor, at: list[int] | None, n: int) -> None:
-        """Device tokens over the first n flat rows, or over rows `at` (after the host's copy)."""
-        if at is None:
-            self.ids[:n].copy_(ids)
-        else:
-            self.ids.index_copy_(0, torch.tensor(at).to(self.ids.device, non_blocking=True), ids)
+        return out[to_device(wanted, out.device)]

@@ -17,6 +17,7 @@ from gemforge.kernels import AttnMetadata
 from .graphs import CaptureFailed, StepGraphs
 from .kv_cache import KVCache, padded_tables
 from .model import GemmaModel
+from .transfer import to_device
 
 
 @dataclass
@@ -45,14 +46,11 @@ def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnM
         tables.append(table)
     width = max((len(t) for t in tables), default=0)
 
-    def dev(x, dtype):
-        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
-
     meta = AttnMetadata(
-        positions=dev(positions, torch.int64), cu_seqlens_q=dev(cu, torch.int32),
-        context_lens=dev(ctx, torch.int32),
+        positions=to_device(positions, device, torch.int64), cu_seqlens_q=to_device(cu, device, torch.int32),
+        context_lens=to_device(ctx, device, torch.int32),
         block_tables=padded_tables(tables, width, len(items)).to(device, non_blocking=True),
-        slot_mapping=dev(slots, torch.int64),
+        slot_mapping=to_device(slots, device, torch.int64),
         max_query_len=max((len(it.token_ids) for it in items), default=0),
         max_context_len=max(ctx, default=0), host_cu_seqlens=cu, host_context_lens=ctx)
     return meta, rows
@@ -75,14 +73,16 @@ class ModelRunner:
     def run(self, items: list[WorkItem], ids: torch.Tensor | None = None, at: list[int] | None = None) -> torch.Tensor:
         """fp32 logits [rows, V]: one row per item, or one per token for `all_logits` items.
         ids: tokens already on the device (int64), read in place of the items' token_ids at the flat
-        batch's token positions `at` (default: every position, one token per item): a step takes
-        the tokens a step before picked without the host reading them (which waits for the device)."""
-        n = sum(len(it.token_ids) for it in items)
-        if ids is not None and len(ids) != (n if at is None else len(at)):
-            raise ValueError(f"run: {len(ids)} device ids for {n if at is None else len(at)} positions")
-        if self.graphs is not None and self.graphs.accepts(items, ids is not None):
+        batch's token positions `at` (default: every position): a step takes the tokens a step
+        before picked without the host reading them (which waits for the device)."""
+        if ids is not None:
+            positions = sum(len(it.token_ids) for it in items) if at is None else len(at)
+            if len(ids) != positions:
+                raise ValueError(f"run: {len(ids)} device ids for {positions} positions")
+        key = self.graphs.plan(items, ids is not None) if self.graphs is not None else None
+        if key is not None:
             try:
-                return self.graphs.run(items, ids, at)
+                return self.graphs.run(items, key, ids, at)
             except CaptureFailed:
                 pass  # (logged once; the step's inputs are untouched)
         return self._eager(items, ids, at)
@@ -90,11 +90,11 @@ class ModelRunner:
     def _eager(self, items: list[WorkItem], ids: torch.Tensor | None = None,
                at: list[int] | None = None) -> torch.Tensor:
         meta, rows = build_metadata(items, self.cache, self.device)
-        flat = ids if ids is not None and at is None else torch.tensor(
-            [t for it in items for t in it.token_ids], dtype=torch.int64).to(self.device, non_blocking=True)
+        flat = ids if ids is not None and at is None else to_device(
+            [t for it in items for t in it.token_ids], self.device, torch.int64)
         if ids is not None and at is not None:
-            flat.index_copy_(0, torch.tensor(at).to(self.device, non_blocking=True), ids)
-        idx = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            flat.index_copy_(0, to_device(at, self.device), ids)
+        idx = to_device(rows, self.device, torch.int64)
         return self.model.forward(flat, meta, self.cache, logits_indices=idx)
 
     def warmup(self, graph_shapes=(), prefill_steps=((17,), (16, 16), (2,) * 16), ragged: bool = False) -> int:

@@ -20,6 +20,7 @@ import torch
 from gemforge.kernels import argmax
 
 from .errors import RequestError
+from .transfer import to_device
 
 INF = math.inf
 # field: (minimum, maximum, min_inclusive, max_inclusive, description). One table drives the
@@ -208,13 +209,11 @@ def _filter_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
 def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution each (non-greedy) row samples from: softmax of logits / T after the
     top-k / top-p / min-p filters; [B, V] fp32. Speculative decoding uses it for p and q alike."""
-    def per_row(values):  # (copied without the host waiting for the device, as torch.tensor(device=) would)
-        return torch.tensor(values).to(logits.device, non_blocking=True)
-
-    scaled = logits / per_row([p.temperature for p in params])[:, None]
+    dev = logits.device
+    scaled = logits / to_device([p.temperature for p in params], dev)[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
-        scaled = _filter(scaled, per_row([p.top_k for p in params]), per_row([p.top_p for p in params]),
-                         per_row([p.min_p for p in params]))
+        scaled = _filter(scaled, to_device([p.top_k for p in params], dev), to_device([p.top_p for p in params], dev),
+                         to_device([p.min_p for p in params], dev))
     return scaled.softmax(-1)
 
 
@@ -254,12 +253,12 @@ def greedy(scores: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of fp32 logits [B, V] (penalties already applied) -> int64 [B]."""
-    out = greedy(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == len(params):
         return draw(probs(logits, params), generators)
-    if rows:  # (row indices copied without the host waiting for the device)
-        idx = torch.tensor(rows).to(logits.device, non_blocking=True)
+    out = greedy(logits)
+    if rows:
+        idx = to_device(rows, logits.device)
         out.index_copy_(0, idx, draw(probs(logits[idx], [params[i] for i in rows]), [generators[i] for i in rows]))
     return out
 

@@ -24,6 +24,7 @@ from .kv_cache import KVCache
 from .model import GemmaModel
 from .runner import ModelRunner, WorkItem
 from .sampling import adjust, draw, greedy, probs
+from .transfer import to_device
 
 
 NGRAM = "[ngram]"  # draft_model value for prompt-lookup drafting (NgramDrafter)
@@ -179,14 +180,14 @@ class Drafter:
             if j:
                 prev_live, prev = steps[-1]
                 ids = prev if len(live) == len(prev_live) else prev[
-                    torch.tensor([r for r, i in enumerate(prev_live) if ks[i] > j]).to(prev.device, non_blocking=True)]
+                    to_device([r for r, i in enumerate(prev_live) if ks[i] > j], prev.device)]
             logits = self.runner.run(items, ids)
             if any(seqs[i].adjusts for i in live):  # the target's logit_bias and min_tokens, j tokens ahead
                 adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
             nxt = greedy(logits)
             sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
-            if sampled:  # (row indices copied without waiting: the host does not wait for the device here)
-                rows = None if len(sampled) == len(live) else torch.tensor(sampled).to(logits.device, non_blocking=True)
+            if sampled:
+                rows = None if len(sampled) == len(live) else to_device(sampled, logits.device)
                 q = probs(logits if rows is None else logits[rows], [seqs[live[r]].params for r in sampled])
                 drawn = draw(q, [seqs[live[r]].generator for r in sampled])
                 nxt = drawn if rows is None else nxt.index_copy_(0, rows, drawn)
@@ -302,7 +303,7 @@ def greedy_picks(logits: torch.Tensor, windows: list[slice]) -> dict[int, list[i
     if sum(w.stop - w.start for w in windows) == logits.shape[0]:  # the ranges cover every row
         flat = greedy(logits).tolist()
         return {w.start: flat[w.start: w.stop] for w in windows}
-    idx = torch.tensor([r for w in windows for r in range(w.start, w.stop)], device=logits.device)
+    idx = to_device([r for w in windows for r in range(w.start, w.stop)], logits.device)
     flat, picks, at = greedy(logits[idx]).tolist(), {}, 0
     for w in windows:
         picks[w.start], at = flat[at: at + w.stop - w.start], at + w.stop - w.start

@@ -28,6 +28,7 @@ from gemforge.engine.model import GemmaModel
 from gemforge.engine.quantization import QuantConfig
 from gemforge.engine.runner import ModelRunner, WorkItem
 from gemforge.engine.sampling import greedy
+from gemforge.engine.transfer import HostCopy
 
 from report import emit, save
 
@@ -79,20 +80,11 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
             cache.blocks.append(i, 1)
         return runner.run([WorkItem(i, [last[i]], pos) for i in range(batch)]).argmax(-1).tolist()
 
-    def launch(pos, ids):  # -> the step's tokens on the device, their host copy, the event after it
+    def launch(pos, ids):  # -> the step's tokens on the device and their copy on the way to the host
         for i in range(batch):
             cache.blocks.append(i, 1)
         nxt = greedy(runner.run([WorkItem(i, [0], pos) for i in range(batch)], ids))
-        host = torch.empty(batch, dtype=torch.int64, pin_memory=nxt.is_cuda).copy_(nxt, non_blocking=True)
-        event = torch.cuda.Event() if nxt.is_cuda else None
-        if event is not None:
-            event.record()
-        return nxt, host, event
-
-    def read(pending):
-        if pending[2] is not None:
-            pending[2].synchronize()
-        return pending[1].tolist()
+        return nxt, HostCopy(nxt)
 
     last = step(prompt_len)  # warm-up (compiles Triton kernels)
     first = torch.tensor(last, device=model.device)
@@ -103,9 +95,9 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
         pending = launch(prompt_len + 1, first)
         for s in range(1, steps):
             nxt = launch(prompt_len + 1 + s, pending[0])
-            decoded.append(read(pending))  # step s - 1's tokens, while step s runs
+            decoded.append(pending[1].read())  # step s - 1's tokens, while step s runs
             pending = nxt
-        decoded.append(read(pending))
+        decoded.append(pending[1].read())
     else:
         for s in range(steps):
             last = step(prompt_len + 1 + s)

@@ -1,0 +1,35 @@
+"""Copies between host and device that do not make the host wait for the device.
+
+`torch.tensor(values, device="cuda")` copies synchronously: the host waits for everything queued on
+the stream first, which in a step that is meant to run ahead of the device (async scheduling, chained
+draft steps) is a stall per call. A small host tensor copied with non_blocking=True is staged by the
+driver and queued behind the stream's work instead.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.tensor(values, dtype) on `device`, queued on the current stream (no host wait)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor's copy to the host, started now: `read()` waits for the work queued before the
+    copy and no further (reading the device tensor itself would wait for everything queued on the
+    stream since: on a GPU, the next step too)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            self.host, self.copied = tensor, None
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def read(self) -> list:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
