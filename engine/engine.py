@@ -25,8 +25,8 @@ from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, adjust, apply_penalties, greedy, logprob_entries, sample
 from .scheduler import Scheduler
-from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, accept,
-                          accept_sampled, best_lookahead, greedy_picks, updated_rate)
+from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, Window,
+                          best_lookahead, updated_rate, verdicts)
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 from .transfer import HostCopy, to_device
@@ -208,7 +208,7 @@ class Engine:
         if self.ec.draft_model == NGRAM:
             if self.ec.draft_quantization:
                 raise RequestError(f"draft_quantization needs a draft model, not {NGRAM}", field="draft_quantization")
-            return NgramDrafter()
+            return NgramDrafter(device=self.device)
         d = Path(self.ec.draft_model)
         dcfg = ModelConfig.from_pretrained(d)
         dtok = Tokenizer(d / "tokenizer.model")
@@ -416,18 +416,19 @@ class Engine:
             return self._collect(touched, finished_only)
         spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
         t_start = time.perf_counter()
-        drafts, qs = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else ([], [])
-        t_drafted = time.perf_counter()
-        window = {}
-        for sc, d, q in zip(spec, drafts, qs):
-            if len(d) < sc.lookahead:  # prompt lookup may find fewer (or none): give the other slots back
-                self.cache.blocks.rollback(sc.seq.seq_id, sc.lookahead - len(d))
-                sc.lookahead = len(d)
-            if d:
-                window[id(sc)] = (d, q)
+        proposal = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else None
+        window, drafted = {}, 0  # id(sc) -> (its drafts' span in proposal.tokens, q)
+        for sc, n, q in zip(spec, proposal.counts, proposal.qs) if spec else ():
+            if n < sc.lookahead:  # prompt lookup may find fewer (or none): give the other slots back
+                self.cache.blocks.rollback(sc.seq.seq_id, sc.lookahead - n)
+                sc.lookahead = n
+            if n:
+                window[id(sc)] = (slice(drafted, drafted + n), q)
+                drafted += n
         spec = [sc for sc in spec if sc.lookahead]
         items, rows, plain, scored, r, prompt_tokens = [], [], [], [], 0, 0
         at, src, flat = [], [], 0  # flat positions of tokens not read yet, their rows in inflight.tokens
+        draft_at = []  # flat positions of the windows' drafts (on the device, in proposal.tokens)
         for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
             seq, start, n = sc.seq, sc.start, sc.num_tokens
             if not seq.output_ids and not seq.pending:
@@ -440,7 +441,8 @@ class Engine:
                 toks = seq.tokens(start, n)
             w = window.get(id(sc)) if window else None
             if w is not None:
-                items.append(WorkItem(seq.seq_id, toks + w[0], start, all_logits=True))
+                draft_at += range(flat + len(toks), flat + len(toks) + sc.lookahead)
+                items.append(WorkItem(seq.seq_id, toks + [0] * sc.lookahead, start, all_logits=True))
                 rows.append(slice(r, r + 1 + sc.lookahead))
                 r += 1 + sc.lookahead
             else:
@@ -457,6 +459,8 @@ class Engine:
             ids = inflight.tokens if src == list(range(len(inflight.seqs))) else \
                 inflight.tokens[to_device(src, inflight.tokens.device)]
             logits = self.runner.run(items, ids, None if len(at) == flat else at)
+        elif draft_at:  # (no token is in flight in a speculative step)
+            logits = self.runner.run(items, proposal.tokens, None if len(draft_at) == flat else draft_at)
         else:
             logits = self.runner.run(items)
         for sc in plan.scheduled:
@@ -484,31 +488,25 @@ class Engine:
         if inflight is not None:
             self._resolve(inflight, touched)
         verified = [i for i, sc in enumerate(plan.scheduled) if id(sc) in window]
-        args = {}  # accept()'s arguments per window
         for i in verified:
-            s, (d, q) = plan.scheduled[i].seq, window[id(plan.scheduled[i])]
+            s = plan.scheduled[i].seq
             if s.adjusts:  # row j scores the token j places after the next one
-                adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(len(d) + 1)])
-            args[i] = (s.params, s.generator, d, logits[rows[i]], q)
-        # the verdicts in a few device reads for the step, not several per sequence: the greedy windows'
-        # picks at once, the sampled windows' draws at once
-        picks = greedy_picks(logits, [rows[i] for i in verified if args[i][0].greedy])
-        sampled = [i for i in verified if not args[i][0].greedy]
-        drawn = dict(zip(sampled, accept_sampled([args[i] for i in sampled])))
-        kept = {i: drawn[i] if i in drawn else accept(*args[i], picks[rows[i].start]) for i in verified}
-        tops = {i: args[i][0].logprobs for i in verified if args[i][0].logprobs is not None}
+                adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(rows[i].stop - rows[i].start)])
+        windows = [Window(s.params, s.generator, rows[i], *window[id(plan.scheduled[i])])
+                   for i, s in ((i, plan.scheduled[i].seq) for i in verified)]
+        kept = dict(zip(verified, verdicts(logits, proposal.tokens, windows) if windows else ()))  # one read
+        tops = {i: w.params.logprobs for i, w in zip(verified, windows) if w.params.logprobs is not None}
         lps = self._window_logprobs(logits, rows, kept, tops) if tops else {}
         for i in verified:
             sc = plan.scheduled[i]
-            d = window[id(sc)][0]
-            s = sc.seq
+            s, k = sc.seq, sc.lookahead
             toks = kept[i]
             accepted = len(toks) - 1
-            s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + len(d), s.spec_accepted + accepted,
+            s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + k, s.spec_accepted + accepted,
                                                               s.spec_steps + 1)
-            s.spec_rate = updated_rate(s.spec_rate, accepted, len(d), 0.8)
-            self.spec_rate = updated_rate(self.spec_rate, accepted, len(d), 0.98)
-            self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + len(d)
+            s.spec_rate = updated_rate(s.spec_rate, accepted, k, 0.8)
+            self.spec_rate = updated_rate(self.spec_rate, accepted, k, 0.98)
+            self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + k
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
             self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
             self._append(s, toks, lps.get(i, [None] * len(toks)), touched)
@@ -526,7 +524,7 @@ class Engine:
             req.finished for req in touched.values())
         out = self._collect(touched, finished_only)
         if measure:
-            self._measure(spec, len(plan.scheduled), t_start, t_drafted)
+            self._measure(spec, len(plan.scheduled), t_start)
         return out
 
     @staticmethod
@@ -542,7 +540,7 @@ class Engine:
             out[i], at = entries[at: at + len(kept[i])], at + len(kept[i])
         return out
 
-    def _measure(self, spec: list, num_seqs: int, t_start: float, t_drafted: float) -> None:
+    def _measure(self, spec: list, num_seqs: int, t_start: float) -> None:
         """Records this all-decode step's costs (only such steps count: a prefill chunk would inflate
         the target's side, a finishing request's output the step, a draft catching up on many tokens
         its own): plain, or the draft's first and later steps and the rest of the step with its window
@@ -557,7 +555,7 @@ class Engine:
             self.step_costs.record("first", seconds[0])
             if len(seconds) > 1:
                 self.step_costs.record("draft", sum(seconds[1:]) / (len(seconds) - 1))
-            self.step_costs.record("verify", now - t_drafted, sum(sc.lookahead for sc in spec) / num_seqs)
+            self.step_costs.record("verify", now - t_start - sum(seconds), sum(sc.lookahead for sc in spec) / num_seqs)
             if len(spec) == num_seqs and len({sc.lookahead for sc in spec}) == 1:
                 self.step_costs.record_window(spec[0].lookahead, now - t_start)
             self.since_plain += 1

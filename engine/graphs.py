@@ -98,9 +98,9 @@ class StepGraphs:
         """Sequences that hold `pad` padding tokens: each at most a block-table row's slots."""
         return -(-pad // (self.width * self.cache.block_size))
 
-    def plan(self, items: list[WorkItem], device_ids: bool = False) -> tuple | None:
+    def plan(self, items: list[WorkItem]) -> tuple | None:
         """The key of the graph that runs `items`: (b, w, every row's logits) when every sequence
-        brings at most w <= max_width tokens (with tokens from the device: decode steps only), else
+        brings at most w <= max_width tokens, else
         ("ragged", T, b) when only last rows are wanted; None (run eagerly) past the buckets, the
         context or the table width, or for a shape whose capture failed."""
         if not items:
@@ -111,7 +111,7 @@ class StepGraphs:
             return None
         n, w = len(items), max(len(it.token_ids) for it in items)
         every = any(it.all_logits for it in items)
-        b = self._bucket(n, w) if w <= self.max_width and (w == 1 or not device_ids) else None
+        b = self._bucket(n, w) if w <= self.max_width else None
         if b is not None:
             key = (b, w, every and w > 1)  # (a decode step reads one row a sequence either way)
         elif every:
@@ -123,9 +123,9 @@ class StepGraphs:
             key = ("ragged", *bucket)
         return None if key in self.failed else key
 
-    def accepts(self, items: list[WorkItem], device_ids: bool = False) -> bool:
-        """Whether a graph runs `items` (`device_ids`: some of its tokens come from the device)."""
-        return self.plan(items, device_ids) is not None
+    def accepts(self, items: list[WorkItem]) -> bool:
+        """Whether a graph runs `items`."""
+        return self.plan(items) is not None
 
     def _step(self, b: int, w: int, every: bool):
         """The forward over the first b sequences of the buffers at width w, as a call to capture."""
@@ -297,9 +297,8 @@ class StepGraphs:
 
     def run(self, items: list[WorkItem], key: tuple, ids: torch.Tensor | None = None,
             at: list[int] | None = None) -> torch.Tensor:
-        """Replay the graph of `key` (from `plan`) over `items`; ids / at: tokens from the device over
-        the first flat rows or over rows `at` (in both layouts the real tokens lead, in order, wherever
-        device tokens are allowed)."""
+        """Replay the graph of `key` (from `plan`) over `items`; ids / at: tokens from the device at the
+        eager flat batch's positions `at` (default: all), placed where the graph's layout holds them."""
         n = len(items)
         if key[0] == "ragged":
             self._fill_ragged(items, *key[1:])
@@ -308,7 +307,11 @@ class StepGraphs:
             b, w, every = key
             wanted = self._fill(items, b, w, every)
         if ids is not None:  # over the host's tokens, copied before them
-            if at is None:
+            if key[0] != "ragged" and key[1] > 1:  # sequence i's tokens from row i w, not where the last ended
+                w = key[1]
+                layout = [i * w + j for i, it in enumerate(items) for j in range(len(it.token_ids))]
+                at = layout if at is None else [layout[x] for x in at]
+            if at is None:  # (decode and ragged layouts: the real tokens lead, in order)
                 self.ids[: len(ids)].copy_(ids)
             else:
                 self.ids.index_copy_(0, to_device(at, self.ids.device), ids)

@@ -79,7 +79,7 @@ class ModelRunner:
             positions = sum(len(it.token_ids) for it in items) if at is None else len(at)
             if len(ids) != positions:
                 raise ValueError(f"run: {len(ids)} device ids for {positions} positions")
-        key = self.graphs.plan(items, ids is not None) if self.graphs is not None else None
+        key = self.graphs.plan(items) if self.graphs is not None else None
         if key is not None:
             try:
                 return self.graphs.run(items, key, ids, at)

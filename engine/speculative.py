@@ -2,13 +2,15 @@
 
 Per step and per sequence with lookahead k (its last token t already sampled, not yet cached):
   1. the draft catches up on the tokens it has not cached, then proposes d1..dk one token at a
-     time (greedy requests: argmax; sampled ones: draws from the draft's processed distribution q);
-  2. the target scores [t, d1..dk] in ONE forward (a k+1 verify window in the flat batch), giving
-     p_0..p_k;
-  3. `accept`: greedy — keep d_i while d_i == argmax p_{i-1}, then append argmax at the first
-     mismatch (or the bonus argmax p_k); sampled — keep d_i with probability min(1, p(d_i)/q(d_i)),
-     on rejection draw from norm(max(0, p - q)) (Leviathan et al. 2023; Chen et al. 2023), so
-     the output is distributed exactly as the target's;
+     time (greedy requests: argmax; sampled ones: draws from the draft's processed distribution q),
+     each step taking the one before's tokens on the device;
+  2. the target scores [t, d1..dk] in ONE forward (a k+1 verify window in the flat batch, the drafts
+     taken from the device), giving p_0..p_k;
+  3. `verdicts`, for all windows in one device read (the step's only one): greedy — keep d_i
+     while d_i == argmax p_{i-1}, then append argmax at the first mismatch (or the bonus argmax
+     p_k); sampled — keep d_i with probability min(1, p(d_i)/q(d_i)), on rejection draw from
+     norm(max(0, p - q)) (Leviathan et al. 2023; Chen et al. 2023), so the output is distributed
+     exactly as the target's;
   4. both caches roll back the slots of rejected tokens.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ import statistics
 import time
 from array import array
 from collections import deque
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -24,7 +28,7 @@ from .kv_cache import KVCache
 from .model import GemmaModel
 from .runner import ModelRunner, WorkItem
 from .sampling import adjust, draw, greedy, probs
-from .transfer import to_device
+from .transfer import read, to_device
 
 
 NGRAM = "[ngram]"  # draft_model value for prompt-lookup drafting (NgramDrafter)
@@ -129,6 +133,25 @@ class StepCosts:
         return self._ratio(self.median["draft"] or self.median["first"])
 
 
+@dataclass
+class Proposal:
+    """A step's draft tokens: counts[i] for sequence i (prompt lookup may find fewer than asked), all
+    of them sequence by sequence in `tokens` (int64, on the device: the verify window takes them from
+    there, and the host reads them once, with the verdicts), and for each sequence the draft's
+    distributions [counts[i], V] it sampled from in `qs` (None: greedy, or certain proposals)."""
+    counts: list[int]
+    tokens: torch.Tensor
+    qs: list
+
+    def lists(self) -> list[list[int]]:
+        """The drafts of each sequence, on the host (a device read)."""
+        flat, out = self.tokens.tolist(), []
+        for n in self.counts:
+            out.append(flat[:n])
+            flat = flat[n:]
+        return out
+
+
 class Drafter:
     """The draft model and its own paged KV pool; `cached[seq_id]` tokens of each are cached. With
     prefix caching the pool shares prompt prefixes as the target's does: a sequence new to the draft
@@ -143,21 +166,21 @@ class Drafter:
                                   max_context=max_context, max_graph_width=2)
         self.cached: dict[int, int] = {}
         self.most_fed = 0  # the most tokens one sequence fed in the last propose's first forward
-        self.seconds: list[float] = []  # wall time of each draft step of the last propose
+        self._marks: list = []  # points in time between the last propose's draft steps
 
-    def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
-        """Draft ks[i] tokens for each sequence; also each sampled sequence's q rows [ks[i], V].
+    def propose(self, seqs: list, ks: list[int]) -> Proposal:
+        """Draft ks[i] tokens for each sequence (and each sampled sequence's q rows [ks[i], V]), without
+        reading anything on the host: on a GPU the host queues step j + 1 while step j runs, and the
+        verify forward after the last.
 
         The first step feeds each sequence what the draft has not cached (its last token, two after a
         window accepted whole, a whole prompt when new); each later step feeds the token the step
-        before picked, taken from the device: the host reads the proposals once, after the last
-        step, so on a GPU it queues step j + 1 while step j runs. `seconds` gets each step's time:
-        on a GPU from events between the steps (read after the last), else wall time."""
+        before picked, on the device."""
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         blocks = self.cache.blocks
         self.most_fed = 0
         steps = []  # (rows of seqs that drafted, their tokens on the device)
-        marks = [self._mark()]
+        self._marks = [self._mark()]
         for j in range(max(ks, default=0)):
             live = [i for i, k in enumerate(ks) if k > j]
             items, ids = [], None
@@ -194,16 +217,32 @@ class Drafter:
                 for row, r in enumerate(sampled):
                     qs[live[r]].append(q[row])
             steps.append((live, nxt))
-            marks.append(self._mark())
-        drafts: list[list[int]] = [[] for _ in seqs]
-        if steps:  # one read for every step's proposals (it waits for the device)
-            flat = iter(torch.cat([nxt for _, nxt in steps]).tolist())
-            for live, _ in steps:
-                for i in live:
-                    drafts[i].append(next(flat))
-        self.seconds = self._elapsed(marks)
+            self._marks.append(self._mark())
         # the last proposal is never fed to the draft: it holds tokens up to d_{k-1}
-        return drafts, [torch.stack(q) if q else None for q in qs]
+        qs = [torch.stack(q) if q else None for q in qs]
+        if not steps:
+            return Proposal(list(ks), torch.empty(0, dtype=torch.long, device=self.model.device), qs)
+        flat = torch.cat([nxt for _, nxt in steps])  # step by step; the window wants sequence by sequence
+        if len(seqs) > 1 and len(steps) > 1:
+            offsets, order = [0], []
+            for live, _ in steps:
+                offsets.append(offsets[-1] + len(live))
+            rank = [0] * len(steps)  # sequences before this one that drafted at step j
+            for k in ks:
+                order += [offsets[j] + rank[j] for j in range(k)]
+                for j in range(k):
+                    rank[j] += 1
+            flat = flat[to_device(order, flat.device)]
+        return Proposal(list(ks), flat, qs)
+
+    @property
+    def seconds(self) -> list[float]:
+        """Each draft step's time in the last propose: on a GPU from events between the steps (ask
+        once the device has run them: after the step's read), else wall time."""
+        marks = self._marks
+        if marks and isinstance(marks[0], float):
+            return [b - a for a, b in zip(marks, marks[1:])]
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
 
     def _mark(self):
         """A point in time: an event on the current CUDA stream, or the wall clock."""
@@ -212,13 +251,6 @@ class Drafter:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
-
-    @staticmethod
-    def _elapsed(marks: list) -> list[float]:
-        """Seconds between consecutive marks (events: once the device has passed them)."""
-        if marks and isinstance(marks[0], float):
-            return [b - a for a, b in zip(marks, marks[1:])]
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
 
     def keep(self, seq_id: int, n: int) -> None:
         """Roll the draft cache of `seq_id` back to its first n tokens."""
@@ -246,10 +278,11 @@ class NgramDrafter:
     model = cache = None
     most_fed = 0  # nothing to catch up on
 
-    def __init__(self, max_n: int = 4, min_n: int = 2, max_candidates: int = 16):
+    def __init__(self, max_n: int = 4, min_n: int = 2, max_candidates: int = 16, device="cpu"):
         if not 2 <= min_n <= max_n:
             raise ValueError(f"n-gram drafting needs 2 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n, self.max_candidates = max_n, min_n, max_candidates
+        self.device = torch.device(device)  # where the proposals go: the target's device
         self.seconds: list[float] = []  # the last propose's lookups, counted as one draft step
         self.chains: dict[int, tuple[dict[int, int], array]] = {}  # seq_id -> (pair -> latest end, previous ends)
 
@@ -282,11 +315,12 @@ class NgramDrafter:
             end = previous[end]
         return seq.tokens(best + 1, min(k, length - best - 1)) if best_n >= self.min_n else []
 
-    def propose(self, seqs: list, ks: list[int]) -> tuple[list[list[int]], list[None]]:
+    def propose(self, seqs: list, ks: list[int]) -> Proposal:
         t = time.perf_counter()
         drafts = [self._lookup(s, k) for s, k in zip(seqs, ks)]
         self.seconds = [time.perf_counter() - t]
-        return drafts, [None] * len(seqs)
+        return Proposal([len(d) for d in drafts], to_device([t for d in drafts for t in d], self.device, torch.long),
+                        [None] * len(seqs))
 
     def keep(self, seq_id: int, n: int) -> None:
         pass
@@ -295,77 +329,107 @@ class NgramDrafter:
         self.chains.pop(seq_id, None)
 
 
-def greedy_picks(logits: torch.Tensor, windows: list[slice]) -> dict[int, list[int]]:
-    """The argmax of every row of the given row ranges of `logits`, in one device read:
-    {range start: [argmax of each of its rows]}."""
+@dataclass
+class Window:
+    """One sequence's verify window for `verdicts`: its request's params and generator, its k + 1 rows
+    of the target's logits (row i scores the token after d_i; row 0 follows the last token), its k
+    drafts' span in the step's flat draft tokens, and the draft's distributions [k, V] (None: certain
+    proposals, q(d_i) = 1)."""
+    params: object
+    generator: torch.Generator | None
+    rows: slice
+    drafts: slice
+    q: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return self.drafts.stop - self.drafts.start
+
+
+def verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window]) -> list[list[int]]:
+    """Each window's tokens to append: the accepted prefix of its drafts plus one target token, in
+    ONE device read for the lot (the drafts come with it: nothing was read before the verify forward).
+
+    Greedy windows keep d_i while it equals the argmax of row i - 1, then append the argmax at the first
+    mismatch (or row k's). Sampled ones are decided on the device by `_sampled_verdicts`."""
     if not windows:
-        return {}
-    if sum(w.stop - w.start for w in windows) == logits.shape[0]:  # the ranges cover every row
-        flat = greedy(logits).tolist()
-        return {w.start: flat[w.start: w.stop] for w in windows}
-    idx = to_device([r for w in windows for r in range(w.start, w.stop)], logits.device)
-    flat, picks, at = greedy(logits[idx]).tolist(), {}, 0
-    for w in windows:
-        picks[w.start], at = flat[at: at + w.stop - w.start], at + w.stop - w.start
-    return picks
+        return []
+    greedy_ws = [w for w in windows if w.params.greedy]
+    sampled_ws = [w for w in windows if not w.params.greedy]
+    parts = [drafts]
+    if greedy_ws:
+        rows = [r for w in greedy_ws for r in range(w.rows.start, w.rows.stop)]
+        parts.append(greedy(_rows(logits, rows)))
+    if sampled_ws:
+        parts += _sampled_verdicts(logits, drafts, sampled_ws)
+    host = read(*parts)
+    flat, kept = host[0], {}
+    if greedy_ws:
+        best, at = host[1], 0
+        for w in greedy_ws:
+            d, b = flat[w.drafts], best[at: at + w.k + 1]
+            at += w.k + 1
+            i = next((i for i in range(w.k) if d[i] != b[i]), w.k)
+            kept[id(w)] = d[:i] + [b[i]]
+    if sampled_ws:
+        for w, cut, tok in zip(sampled_ws, host[-2], host[-1]):
+            kept[id(w)] = flat[w.drafts][:cut] + [tok]
+    return [kept[id(w)] for w in windows]
+
+
+def _sampled_verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window]) -> list[torch.Tensor]:
+    """(accepted drafts [W], the token after them [W]) of sampled windows, on the device. Draft i of a
+    window is accepted with probability min(1, p(d_i) / q(d_i)) (u_i ~ U(0, 1) from the sequence's
+    generator, p and q after the request's temperature and filters); at the first rejection the token
+    is drawn from norm(max(0, p - q)) (p when that is all zero), after k acceptances from p's row k.
+    Each generator gives its k uniforms and then one draw, as the window alone would."""
+    dev = logits.device
+    ks = [w.k for w in windows]
+    p = probs(_rows(logits, [r for w in windows for r in range(w.rows.start, w.rows.stop)]),
+              [w.params for w in windows for _ in range(w.k + 1)])
+    with_q = [w.q for w in windows if w.q is not None]
+    q_all = with_q[0] if len(with_q) == 1 else torch.cat(with_q) if with_q else p[:1]  # (p: a stand-in never read)
+    first = list(accumulate((k + 1 for k in ks), initial=0))  # each window's first row in p
+    q_first = list(accumulate((w.k if w.q is not None else 0 for w in windows), initial=0))
+    q0 = [q_first[i] if w.q is not None else -1 for i, w in enumerate(windows)]  # -1: certain drafts
+    # the host's indices in one copy per window and one per draft token
+    row0, k_of, q0_dev, d0 = to_device([first[:-1], ks, q0, [w.drafts.start for w in windows]], dev)
+    cut = k_of.clone()  # drafts accepted per window
+    if sum(ks):
+        wid = [i for i, k in enumerate(ks) for _ in range(k)]
+        local = [j for k in ks for j in range(k)]
+        pos, p_row, q_row, wid, local = to_device([
+            [windows[i].drafts.start + j for i, j in zip(wid, local)], [first[i] + j for i, j in zip(wid, local)],
+            [max(q0[i], 0) + j * (q0[i] >= 0) for i, j in zip(wid, local)], wid, local], dev)
+        toks = drafts[pos]
+        u = torch.cat([torch.rand(w.k, generator=w.generator, device=dev) for w in windows]).double()
+        pd = p[p_row, toks].double()
+        qd = torch.where(q0_dev[wid] < 0, 1.0, q_all[q_row, toks].double())
+        cut.scatter_reduce_(0, wid, torch.where(u * qd >= pd, local, k_of[wid]), "amin")  # first rejection
+    bonus = cut == k_of
+    has_q = q0_dev >= 0
+    target = p[row0 + cut]
+    # the draft's row at the first rejection: q's; onehot(d) for certain drafts; none after k acceptances
+    draft = q_all[torch.where(has_q & ~bonus, q0_dev + cut, 0)].mul_((has_q & ~bonus)[:, None])
+    if any(w.q is None and w.k for w in windows):
+        at = (d0 + cut).clamp_(max=len(drafts) - 1)
+        draft.scatter_add_(1, drafts[at][:, None], (~has_q & ~bonus).to(draft.dtype)[:, None])
+    # max(0, p - q), unnormalised (draw normalises); p where that is all zero. In place: [W, V] is large on a CPU
+    residual = torch.sub(target, draft, out=draft).clamp_(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target, out=residual)
+    return [cut, draw(residual, [w.generator for w in windows])]
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] (a copy), or x itself when rows are all of its rows in order."""
+    if len(rows) == x.shape[0] and rows == list(range(len(rows))):
+        return x
+    return x[to_device(rows, x.device)]
 
 
 def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
-           q: torch.Tensor | None, best: list[int] | None = None) -> list[int]:
-    """Tokens to append for one sequence: the accepted prefix of `drafts` plus one target token.
-    target_logits: [k+1, V] fp32 (row i scores the token after d_i; row 0 follows the last token).
-    q: the draft's distributions [k, V], or None for certain proposals (q(d_i) = 1: d_i is accepted
-    with probability p(d_i), and on rejection the token is drawn from p without d_i).
-    best: for a greedy request, the rows' argmax if already read (`greedy_picks`)."""
+           q: torch.Tensor | None) -> list[int]:
+    """`verdicts` for one window: target_logits [k+1, V] fp32, q [k, V] or None (certain drafts)."""
     k = len(drafts)
-    if params.greedy:
-        best = greedy(target_logits).tolist() if best is None else best
-        for i, d in enumerate(drafts):
-            if d != best[i]:
-                return drafts[:i] + [best[i]]
-        return drafts + [best[k]]
-    return accept_sampled([(params, generator, drafts, target_logits, q)])[0]
-
-
-def accept_sampled(windows: list[tuple]) -> list[list[int]]:
-    """`accept` for sampled sequences' windows (params, generator, drafts, target_logits, q), all at
-    once: two device reads for the lot. Draft i of a window is accepted with probability
-    min(1, p(d_i) / q(d_i)) (u_i ~ U(0, 1) from the sequence's generator); at the first rejection
-    the token is drawn from norm(max(0, p - q)) (p when that is all zero), after k acceptances from
-    p's row k. Each generator gives its k uniforms and then one draw, as one window alone would."""
-    if not windows:
-        return []
-    dev = windows[0][3].device
-    p = probs(torch.cat([t for *_, t, _ in windows]), [w[0] for w in windows for _ in range(len(w[2]) + 1)])
-    starts, n = [], 0
-    for w in windows:
-        starts.append(n)
-        n += len(w[2]) + 1
-
-    def ids(x):
-        return torch.tensor(x, dtype=torch.long, device=dev)
-
-    rows = ids([s + j for s, w in zip(starts, windows) for j in range(len(w[2]))])
-    toks = ids([d for w in windows for d in w[2]])
-    if len(toks):
-        u = torch.cat([torch.rand(len(d), generator=g, device=dev) for _, g, d, _, _ in windows])
-        qd = torch.cat([torch.ones(len(d), device=dev) if q is None else q[ids(range(len(d))), ids(d)]
-                        for _, _, d, _, q in windows])
-        u, pd, qd = torch.stack([u, p[rows, toks], qd]).tolist()  # read 1
-    residuals, cut, at = [], [], 0
-    for s, (_, _, d, _, q) in zip(starts, windows):
-        i = next((j for j in range(len(d)) if u[at + j] * qd[at + j] >= pd[at + j]), len(d))  # first rejection
-        at += len(d)
-        cut.append(i)
-        if i == len(d):  # all accepted: the bonus token from p's last row
-            residuals.append(p[s + i])
-            continue
-        if q is None:  # max(0, p - onehot(d)) = p without d
-            residual = p[s + i].clone()
-            residual[d[i]] = 0
-        else:
-            residual = (p[s + i] - q[i]).clamp_(min=0)
-        total = residual.sum()
-        residuals.append(torch.where(total > 0, residual / total, p[s + i]))
-    drawn = draw(torch.stack(residuals), [w[1] for w in windows]).tolist()  # read 2
-    return [w[2][:i] + [tok] for w, i, tok in zip(windows, cut, drawn)]
+    tokens = to_device(drafts, target_logits.device, torch.long)
+    return verdicts(target_logits, tokens, [Window(params, generator, slice(0, k + 1), slice(0, k), q)])[0]

@@ -9,6 +9,8 @@ when every request streams (an output delivered each step), `async_final_us` whe
 engine delivers final outputs only), both per step of the whole run. `async_step_us`: the same
 steps with the engine's async scheduling (each step launched before the previous one's tokens are
 read; on a GPU this host work then overlaps the device's step, here it only shows its own cost).
+`--speculative`: a speculative step's host time (k draft steps, the verify forward, the verdicts),
+do-nothing target and draft, greedy (`spec_greedy_step_us`) and sampled (`spec_sampled_step_us`).
 
     python benchmarks/engine/bench_host_overhead.py --model models/nano-codegemma
 """
@@ -60,13 +62,39 @@ def step_us(model_dir: str, batch: int, steps: int = 50, prompt_len: int = 4, as
     return (time.perf_counter() - t) / steps * 1e6
 
 
-def null_engine(model_dir: str, batch: int, ctx: int, prompt_len: int, async_scheduling: bool = False) -> Engine:
+def null_engine(model_dir: str, batch: int, ctx: int, prompt_len: int, async_scheduling: bool = False,
+                draft: str | None = None, k: int = 4) -> Engine:
+    """An engine whose model (and draft model, with `draft`: fixed lookahead k) do nothing."""
+    spec = dict(draft_model=draft, num_speculative_tokens=k, adaptive_lookahead=False) if draft else {}
     eng = Engine(model_dir, EngineConfig(dtype="float32", device="cpu", max_num_seqs=max(batch, 1),
                                          async_scheduling=async_scheduling,
                                          max_num_batched_tokens=max(2048, batch * prompt_len),
-                                         max_model_len=ctx, kv_cache_tokens=batch * ctx + 512), progress=False)
-    eng.runner.model = NullModel(eng.cfg.vocab_size, max(batch, 1) * 8)
+                                         max_model_len=ctx, kv_cache_tokens=batch * ctx + 512, **spec), progress=False)
+    eng.runner.model = NullModel(eng.cfg.vocab_size, max(batch, 1) * 8 * (k + 1))
+    if draft:
+        eng.drafter.runner.model = NullModel(eng.cfg.vocab_size, max(batch, 1) * 8)
     return eng
+
+
+def spec_step_us(model_dir: str, draft: str, batch: int, k: int, sampled: bool, steps: int = 20) -> float:
+    """Mean wall time of a speculative step (k draft steps, the verify forward, the verdicts, the
+    bookkeeping) with `batch` running sequences, both models doing nothing: every draft is accepted
+    (the draft's logits are the target's), so each step appends k + 1 tokens a sequence."""
+    eng = null_engine(model_dir, batch, 4 + (steps + 4) * (k + 1) + 32, 4, draft=draft, k=k)
+    p = SamplingParams(max_tokens=(steps + 4) * (k + 1), temperature=0.8 if sampled else 0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"r{i}", [2, 10, 11, 12], p)
+    for _ in range(3):
+        eng.step()
+    gc.collect()
+    gc.freeze()
+    try:
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+    finally:
+        gc.unfreeze()
+    return (time.perf_counter() - t) / steps * 1e6
 
 
 def async_step_us(model_dir: str, batch: int, stream: bool, steps: int = 50, prompt_len: int = 4) -> float:
@@ -114,6 +142,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3, help="measurements per point (the best counts)")
     ap.add_argument("--async-batches", nargs="*", type=int, default=[64, 256],
                     help="running requests at which to time the AsyncEngine too (4-token prompts)")
+    ap.add_argument("--speculative", nargs="*", type=int, default=[],
+                    help="running requests at which to time a speculative step too (do-nothing draft, k = --k)")
+    ap.add_argument("--draft", default="models/nano-codegemma-draft")
+    ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = []
@@ -134,6 +166,13 @@ def main(argv=None) -> list[dict]:
                 best[stream] = min(best[stream], async_step_us(args.model, b, stream))
         emit(rows, {"running_seqs": b, "prompt_len": 4, "async_stream_us": round(best[True], 1),
                     "async_final_us": round(best[False], 1)})
+    for b in args.speculative:
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(args.repeats):  # greedy and sampled interleaved
+            for sampled in best:
+                best[sampled] = min(best[sampled], spec_step_us(args.model, args.draft, b, args.k, sampled))
+        emit(rows, {"running_seqs": b, "k": args.k, "spec_greedy_step_us": round(best[False], 1),
+                    "spec_sampled_step_us": round(best[True], 1)})
     return save(rows, args.out)
 
 

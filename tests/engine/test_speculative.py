@@ -7,8 +7,9 @@ from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
-from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, accept,
-                                         accept_sampled, best_lookahead, greedy_picks, updated_rate)
+from gemforge.engine.sampling import draw, probs
+from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, Window, accept,
+                                         best_lookahead, updated_rate, verdicts)
 
 from test_engine import prompts_of, run_all
 
@@ -182,6 +183,28 @@ def test_greedy_speculative_equals_target_alone(pair, batch):
     assert spec_engine.drafter.cache.blocks.num_used == 0
 
 
+def test_a_speculative_step_reads_the_device_once(pair, monkeypatch):
+    """Drafts stay on the device: the verify windows take them from there, and the host reads every
+    window's drafts and verdict in one copy per step (greedy and sampled requests in one batch; on a
+    GPU each read waits for the device, and the host could not queue the verify forward behind the
+    draft steps)."""
+    target, draft = pair
+    eng = engine(target, draft, k=3)
+    for i, p in enumerate(prompts_of(4, seed=21)):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=30, temperature=0.8 * (i % 2), seed=i, ignore_eos=True))
+    eng.step()  # the prompts
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name, **kw:
+                            reads.append(_name) or _real(t, *a, **kw))
+    for _ in range(4):
+        before = eng.stats["spec_windows"] if "spec_windows" in eng.stats else 0
+        reads.clear()
+        eng.step()
+        assert eng.stats["spec_windows"] == before + 4 and reads == ["tolist"], reads
+
+
 def test_self_drafting_accepts_everything(pair):
     """The target drafting for itself proposes its own greedy tokens: every draft is accepted, also
     when the sequences of a batch draft different k (each capped by its max_tokens near the end, so
@@ -288,25 +311,66 @@ def test_rejection_sampler_output_distribution_is_the_targets():
     assert chi2 < 20.52, (chi2, counts.tolist())
 
 
-def test_sampled_windows_accepted_together_as_one_by_one():
-    """accept_sampled over many windows (draft distributions or certain proposals, 0..5 drafts,
-    temperatures, top-k) gives each window what accept() alone gives it from the same generator
-    state, with rejections and full acceptances both among them."""
+def rule(params, generator, drafts: list[int], logits: torch.Tensor, q: torch.Tensor | None) -> list[int]:
+    """The acceptance rule written out window by window, token by token, on the host: greedy keeps d_i
+    while it is row i's argmax; sampled accepts d_i when u_i q(d_i) < p(d_i) (the k uniforms drawn
+    first), and at the first rejection draws from norm(max(0, p_i - q_i)) (draw normalises), after k
+    acceptances from p_k (q = None: q_i is the point mass on d_i)."""
+    k = len(drafts)
+    if params.greedy:
+        best = logits.argmax(-1).tolist()
+        i = next((i for i in range(k) if drafts[i] != best[i]), k)
+        return drafts[:i] + [best[i]]
+    p = probs(logits, [params] * (k + 1))
+    u = torch.rand(k, generator=generator).tolist()
+    for i, d in enumerate(drafts):
+        qd = 1.0 if q is None else float(q[i, d])
+        if not u[i] * qd < float(p[i, d]):
+            residual = (p[i] - (torch.nn.functional.one_hot(torch.tensor(d), p.shape[1]).float() if q is None
+                                else q[i])).clamp(min=0)
+            if residual.sum() > 0:
+                return drafts[:i] + draw(residual[None], [generator]).tolist()
+            return drafts[:i] + draw(p[i][None], [generator]).tolist()
+    return drafts + draw(p[k][None], [generator]).tolist()
+
+
+def test_verdicts_of_many_windows_follow_the_rule_in_one_read(monkeypatch):
+    """verdicts over many windows at once (greedy, draft distributions and certain proposals; 0..5
+    drafts; temperatures, top-k; windows' rows and drafts out of order among other rows and tokens)
+    gives each window what the rule gives it from the same generator state, rejections and full
+    acceptances both among them, in one device read."""
     g = torch.Generator().manual_seed(31)
     V, windows = 40, []
-    for i in range(24):
+    for i in range(40):
         k = i % 6
-        params = SamplingParams(temperature=0.5 + (i % 3) * 0.4, top_k=0 if i % 4 else 9)
-        target = torch.randn(k + 1, V, generator=g) * 2
-        q = None if i % 5 == 0 else torch.softmax(target[:k] + torch.randn(k, V, generator=g), -1)
+        params = SamplingParams(temperature=0.0 if i % 7 == 3 else 0.5 + (i % 3) * 0.4, top_k=0 if i % 4 else 9)
+        target = torch.randn(k + 1, V, generator=g) * (6 if i % 5 == 0 else 2)  # (sharp: certain drafts pass)
+        q = None if i % 5 == 0 or params.greedy else torch.softmax(target[:k] + torch.randn(k, V, generator=g), -1)
         drafts = ([int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)] if q is not None
-                  else [int(target[j].argmax()) for j in range(k)])
-        windows.append((params, torch.Generator().manual_seed(100 + i), drafts, target, q))
-    alone = [accept(p, torch.Generator().manual_seed(100 + i), d, t, q) for i, (p, _, d, t, q) in enumerate(windows)]
-    together = accept_sampled(windows)
-    assert together == alone
-    cut = [len(t) - 1 for t in together]
-    assert any(c < len(w[2]) for c, w in zip(cut, windows)) and any(c == len(w[2]) > 0 for c, w in zip(cut, windows))
+                  else [int(target[j].argmax()) if j % 3 or i % 2 else int(torch.randint(V, (), generator=g))
+                        for j in range(k)])
+        windows.append((params, i, drafts, target, q))
+    want = [rule(p, torch.Generator().manual_seed(100 + i), d, t, q) for p, i, d, t, q in windows]
+    order = torch.randperm(len(windows), generator=g).tolist()  # rows and drafts laid out in this order
+    rows, tokens, spans, r = [], [], {}, 0
+    for w in order:
+        p, i, d, t, q = windows[w]
+        rows += [torch.randn(2, V, generator=g), t]  # two rows of something else first
+        tokens += [7] + d
+        spans[w] = (slice(r + 2, r + 3 + len(d)), slice(len(tokens) - len(d), len(tokens)))
+        r += 3 + len(d)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    got = verdicts(torch.cat(rows), torch.tensor(tokens), [
+        Window(p, torch.Generator().manual_seed(100 + i), *spans[w], q) for w, (p, i, d, t, q) in enumerate(windows)])
+    assert len(reads) == 1
+    assert got == want
+    cut = [len(t) - 1 for t in got]
+    for kind in (lambda w: w[0].greedy, lambda w: w[4] is not None, lambda w: w[4] is None and not w[0].greedy):
+        mine = [(c, len(w[2])) for c, w in zip(cut, windows) if kind(w) and w[2]]
+        assert any(c < k for c, k in mine) and any(c == k for c, k in mine), mine
+    assert verdicts(torch.cat(rows), torch.tensor(tokens), []) == []
 
 
 class _Seq:
@@ -322,14 +386,14 @@ class _Seq:
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     d = NgramDrafter(max_n=3, min_n=2)
     s = _Seq([1, 2, 3, 4, 5, 9, 2, 3, 8, 6, 1, 2, 3])
-    assert d.propose([s], [3])[0] == [[4, 5, 9]]          # the longest match wins: (1, 2, 3) ended at 2
+    assert d.propose([s], [3]).lists() == [[4, 5, 9]]          # the longest match wins: (1, 2, 3) ended at 2
     # ((2, 3) ended later, at 7)
     s.token_ids += [7]
-    assert d.propose([s], [3])[0] == [[]]                 # (3, 7) never seen before; 1-grams are not used
+    assert d.propose([s], [3]).lists() == [[]]               # (3, 7) never seen before; 1-grams are not used
     s.token_ids += [1, 2, 3]                              # incremental: only the new tokens are indexed
-    assert d.propose([s], [9]) == ([[7, 1, 2, 3]], [None])  # (1, 2, 3) latest earlier at 12: 4 tokens follow
+    assert d.propose([s], [9]).lists() == [[7, 1, 2, 3]]  # (1, 2, 3) latest earlier at 12: 4 tokens follow
     other = _Seq([5, 5, 5, 5], seq_id=1)
-    assert d.propose([other, s], [2, 1])[0] == [[5], [7]]   # (5, 5, 5) ended at 2: one token after it
+    assert d.propose([other, s], [2, 1]).lists() == [[5], [7]]   # (5, 5, 5) ended at 2: one token after it
     d.free(0)
     assert 0 not in d.chains and 1 in d.chains
     with pytest.raises(ValueError, match="min_n"):
@@ -392,20 +456,6 @@ def test_quantized_draft_keeps_the_targets_output(pair, method):
     assert quant.stats["spec_accepted"] > 0
     assert (quant.memory_report()["draft_weights"]["total"]
             < 0.6 * dense.memory_report()["draft_weights"]["total"])
-
-
-def test_greedy_picks_read_every_window_at_once():
-    """The argmax of each row range equals its own argmax, whether the ranges cover the batch (one
-    argmax over it) or leave rows out (gathered), and accept() takes them as they are."""
-    g = torch.Generator().manual_seed(12)
-    logits = torch.randn(11, 50, generator=g)
-    own = lambda w: logits[w].argmax(-1).tolist()  # noqa: E731
-    for windows in ([slice(0, 3), slice(3, 4), slice(4, 11)], [slice(5, 9), slice(0, 2)], []):
-        assert greedy_picks(logits, windows) == {w.start: own(w) for w in windows}
-    params = SamplingParams(temperature=0.0)
-    best = own(slice(0, 4))
-    assert accept(params, None, best[:2] + [(best[2] + 1) % 50], logits[:4], None, best) == best[:3]
-    assert accept(params, None, best[:3], logits[:4], None, best) == best
 
 
 def test_prompt_lookup_takes_no_draft_quantization(pair):

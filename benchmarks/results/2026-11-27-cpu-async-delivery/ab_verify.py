@@ -1,4 +1,5 @@
-"""A/B of the speculative step's verification, do-nothing target and draft, k = 4, interleaved in one
+"""(Runs against commits up to 95e8671, before greedy_picks and accept_sampled became speculative.verdicts.)
+A/B of the speculative step's verification, do-nothing target and draft, k = 4, interleaved in one
 process: every window at once (greedy_picks: one argmax and one device read; accept_sampled: two
 reads for all sampled windows; the engine now) against one window at a time (the same functions
 called per window, as before).
