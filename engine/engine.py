@@ -25,8 +25,9 @@ from .quantization import QuantConfig, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, adjust, apply_penalties, greedy, logprob_entries, sample
 from .scheduler import Scheduler
-from .speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, PROBE_MAX, Drafter, NgramDrafter, StepCosts, Window,
-                          best_lookahead, updated_rate, verdicts)
+from .drafters import NGRAM, Drafter, NgramDrafter
+from .lookahead import Lookahead
+from .speculative import Window, verdicts
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 from .transfer import HostCopy, to_device
@@ -166,11 +167,9 @@ class Engine:
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
         # prior (prompt lookup: free); unless given, the costs are then measured on the running decode steps
-        self.step_costs = StepCosts(weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"]
-                                    if self.drafter is not None and self.drafter.model is not None else 0.0)
-        self.spec_rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
-        self.since_plain = 0  # speculative steps measured since the last plain one
-        self._lookahead_memo: tuple = (None, {})  # (costs, {acceptance in hundredths: best k})
+        self.lookahead = Lookahead(ec.num_speculative_tokens, ec.adaptive_lookahead, ec.draft_cost,
+                                   weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"]
+                                   if self.drafter is not None and self.drafter.model is not None else 0.0)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         on_gpu = self.device.startswith("cuda")
@@ -311,7 +310,7 @@ class Engine:
         needs_tokens = (params.logprobs is not None or params.prompt_logprobs is not None or params.max_tokens == 0
                         or params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty)
         for s in seqs:
-            s.spec_rate = self.spec_rate
+            s.spec_rate = self.lookahead.rate
             self._by_seq[s.seq_id] = req
             self.scheduler.add(s)
             if needs_tokens:
@@ -332,58 +331,7 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    @property
-    def draft_cost(self) -> float:
-        """A draft step in plain decode steps: as given, or measured."""
-        return self.ec.draft_cost if self.ec.draft_cost is not None else self.step_costs.draft_cost
-
-    @property
-    def first_draft_cost(self) -> float:
-        """A window's first draft step (it also catches the draft up) in plain decode steps."""
-        return self.ec.draft_cost if self.ec.draft_cost is not None else self.step_costs.first_draft_cost
-
-    @property
-    def verify_slope(self) -> float:
-        """What one window token per sequence adds to a speculative step's target side, in plain decode
-        steps: measured (0 when draft_cost is given)."""
-        return 0.0 if self.ec.draft_cost is not None else self.step_costs.verify_slope
-
     # -- one iteration ----------------------------------------------------------------------
-    def _set_lookahead(self) -> None:
-        """Speculative tokens each running sequence verifies next step: with `adaptive_lookahead`,
-        the k that maximises expected tokens per unit of time at its recent acceptance rate, the
-        draft step's cost and what each window token adds to the verify step (`best_lookahead`; 0
-        when drafting does not pay, with one-token probes at backing-off intervals); never past
-        max_tokens or the context, and 0 for requests with penalties (their logits depend on the
-        tokens inside the window). Measuring, after CALIBRATE_EVERY speculative steps in a row one step
-        decodes plainly: the baseline the costs are relative to."""
-        k = self.ec.num_speculative_tokens
-        timed = self.step_costs.window_costs if self.ec.draft_cost is None else ()
-        costs = (k, self.draft_cost, self.verify_slope, self.first_draft_cost, timed)
-        if self._lookahead_memo[0] != costs:  # best k by acceptance rate in hundredths, under these costs
-            self._lookahead_memo = (costs, {})
-        memo = self._lookahead_memo[1]
-        calibrate = self.ec.adaptive_lookahead and self.ec.draft_cost is None and self.since_plain >= CALIBRATE_EVERY
-        for s in self.scheduler.running:
-            p = s.params
-            if calibrate or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
-                s.lookahead = 0
-                continue
-            want = k
-            if self.ec.adaptive_lookahead:
-                rate = round(s.spec_rate * 100)
-                want = memo.get(rate)
-                if want is None:
-                    want = memo[rate] = best_lookahead(rate / 100, *costs)
-                if want:
-                    s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
-                else:
-                    s.spec_idle += 1
-                    if s.spec_idle >= s.spec_probe_every:  # re-measure its acceptance now and then
-                        want, s.spec_idle, s.spec_probe_every = 1, 0, min(2 * s.spec_probe_every, PROBE_MAX)
-            s.lookahead = max(0, min(want, p.max_tokens - len(s.output_ids) - 1,
-                                     self.max_model_len - s.num_tokens - 1))
-
     @torch.inference_mode()  # logits are inference tensors: penalties and biases edit them in place
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of requests that produced tokens (of those
@@ -404,7 +352,7 @@ class Engine:
             self._resolve(inflight, touched)
             inflight = None
         if self.drafter is not None:
-            self._set_lookahead()
+            self.lookahead.assign(self.scheduler.running, self.max_model_len)
         skip = {s.seq_id for s in inflight.seqs if len(s.output_ids) + s.pending >= s.params.max_tokens} \
             if inflight is not None else ()
         plan = self.scheduler.schedule(skip)
@@ -502,10 +450,7 @@ class Engine:
             s, k = sc.seq, sc.lookahead
             toks = kept[i]
             accepted = len(toks) - 1
-            s.spec_proposed, s.spec_accepted, s.spec_steps = (s.spec_proposed + k, s.spec_accepted + accepted,
-                                                              s.spec_steps + 1)
-            s.spec_rate = updated_rate(s.spec_rate, accepted, k, 0.8)
-            self.spec_rate = updated_rate(self.spec_rate, accepted, k, 0.98)
+            self.lookahead.update(s, accepted, k)
             self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + k
             self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
             self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
@@ -524,7 +469,7 @@ class Engine:
             req.finished for req in touched.values())
         out = self._collect(touched, finished_only)
         if measure:
-            self._measure(spec, len(plan.scheduled), t_start)
+            self.lookahead.measure(self.drafter, spec, len(plan.scheduled), time.perf_counter() - t_start)
         return out
 
     @staticmethod
@@ -539,26 +484,6 @@ class Engine:
         for i in tops:
             out[i], at = entries[at: at + len(kept[i])], at + len(kept[i])
         return out
-
-    def _measure(self, spec: list, num_seqs: int, t_start: float) -> None:
-        """Records this all-decode step's costs (only such steps count: a prefill chunk would inflate
-        the target's side, a finishing request's output the step, a draft catching up on many tokens
-        its own): plain, or the draft's first and later steps and the rest of the step with its window
-        tokens per sequence, and, when every sequence drafted the same k, the whole step as a window
-        of k (best_lookahead then uses that instead of the model)."""
-        now = time.perf_counter()
-        if not spec:
-            self.step_costs.record("plain", now - t_start)
-            self.since_plain = 0
-        elif self.drafter.most_fed <= 2:
-            seconds = self.drafter.seconds
-            self.step_costs.record("first", seconds[0])
-            if len(seconds) > 1:
-                self.step_costs.record("draft", sum(seconds[1:]) / (len(seconds) - 1))
-            self.step_costs.record("verify", now - t_start - sum(seconds), sum(sc.lookahead for sc in spec) / num_seqs)
-            if len(spec) == num_seqs and len({sc.lookahead for sc in spec}) == 1:
-                self.step_costs.record_window(spec[0].lookahead, now - t_start)
-            self.since_plain += 1
 
     def _prompt_logprobs(self, sc, logits: torch.Tensor) -> None:
         """Extend the sequence's prompt logprobs with what this prompt chunk's rows say: row j (position

@@ -9,7 +9,7 @@ import torch
 
 from .detokenizer import Detokenizer
 from .sampling import SamplingParams
-from .speculative import PROBE_EVERY
+from .lookahead import PROBE_EVERY
 from .tokenizer import Tokenizer
 
 _ids = itertools.count()

@@ -89,6 +89,17 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert "Continuous batching" in summary
 
 
+def test_host_overhead_bench_times_speculative_steps(tmp_path):
+    """bench_host_overhead's speculative rows (do-nothing target and draft): greedy and sampled steps."""
+    models = BENCH.parent / "models"
+    rows = load(BENCH / "engine" / "bench_host_overhead.py").main([
+        "--model", str(models / "nano-codegemma"), "--draft", str(models / "nano-codegemma-draft"), "--batches", "1",
+        "--prompt-lens", "4", "--async-batches", "--speculative", "2", "--k", "2", "--repeats", "1",
+        "--out", str(tmp_path / "host.json")])
+    spec = rows[-1]
+    assert spec["k"] == 2 and spec["spec_greedy_step_us"] > 0 and spec["spec_sampled_step_us"] > 0, rows
+
+
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # python3 stand-in: logs its arguments, answers the suite's -c snippets, writes the summary
 echo "python $*" >> "$STUB_LOG"

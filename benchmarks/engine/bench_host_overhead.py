@@ -49,7 +49,12 @@ def step_us(model_dir: str, batch: int, steps: int = 50, prompt_len: int = 4, as
     p = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         eng.add_request(f"r{i}", [2] + [10 + (j % 50) for j in range(prompt_len - 1)], p)
-    for _ in range(3):  # prefill and warm-up
+    return timed_steps(eng, steps)
+
+
+def timed_steps(eng: Engine, steps: int) -> float:
+    """Microseconds per step of `steps` engine steps, after three (prefill and warm-up)."""
+    for _ in range(3):
         eng.step()
     gc.collect()
     gc.freeze()  # as `gemforge serve` does after loading: full collections skip what is alive now
@@ -84,17 +89,7 @@ def spec_step_us(model_dir: str, draft: str, batch: int, k: int, sampled: bool, 
     p = SamplingParams(max_tokens=(steps + 4) * (k + 1), temperature=0.8 if sampled else 0.0, ignore_eos=True)
     for i in range(batch):
         eng.add_request(f"r{i}", [2, 10, 11, 12], p)
-    for _ in range(3):
-        eng.step()
-    gc.collect()
-    gc.freeze()
-    try:
-        t = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-    finally:
-        gc.unfreeze()
-    return (time.perf_counter() - t) / steps * 1e6
+    return timed_steps(eng, steps)
 
 
 def async_step_us(model_dir: str, batch: int, stream: bool, steps: int = 50, prompt_len: int = 4) -> float:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from gemforge.engine import LLM, SamplingParams
-from gemforge.engine.speculative import NGRAM
+from gemforge.engine.drafters import NGRAM
 
 from report import emit, save
 
@@ -97,9 +97,9 @@ def main(argv=None) -> list[dict]:
             plain, res = run([base, spec], prompts, suffixes, args.max_tokens, args.repeats)
             draft = "ngram" if drafter == NGRAM else draft_quant or "dense"
             emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft,
-                         "first_draft_cost": round(spec.engine.first_draft_cost, 3),
-                         "draft_cost": round(spec.engine.draft_cost, 3),
-                         "verify_slope": round(spec.engine.verify_slope, 3), **res,
+                         "first_draft_cost": round(spec.engine.lookahead.first_draft_cost, 3),
+                         "draft_cost": round(spec.engine.lookahead.draft_cost, 3),
+                         "verify_slope": round(spec.engine.lookahead.verify_slope, 3), **res,
                          "target_alone_tokens_per_s": plain["tokens_per_s"],
                          "speedup": round(res["tokens_per_s"] / plain["tokens_per_s"], 2)})
     return save(rows, args.out)

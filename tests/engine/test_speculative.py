@@ -8,8 +8,9 @@ from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
 from gemforge.engine.runner import WorkItem
 from gemforge.engine.sampling import draw, probs
-from gemforge.engine.speculative import (CALIBRATE_EVERY, NGRAM, PROBE_EVERY, NgramDrafter, StepCosts, Window, accept,
-                                         best_lookahead, updated_rate, verdicts)
+from gemforge.engine.drafters import NGRAM, NgramDrafter
+from gemforge.engine.lookahead import CALIBRATE_EVERY, PROBE_EVERY, StepCosts, best_lookahead, updated_rate
+from gemforge.engine.speculative import Window, accept, verdicts
 
 from test_engine import prompts_of, run_all
 
@@ -101,13 +102,13 @@ def test_a_plain_step_after_a_long_speculative_run(pair):
     eng.add_request("a", prompts_of(1, 3)[0], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
     eng.step()  # the prompt
     seq = eng.requests["a"].seqs[0]
-    eng.since_plain = CALIBRATE_EVERY
-    eng._set_lookahead()
+    eng.lookahead.since_plain = CALIBRATE_EVERY
+    eng.lookahead.assign(eng.scheduler.running, eng.max_model_len)
     assert seq.lookahead == 0 and seq.spec_idle == 0  # not counted as declining to draft
     eng.step()
-    assert eng.since_plain == 0 and eng.step_costs.median["plain"] is not None
-    eng.step_costs.draft_prior = 0.01  # cheap drafts: it speculates again
-    eng._set_lookahead()
+    assert eng.lookahead.since_plain == 0 and eng.lookahead.costs.median["plain"] is not None
+    eng.lookahead.costs.draft_prior = 0.01  # cheap drafts: it speculates again
+    eng.lookahead.assign(eng.scheduler.running, eng.max_model_len)
     assert seq.lookahead == 3
 
 
@@ -136,7 +137,7 @@ def test_adaptive_lookahead_drafts_only_when_it_pays(pair, draft_cost, drafts):
     p = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     plain = run_all(engine(target), [("a", "def f(x):", p)])
     eng = engine(target, draft, k=4, adaptive_lookahead=True, draft_cost=draft_cost)
-    assert eng.draft_cost == (0.05 if drafts else 1.0)
+    assert eng.lookahead.draft_cost == (0.05 if drafts else 1.0)
     out = run_all(eng, [("a", "def f(x):", p)])
     assert out["a"].outputs[0].token_ids == plain["a"].outputs[0].token_ids
     steps = out["a"].outputs[0].spec["verify_steps"] if out["a"].outputs[0].spec else 0
@@ -152,12 +153,12 @@ def test_draft_cost_is_measured_unless_given(pair):
     target, draft = pair
     p = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     measured = engine(target, draft, k=2)
-    assert measured.draft_cost == 1.0
+    assert measured.lookahead.draft_cost == 1.0
     run_all(measured, [("a", "def f(x):", p)])
-    assert measured.draft_cost != 1.0 and 0 < measured.draft_cost <= 16
+    assert measured.lookahead.draft_cost != 1.0 and 0 < measured.lookahead.draft_cost <= 16
     fixed = engine(target, draft, k=2, draft_cost=0.3)
     run_all(fixed, [("a", "def f(x):", p)])
-    assert fixed.draft_cost == 0.3
+    assert fixed.lookahead.draft_cost == 0.3
 
 
 def test_bad_draft_cost_is_rejected(pair):
