@@ -100,6 +100,10 @@ part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --m
 part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/models/nano-codegemma" \
   --lengths 512 2000 --out "$OUT/prefill.json"
 
+# Where the decode steps above spend their device time: the top kernels of eager steps (torch.profiler).
+part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
+
 # HF's best configuration: its decode step compiled (static cache), at batch 1, beside gemforge measured again
 # in the same process. Compiling takes minutes a shape: last, on what the budget leaves, or alone by SUITE_ONLY.
 part decode_hf_compiled 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \

@@ -56,6 +56,17 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     return rows
 
 
+def profile_rows(profiled: list[dict], top: int = 5) -> list[dict]:
+    """One row per kernel of each profiled step (its `top` ones), the step's wall and busy ms on its first."""
+    rows = []
+    for r in profiled:
+        for i, k in enumerate(r["kernels"][:top]):
+            head = {"model": r["model"], "weights": r["weights"], "batch": r["profile_batch"],
+                    "wall_ms": r["profile_wall_ms"], "busy_ms": r["busy_ms"]} if i == 0 else {}
+            rows.append({**head, **k})
+    return rows
+
+
 def plot(decode: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -116,6 +127,11 @@ def main(outdir: str) -> None:
         parts.append("## Batch-1 decode against HF with its decode step compiled (static cache)\n")
         parts.append(table(compiled, ["model", "dtype", "gemforge_async_tok_s", "gemforge_tok_s", "hf_static_tok_s",
                                       "hf_compiled_tok_s", "speedup_vs_hf_compiled", "roofline_frac"]) + "\n")
+    profiled = [r for r in load(d / "decode_profile.json") or [] if "kernels" in r]
+    if profiled:
+        parts.append("## Where an eager decode step's device time goes (top kernels, per step)\n")
+        parts.append(table(profile_rows(profiled), ["model", "weights", "batch", "wall_ms", "busy_ms", "kernel", "calls",
+                                                    "us", "share"]) + "\n")
     throughput = load(d / "throughput.json")
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")

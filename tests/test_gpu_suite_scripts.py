@@ -49,6 +49,12 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert len(steps) == 6 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
     assert all(r["gemforge_async_tok_s"] > 0 and 0 < r["async_roofline_frac"] for r in steps)
     assert len([r for r in rows if "verify_window" in r]) == 16
+    profiled = decode.main(["--models", "codegemma-2b", "--batches", "1", "3", "--prompt-len", "8", "--quant", "none",
+                            "int4", "--profile", "--dtype", "float32", "--out", str(tmp_path / "decode_profile.json")])
+    assert [(r["weights"], r["profile_batch"]) for r in profiled] == [("none", 1), ("none", 3), ("int4", 1), ("int4", 3)]
+    for r in profiled:  # (on a CPU: ops by CPU time)
+        shares = [k["share"] for k in r["kernels"]]
+        assert r["busy_ms"] > 0 and len(shares) == 10 and shares == sorted(shares, reverse=True) and sum(shares) <= 1
     (tmp_path / "ceilings.json").write_text(json.dumps({"device": "cpu", "torch": "test", "copy_GBps": 50,
                                                         "bf16_matmul_TFLOPs": 1}))
     (tmp_path / "status.txt").write_text("decode: ok (1s)\n")
@@ -87,6 +93,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
     assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
     assert "Continuous batching" in summary
+    assert "Where an eager decode step's device time goes" in summary and profiled[0]["kernels"][0]["kernel"] in summary
 
 
 def test_host_overhead_bench_times_speculative_steps(tmp_path):
@@ -131,10 +138,10 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
     parts = ["build", "ceilings", "tests", "decode", "kernel_cuda", "kernel_triton", "throughput", "step_breakdown",
-             "prefill", "decode_hf_compiled", "summary"]
+             "prefill", "decode_profile", "decode_hf_compiled", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
-    assert "decode: FAILED rc=3" in status and "decode_hf_compiled: FAILED rc=3" in status, status
-    assert status.count(": ok") == len(parts) - 2, status
+    assert all(f"{p}: FAILED rc=3" in status for p in ("decode", "decode_profile", "decode_hf_compiled")), status
+    assert status.count(": ok") == len(parts) - 3, status
     calls = log.read_text()
     assert "cmake -S" in calls and "cmake --build" in calls and "assert c.WITH_CUDA" in calls
     assert (out / "summary.md").read_text() == "# summary\n" and "# summary" in run.stdout

@@ -7,7 +7,8 @@ runs them, read while the next step runs (`gemforge_async_tok_s`), and the same 
 transformers `generate` (static cache; eager, and with `--hf-compile` its decode step compiled, as
 transformers does by itself on a GPU) on the same weights; speedups use the loop the engine runs by
 default on the device (async on a GPU). Reports tokens/s and the fraction of the bandwidth roofline:
-(weight bytes + KV bytes read per step) / copy bandwidth.
+(weight bytes + KV bytes read per step) / copy bandwidth. `--profile`: instead, the kernels an eager
+decode step spends its device time in (torch.profiler), the top ones per model, format and batch.
 
     python benchmarks/engine/bench_decode.py --models codegemma-2b codegemma-7b --batches 1 8 64 \
         --bandwidth-GBps 3000 --out decode.json
@@ -64,16 +65,7 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
     each step launched with the previous step's tokens from the device before the host reads those
     (from a pinned copy behind an event); else each step's tokens are read before the next."""
     cfg = model.cfg
-    total = prompt_len + steps + 1
-    cache = KVCache(cfg.num_layers, batch * -(-total // block_size), block_size, cfg.num_kv_heads,
-                    cfg.head_dim, model.dtype, model.device)
-    runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=batch, max_context=total)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    for i in range(batch):
-        cache.blocks.append(i, prompt_len)
-    logits = runner.run([WorkItem(i, prompts[i], 0) for i in range(batch)])
-    last = logits.argmax(-1).tolist()
+    runner, cache, last = prefilled(model, batch, prompt_len, prompt_len + steps + 1, cuda_graphs, block_size)
 
     def step(pos):
         for i in range(batch):
@@ -107,6 +99,54 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
     kv_bytes = batch * (prompt_len + steps // 2) * KVCache.bytes_per_token(
         cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.tensor([], dtype=model.dtype).element_size())
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt, "kv_bytes": kv_bytes, "tokens": decoded}
+
+
+def prefilled(model: GemmaModel, batch: int, prompt_len: int, total: int, cuda_graphs: bool,
+              block_size: int = 16) -> tuple[ModelRunner, KVCache, list[int]]:
+    """A runner over a fresh cache for `batch` sequences of up to `total` tokens, their random
+    `prompt_len`-token prompts prefilled; and each sequence's next token."""
+    cfg = model.cfg
+    cache = KVCache(cfg.num_layers, batch * -(-total // block_size), block_size, cfg.num_kv_heads,
+                    cfg.head_dim, model.dtype, model.device)
+    runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=batch, max_context=total)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    for i in range(batch):
+        cache.blocks.append(i, prompt_len)
+    logits = runner.run([WorkItem(i, prompts[i], 0) for i in range(batch)])
+    return runner, cache, logits.argmax(-1).tolist()
+
+
+def profile_decode(model: GemmaModel, batch: int, prompt_len: int, steps: int = 4, top: int = 10) -> dict:
+    """Where an eager decode step's time goes: the `top` kernels by device time per step (on a CPU, the
+    ops by CPU time), with calls per step and share of the step's busy time, beside the step's wall
+    time and busy time. Eager, so that each kernel shows as itself (a graph replays the same ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner, cache, last = prefilled(model, batch, prompt_len, prompt_len + steps + 2, cuda_graphs=False)
+    ids = torch.tensor(last, device=model.device)
+
+    def step(pos, ids):
+        for i in range(batch):
+            cache.blocks.append(i, 1)
+        return greedy(runner.run([WorkItem(i, [0], pos) for i in range(batch)], ids))
+
+    ids = step(prompt_len, ids)  # warm-up (compiles Triton kernels)
+    sync()
+    cuda = model.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for s in range(steps):
+            ids = step(prompt_len + 1 + s, ids)
+        sync()
+        wall = (time.perf_counter() - t) / steps
+    spent = [(e.key, e.count / steps, (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps)
+             for e in prof.key_averages()]
+    spent = sorted((x for x in spent if x[2] > 0), key=lambda x: -x[2])
+    busy = sum(us for _, _, us in spent)
+    return {"profile_wall_ms": round(wall * 1e3, 3), "busy_ms": round(busy / 1e3, 3),
+            "kernels": [{"kernel": name[:120], "calls": round(n, 2), "us": round(us, 1), "share": round(us / busy, 3)}
+                        for name, n, us in spent[:top]]}
 
 
 def bench_window(model: GemmaModel, window: int, prompt_len: int, cuda_graphs: bool, iters: int = 20,
@@ -164,6 +204,11 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
                        args.backend)
     wbytes = weight_bytes_per_step(model)
     rows = []
+    if args.profile:
+        for b in args.batches:
+            emit(rows, {"model": name, "dtype": args.dtype, "weights": method, "profile_batch": b,
+                        **profile_decode(model, b, args.prompt_len)})
+        return rows
     for b in args.batches:
         row = {"model": name, "dtype": args.dtype, "weights": method, "batch": b, "prompt_len": args.prompt_len,
                "weight_GB": round(wbytes / 1e9, 3),
@@ -226,6 +271,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-graphs", action="store_true", help="eager decode steps only")
     ap.add_argument("--verify", action="store_true",
                     help="also time batch-1 verify windows of k+1 tokens (k = 1..8) relative to one decode step")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing: the kernels an eager decode step spends its device time in")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
