@@ -2,8 +2,10 @@
 
 `torch.tensor(values, device="cuda")` copies synchronously: the host waits for everything queued on
 the stream first, which in a step that is meant to run ahead of the device (async scheduling, chained
-draft steps) is a stall per call. A small host tensor copied with non_blocking=True is staged by the
-driver and queued behind the stream's work instead.
+draft steps, a speculative step's verify forward) is a stall per call. A copy from pinned host memory
+with non_blocking=True is queued behind the stream's work and returns at once; from pageable memory
+CUDA only says the driver "may synchronize with the stream" to stage it, so `to_device` pins first
+(torch's caching host allocator keeps each pinned block until the copy that read it has run).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 
 def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.tensor(values, dtype) on `device`, queued on the current stream (no host wait)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    cuda = (device.type if isinstance(device, torch.device) else str(device).split(":")[0]) == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=True)
 
 
 class HostCopy:
