@@ -46,6 +46,11 @@ static void bind_cpu(py::module_& m) {
         py::arg("vocab"), py::arg("eps"));
   m.def("argmax", &gf::cpu::argmax, nogil(), py::arg("out"), py::arg("x"), py::arg("rows"), py::arg("n"),
         py::arg("stride"));
+  m.def("linear_int8_bf16", &gf::cpu::linear_int8_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("qweight"),
+        py::arg("scales"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("linear_int4_bf16", &gf::cpu::linear_int4_bf16, nogil(), py::arg("y"), py::arg("x"), py::arg("qweight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("group"));
   m.attr("HAS_BF16_DOT") = gf::cpu::has_bf16_dot();
 }
 

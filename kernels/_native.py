@@ -12,8 +12,9 @@ batches (max_query_len == 1; anything else is delegated to the "triton" backend)
 linear_int4 for M <= 16 rows (more rows, or int8 with K % 16 != 0, go to "triton") in fp16/bf16.
 "cpu" coverage: rms_norm, gelu_and_mul, rotary, write_kv, argmax (fp32) and attention (any mix of prefill chunks,
 decode tokens and verify windows; outside the bf16 kernel, CPU_TORCH_PREFILL_TOKENS) in
-fp32/fp16/bf16; bf16 linear over a PackedWeight (AVX512-BF16 builds; plain dense weights go to
-torch); quantized linear stays with torch.
+fp32/fp16/bf16; bf16 linear over a PackedWeight and linear_int8 / linear_int4 over the stored
+quantized layouts for bf16 x with K a multiple of 32 (AVX512-BF16 builds; plain dense weights, and
+other quantized cases, go to torch).
 """
 from __future__ import annotations
 
@@ -394,15 +395,21 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- quantized linear
-def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0):
-    """max_ctas: 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks)."""
+def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0):
+    """The CUDA GEMV (up to MAX_GEMV_ROWS rows; more go to Triton) or the C++ CPU kernel (bf16 x, K a
+    multiple of 32; anything else goes to torch). max_ctas (CUDA): 0 lets the kernel size its grid;
+    n > 0 caps it at n CTAs (tests, benchmarks)."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
-    if m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16):
+    if kind == "cuda" and (m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16)):
         return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
-    _check_device(op, "cuda", x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
+    if kind == "cpu":
+        if not (cpu_packs_linear() and x.dtype == torch.bfloat16 and k % 32 == 0):
+            return select(op, "torch", x.device)(x, qweight, scales, zeros, group_size, bias)
+        x = x.contiguous()
+    _check_device(op, kind, x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias)
     _check_dtype(op, "x", x, _HALF)
     _check_contiguous(op, "x", x)
     n = qweight.shape[0]
@@ -428,7 +435,13 @@ def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias, max_cta
     if m == 0 or n == 0:
         return y
     b = 0 if bias is None else bias.data_ptr()
-    if fmt == "int8":
+    if kind == "cpu":
+        if fmt == "int8":
+            _ext().cpu.linear_int8_bf16(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k)
+        else:
+            _ext().cpu.linear_int4_bf16(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                        0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size)
+    elif fmt == "int8":
         _ext().w8a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k,
                           max_ctas, _DTYPE_CODES[x.dtype], _stream(x))
     else:
@@ -440,9 +453,19 @@ def _linear_quant(fmt: str, x, qweight, scales, zeros, group_size, bias, max_cta
 
 @register("linear_int8", "cuda")
 def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0) -> torch.Tensor:
-    return _linear_quant("int8", x, qweight, scales, zeros, group_size, bias, max_ctas)
+    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas)
 
 
 @register("linear_int4", "cuda")
 def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0) -> torch.Tensor:
-    return _linear_quant("int4", x, qweight, scales, zeros, group_size, bias, max_ctas)
+    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas)
+
+
+@register("linear_int8", "cpu")
+def linear_int8_cpu(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    return _linear_quant("cpu", "int8", x, qweight, scales, zeros, group_size, bias)
+
+
+@register("linear_int4", "cpu")
+def linear_int4_cpu(x, qweight, scales, zeros, group_size, bias=None) -> torch.Tensor:
+    return _linear_quant("cpu", "int4", x, qweight, scales, zeros, group_size, bias)

@@ -75,6 +75,15 @@ void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens
 void decoder_logits(int64_t logits, int64_t h, int64_t residual, int64_t tokens, int64_t rows, int64_t n_rows,
                     int64_t norm, int64_t table, int64_t scratch, int64_t hidden, int64_t vocab, double eps);
 
+// y [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N]) for the weight-only quantized formats of
+// docs/QUANT_FORMAT.md, read as stored (quant_linear.cpp): int8 qweight [N, K] with scales [N];
+// int4 qweight uint8 [N, K / 2] with scales and zeros (0: symmetric, z = 8) [N, K / group]. Scales,
+// zeros and bias bf16; all contiguous. K a multiple of 32 (int4: of the group, itself one of 32).
+void linear_int8_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
+                      int64_t K);
+void linear_int4_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
+                      int64_t N, int64_t K, int64_t group);
+
 // Whether the packed bf16 linear was built (the compiler targeted AVX512-BF16).
 bool has_bf16_dot();
 

@@ -92,7 +92,8 @@ def test_dense_linear_every_backend(dtype, device, gen):
 def test_select(device):
     assert select("linear_int4", "triton", device) is quant_matmul_triton  # CPU: TRITON_INTERPRET=1
     assert select("linear_int8", "triton", device) is quant_matmul_triton
-    assert select("linear_int8", "auto", "cpu") is select("linear_int8", "torch", "cpu")
+    cpu = "cpu" if unavailable_reason("linear_int8", "cpu", "cpu") is None else "torch"  # (is _C built?)
+    assert select("linear_int8", "auto", "cpu") is select("linear_int8", cpu, "cpu")
     with pytest.raises(BackendUnavailable, match="linear_int4: backend 'cuda' unavailable"):
         select("linear_int4", "cuda", "cpu")
 
@@ -219,6 +220,36 @@ def test_cpu_linear_packed_bad_input():
     bad = PackedWeight(w.data[:, :5], w.shape)
     with pytest.raises(ValueError, match=r"linear_packed: weight data must be torch.bfloat16 \[3, 12, 16, 2\]"):
         linear(torch.randn(3, 24).bfloat16(), bad, backend="cpu")
+
+
+@packed_cpu
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("n,k,with_bias", [(1, 256, True), (33, 384, False), (97, 1024, True)])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_quant_linear(fmt, rows, n, k, with_bias, gen, nan_empty):
+    """The C++ weight-only int8 / int4 linear (bf16 x): every count of x rows per pass (1..8; int4
+    1..4) and a partial last pass, an odd count of weight rows (one left after the pairs), several K
+    groups, symmetric and asymmetric int4, bias; error <= 2 x torch-in-bf16's + floor."""
+    x, qw, b, ref32 = _problem(fmt, rows, n, k, torch.bfloat16, "cpu", gen, bias=with_bias)
+    got = linear(x, qw, b, backend="cpu")
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    assert_close(got, ref32, linear(x, qw, b, backend="torch"), what=f"{fmt} rows={rows} n={n} k={k}")
+
+
+@packed_cpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_quant_linear_nan_stays_in_its_row_and_others_go_to_torch(fmt, gen):
+    """A NaN in x makes its own row NaN and no other (int4's per-group sums of x included); fp32
+    activations and K not a multiple of 32 take torch's path, which the result equals exactly."""
+    x, qw, b, _ = _problem(fmt, 3, 40, 256, torch.bfloat16, "cpu", gen)
+    x[1, 7] = float("nan")
+    y = linear(x, qw, b, backend="cpu")
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+    x32, qw32, b32, _ = _problem(fmt, 3, 40, 256, torch.float32, "cpu", gen)
+    assert torch.equal(linear(x32, qw32, b32, backend="cpu"), linear(x32, qw32, b32, backend="torch"))
+    if fmt == "int8":
+        x, qw, b, _ = _problem(fmt, 2, 40, 80, torch.bfloat16, "cpu", gen)
+        assert torch.equal(linear(x, qw, b, backend="cpu"), linear(x, qw, b, backend="torch"))
 
 
 def test_plain_linear_on_cpu_is_torch():

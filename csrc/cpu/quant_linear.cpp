@@ -1,0 +1,200 @@
+// Weight-only quantized linear on the CPU, over the layouts of docs/QUANT_FORMAT.md as they are
+// stored (no repacking): y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for bf16 x, with
+//   int8: W = q * s[n]                            y = s[n] * sum_k x q
+//   int4: W = (q - z) * s per group of g along K  y = sum_groups s (sum_k x (128 + q) - (128 + z) sum_k x)
+// Each row of W becomes bf16 32 elements at a time in registers, exactly (an int8 through fp32; an
+// int4 nibble pair as the bf16 pair of 128 + q, bits 0x4300 | q, which makes the group's zero point
+// one scalar correction per row of x), and meets the rows of x in VDPBF16PS dot products, fp32
+// sums rounded once to bf16. Each converted weight vector serves up to kRows rows of x (int4: half,
+// as it keeps twice the accumulators), each row of x two weight rows; blocks of kBlockN rows of W
+// stay in L2 while all of x passes over them; threads split W's rows. Built where
+// the compiler targets AVX512-BF16 (kHasBf16Dot); elsewhere the op stays with torch.
+#include "common.h"
+#include "ops.h"
+
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace gf::cpu {
+
+#if defined(__AVX512BF16__)
+namespace {
+
+constexpr int kRows = 8;          // rows of x per pass over a block of W
+constexpr int64_t kBlockN = 32;   // rows of W per block
+
+inline __m512bh x_at(const bf16* x, int64_t k) { return (__m512bh)_mm512_loadu_si512(x + k); }
+
+// 32 int8 codes -> 32 bf16, in order (|q| <= 128 is exact in bf16).
+inline __m512bh int8_codes(const int8_t* q) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // (lower half from the second operand)
+}
+
+// 16 bytes of nibble pairs (k = 2j low, 2j + 1 high) -> the 32 bf16 values 128 + q, in order.
+inline __m512bh int4_codes(const uint8_t* q) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512i pair = _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi32(0xF)),
+                                       _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
+  return (__m512bh)_mm512_or_si512(pair, _mm512_set1_epi32(0x43004300));
+}
+
+struct Args {
+  bf16* y;
+  const bf16* x;
+  const void* q;
+  const bf16* scales;
+  const bf16* zeros;  // int4 asymmetric; nullptr: z = 8
+  const bf16* bias;
+  int64_t M, N, K, group;
+  const float* xsum;  // int4: [M, K / group] sums of x over each group
+};
+
+// Rows m0 .. m0 + R of y, columns n .. n + C: each converted weight vector meets R rows of x, each
+// row of x C weight vectors.
+template <int R, int C>
+void int8_rows(const Args& a, int64_t m0, int64_t n) {
+  const auto* q = static_cast<const int8_t*>(a.q) + n * a.K;
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < a.K; k += 32) {
+    __m512bh w[C];
+    for (int c = 0; c < C; ++c) w[c] = int8_codes(q + c * a.K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = x_at(a.x + (m0 + r) * a.K, k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const float s = to_float(a.scales[n + c]), b = a.bias ? to_float(a.bias[n + c]) : 0.0f;
+    for (int r = 0; r < R; ++r)
+      a.y[(m0 + r) * a.N + n + c] = from_float<bf16>(_mm512_reduce_add_ps(acc[r][c]) * s + b);
+  }
+}
+
+template <int R, int C>
+void int4_rows(const Args& a, int64_t m0, int64_t n) {
+  const int64_t groups = a.K / a.group, row_bytes = a.K / 2;
+  const auto* q = static_cast<const uint8_t*>(a.q) + n * row_bytes;
+  __m512 acc[R][C];
+  float corr[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps(), corr[r][c] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 dot[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_ps();
+    for (int64_t k = g * a.group, end = k + a.group; k < end; k += 32) {
+      __m512bh w[C];
+      for (int c = 0; c < C; ++c) w[c] = int4_codes(q + c * row_bytes + k / 2);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = x_at(a.x + (m0 + r) * a.K, k);
+        for (int c = 0; c < C; ++c) dot[r][c] = _mm512_dpbf16_ps(dot[r][c], xv, w[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const int64_t at = (n + c) * groups + g;
+      const float s = to_float(a.scales[at]);
+      const float zs = s * (128.0f + (a.zeros ? to_float(a.zeros[at]) : 8.0f));
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int r = 0; r < R; ++r) {
+        acc[r][c] = _mm512_fmadd_ps(dot[r][c], sv, acc[r][c]);
+        corr[r][c] += zs * a.xsum[(m0 + r) * groups + g];
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const float b = a.bias ? to_float(a.bias[n + c]) : 0.0f;
+    for (int r = 0; r < R; ++r)
+      a.y[(m0 + r) * a.N + n + c] = from_float<bf16>(_mm512_reduce_add_ps(acc[r][c]) - corr[r][c] + b);
+  }
+}
+
+// Rows of x kRows at a time (int8) or kRows / 2 (int4, which holds twice the accumulators), W's rows
+// two at a time (one for an odd last one), in blocks of kBlockN that the threads split.
+template <int R, class Fmt>
+void rows_of_x(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 1 < n1; n += 2) Fmt::template call<R, 2>(a, m0, n);
+  if (n < n1) Fmt::template call<R, 1>(a, m0, n);
+}
+
+template <class Fmt>
+void run(const Args& a) {
+  constexpr int kMax = Fmt::kMaxRows;
+  const int64_t blocks = (a.N + kBlockN - 1) / kBlockN;
+  const bool parallel = a.M * a.N * a.K >= kParallelGrain && blocks > 1;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n0 = blk * kBlockN, n1 = std::min(a.N, n0 + kBlockN);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMax) {
+      switch (std::min<int64_t>(kMax, a.M - m0)) {
+        case 1: rows_of_x<1, Fmt>(a, m0, n0, n1); break;
+        case 2: rows_of_x<2, Fmt>(a, m0, n0, n1); break;
+        case 3: rows_of_x<3, Fmt>(a, m0, n0, n1); break;
+        case 4: rows_of_x<4, Fmt>(a, m0, n0, n1); break;
+        case 5: rows_of_x<std::min(5, kMax), Fmt>(a, m0, n0, n1); break;
+        case 6: rows_of_x<std::min(6, kMax), Fmt>(a, m0, n0, n1); break;
+        case 7: rows_of_x<std::min(7, kMax), Fmt>(a, m0, n0, n1); break;
+        default: rows_of_x<kMax, Fmt>(a, m0, n0, n1); break;
+      }
+    }
+  }
+}
+
+struct Int8 {
+  static constexpr int kMaxRows = kRows;
+  template <int R, int C>
+  static void call(const Args& a, int64_t m0, int64_t n) { int8_rows<R, C>(a, m0, n); }
+};
+struct Int4 {
+  static constexpr int kMaxRows = kRows / 2;
+  template <int R, int C>
+  static void call(const Args& a, int64_t m0, int64_t n) { int4_rows<R, C>(a, m0, n); }
+};
+
+}  // namespace
+
+void linear_int8_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
+                      int64_t K) {
+  require(K % 32 == 0, "linear_int8", "K must be a multiple of 32, got " + std::to_string(K));
+  run<Int8>(Args{as_ptr<bf16>(y), as_ptr<const bf16>(x), as_ptr<const void>(qweight), as_ptr<const bf16>(scales),
+                    nullptr, bias ? as_ptr<const bf16>(bias) : nullptr, M, N, K, 0, nullptr});
+}
+
+void linear_int4_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
+                      int64_t N, int64_t K, int64_t group) {
+  require(group % 32 == 0 && group > 0 && K % group == 0, "linear_int4",
+          "the group must be a positive multiple of 32 dividing K, got group " + std::to_string(group) + ", K " +
+              std::to_string(K));
+  const int64_t groups = K / group;
+  std::vector<float> xsum(M * groups);  // sum of each row of x over each group, in fp32
+  const bf16* xs = as_ptr<const bf16>(x);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += to_float(xs[m * K + k]);
+      xsum[m * groups + g] = s;
+    }
+  run<Int4>(Args{as_ptr<bf16>(y), xs, as_ptr<const void>(qweight), as_ptr<const bf16>(scales),
+                    zeros ? as_ptr<const bf16>(zeros) : nullptr, bias ? as_ptr<const bf16>(bias) : nullptr, M, N, K,
+                    group, xsum.data()});
+}
+
+#else
+
+void linear_int8_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+  throw std::invalid_argument("linear_int8: gemforge._C was built without AVX512-BF16");
+}
+void linear_int4_bf16(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+  throw std::invalid_argument("linear_int4: gemforge._C was built without AVX512-BF16");
+}
+
+#endif
+
+}  // namespace gf::cpu
