@@ -5,9 +5,10 @@ F.linear on the dense weight, torch's own torch._weight_int8pack_mm / torch._wei
 where this torch build runs them, and our torch backend (dequantize, then matmul). The bytes are the
 subject's: packed weight + scales (+ zeros) + bf16 activations in and out, so every entry's GB/s is
 an effective bandwidth over the quantized weight (bf16 F.linear really moves 2x / 4x more) and
-speedup_vs_bf16 is the headline. On CPU: the nano model's shapes through the torch backend, and
-the dense bf16 projections through the "cpu" backend (the C++ linear over a PackedWeight) against
-torch's F.linear and oneDNN on a weight prepacked into its own layout.
+speedup_vs_bf16 is the headline. On CPU: the nano model's shapes through the "cpu" backend (the C++
+kernel over the stored layout, bf16) against torch's own CPU weight-only kernels and our torch
+backend, and the dense bf16 projections through the "cpu" backend (the C++ linear over a
+PackedWeight) against torch's F.linear and oneDNN on a weight prepacked into its own layout.
 """
 import pytest
 import torch
@@ -35,15 +36,20 @@ CASES = [(model, proj, n, k) for model, cfg in MODELS.items() for proj, (n, k) i
 
 def _torch_native(x, qw):
     """torch's weight-only kernel on the same weight, or None where this torch build lacks it. Its
-    int4 layout is [K/g, N, 2] (scale, zero) with W = (q - 8) * scale + zero, high nibble first."""
+    int4 scales and zeros are [K/g, N, 2] with W = (q - 8) * scale + zero; its int4 weight layout is
+    its own (CUDA: from bytes, high nibble first; CPU: from the codes as int32)."""
     try:
         if qw.fmt == "int8":
             fn = lambda: torch._weight_int8pack_mm(x, qw.qweight, qw.scales)  # noqa: E731
         else:
             q = unpack_int4(qw.qweight)
-            packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
             sz = torch.stack([qw.scales.t(), torch.zeros_like(qw.scales.t())], dim=-1).contiguous()
-            fn = lambda: torch._weight_int4pack_mm(x, packed, qw.group_size, sz)  # noqa: E731
+            if x.is_cuda:
+                packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
+                fn = lambda: torch._weight_int4pack_mm(x, packed, qw.group_size, sz)  # noqa: E731
+            else:
+                packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+                fn = lambda: torch._weight_int4pack_mm_for_cpu(x, packed, qw.group_size, sz)  # noqa: E731
         fn()
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
@@ -64,11 +70,14 @@ def test_linear_quant(benchmark, model, proj, n, k, rows, fmt):
         tri = select(f"linear_{fmt}", "triton", DEVICE)
         impls = {"triton": lambda: tri(*args), "bf16": lambda: F.linear(x, w),
                  "torch_native": _torch_native(x, qw), "torch": lambda: ref(*args)}
-    else:
-        impls = {"torch": lambda: ref(*args)}
+    else:  # the C++ kernel where it takes the case (bf16 x), torch's own CPU kernel, the dequantizing reference
+        impls = {"torch_native": _torch_native(x, qw), "torch": lambda: ref(*args)}
+        if DTYPE == torch.bfloat16 and cpu_packs_linear():
+            cpu = select(f"linear_{fmt}", "cpu", DEVICE)
+            impls = {"cpu": lambda: cpu(*args), **impls}
     benchmark.extra_info.update(model=model, proj=proj, n=n, k=k, rows=rows, fmt=fmt)
     expect = ref(*args).float()
-    for name in ("triton", "torch_native"):  # the peers must compute the same product
+    for name in ("triton", "cpu", "torch_native"):  # the peers must compute the same product
         if impls.get(name) is not None:
             rel = (impls[name]().float() - expect).abs().max() / expect.abs().max()
             benchmark.extra_info[f"{name}_max_rel_err"] = float(rel)

@@ -6,8 +6,11 @@
 // int4 nibble pair as the bf16 pair of 128 + q, bits 0x4300 | q, which makes the group's zero point
 // one scalar correction per row of x), and meets the rows of x in VDPBF16PS dot products, fp32
 // sums rounded once to bf16. Each converted weight vector serves up to kRows rows of x (int4: half,
-// as it keeps twice the accumulators), each row of x two weight rows; blocks of kBlockN rows of W
-// stay in L2 while all of x passes over them; threads split W's rows. Built where
+// as it keeps twice the accumulators), each row of x two weight rows (four when x has at most two
+// rows: independent accumulators for the dot products' latency); blocks of kBlockN rows of W stay
+// in L2 while all of x passes over them; threads split W's rows. The loop requests the next weight
+// rows' cache lines as it reads the current ones: the hardware prefetchers stop at 4 KB pages, which
+// rows of 1-2 KB cross every few rows (one-row CodeGemma-2B gate_up, int4: 2.16 -> 0.84 ms). Built where
 // the compiler targets AVX512-BF16 (kHasBf16Dot); elsewhere the op stays with torch.
 #include "common.h"
 #include "ops.h"
@@ -64,6 +67,8 @@ void int8_rows(const Args& a, int64_t m0, int64_t n) {
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < a.K; k += 32) {
     __m512bh w[C];
+    if ((k & 63) == 0)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(q + (C + c) * a.K + k), _MM_HINT_T0);
     for (int c = 0; c < C; ++c) w[c] = int8_codes(q + c * a.K + k);
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = x_at(a.x + (m0 + r) * a.K, k);
@@ -91,6 +96,8 @@ void int4_rows(const Args& a, int64_t m0, int64_t n) {
       for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_ps();
     for (int64_t k = g * a.group, end = k + a.group; k < end; k += 32) {
       __m512bh w[C];
+      if ((k & 127) == 0)  // request the next weight rows' line at this offset (see the header)
+        for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(q + (C + c) * row_bytes + k / 2), _MM_HINT_T0);
       for (int c = 0; c < C; ++c) w[c] = int4_codes(q + c * row_bytes + k / 2);
       for (int r = 0; r < R; ++r) {
         const __m512bh xv = x_at(a.x + (m0 + r) * a.K, k);
@@ -119,7 +126,9 @@ void int4_rows(const Args& a, int64_t m0, int64_t n) {
 // two at a time (one for an odd last one), in blocks of kBlockN that the threads split.
 template <int R, class Fmt>
 void rows_of_x(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int C = R <= 2 ? 4 : 2;  // few rows of x: more weight rows, for independent accumulators
   int64_t n = n0;
+  for (; n + C <= n1; n += C) Fmt::template call<R, C>(a, m0, n);
   for (; n + 1 < n1; n += 2) Fmt::template call<R, 2>(a, m0, n);
   if (n < n1) Fmt::template call<R, 1>(a, m0, n);
 }

@@ -1,7 +1,8 @@
 """The C++ weight-only int8 / int4 linear on this CPU (csrc/cpu/quant_linear.cpp), against the path
 it replaces (torch: dequantize the whole weight to fp32, then an fp32 GEMM) and the packed bf16 linear.
 1. Kernels on CodeGemma-2B shapes (gate_up 32768 x 2048, down 2048 x 16384), 1 / 8 / 64 rows of bf16
-   x, best of 5, the variants interleaved per shape.
+   x, best of 5, the variants interleaved per shape; beside them torch's own CPU weight-only kernels
+   (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) on the same weights.
 2. The engine on the bundled nano model in bf16: decode tokens/s of 1 and 8 greedy requests (64 new
    tokens, 16-token prompts) with int8 and int4 (g128) weights, with the C++ kernel and without it
    (the registry's "cpu" entry removed before the model is built), best of 3 interleaved.
@@ -16,7 +17,7 @@ import torch
 from gemforge.engine import LLM, SamplingParams
 from gemforge.kernels import _native, registry
 from gemforge.kernels.linear import PackedWeight, linear_quant_ref
-from gemforge.kernels.quant import quantize_int4, quantize_int8
+from gemforge.kernels.quant import quantize_int4, quantize_int8, unpack_int4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,6 +30,17 @@ def best(f, n=5):
         f()
         b = min(b, time.perf_counter() - t)
     return round(b * 1e3, 2)
+
+
+def torch_native(x, q8, q4) -> dict:
+    """torch's CPU weight-only kernels on the same weights: int8 per channel as is; int4 in its own
+    layout (converted once here), W = (q - 8) * scale + zero with zero 0 for our symmetric codes."""
+    q = unpack_int4(q4.qweight).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 8)
+    sz = torch.stack([q4.scales.t(), torch.zeros_like(q4.scales.t())], dim=-1).contiguous()
+    return {"int8": (lambda: torch._weight_int8pack_mm(x, q8.qweight, q8.scales), (q8.qweight, q8.scales, None, None)),
+            "int4": (lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 128, sz),
+                     (q4.qweight, q4.scales, q4.zeros, 128))}
 
 
 def kernels():
@@ -44,6 +56,10 @@ def kernels():
             r["bf16_packed_ms"] = best(lambda: _native.linear_packed_cpu(x, pw))
             r["int8_ms"] = best(lambda: _native.linear_int8_cpu(x, q8.qweight, q8.scales, None, None))
             r["int4_ms"] = best(lambda: _native.linear_int4_cpu(x, q4.qweight, q4.scales, q4.zeros, 128))
+            for fmt, (fn, args) in torch_native(x, q8, q4).items():  # torch's own CPU weight-only kernels
+                want = linear_quant_ref(x, *args).float()
+                r[f"{fmt}_torch_native_max_rel_err"] = float((fn().float() - want).abs().max() / want.abs().max())
+                r[f"{fmt}_torch_native_ms"] = best(fn)
             if m == 1:
                 r["int8_torch_ms"] = best(lambda: linear_quant_ref(x, q8.qweight, q8.scales, None, None), 2)
                 r["int4_torch_ms"] = best(lambda: linear_quant_ref(x, q4.qweight, q4.scales, q4.zeros, 128), 2)
