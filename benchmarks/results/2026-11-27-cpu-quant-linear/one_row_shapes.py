@@ -1,8 +1,9 @@
 """One row of x against int4 / int8 weights of three shapes with the same (or half the) weight count:
 the per-row cost that exposed the missing prefetch. Run from the repository root; prints ms and GB/s.
-Its runs (ad-hoc, this session): without the prefetch 32768 x 2048: int4 2.155 ms, int8 1.86 ms;
-8192 x 8192: 1.17 / 1.664; 2048 x 16384: 0.391 / 0.634. With it: 0.839 / 1.321, 0.824 / 1.218,
-0.411 / 0.459."""
+Its runs this session, builds without and with the prefetch alternating, three rounds each (ms,
+int4 / int8): 32768 x 2048: 2.03-2.09 / 1.84-1.97 without, 0.84-0.86 / 1.40-1.71 with; 8192 x 8192:
+1.19-1.34 / 1.85-1.88 without, 0.87-0.88 / 1.29-1.40 with; 2048 x 16384: 0.37-0.43 / 0.64-0.69
+without, 0.41-0.45 / 0.39-0.50 with."""
 import torch, time
 from gemforge.kernels.quant import quantize_int4, quantize_int8
 from gemforge.kernels import _native
