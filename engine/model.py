@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from gemforge.kernels import AttnMetadata, rope_inv_freq, select
 from gemforge.kernels._native import _ext, embed_packed_cpu
 from gemforge.kernels.linear import PackedWeight
+from gemforge.kernels.quant import QuantizedWeight
 
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -35,6 +36,7 @@ class Ops:
     attention: Callable
     linear: Callable
     packs_weights: bool = False  # dense bf16 weights go to linear as PackedWeight
+    quant: dict = field(default_factory=dict)  # "int8" / "int4" -> the quantized linear linear() calls
 
     @classmethod
     def resolve(cls, backend: str, device) -> "Ops":
@@ -60,7 +62,7 @@ class Ops:
             return quant[w.fmt](x, w.qweight, w.scales, w.zeros, w.group_size, b)
         impls["linear"] = linear_op
         packs = packed is linear_packed_cpu and cpu_packs_linear()
-        return cls(**impls, packs_weights=packs)
+        return cls(**impls, packs_weights=packs, quant=quant)
 
 
 def pack_weights(w: GemmaWeights) -> None:
@@ -140,20 +142,46 @@ class GemmaModel:
         return h, residual
 
 
+LINEAR_FORMATS = {"packed": 0, "int8": 1, "int4": 2}  # csrc/cpu/decoder.cpp's LinearFormat
+
+
 class NativeLayers:
     """Every decoder layer in one C++ call (csrc/cpu/decoder.cpp) where forward's ops would all be the
-    C++ CPU kernels over packed bf16 weights: the same kernels in the same order, so bit-identical
-    logits, without the ~70 Python op calls (argument checks, output allocations) of a step."""
+    C++ CPU kernels over packed bf16 or weight-only int8 / int4 weights: the same kernels in the same
+    order, so bit-identical logits, without the ~70 Python op calls (argument checks, output
+    allocations) of a step."""
 
     def __init__(self, model: GemmaModel):
         cfg, w = model.cfg, model.w
         self.cfg, self.scale = cfg, model.scale
         # the tensors themselves are held, so the pointers stay valid (the weights are fixed once built)
-        self.tensors = [t for l in w.layers for t in (l.input_norm, l.qkv.data, l.o.data, l.post_norm,
-                                                      l.gate_up.data, l.down.data)]
-        self.weights = [t.data_ptr() for t in self.tensors]
+        self.tensors, self.weights = [], []
+        for l in w.layers:
+            self.tensors += [l.input_norm, l.post_norm]
+            self.weights += [l.input_norm.data_ptr(), l.post_norm.data_ptr()]
+            for lin in (l.qkv, l.o, l.gate_up, l.down):
+                self.weights += self._descriptor(lin)
         self.final_norm, self.table = w.final_norm, w.embed
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, "cpu")
+
+    def _descriptor(self, w) -> list[int]:
+        """{format, data, scales, zeros, group} of one linear, its tensors held."""
+        if isinstance(w, PackedWeight):
+            self.tensors.append(w.data)
+            return [LINEAR_FORMATS["packed"], w.data.data_ptr(), 0, 0, 0]
+        self.tensors += [t for t in (w.qweight, w.scales, w.zeros) if t is not None]
+        return [LINEAR_FORMATS[w.fmt], w.qweight.data_ptr(), w.scales.data_ptr(),
+                0 if w.zeros is None else w.zeros.data_ptr(), w.group_size or 0]
+
+    @staticmethod
+    def _native_linear(w) -> bool:
+        """Whether the C++ decoder runs this linear as the op-by-op forward does (the same kernel)."""
+        if isinstance(w, PackedWeight):
+            return True
+        if not isinstance(w, QuantizedWeight) or w.shape[1] % 32 or (w.fmt == "int4" and w.group_size % 32):
+            return False  # (quantized linears the C++ kernel does not take run in torch, op by op)
+        parts = [w.qweight, w.scales] + ([w.zeros] if w.zeros is not None else [])
+        return w.scales.dtype == torch.bfloat16 and all(t.is_contiguous() and t.device.type == "cpu" for t in parts)
 
     @classmethod
     def build(cls, model: GemmaModel) -> "NativeLayers | None":
@@ -161,13 +189,14 @@ class NativeLayers:
         ops, cfg = model.ops, model.cfg
         native_ops = (ops.rms_norm is _native.rms_norm_cpu and ops.rotary is _native.rotary_cpu
                       and ops.write_kv is _native.write_kv_cpu and ops.attention is _native.attention_cpu
-                      and ops.gelu_and_mul is _native.gelu_and_mul_cpu)
-        packed = isinstance(model.w.embed, PackedWeight) and all(  # the tied LM head and every linear
-            isinstance(getattr(l, n), PackedWeight) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
+                      and ops.gelu_and_mul is _native.gelu_and_mul_cpu
+                      and ops.quant["int8"] is _native.linear_int8_cpu and ops.quant["int4"] is _native.linear_int4_cpu)
+        linears = isinstance(model.w.embed, PackedWeight) and all(  # the tied LM head packed, every linear native
+            cls._native_linear(getattr(l, n)) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
         norms = all(t.dtype == torch.bfloat16 and t.is_contiguous() for l in model.w.layers
                     for t in (l.input_norm, l.post_norm, model.w.final_norm))
         fast_attention = _native._cpu_bf16_attention(torch.empty(0, 1, cfg.head_dim, dtype=model.dtype))
-        if not (ops.packs_weights and model.dtype == torch.bfloat16 and native_ops and packed and norms and fast_attention):
+        if not (ops.packs_weights and model.dtype == torch.bfloat16 and native_ops and linears and norms and fast_attention):
             return None
         return cls(model)
 

@@ -56,11 +56,12 @@ void linear_packed_geglu_bf16(int64_t y, int64_t x, int64_t wp, int64_t M, int64
 // linear_packed_bf16; ids int64, each checked against N (ValueError).
 void embed_packed_bf16(int64_t out, int64_t table, int64_t ids, int64_t tokens, int64_t N, int64_t K, double scale);
 
-// Every Gemma decoder layer over the flat batch (decoder.cpp), bf16 with packed linears: h [T, hidden]
-// holds the embeddings and receives the last layer's output, residual [T, hidden] the residual
-// stream; scratch holds T * (hidden + (heads + 2 kv_heads) head_dim + heads head_dim + 3 inter) bf16.
-// weights: per layer input_norm, qkv, o, post_norm, gate_up, down; the rest as paged_attention,
-// rotary and write_kv take them.
+// Every Gemma decoder layer over the flat batch (decoder.cpp), bf16: h [T, hidden] holds the
+// embeddings and receives the last layer's output, residual [T, hidden] the residual stream; scratch
+// holds T * (hidden + (heads + 2 kv_heads) head_dim + heads head_dim + 3 inter) bf16. weights: per
+// layer input_norm, post_norm, then for qkv, o, gate_up and down a descriptor {format (0 packed bf16,
+// 1 int8, 2 int4), data, scales, zeros, group} as linear_packed_bf16 / linear_int8_bf16 /
+// linear_int4_bf16 take them; the rest as paged_attention, rotary and write_kv take them.
 void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens, const std::vector<int64_t>& weights,
                     const std::vector<int64_t>& k_caches, const std::vector<int64_t>& v_caches, int64_t positions,
                     int64_t inv_freq, int64_t slots, int64_t cu_seqlens_q, int64_t context_lens, int64_t block_tables,

@@ -10,19 +10,24 @@ from gemforge.engine.runner import ModelRunner, WorkItem
 from gemforge.engine.weights import random_weights
 from gemforge.kernels._native import cpu_packs_linear
 from gemforge.kernels.linear import PackedWeight
-from gemforge.kernels.quant import quantize_int4
+from gemforge.kernels.quant import quantize_int4, quantize_int8
 from gemforge.kernels.registry import unavailable_reason
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_position_embeddings=128)
 
 
-def greedy(backend: str, prompts, steps: int, quantize: bool = False, device=None, dtype=torch.float32,
+def greedy(backend: str, prompts, steps: int, quantize: bool | str = False, device=None, dtype=torch.float32,
            model_out: list | None = None, cfg: ModelConfig = CFG, native: bool = True):
+    """quantize: True puts every gate_up in int4; "mixed" also the qkv in int8 and the down in
+    asymmetric int4 (o stays dense)."""
     w = random_weights(cfg, dtype, "cpu", seed=3, std=0.3)
     if quantize:
         for layer in w.layers:
             layer.gate_up = quantize_int4(layer.gate_up, group_size=32)
+            if quantize == "mixed":
+                layer.qkv = quantize_int8(layer.qkv)
+                layer.down = quantize_int4(layer.down, group_size=32, symmetric=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     w = type(w)(w.embed.to(device), [type(l)(*(t.to(device) for t in vars(l).values())) for l in w.layers],
                 w.final_norm.to(device))
@@ -85,26 +90,32 @@ CFG_2B_HEADS = ModelConfig(vocab_size=96, hidden_size=1280, intermediate_size=20
 
 
 @pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
-@pytest.mark.parametrize("cfg", [CFG_32, CFG_2B_HEADS], ids=["small", "2b-heads"])
-def test_native_layers_are_bit_identical_to_op_by_op(cfg):
-    """bf16 on the C++ kernels with packed weights runs all layers in one C++ call (NativeLayers): the
-    logits of prefill and decode steps equal the op-by-op forward's exactly."""
+@pytest.mark.parametrize("cfg,quantize", [(CFG_32, False), (CFG_2B_HEADS, False), (CFG_32, "mixed")],
+                         ids=["small", "2b-heads", "small-int8-int4"])
+def test_native_layers_are_bit_identical_to_op_by_op(cfg, quantize):
+    """bf16 on the C++ kernels with packed (or weight-only int8 / int4) weights runs all layers in one
+    C++ call (NativeLayers): the logits of prefill and decode steps equal the op-by-op forward's exactly."""
     prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))]
     models = []
-    toks, native = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=cfg, model_out=models)
+    toks, native = greedy("cpu", prompts, 5, quantize, device="cpu", dtype=torch.bfloat16, cfg=cfg, model_out=models)
     assert models[0].native_layers is not None
-    ref_toks, ops = greedy("cpu", prompts, 5, device="cpu", dtype=torch.bfloat16, cfg=cfg, native=False)
+    ref_toks, ops = greedy("cpu", prompts, 5, quantize, device="cpu", dtype=torch.bfloat16, cfg=cfg, native=False)
     assert toks == ref_toks and torch.equal(native, ops)
 
 
 @pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
-@pytest.mark.parametrize("case", ["float32", "torch-backend", "int4-gate_up", "head_dim-16"])
+@pytest.mark.parametrize("case", ["float32", "torch-backend", "int4-lm-head", "int8-odd-K", "head_dim-16"])
 def test_native_layers_only_where_every_op_is_native(case):
+    """Not where an op would run elsewhere: fp32, the torch backend, a quantized LM head (the logits
+    call reads a packed table), a quantized linear whose K the C++ kernel does not take (here 2064,
+    not a multiple of 32: torch runs it), a head_dim the bf16 attention kernel does not take."""
     dtype = torch.float32 if case == "float32" else torch.bfloat16
-    cfg = CFG if case == "head_dim-16" else CFG_32
+    cfg = {"head_dim-16": CFG, "int8-odd-K": CFG_2B_HEADS}.get(case, CFG_32)
     w = random_weights(cfg, dtype, "cpu", seed=3, std=0.3)
-    if case == "int4-gate_up":
-        w.layers[1].gate_up = quantize_int4(w.layers[1].gate_up, group_size=32)
+    if case == "int4-lm-head":
+        w.embed = quantize_int4(w.embed, group_size=32)
+    if case == "int8-odd-K":
+        w.layers[0].down = quantize_int8(w.layers[0].down)
     model = GemmaModel(cfg, w, dtype, "cpu", "torch" if case == "torch-backend" else "cpu")
     assert model.native_layers is None
 
