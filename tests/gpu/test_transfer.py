@@ -27,8 +27,8 @@ def busy(seconds: float) -> None:
 
 
 def test_copies_to_the_device_do_not_wait_for_queued_work():
-    torch.cuda.synchronize()
-    to_device(list(range(64)), "cuda", torch.int64)  # (the pinned allocator's first block)
+    for i in range(20):  # the pinned allocator's blocks for these sizes, free again after the sync
+        to_device(list(range(i, i + 300)), "cuda", torch.int64)
     torch.cuda.synchronize()
     busy(0.2)
     t = time.perf_counter()
