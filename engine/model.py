@@ -162,6 +162,7 @@ class NativeLayers:
             for lin in (l.qkv, l.o, l.gate_up, l.down):
                 self.weights += self._descriptor(lin)
         self.final_norm, self.table = w.final_norm, w.embed
+        self.table_descriptor = self._descriptor(w.embed)
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, "cpu")
 
     def _descriptor(self, w) -> list[int]:
@@ -191,7 +192,7 @@ class NativeLayers:
                       and ops.write_kv is _native.write_kv_cpu and ops.attention is _native.attention_cpu
                       and ops.gelu_and_mul is _native.gelu_and_mul_cpu
                       and ops.quant["int8"] is _native.linear_int8_cpu and ops.quant["int4"] is _native.linear_int4_cpu)
-        linears = isinstance(model.w.embed, PackedWeight) and all(  # the tied LM head packed, every linear native
+        linears = cls._native_linear(model.w.embed) and all(  # the tied LM head and every linear
             cls._native_linear(getattr(l, n)) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
         norms = all(t.dtype == torch.bfloat16 and t.is_contiguous() for l in model.w.layers
                     for t in (l.input_norm, l.post_norm, model.w.final_norm))
@@ -239,6 +240,6 @@ class NativeLayers:
         out = torch.empty(n, vocab)
         scratch = torch.empty((n + 1) * cfg.hidden_size + n * vocab, dtype=torch.bfloat16)
         _ext().cpu.decoder_logits(out.data_ptr(), h.data_ptr(), residual.data_ptr(), T, rows.data_ptr(), n,
-                                  self.final_norm.data_ptr(), self.table.data.data_ptr(), scratch.data_ptr(),
+                                  self.final_norm.data_ptr(), self.table_descriptor, scratch.data_ptr(),
                                   cfg.hidden_size, vocab, cfg.rms_norm_eps)
         return out

@@ -76,7 +76,9 @@ void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens
 }
 
 void decoder_logits(int64_t logits, int64_t h, int64_t residual, int64_t tokens, int64_t rows, int64_t n_rows,
-                    int64_t norm, int64_t table, int64_t scratch, int64_t hidden, int64_t vocab, double eps) {
+                    int64_t norm, const std::vector<int64_t>& table, int64_t scratch, int64_t hidden, int64_t vocab,
+                    double eps) {
+  require(table.size() == 5, "decoder_logits", "the table is one linear descriptor (5 values)");
   const auto* idx = as_ptr<const int64_t>(rows);
   const int64_t bf = static_cast<int64_t>(sizeof(bf16));
   // scratch: x [n_rows, hidden] | the summed residual row [hidden] (not needed after) | y [n_rows, vocab]
@@ -87,7 +89,7 @@ void decoder_logits(int64_t logits, int64_t h, int64_t residual, int64_t tokens,
     const int64_t off = idx[i] * hidden * bf;
     rms_norm(x + i * hidden * bf, r, h + off, residual + off, norm, 1, hidden, hidden, hidden, eps, kBFloat16);
   }
-  linear_packed_bf16(y, x, table, 0, n_rows, vocab, hidden);
+  linear(table.data(), y, x, n_rows, vocab, hidden);
   const auto* yb = as_ptr<const bf16>(y);
   auto* out = as_ptr<float>(logits);
 #pragma omp parallel for schedule(static) if (n_rows * vocab >= kParallelGrain)

@@ -70,11 +70,12 @@ void decoder_layers(int64_t h, int64_t residual, int64_t scratch, int64_t tokens
                     double scale);
 
 // fp32 logits [n_rows, vocab] of rows `rows` (int64, each < tokens: ValueError) of the decoder
-// output: rms_norm(h + residual) with `norm`, then the packed tied table (LM head), rounded to bf16
-// and widened, as the op-by-op forward computes them. scratch: (n_rows + 1) * hidden + n_rows *
-// vocab bf16.
+// output: rms_norm(h + residual) with `norm`, then the tied table (LM head; a linear descriptor as
+// decoder_layers takes them), rounded to bf16 and widened, as the op-by-op forward computes them.
+// scratch: (n_rows + 1) * hidden + n_rows * vocab bf16.
 void decoder_logits(int64_t logits, int64_t h, int64_t residual, int64_t tokens, int64_t rows, int64_t n_rows,
-                    int64_t norm, int64_t table, int64_t scratch, int64_t hidden, int64_t vocab, double eps);
+                    int64_t norm, const std::vector<int64_t>& table, int64_t scratch, int64_t hidden, int64_t vocab,
+                    double eps);
 
 // y [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N]) for the weight-only quantized formats of
 // docs/QUANT_FORMAT.md, read as stored (quant_linear.cpp): int8 qweight [N, K] with scales [N];

@@ -19,8 +19,8 @@ CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layer
 
 def greedy(backend: str, prompts, steps: int, quantize: bool | str = False, device=None, dtype=torch.float32,
            model_out: list | None = None, cfg: ModelConfig = CFG, native: bool = True):
-    """quantize: True puts every gate_up in int4; "mixed" also the qkv in int8 and the down in
-    asymmetric int4 (o stays dense)."""
+    """quantize: True puts every gate_up in int4; "mixed" also the qkv in int8, the down in
+    asymmetric int4 and the tied embedding / LM head in int4 (o stays dense)."""
     w = random_weights(cfg, dtype, "cpu", seed=3, std=0.3)
     if quantize:
         for layer in w.layers:
@@ -28,6 +28,8 @@ def greedy(backend: str, prompts, steps: int, quantize: bool | str = False, devi
             if quantize == "mixed":
                 layer.qkv = quantize_int8(layer.qkv)
                 layer.down = quantize_int4(layer.down, group_size=32, symmetric=False)
+    if quantize == "mixed":
+        w.embed = quantize_int4(w.embed, group_size=32)  # (the tied LM head, as a quantized draft's)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     w = type(w)(w.embed.to(device), [type(l)(*(t.to(device) for t in vars(l).values())) for l in w.layers],
                 w.final_norm.to(device))
@@ -104,16 +106,14 @@ def test_native_layers_are_bit_identical_to_op_by_op(cfg, quantize):
 
 
 @pytest.mark.skipif(not cpu_packs_linear(), reason="gemforge._C lacks the AVX512-BF16 kernels")
-@pytest.mark.parametrize("case", ["float32", "torch-backend", "int4-lm-head", "int8-odd-K", "head_dim-16"])
+@pytest.mark.parametrize("case", ["float32", "torch-backend", "int8-odd-K", "head_dim-16"])
 def test_native_layers_only_where_every_op_is_native(case):
-    """Not where an op would run elsewhere: fp32, the torch backend, a quantized LM head (the logits
-    call reads a packed table), a quantized linear whose K the C++ kernel does not take (here 2064,
-    not a multiple of 32: torch runs it), a head_dim the bf16 attention kernel does not take."""
+    """Not where an op would run elsewhere: fp32, the torch backend, a quantized linear whose K the C++
+    kernel does not take (here 2064, not a multiple of 32: torch runs it), a head_dim the bf16
+    attention kernel does not take."""
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     cfg = {"head_dim-16": CFG, "int8-odd-K": CFG_2B_HEADS}.get(case, CFG_32)
     w = random_weights(cfg, dtype, "cpu", seed=3, std=0.3)
-    if case == "int4-lm-head":
-        w.embed = quantize_int4(w.embed, group_size=32)
     if case == "int8-odd-K":
         w.layers[0].down = quantize_int8(w.layers[0].down)
     model = GemmaModel(cfg, w, dtype, "cpu", "torch" if case == "torch-backend" else "cpu")
