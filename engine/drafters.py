@@ -26,11 +26,13 @@ NGRAM = "[ngram]"  # draft_model value for prompt-lookup drafting (NgramDrafter)
 class Proposal:
     """A step's draft tokens: counts[i] for sequence i (prompt lookup may find fewer than asked), all
     of them sequence by sequence in `tokens` (int64, on the device: the verify window takes them from
-    there, and the host reads them once, with the verdicts), and for each sequence the draft's
-    distributions [counts[i], V] it sampled from in `qs` (None: greedy, or certain proposals)."""
+    there, and the host reads them once, with the verdicts); the distributions sampled drafts were
+    drawn from, one row each, in `q` [rows, V] (as the draft steps made them: step by step), and
+    q_rows[i] the rows of sequence i's drafts (None: greedy, or certain proposals)."""
     counts: list[int]
     tokens: torch.Tensor
-    qs: list
+    q: torch.Tensor | None = None
+    q_rows: list | None = None
 
     def lists(self) -> list[list[int]]:
         """The drafts of each sequence, on the host (a device read)."""
@@ -65,7 +67,9 @@ class Drafter:
         The first step feeds each sequence what the draft has not cached (its last token, two after a
         window accepted whole, a whole prompt when new); each later step feeds the token the step
         before picked, on the device."""
-        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        q_steps: list[torch.Tensor] = []  # each step's distributions of its sampled sequences
+        q_rows: list[list[int]] = [[] for _ in seqs]  # each sequence's rows in their concatenation
+        q_count = 0
         blocks = self.cache.blocks
         self.most_fed = 0
         steps = []  # (rows of seqs that drafted, their tokens on the device)
@@ -104,13 +108,15 @@ class Drafter:
                 drawn = draw(q, [seqs[live[r]].generator for r in sampled])
                 nxt = drawn if rows is None else nxt.index_copy_(0, rows, drawn)
                 for row, r in enumerate(sampled):
-                    qs[live[r]].append(q[row])
+                    q_rows[live[r]].append(q_count + row)
+                q_steps.append(q)
+                q_count += len(sampled)
             steps.append((live, nxt))
             self._marks.append(self._mark())
         # the last proposal is never fed to the draft: it holds tokens up to d_{k-1}
-        qs = [torch.stack(q) if q else None for q in qs]
+        q = None if not q_steps else q_steps[0] if len(q_steps) == 1 else torch.cat(q_steps)
         if not steps:
-            return Proposal(list(ks), torch.empty(0, dtype=torch.long, device=self.model.device), qs)
+            return Proposal(list(ks), torch.empty(0, dtype=torch.long, device=self.model.device))
         flat = torch.cat([nxt for _, nxt in steps])  # step by step; the window wants sequence by sequence
         if len(seqs) > 1 and len(steps) > 1:
             offsets, order = [0], []
@@ -122,7 +128,7 @@ class Drafter:
                 for j in range(k):
                     rank[j] += 1
             flat = flat[to_device(order, flat.device)]
-        return Proposal(list(ks), flat, qs)
+        return Proposal(list(ks), flat, q, [rows or None for rows in q_rows])
 
     @property
     def seconds(self) -> list[float]:
@@ -157,7 +163,7 @@ class NgramDrafter:
     """Prompt lookup (no draft model): the proposal for a sequence is what followed the earlier
     occurrence of its last tokens that matches the most of them (`min_n` to `max_n`; the latest of
     equals) in its prompt and output: code repeats names, lines and whole blocks. A proposal is
-    certain (the draft's distribution is a point mass), which `accept` takes as q = None; it may be
+    certain (the draft's distribution is a point mass), which `verdicts` takes as q = None; it may be
     shorter than asked, or empty.
 
     Per sequence a hash chain, as LZ77 compressors keep: the latest end of each token pair, and for
@@ -208,8 +214,7 @@ class NgramDrafter:
         t = time.perf_counter()
         drafts = [self._lookup(s, k) for s, k in zip(seqs, ks)]
         self.seconds = [time.perf_counter() - t]
-        return Proposal([len(d) for d in drafts], to_device([t for d in drafts for t in d], self.device, torch.long),
-                        [None] * len(seqs))
+        return Proposal([len(d) for d in drafts], to_device([t for d in drafts for t in d], self.device, torch.long))
 
     def keep(self, seq_id: int, n: int) -> None:
         pass

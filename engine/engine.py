@@ -30,7 +30,7 @@ from .lookahead import Lookahead
 from .speculative import Window, verdicts
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
-from .transfer import HostCopy, to_device
+from .transfer import HostCopy, take_rows, to_device
 
 log = logging.getLogger("gemforge")
 
@@ -365,13 +365,13 @@ class Engine:
         spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
         t_start = time.perf_counter()
         proposal = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else None
-        window, drafted = {}, 0  # id(sc) -> (its drafts' span in proposal.tokens, q)
-        for sc, n, q in zip(spec, proposal.counts, proposal.qs) if spec else ():
+        window, drafted = {}, 0  # id(sc) -> (its drafts' span in proposal.tokens, their rows in proposal.q)
+        for i, (sc, n) in enumerate(zip(spec, proposal.counts) if spec else ()):
             if n < sc.lookahead:  # prompt lookup may find fewer (or none): give the other slots back
                 self.cache.blocks.rollback(sc.seq.seq_id, sc.lookahead - n)
                 sc.lookahead = n
             if n:
-                window[id(sc)] = (slice(drafted, drafted + n), q)
+                window[id(sc)] = (slice(drafted, drafted + n), proposal.q_rows[i] if proposal.q_rows else None)
                 drafted += n
         spec = [sc for sc in spec if sc.lookahead]
         items, rows, plain, scored, r, prompt_tokens = [], [], [], [], 0, 0
@@ -423,8 +423,7 @@ class Engine:
             plain = [i for i in plain if plan.scheduled[i].seq.params.max_tokens]
         if plain:
             seqs = [plan.scheduled[i].seq for i in plain]
-            picked = logits if len(plain) == len(logits) else logits[  # (all rows: no copy)
-                to_device([rows[i].stop - 1 for i in plain], logits.device)]
+            picked = take_rows(logits, [rows[i].stop - 1 for i in plain])
             if overlap:  # read next call, after the next step is launched
                 self._inflight = InFlight.launch(seqs, self._pick(seqs, picked))
                 self.stats["async_steps"] = self.stats.get("async_steps", 0) + 1
@@ -442,7 +441,7 @@ class Engine:
                 adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(rows[i].stop - rows[i].start)])
         windows = [Window(s.params, s.generator, rows[i], *window[id(plan.scheduled[i])])
                    for i, s in ((i, plan.scheduled[i].seq) for i in verified)]
-        kept = dict(zip(verified, verdicts(logits, proposal.tokens, windows) if windows else ()))  # one read
+        kept = dict(zip(verified, verdicts(logits, proposal.tokens, windows, proposal.q) if windows else ()))  # one read
         tops = {i: w.params.logprobs for i, w in zip(verified, windows) if w.params.logprobs is not None}
         lps = self._window_logprobs(logits, rows, kept, tops) if tops else {}
         for i in verified:

@@ -21,29 +21,31 @@ from itertools import accumulate
 import torch
 
 from .sampling import draw, greedy, probs
-from .transfer import read, to_device
+from .transfer import read, take_rows, to_device
 
 
 @dataclass
 class Window:
     """One sequence's verify window for `verdicts`: its request's params and generator, its k + 1 rows
     of the target's logits (row i scores the token after d_i; row 0 follows the last token), its k
-    drafts' span in the step's flat draft tokens, and the draft's distributions [k, V] (None: certain
-    proposals, q(d_i) = 1)."""
+    drafts' span in the step's flat draft tokens, and the rows of the step's draft distributions that
+    d_1..d_k were drawn from (None: certain proposals, q(d_i) = 1)."""
     params: object
     generator: torch.Generator | None
     rows: slice
     drafts: slice
-    q: torch.Tensor | None = None
+    q_rows: list[int] | None = None
 
     @property
     def k(self) -> int:
         return self.drafts.stop - self.drafts.start
 
 
-def verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window]) -> list[list[int]]:
+def verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window],
+             q: torch.Tensor | None = None) -> list[list[int]]:
     """Each window's tokens to append: the accepted prefix of its drafts plus one target token, in
     ONE device read for the lot (the drafts come with it: nothing was read before the verify forward).
+    q: the draft distributions [rows, V] that windows' `q_rows` index (read in place, not gathered).
 
     Greedy windows keep d_i while it equals the argmax of row i - 1, then append the argmax at the first
     mismatch (or row k's). Sampled ones are decided on the device by `_sampled_verdicts`."""
@@ -54,9 +56,9 @@ def verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window]) 
     parts = [drafts]
     if greedy_ws:
         rows = [r for w in greedy_ws for r in range(w.rows.start, w.rows.stop)]
-        parts.append(greedy(_rows(logits, rows)))
+        parts.append(greedy(take_rows(logits, rows)))
     if sampled_ws:
-        parts += _sampled_verdicts(logits, drafts, sampled_ws)
+        parts += _sampled_verdicts(logits, drafts, sampled_ws, q)
     host = read(*parts)
     flat, kept = host[0], {}
     if greedy_ws:
@@ -72,7 +74,8 @@ def verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window]) 
     return [kept[id(w)] for w in windows]
 
 
-def _sampled_verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window]) -> list[torch.Tensor]:
+def _sampled_verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[Window],
+                      q: torch.Tensor | None) -> list[torch.Tensor]:
     """(accepted drafts [W], the token after them [W]) of sampled windows, on the device. Draft i of a
     window is accepted with probability min(1, p(d_i) / q(d_i)) (u_i ~ U(0, 1) from the sequence's
     generator, p and q after the request's temperature and filters); at the first rejection the token
@@ -80,46 +83,42 @@ def _sampled_verdicts(logits: torch.Tensor, drafts: torch.Tensor, windows: list[
     Each generator gives its k uniforms and then one draw, as the window alone would."""
     dev = logits.device
     ks = [w.k for w in windows]
-    p = probs(_rows(logits, [r for w in windows for r in range(w.rows.start, w.rows.stop)]),
+    p = probs(take_rows(logits, [r for w in windows for r in range(w.rows.start, w.rows.stop)]),
               [w.params for w in windows for _ in range(w.k + 1)])
-    with_q = [w.q for w in windows if w.q is not None]
-    q_all = with_q[0] if len(with_q) == 1 else torch.cat(with_q) if with_q else p[:1]  # (p: a stand-in never read)
+    q = p[:1] if q is None else q  # (with certain drafts only: a stand-in, never read)
     first = list(accumulate((k + 1 for k in ks), initial=0))  # each window's first row in p
-    q_first = list(accumulate((w.k if w.q is not None else 0 for w in windows), initial=0))
-    q0 = [q_first[i] if w.q is not None else -1 for i, w in enumerate(windows)]  # -1: certain drafts
+    own = list(accumulate(ks, initial=0))  # each window's first draft among these windows' drafts
+    has_q = [w.q_rows is not None for w in windows]
     # the host's indices in one copy per window and one per draft token
-    row0, k_of, q0_dev, d0 = to_device([first[:-1], ks, q0, [w.drafts.start for w in windows]], dev)
+    row0, k_of, own0, d0, has_q_dev = to_device([first[:-1], ks, own[:-1], [w.drafts.start for w in windows],
+                                                 has_q], dev)
+    has_q_dev = has_q_dev.bool()
     cut = k_of.clone()  # drafts accepted per window
-    if sum(ks):
+    q_at_cut = torch.zeros_like(cut)  # the q row of each window's first rejected draft
+    if own[-1]:
         wid = [i for i, k in enumerate(ks) for _ in range(k)]
         local = [j for k in ks for j in range(k)]
         pos, p_row, q_row, wid, local = to_device([
             [windows[i].drafts.start + j for i, j in zip(wid, local)], [first[i] + j for i, j in zip(wid, local)],
-            [max(q0[i], 0) + j * (q0[i] >= 0) for i, j in zip(wid, local)], wid, local], dev)
+            [windows[i].q_rows[j] if has_q[i] else 0 for i, j in zip(wid, local)], wid, local], dev)
         toks = drafts[pos]
         u = torch.cat([torch.rand(w.k, generator=w.generator, device=dev) for w in windows]).double()
         pd = p[p_row, toks].double()
-        qd = torch.where(q0_dev[wid] < 0, 1.0, q_all[q_row, toks].double())
+        qd = torch.where(has_q_dev[wid], q[q_row, toks].double(), 1.0)
         cut.scatter_reduce_(0, wid, torch.where(u * qd >= pd, local, k_of[wid]), "amin")  # first rejection
+        q_at_cut = q_row[(own0 + cut).clamp_(max=own[-1] - 1)]
     bonus = cut == k_of
-    has_q = q0_dev >= 0
     target = p[row0 + cut]
     # the draft's row at the first rejection: q's; onehot(d) for certain drafts; none after k acceptances
-    draft = q_all[torch.where(has_q & ~bonus, q0_dev + cut, 0)].mul_((has_q & ~bonus)[:, None])
-    if any(w.q is None and w.k for w in windows):
+    take = has_q_dev & ~bonus
+    draft = q[torch.where(take, q_at_cut, 0)].mul_(take[:, None])
+    if not all(has_q) and own[-1]:
         at = (d0 + cut).clamp_(max=len(drafts) - 1)
-        draft.scatter_add_(1, drafts[at][:, None], (~has_q & ~bonus).to(draft.dtype)[:, None])
+        draft.scatter_add_(1, drafts[at][:, None], (~has_q_dev & ~bonus).to(draft.dtype)[:, None])
     # max(0, p - q), unnormalised (draw normalises); p where that is all zero. In place: [W, V] is large on a CPU
     residual = torch.sub(target, draft, out=draft).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target, out=residual)
     return [cut, draw(residual, [w.generator for w in windows])]
-
-
-def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows] (a copy), or x itself when rows are all of its rows in order."""
-    if len(rows) == x.shape[0] and rows == list(range(len(rows))):
-        return x
-    return x[to_device(rows, x.device)]
 
 
 def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
@@ -127,4 +126,5 @@ def accept(params, generator, drafts: list[int], target_logits: torch.Tensor,
     """`verdicts` for one window: target_logits [k+1, V] fp32, q [k, V] or None (certain drafts)."""
     k = len(drafts)
     tokens = to_device(drafts, target_logits.device, torch.long)
-    return verdicts(target_logits, tokens, [Window(params, generator, slice(0, k + 1), slice(0, k), q)])[0]
+    window = Window(params, generator, slice(0, k + 1), slice(0, k), None if q is None else list(range(k)))
+    return verdicts(target_logits, tokens, [window], q)[0]

@@ -18,6 +18,14 @@ def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=True)
 
 
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] (a copy, the indices sent without a host wait), or x itself when rows are all of its
+    rows in order."""
+    if len(rows) == x.shape[0] and rows == list(range(len(rows))):
+        return x
+    return x[to_device(rows, x.device)]
+
+
 class HostCopy:
     """A device tensor's copy to the host, started now: `read()` waits for the work queued before the
     copy and no further (reading the device tensor itself would wait for everything queued on the

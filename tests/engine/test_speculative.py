@@ -360,11 +360,21 @@ def test_verdicts_of_many_windows_follow_the_rule_in_one_read(monkeypatch):
         tokens += [7] + d
         spans[w] = (slice(r + 2, r + 3 + len(d)), slice(len(tokens) - len(d), len(tokens)))
         r += 3 + len(d)
+    # the draft distributions as the draft steps leave them: all windows' rows in one tensor, interleaved
+    # (here shuffled), with other rows among them
+    q_list = [(w, j) for w, (_, _, _, _, q) in enumerate(windows) if q is not None for j in range(len(q))]
+    q_list += [None] * 5
+    q_order = torch.randperm(len(q_list), generator=g).tolist()
+    q_all = torch.stack([torch.rand(V, generator=g) if q_list[o] is None else windows[q_list[o][0]][4][q_list[o][1]]
+                         for o in q_order])
+    q_rows = {q_list[o]: row for row, o in enumerate(q_order) if q_list[o] is not None}
     reads = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
     got = verdicts(torch.cat(rows), torch.tensor(tokens), [
-        Window(p, torch.Generator().manual_seed(100 + i), *spans[w], q) for w, (p, i, d, t, q) in enumerate(windows)])
+        Window(p, torch.Generator().manual_seed(100 + i), *spans[w],
+               None if q is None else [q_rows[(w, j)] for j in range(len(d))])
+        for w, (p, i, d, t, q) in enumerate(windows)], q_all)
     assert len(reads) == 1
     assert got == want
     cut = [len(t) - 1 for t in got]

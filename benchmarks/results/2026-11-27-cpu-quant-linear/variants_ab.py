@@ -1,29 +1,47 @@
-"""The kernel table's shapes at 1 / 8 / 64 rows, ours beside torch's CPU weight-only kernels: the script the
-not-kept variants of README.md were timed with, each variant's build swapped into kernels/_C*.so between runs."""
-import torch, time, sys
-sys.path.insert(0, "benchmarks/kernels")
-from gemforge.kernels.quant import quantize_int8, quantize_int4, unpack_int4
-from gemforge.kernels import _native
-def best(f, n=5):
-    f(); b=1e9
-    for _ in range(n):
-        t=time.perf_counter(); f(); b=min(b,time.perf_counter()-t)
-    return round(b*1e3,2)
-torch.manual_seed(0)
-for name,N,K in [("gate_up",32768,2048),("down",2048,16384)]:
-    w=(torch.randn(N,K)*0.02).bfloat16(); q8=quantize_int8(w); q4=quantize_int4(w,128)
-    for M in (1,8,64):
-        x=torch.randn(M,K).bfloat16()
-        r={"shape":name,"M":M}
-        try:
-            r["torch_int8pack"]=best(lambda: torch._weight_int8pack_mm(x,q8.qweight,q8.scales))
-        except Exception as e: r["torch_int8pack"]=str(e)[:60]
-        r["ours_int8"]=best(lambda: _native.linear_int8_cpu(x,q8.qweight,q8.scales,None,None))
-        try:
-            q=unpack_int4(q4.qweight)
-            packed=torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous() if False else (q).to(torch.int32), 8) if hasattr(torch,"_convert_weight_to_int4pack_for_cpu") else None
-            sz=torch.stack([q4.scales.t(), torch.zeros_like(q4.scales.t())],dim=-1).contiguous()
-            r["torch_int4pack"]=best(lambda: torch._weight_int4pack_mm_for_cpu(x,packed,128,sz)) if packed is not None else None
-        except Exception as e: r["torch_int4pack"]=str(e)[:80]
-        r["ours_int4"]=best(lambda: _native.linear_int4_cpu(x,q4.qweight,q4.scales,q4.zeros,128))
-        print(r, flush=True)
+"""The timings behind this folder's README for kernel variants (each variant's build swapped into
+kernels/_C*.so between runs, the builds alternating): the kernel table's shapes at 1 / 8 / 64 rows,
+ours beside torch's CPU weight-only kernels; with --one-row-shapes, one row of x against int4 / int8
+weights of three shapes with the same (or half the) weight count, the per-row cost that exposed the
+missing prefetch. Run from the repository root.
+
+The --one-row-shapes runs (ms, int4 / int8), builds without and with the prefetch, three rounds
+each: 32768 x 2048: 2.03-2.09 / 1.84-1.97 without, 0.84-0.86 / 1.40-1.71 with; 8192 x 8192:
+1.19-1.34 / 1.85-1.88 without, 0.87-0.88 / 1.29-1.40 with; 2048 x 16384: 0.37-0.43 / 0.64-0.69
+without, 0.41-0.45 / 0.39-0.50 with.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_quant_cpu import best, torch_native  # noqa: E402
+
+from gemforge.kernels import _native  # noqa: E402
+from gemforge.kernels.quant import quantize_int4, quantize_int8  # noqa: E402
+
+
+def ours(x, q8, q4):
+    return {"int8": lambda: _native.linear_int8_cpu(x, q8.qweight, q8.scales, None, None),
+            "int4": lambda: _native.linear_int4_cpu(x, q4.qweight, q4.scales, q4.zeros, 128)}
+
+
+def main(one_row_shapes: bool):
+    torch.manual_seed(0)
+    shapes = [(32768, 2048), (8192, 8192), (2048, 16384)] if one_row_shapes else [(32768, 2048), (2048, 16384)]
+    for n, k in shapes:
+        w = (torch.randn(n, k) * 0.02).bfloat16()
+        q8, q4 = quantize_int8(w), quantize_int4(w, 128)
+        for m in (1,) if one_row_shapes else (1, 8, 64):
+            x = torch.randn(m, k).bfloat16()
+            r = {"shape": f"{n}x{k}", "rows": m, **{f"ours_{f}_ms": best(fn) for f, fn in ours(x, q8, q4).items()}}
+            if one_row_shapes:
+                r.update({f"ours_{f}_GBps": round(n * k / (2 if f == "int4" else 1) / r[f"ours_{f}_ms"] / 1e6, 1)
+                          for f in ("int8", "int4")})
+            else:
+                r.update({f"torch_native_{f}_ms": best(fn) for f, (fn, _) in torch_native(x, q8, q4).items()})
+            print(r, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] == ["--one-row-shapes"])

@@ -16,7 +16,8 @@ torch.manual_seed(0)
 logits, q = torch.randn(k + 1, V), torch.softmax(torch.randn(k, V), -1)
 drafts, p = torch.randint(V, (k,)), SamplingParams(temperature=0.8)
 if hasattr(spec, "verdicts"):
-    call = lambda: spec.verdicts(logits, drafts, [spec.Window(p, torch.Generator().manual_seed(1), slice(0, k + 1), slice(0, k), q)])
+    call = lambda: spec.verdicts(logits, drafts, [spec.Window(p, torch.Generator().manual_seed(1), slice(0, k + 1),
+                                                               slice(0, k), list(range(k)))], q)
 else:
     call = lambda: spec.accept_sampled([(p, torch.Generator().manual_seed(1), drafts.tolist(), logits, q)])
 for _ in range(20):
