@@ -30,8 +30,10 @@ demo: $(STAMP)
 	@echo "== speculative decoding: $(DRAFT) drafts, $(MODEL) verifies (same output as the target alone)"
 	$(GF) generate --model $(MODEL) --draft-model $(DRAFT) --prompt $$'def read_file(path):\n    with open(path) as f:\n' --max-tokens 64
 
+# PYTHONSAFEPATH: `-m` would put the working directory first on sys.path, where this repository's
+# kernels/ folder shadows the `kernels` package that transformers imports (gemforge's is gemforge.kernels).
 test: $(STAMP)
-	$(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(GF) bench --model $(MODEL) --draft $(DRAFT)

@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .weights import GemmaWeights
 
-OPS = ("rms_norm", "gelu_and_mul", "rotary", "write_kv", "attention", "linear")
+OPS = ("rms_norm", "gelu_and_mul", "rotary_write_kv", "attention", "linear")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,7 @@ class Ops:
     """The op implementations a model uses, resolved once (fixed path for CUDA graphs)."""
     rms_norm: Callable
     gelu_and_mul: Callable
-    rotary: Callable
-    write_kv: Callable
+    rotary_write_kv: Callable
     attention: Callable
     linear: Callable
     packs_weights: bool = False  # dense bf16 weights go to linear as PackedWeight
@@ -133,8 +132,7 @@ class GemmaModel:
             q = qkv[:, :qs].view(T, cfg.num_heads, cfg.head_dim)
             k = qkv[:, qs: qs + ks].view(T, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, qs + ks:].view(T, cfg.num_kv_heads, cfg.head_dim)
-            ops.rotary(q, k, meta.positions, cfg.rope_theta)
-            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
+            ops.rotary_write_kv(q, k, v, meta.positions, cfg.rope_theta, cache.k[i], cache.v[i], meta.slot_mapping)
             attn = ops.attention(q, cache.k[i], cache.v[i], meta, self.scale)
             h = ops.linear(attn.view(T, qs), layer.o)
             x, residual = ops.rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
@@ -188,8 +186,8 @@ class NativeLayers:
     def build(cls, model: GemmaModel) -> "NativeLayers | None":
         from gemforge.kernels import _native
         ops, cfg = model.ops, model.cfg
-        native_ops = (ops.rms_norm is _native.rms_norm_cpu and ops.rotary is _native.rotary_cpu
-                      and ops.write_kv is _native.write_kv_cpu and ops.attention is _native.attention_cpu
+        native_ops = (ops.rms_norm is _native.rms_norm_cpu and ops.rotary_write_kv is _native.rotary_write_kv_cpu
+                      and ops.attention is _native.attention_cpu
                       and ops.gelu_and_mul is _native.gelu_and_mul_cpu
                       and ops.quant["int8"] is _native.linear_int8_cpu and ops.quant["int4"] is _native.linear_int4_cpu)
         linears = cls._native_linear(model.w.embed) and all(  # the tied LM head and every linear

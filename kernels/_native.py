@@ -242,6 +242,16 @@ def write_kv_cpu(k, v, k_cache, v_cache, slot_mapping) -> None:
     _write_kv("cpu", k, v, k_cache, v_cache, slot_mapping)
 
 
+def _rotary_write_kv(kind: str, q, k, v, positions, theta, k_cache, v_cache, slot_mapping) -> None:
+    """The two kernels in turn (the fused op's one-launch version is Triton's)."""
+    _rotary(kind, q, k, positions, theta)
+    _write_kv(kind, k, v, k_cache, v_cache, slot_mapping)
+
+
+register("rotary_write_kv", "cuda")(functools.partial(_rotary_write_kv, "cuda"))
+rotary_write_kv_cpu = register("rotary_write_kv", "cpu")(functools.partial(_rotary_write_kv, "cpu"))
+
+
 @functools.lru_cache(maxsize=None)
 def _partition_size(hq: int, hk: int, head_dim: int) -> int:
     return _ext().decode_partition_size(hq, hk, head_dim)

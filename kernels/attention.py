@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import register, select
+from .rotary import check_rotary, rope_inv_freq, rotary_ref
 
 try:
     import triton
@@ -81,14 +82,35 @@ def write_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
+def _check_write(k, v, k_cache, v_cache, slot_mapping, what: str) -> None:
+    _check_cache(k, k_cache, v_cache, what)
+    if k.shape != v.shape or slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"{what}: k {tuple(k.shape)}, v {tuple(v.shape)} and slot_mapping "
+                         f"{tuple(slot_mapping.shape)} disagree")
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, backend: str = "auto") -> None:
     """Scatter k, v [T, Hk, D] into the paged cache at `slot_mapping` [T] (negative = skip)."""
-    _check_cache(k, k_cache, v_cache, "write_kv")
-    if k.shape != v.shape or slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"write_kv: k {tuple(k.shape)}, v {tuple(v.shape)} and slot_mapping "
-                         f"{tuple(slot_mapping.shape)} disagree")
+    _check_write(k, v, k_cache, v_cache, slot_mapping, "write_kv")
     select("write_kv", backend, k.device)(k, v, k_cache, v_cache, slot_mapping)
+
+
+@register("rotary_write_kv", "torch")
+def rotary_write_kv_ref(q, k, v, positions, theta, k_cache, v_cache, slot_mapping) -> None:
+    rotary_ref(q, k, positions, theta)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, theta: float,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    backend: str = "auto") -> None:
+    """`rotary(q, k, positions, theta)` then `write_kv(k, v, k_cache, v_cache, slot_mapping)`, as one op:
+    the attention layer's step between the QKV projection and attention (on a GPU one Triton kernel
+    instead of two launches; each new K row is read once and written rotated to k and to the cache)."""
+    check_rotary(q, k, positions)
+    _check_write(k, v, k_cache, v_cache, slot_mapping, "rotary_write_kv")
+    select("rotary_write_kv", backend, q.device)(q, k, v, positions, theta, k_cache, v_cache, slot_mapping)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -168,7 +190,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
 
 
 if triton is not None:
-    from ._triton_utils import dot, round_to
+    from ._triton_utils import dot, round_to, row_config
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -196,6 +218,44 @@ if triton is not None:
             k, v, k_cache, v_cache, slot_mapping, k.shape[1], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *k_cache.stride()[:3], HEAD_DIM=k.shape[2], BLOCK_H=triton.next_power_of_2(k.shape[1]),
             BLOCK_D=triton.next_power_of_2(k.shape[2]), PAGE=k_cache.shape[1])
+
+    from .rotary import rope_angles, rope_heads
+
+    @triton.jit
+    def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, slot_ptr, n_q_heads,
+                                n_kv_heads, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                                stride_vt, stride_vh, stride_vd, stride_cb, stride_cs, stride_ch,
+                                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                                BLOCK_HK: tl.constexpr, PAGE: tl.constexpr):
+        """Token t: q and k rotated in place; the rotated k and v into cache slot slot_mapping[t] (if >= 0)."""
+        t = tl.program_id(0).to(tl.int64)
+        cos, sin = rope_angles(pos_ptr, inv_freq_ptr, t, HALF, BLOCK_HALF)
+        rope_heads(q_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qd, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+        k1, k2, h, i, mask = rope_heads(k_ptr, t, n_kv_heads, stride_kt, stride_kh, stride_kd, cos, sin, HALF,
+                                        BLOCK_HK, BLOCK_HALF)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + i
+            tl.store(kc_ptr + dst, k1, mask=mask)
+            tl.store(kc_ptr + dst + HALF, k2, mask=mask)
+            src = v_ptr + t * stride_vt + h * stride_vh + i * stride_vd
+            tl.store(vc_ptr + dst, tl.load(src, mask=mask), mask=mask)
+            tl.store(vc_ptr + dst + HALF, tl.load(src + HALF * stride_vd, mask=mask), mask=mask)
+
+    @register("rotary_write_kv", "triton")
+    def rotary_write_kv_triton(q, k, v, positions, theta, k_cache, v_cache, slot_mapping) -> None:
+        if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+            raise ValueError("rotary_write_kv: k_cache and v_cache must share a layout with a contiguous head_dim")
+        if q.shape[0] == 0:
+            return
+        half = q.shape[-1] // 2
+        block_half = triton.next_power_of_2(half)
+        hq, hk = triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(k.shape[1])
+        _rotary_write_kv_kernel[(q.shape[0],)](
+            q, k, v, positions, rope_inv_freq(q.shape[-1], theta, q.device), k_cache, v_cache, slot_mapping,
+            q.shape[1], k.shape[1], *q.stride(), *k.stride(), *v.stride(), *k_cache.stride()[:3],
+            HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=hq, BLOCK_HK=hk, PAGE=k_cache.shape[1],
+            num_warps=row_config(2 * max(hq, hk) * block_half)[1])
 
     @triton.jit
     def _attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, bt_ptr, cu_ptr, ctx_ptr,
@@ -389,3 +449,6 @@ if triton is not None:
 from .registry import prefer  # noqa: E402
 
 prefer("attention", "triton", "cuda", "torch")
+# One Triton launch for RoPE and the cache write, where the CUDA backend makes two (not measured yet:
+# the GPU suite's decode_profile lists the kernels of a step).
+prefer("rotary_write_kv", "triton", "cuda", "torch")

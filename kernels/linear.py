@@ -14,8 +14,9 @@ dtype, and two backends:
   converts them exactly to x's dtype and runs tl.dot with fp32 accumulation; the scale is applied
   to the fp32 partial product (int4: per tile, a K tile being one group; int8: once, in the
   epilogue). Tiles come from a fixed table keyed by M (decode <= 16 rows, mid, prefill), and
-  K is split across programs (fp32 partials summed in a fixed order: deterministic) when the
-  output tiles alone would leave the GPU under-occupied, as in decode of the o / down projections.
+  K is split across programs when the output tiles alone would leave the GPU under-occupied, as in
+  decode of the o / down projections; one more kernel sums the fp32 partials in a fixed order
+  (deterministic), adds the bias and rounds.
 """
 from __future__ import annotations
 
@@ -208,6 +209,19 @@ if triton is not None:
         y = y_ptr + pid_k * stride_yk + rm[:, None] * stride_ym + rn[None, :]
         tl.store(y, round_to(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _split_sum_kernel(part_ptr, b_ptr, y_ptr, numel, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """y = sum over s of part[s] (+ b), the split-K partials [SPLIT, M, N] summed in order in fp32 and
+        rounded once: one launch where a torch sum and a cast were two (three with a bias)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < numel
+        acc = tl.zeros([BLOCK], tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(part_ptr + s * numel + i, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + i % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + i, round_to(acc, y_ptr.dtype.element_ty), mask=ok)
+
     @register("linear_int8", "triton")
     @register("linear_int4", "triton")
     def quant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -240,6 +254,7 @@ if triton is not None:
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split > 1:
-            y = dst.sum(0)
-            out.copy_(y if bias is None else y + bias.float())
+            block = 1024
+            _split_sum_kernel[(triton.cdiv(m * n, block),)](dst, bias, out, m * n, n, split, HAS_BIAS=bias is not None,
+                                                            BLOCK=block, num_warps=4)
         return out

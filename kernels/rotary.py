@@ -32,7 +32,7 @@ def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
     return _inv_freq_cached(head_dim, float(theta), str(torch.device(device)))
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+def check_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(f"rotary: q and k must be [tokens, heads, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] % 2:
@@ -62,8 +62,17 @@ if triton is not None:
     from ._triton_utils import round_to, row_config
 
     @triton.jit
-    def _rotate_heads(ptr, t, n_heads, stride_t, stride_h, stride_d, cos, sin,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    def rope_angles(pos_ptr, inv_freq_ptr, t, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """(cos, sin) [1, BLOCK_HALF] fp32 of token t's angles pos * inv_freq_i."""
+        i = tl.arange(0, BLOCK_HALF)
+        angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+        return tl.cos(angle)[None, :], tl.sin(angle)[None, :]  # fp32 libdevice cosf/sinf on NVIDIA, as torch uses
+
+    @triton.jit
+    def rope_heads(ptr, t, n_heads, stride_t, stride_h, stride_d, cos, sin,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """Rotates token t's heads in place; returns the rotated halves (rounded to ptr's dtype), their
+        head and column indices [BLOCK_H, 1], [1, BLOCK_HALF] and the mask of real elements."""
         heads = tl.arange(0, BLOCK_H)[:, None]
         i = tl.arange(0, BLOCK_HALF)[None, :]
         mask = (heads < n_heads) & (i < HALF)
@@ -71,20 +80,20 @@ if triton is not None:
         p2 = p1 + HALF * stride_d
         x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-        tl.store(p1, round_to(x1 * cos - x2 * sin, ptr.dtype.element_ty), mask=mask)
-        tl.store(p2, round_to(x2 * cos + x1 * sin, ptr.dtype.element_ty), mask=mask)
+        y1 = round_to(x1 * cos - x2 * sin, ptr.dtype.element_ty)
+        y2 = round_to(x2 * cos + x1 * sin, ptr.dtype.element_ty)
+        tl.store(p1, y1, mask=mask)
+        tl.store(p2, y2, mask=mask)
+        return y1, y2, heads, i, mask
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, pos_ptr, inv_freq_ptr, n_q_heads, n_k_heads,
                        stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, BLOCK_HALF)
-        angle = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
-        cos = tl.cos(angle)[None, :]  # fp32 libdevice cosf/sinf on NVIDIA, as torch uses
-        sin = tl.sin(angle)[None, :]
-        _rotate_heads(q_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qd, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
-        _rotate_heads(k_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kd, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+        cos, sin = rope_angles(pos_ptr, inv_freq_ptr, t, HALF, BLOCK_HALF)
+        rope_heads(q_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qd, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
+        rope_heads(k_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kd, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
     @register("rotary", "triton")
     def rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
@@ -102,5 +111,5 @@ if triton is not None:
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,
            backend: str = "auto") -> None:
     """Apply RoPE in place to q [T, Hq, D] and k [T, Hk, D] at `positions` [T]."""
-    _check(q, k, positions)
+    check_rotary(q, k, positions)
     select("rotary", backend, q.device)(q, k, positions, theta)

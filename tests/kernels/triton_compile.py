@@ -183,6 +183,10 @@ def _cases(dtypes):
                 yield f"{tag} write_kv page {page}", lambda dt=dt, page=page: op("write_kv")(
                     e(3, hk, d, dtype=dt), e(3, hk, d, dtype=dt), e(8, page, hk, d, dtype=dt),
                     e(8, page, hk, d, dtype=dt), ids(3))
+                yield f"{tag} rotary_write_kv page {page}", lambda dt=dt, page=page: op("rotary_write_kv")(
+                    e(3, hq + 2 * hk, d, dtype=dt)[:, :hq], e(3, hq + 2 * hk, d, dtype=dt)[:, hq:hq + hk],
+                    e(3, hq + 2 * hk, d, dtype=dt)[:, hq + hk:], ids(3), 1e4, e(8, page, hk, d, dtype=dt),
+                    e(8, page, hk, d, dtype=dt), ids(3))
             for label, new, ctx in _attention_batches():
                 page = 16
                 meta = AttnMetadata(
