@@ -4,11 +4,15 @@
 # time limit, cut further so that the whole run ends within SUITE_BUDGET seconds (default 480) with
 # the summary written; a part that fails or times out is reported and the rest still runs.
 #
-#   bash benchmarks/gpu_suite.sh OUTDIR        (GPU machine: python3 with torch, triton, transformers)
+#   bash benchmarks/gpu_suite.sh OUTDIR [PACKDIR]   (GPU machine: python3 with torch, triton, transformers)
+# Parts run in order of what they settle (correctness, then the end-to-end headline, then the details),
+# so that what the budget cuts is the least needed. PACKDIR (e.g. the device tool's $OUT, which returns
+# at most 8 files) gets four files at the end: suite.tgz (all of OUTDIR), summary.md, status.txt, suite.log.
 # Env: SUITE_QUICK=1 runs fewer shapes; GEMFORGE_CUDA_ARCHS (default 90a) picks the build target;
 # SUITE_ONLY="build decode ..." runs just those parts (and the summary), e.g. to rerun what failed.
 set -u
-OUT=${1:?usage: gpu_suite.sh OUTDIR}
+OUT=${1:?usage: gpu_suite.sh OUTDIR [PACKDIR]}
+PACK=${2:-}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -75,14 +79,24 @@ BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps
 # compile-time checks of tests/kernels run in CI against CI's nvcc and Triton: here they would only add
 # minutes, or fail on another nvcc's register choices. Up to 10 failures are reported before it stops.
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-part tests 150 env PYTHONSAFEPATH=1 $PY -m pytest -q --maxfail=10 $XDIST --timeout=120 -p no:cacheprovider "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
+part tests 120 env PYTHONSAFEPATH=1 $PY -m pytest -v --tb=short --maxfail=10 $XDIST --timeout=120 -p no:cacheprovider \
+  "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
   --ignore="$ROOT/tests/kernels/test_triton_compile.py" --ignore="$ROOT/tests/kernels/test_cuda_resources.py" \
   --junitxml="$OUT/tests.xml" 2>/dev/null || true
 grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
 
+# The headline first: bf16 decode of both models against HF's static cache, and the verify-window costs;
+# the quantized formats (no HF peer) after, in a JSON of their own.
 BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
-part decode 240 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant none int8 int4 int4-head --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+part decode 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches $BATCHES --steps 32 --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+
+# Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
+part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
+
+part decode_quant 120 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches $BATCHES --steps 32 --quant int4 int8 int4-head --no-hf --bandwidth-GBps "$BW" --out "$OUT/decode_quant.json"
 
 # Kernel benchmarks in two runs, each writing its own JSON, and each case a JSON line as it is measured
 # (pytest-benchmark writes its JSON at the end: a run cut by its limit leaves only the lines).
@@ -96,15 +110,9 @@ GEMFORGE_BENCH_LOG="$OUT/kernels-triton.jsonl" part kernel_triton 75 env PYTHONS
 
 part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \
   --concurrency 1 8 64 --repeats 2 --staggered 64 --out "$OUT/throughput.json"
-part step_breakdown 30 $PY "$ROOT/benchmarks/engine/bench_step_breakdown.py" --model "$ROOT/models/nano-codegemma" \
-  --concurrency 1 64 --out "$OUT/step_breakdown.json"
 
 part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/models/nano-codegemma" \
   --lengths 512 2000 --out "$OUT/prefill.json"
-
-# Where the decode steps above spend their device time: the top kernels of eager steps (torch.profiler).
-part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
 
 # HF's best configuration: its decode step compiled (static cache), at batch 1, beside gemforge measured again
 # in the same process. Compiling takes minutes a shape: last, on what the budget leaves, or alone by SUITE_ONLY.
@@ -112,5 +120,9 @@ part decode_hf_compiled 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --mode
   --batches 1 --steps 32 --quant none --hf-compile --bandwidth-GBps "$BW" --out "$OUT/decode_hf_compiled.json"
 
 part summary 25 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
+if [ -n "$PACK" ]; then
+  mkdir -p "$PACK" && tar czf "$PACK/suite.tgz" -C "$OUT" . && cp "$OUT"/{status.txt,suite.log} "$PACK"/ \
+    && { [ ! -f "$OUT/summary.md" ] || cp "$OUT/summary.md" "$PACK"/; }
+fi
 cat "$STATUS"
 [ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"

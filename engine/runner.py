@@ -49,7 +49,7 @@ def build_metadata(items: list[WorkItem], cache: KVCache, device) -> tuple[AttnM
     meta = AttnMetadata(
         positions=to_device(positions, device, torch.int64), cu_seqlens_q=to_device(cu, device, torch.int32),
         context_lens=to_device(ctx, device, torch.int32),
-        block_tables=padded_tables(tables, width, len(items)).to(device, non_blocking=True),
+        block_tables=to_device(padded_tables(tables, width, len(items)), device),
         slot_mapping=to_device(slots, device, torch.int64),
         max_query_len=max((len(it.token_ids) for it in items), default=0),
         max_context_len=max(ctx, default=0), host_cu_seqlens=cu, host_context_lens=ctx)

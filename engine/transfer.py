@@ -13,8 +13,12 @@ import torch
 
 
 def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """torch.tensor(values, dtype) on `device`, queued on the current stream (no host wait)."""
+    """torch.tensor(values, dtype) (values: a list, or a host tensor) on `device`, queued on the current
+    stream without a host wait: on a GPU from pinned memory (from pageable memory CUDA may synchronise)."""
     cuda = (device.type if isinstance(device, torch.device) else str(device).split(":")[0]) == "cuda"
+    if isinstance(values, torch.Tensor):
+        host = values if dtype is None else values.to(dtype)
+        return (host.pin_memory() if cuda else host).to(device, non_blocking=True)
     return torch.tensor(values, dtype=dtype, pin_memory=cuda).to(device, non_blocking=True)
 
 

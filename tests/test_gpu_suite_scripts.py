@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -133,18 +134,23 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(stubs / "python"),
            "STUB_LOG": str(log), "SUITE_BUDGET": "120"}
-    run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out)], env=env, capture_output=True, text=True,
-                         timeout=120)
+    pack = tmp_path / "pack"  # (the device tool's $OUT: at most 8 files come back)
+    run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out), str(pack)], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
-    parts = ["build", "ceilings", "tests", "decode", "kernel_cuda", "kernel_triton", "throughput", "step_breakdown",
-             "prefill", "decode_profile", "decode_hf_compiled", "summary"]
+    parts = ["build", "ceilings", "tests", "decode", "decode_profile", "decode_quant", "kernel_cuda", "kernel_triton",
+             "throughput", "prefill", "decode_hf_compiled", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
-    assert all(f"{p}: FAILED rc=3" in status for p in ("decode", "decode_profile", "decode_hf_compiled")), status
-    assert status.count(": ok") == len(parts) - 3, status
+    failing = ("decode", "decode_profile", "decode_quant", "decode_hf_compiled")
+    assert all(f"{p}: FAILED rc=3" in status for p in failing), status
+    assert status.count(": ok") == len(parts) - len(failing), status
     calls = log.read_text()
     assert "cmake -S" in calls and "cmake --build" in calls and "assert c.WITH_CUDA" in calls
     assert (out / "summary.md").read_text() == "# summary\n" and "# summary" in run.stdout
+    assert sorted(p.name for p in pack.iterdir()) == ["status.txt", "suite.log", "suite.tgz", "summary.md"]
+    with tarfile.open(pack / "suite.tgz") as tar:
+        assert {"./status.txt", "./summary.md", "./suite.log"} <= set(tar.getnames())
 
     log.write_text("")  # a rerun of chosen parts only
     run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(out)], env={**env, "SUITE_ONLY": "build kernel_cuda"},

@@ -196,19 +196,23 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
 
 
-def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device) -> list[dict]:
-    """Decode rows (and verify-window rows) for one model in one weight format; HF beside it if given."""
+def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device, rows: list[dict]) -> None:
+    """Decode rows (and verify-window rows) for one model in one weight format, HF beside it if given,
+    appended to `rows` and saved to --out as each is measured (a run cut by its time limit keeps them)."""
+    def record(row):
+        emit(rows, row)
+        save(rows, args.out)
+
     base, _, head = method.partition("-")  # "int4-head": the tied LM head quantized too (as drafts are)
     quant = None if method == "none" else QuantConfig(base, quantize_lm_head=head == "head")
     model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant), dtype, device,
                        args.backend)
     wbytes = weight_bytes_per_step(model)
-    rows = []
     if args.profile:
         for b in args.batches:
-            emit(rows, {"model": name, "dtype": args.dtype, "weights": method, "profile_batch": b,
+            record({"model": name, "dtype": args.dtype, "weights": method, "profile_batch": b,
                         **profile_decode(model, b, args.prompt_len)})
-        return rows
+        return
     for b in args.batches:
         row = {"model": name, "dtype": args.dtype, "weights": method, "batch": b, "prompt_len": args.prompt_len,
                "weight_GB": round(wbytes / 1e9, 3),
@@ -239,7 +243,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
                                 "speedup_vs_hf_compiled": round(default / peer["tokens_per_s"], 2)})
             except Exception as e:  # the peer failing must not lose our numbers
                 row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
-        emit(rows, row)
+        record(row)
     if args.verify and method == "none":  # windows as the engine runs them: from CUDA graphs where it has them
         graphs = device == "cuda" and not args.no_graphs
         one = bench_window(model, 1, args.prompt_len, graphs)
@@ -249,8 +253,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
             row.update({"graph_window_ms" if graphs else "window_ms": round(ms, 3), "window_over_step": round(ms / one, 3)})
             if graphs and k in (1, 4, 8):  # what the graphs save: the same window run eagerly
                 row["eager_window_ms"] = round(bench_window(model, k + 1, args.prompt_len, False), 3)
-            emit(rows, row)
-    return rows
+            record(row)
 
 
 def main(argv=None) -> list[dict]:
@@ -283,7 +286,7 @@ def main(argv=None) -> list[dict]:
         hf = hf_model(cfg, dtype, device)
         for method in args.quant:
             try:
-                rows += bench_model(args, name, cfg, hf, method, dtype, device)
+                bench_model(args, name, cfg, hf, method, dtype, device, rows)
             except Exception as e:  # one failing format must not lose the others
                 emit(rows, {"model": name, "weights": method, "error": f"{type(e).__name__}: {e}"[:300]})
             gc.collect()

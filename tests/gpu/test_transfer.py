@@ -26,16 +26,21 @@ def busy(seconds: float) -> None:
     torch.cuda._sleep(int(seconds * cycles_per_second()))
 
 
-def test_copies_to_the_device_do_not_wait_for_queued_work():
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["list", "host-tensor"])  # (block tables: a tensor)
+def test_copies_to_the_device_do_not_wait_for_queued_work(as_tensor):
+    def values(i):
+        v = list(range(i, i + 300))
+        return torch.tensor(v, dtype=torch.int32) if as_tensor else v
     for i in range(20):  # the pinned allocator's blocks for these sizes, free again after the sync
-        to_device(list(range(i, i + 300)), "cuda", torch.int64)
+        to_device(values(i), "cuda", torch.int64)
     torch.cuda.synchronize()
     busy(0.2)
     t = time.perf_counter()
-    copied = [to_device(list(range(i, i + 300)), torch.device("cuda"), torch.int64) for i in range(20)]
+    copied = [to_device(values(i), torch.device("cuda"), torch.int64) for i in range(20)]
     host = time.perf_counter() - t
     assert host < 0.05, f"20 copies took {host * 1e3:.1f} ms behind 200 ms of queued work: they waited"
     assert [c.tolist() for c in copied] == [list(range(i, i + 300)) for i in range(20)]  # (and arrived whole)
+    assert all(c.dtype == torch.int64 for c in copied)
 
 
 def test_a_host_copy_waits_only_for_the_work_before_it():
