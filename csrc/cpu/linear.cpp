@@ -22,102 +22,13 @@
 #include <vector>
 
 #if defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "packed_tile.h"
 #endif
 
 namespace gf::cpu {
 
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16Dot = true;
-
-constexpr int64_t kBlockRows = 120;   // rows of x per block (a multiple of both tile heights)
-constexpr int64_t kSliceK = 1024;     // elements of K per slice (even)
-
-// x[k], x[k + 1] as one 32-bit lane pattern, broadcast; (x[k], 0) when k is the last element.
-static inline __m512bh pair_at(const bf16* x, int64_t k, bool half) {
-  int32_t pair = x[k].bits;
-  if (!half) std::memcpy(&pair, x + k, sizeof pair);
-  return (__m512bh)_mm512_set1_epi32(pair);
-}
-
-struct Slice {
-  int64_t k0, k1;  // elements [k0, k1) of K; k0 even
-  bool first, last;
-};
-
-// One MR x (16 NB) tile over one K slice. x: the tile's first row (row stride K); wp: its first
-// block, blocks `panel` uint32 apart; part: the tile's fp32 partial sums between slices. Plain: y
-// [MR, 16 NB] at column n0 of y (row stride N) = the sums (+ bias). kGeglu: blocks j < NB/2 are gate
-// blocks, j >= NB/2 the up blocks `up` uint32 after them, and y [MR, 8 NB] = gelu_mul of the sums,
-// each rounded to bf16 first (exactly what the linear then gelu_and_mul give).
-template <int MR, int NB, bool kGeglu>
-static void tile(bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
-                 int64_t N, int64_t K, int64_t panel, int64_t up, Slice s) {
-  constexpr int64_t kPartRow = 16 * NB;
-  const uint32_t* block[NB];
-  for (int j = 0; j < NB; ++j) block[j] = kGeglu && j >= NB / 2 ? wp + up + (j - NB / 2) * panel : wp + j * panel;
-  __m512 acc[MR][NB];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = s.first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + i * kPartRow + 16 * j);
-  auto step = [&](int64_t k, bool half) {
-    __m512bh w[NB];
-    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(block[j] + k / 2 * 16);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh xb = pair_at(x + i * K, k, half);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, w[j]);
-    }
-  };
-  int64_t k = s.k0;
-  for (; k + 1 < s.k1; k += 2) step(k, false);
-  if (k < s.k1) step(k, true);
-  if (!s.last) {
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(part + i * kPartRow + 16 * j, acc[i][j]);
-    return;
-  }
-  constexpr int kOut = kGeglu ? NB / 2 : NB;
-  for (int j = 0; j < kOut; ++j) {
-    const int64_t n = n0 + 16 * j;
-    const __mmask16 mask = N - n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1);
-    if constexpr (kGeglu) {
-      for (int i = 0; i < MR; ++i) {
-        alignas(64) uint16_t g[16], u[16];
-        alignas(64) float o[16];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(g), (__m256i)_mm512_cvtneps_pbh(acc[i][j]));  // as the
-        _mm256_store_si256(reinterpret_cast<__m256i*>(u), (__m256i)_mm512_cvtneps_pbh(acc[i][j + NB / 2]));  // linear
-#pragma omp simd
-        for (int c = 0; c < 16; ++c) o[c] = gelu_mul(to_float(bf16{g[c]}), to_float(bf16{u[c]}));
-        _mm256_mask_storeu_epi16(y + i * N + n, mask, to_bf16_rne(_mm512_load_ps(o)));
-      }
-    } else {
-      __m512 b = _mm512_setzero_ps();
-      if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16));
-      // VCVTNEPS2BF16 rounds to nearest even in one instruction (5-6% of a prefill-sized GEMM against
-      // to_bf16_rne, ad-hoc timing); unlike torch it flushes results below 2^-126 to zero
-      for (int i = 0; i < MR; ++i)
-        _mm256_mask_storeu_epi16(y + i * N + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], b)));
-    }
-  }
-}
-
-// Tile heights 1..6 for NB blocks; 24 accumulators + NB weights + 1 broadcast fit 32 registers.
-template <int NB, bool kGeglu>
-static void tile_rows(int rows, bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
-                      int64_t N, int64_t K, int64_t panel, int64_t up, Slice s) {
-  switch (rows) {
-    case 1: return tile<1, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-    case 2: return tile<2, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-  }
-  if constexpr (NB <= 4) {
-    switch (rows) {
-      case 3: return tile<3, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-      case 4: return tile<4, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-      case 5: return tile<5, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-      case 6: return tile<6, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-    }
-  }
-  throw std::logic_error("linear: no tile of " + std::to_string(rows) + " rows");
-}
 
 // Blocks of x rows; within one, each thread takes groups of NB weight blocks and, per K slice, runs
 // every tile of the block over that group. y has N columns (kGeglu: N = the gate width, and the

@@ -10,15 +10,23 @@
 // rows: independent accumulators for the dot products' latency); blocks of kBlockN rows of W stay
 // in L2 while all of x passes over them; threads split W's rows. The loop requests the next weight
 // rows' cache lines as it reads the current ones: the hardware prefetchers stop at 4 KB pages, which
-// rows of 1-2 KB cross every few rows (one-row CodeGemma-2B gate_up, int4: 2.16 -> 0.84 ms). Built where
-// the compiler targets AVX512-BF16 (kHasBf16Dot); elsewhere the op stays with torch.
+// rows of 1-2 KB cross every few rows (one-row CodeGemma-2B gate_up, int4: 2.16 -> 0.84 ms).
+// From Fmt::kPackedRows rows of x on (prefill; int8 32, int4 12), converting each weight vector once
+// per pass of R rows costs more than the dot products it serves, so the weight is converted instead,
+// one slice of K for 4 blocks of 16 rows at a time, into the packed bf16 layout of the dense linear (a 16 x 16 transpose
+// of the converted k-pairs), and the dense linear's tiles (packed_tile.h) run every row of x over it:
+// each weight element is converted once per call. int8 applies its per-row scales in the tiles'
+// epilogue; int4 keeps the codes 128 + q and applies each group's scale and zero-point correction
+// after the group's dot products (tile_grouped): both exact, as above. Built where the compiler
+// targets AVX512-BF16 (kHasBf16Dot); elsewhere the op stays with torch.
 #include "common.h"
 #include "ops.h"
 
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "packed_tile.h"
 #endif
 
 namespace gf::cpu {
@@ -156,24 +164,153 @@ void run(const Args& a) {
   }
 }
 
+// ------------------------------------------------------------------- many rows: the packed tiles
+constexpr int kNB = 4;               // blocks of 16 weight rows per conversion (one tile's width)
+constexpr int kTileRows = 6;
+
+// f(std::integral_constant<int, v>{}) for v = n in [1, 6].
+template <class F>
+void with_int(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+  }
+  throw std::logic_error("linear_quant: no tile of " + std::to_string(n));
+}
+
+// r[i] lane j -> r[j] lane i, for 16 vectors of 16 32-bit lanes.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// Block b of W (rows 16 b .. 16 b + 15; zero past N) over elements [k0, k1) of K, in the packed
+// layout: out[(k - k0) / 2 * 16 + c] = the bf16 pair (codes of W[16 b + c][k], [k + 1]).
+template <class Fmt>
+void convert_block(uint32_t* out, const Args& a, int64_t b, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; k += 32) {
+    __m512i r[16];
+    for (int c = 0; c < 16; ++c) r[c] = 16 * b + c < a.N ? (__m512i)Fmt::codes(a, 16 * b + c, k) : _mm512_setzero_si512();
+    transpose16(r);  // r[c] held column c's pairs p = 0..15; now r[p] holds pair p of the 16 columns
+    for (int p = 0; p < 16; ++p) _mm512_storeu_si512(out + ((k - k0) / 2 + p) * 16, r[p]);
+  }
+}
+
+// kPackedRows: rows of x from which the weight is converted to the packed layout (where the two paths
+// cross on CodeGemma-2B's gate_up and down, this CPU; results/2026-12-07-cpu-quant-prefill).
 struct Int8 {
   static constexpr int kMaxRows = kRows;
+  static constexpr int64_t kPackedRows = 32;
   template <int R, int C>
   static void call(const Args& a, int64_t m0, int64_t n) { int8_rows<R, C>(a, m0, n); }
+  static int64_t slice(const Args&) { return kSliceK; }
+  static __m512bh codes(const Args& a, int64_t n, int64_t k) { return int8_codes(static_cast<const int8_t*>(a.q) + n * a.K + k); }
+  // Columns n0 .. n0 + 16 nb: per-column scales (0 past N).
+  static void scales(const Args& a, float* sc, float*, int64_t n0, int nb, int64_t, int64_t) {
+    for (int64_t c = 0; c < 16 * nb; ++c) sc[c] = n0 + c < a.N ? to_float(a.scales[n0 + c]) : 0.0f;
+  }
+  template <int MR, int NB>
+  static void tile(const Args& a, const uint32_t* wp, float* part, int64_t m, int64_t n0, int64_t panel, Slice s,
+                   const float* sc, const float*) {
+    gf::cpu::tile<MR, NB, false>(a.y + m * a.N, a.x + m * a.K, wp, a.bias, part, n0, a.N, a.K, panel, 0, s, sc);
+  }
 };
 struct Int4 {
   static constexpr int kMaxRows = kRows / 2;
+  static constexpr int64_t kPackedRows = 12;
   template <int R, int C>
   static void call(const Args& a, int64_t m0, int64_t n) { int4_rows<R, C>(a, m0, n); }
+  static int64_t slice(const Args& a) { return std::max<int64_t>(1, kSliceK / a.group) * a.group; }
+  static __m512bh codes(const Args& a, int64_t n, int64_t k) {
+    return int4_codes(static_cast<const uint8_t*>(a.q) + n * (a.K / 2) + k / 2);
+  }
+  // Groups of [k0, k1), columns n0 .. n0 + 16 nb: scale s and shift s (128 + z) (0 past N), a row of
+  // 16 nb per group (the tile's width).
+  static void scales(const Args& a, float* sc, float* sh, int64_t n0, int nb, int64_t k0, int64_t k1) {
+    const int64_t groups = a.K / a.group, width = 16 * nb;
+    for (int64_t gi = 0, g = k0 / a.group; g < k1 / a.group; ++gi, ++g)
+      for (int64_t c = 0; c < 16 * nb; ++c) {
+        const int64_t n = n0 + c, at = n * groups + g;
+        const float sv = n < a.N ? to_float(a.scales[at]) : 0.0f;
+        sc[gi * width + c] = sv;
+        sh[gi * width + c] = n < a.N ? sv * (128.0f + (a.zeros ? to_float(a.zeros[at]) : 8.0f)) : 0.0f;
+      }
+  }
+  template <int MR, int NB>
+  static void tile(const Args& a, const uint32_t* wp, float* part, int64_t m, int64_t n0, int64_t panel, Slice s,
+                   const float* sc, const float* sh) {
+    tile_grouped<MR, NB>(a.y + m * a.N, a.x + m * a.K, wp, a.bias, part, n0, a.N, a.K, panel, s, a.group, sc, sh,
+                         a.xsum + m * (a.K / a.group), a.K / a.group);
+  }
 };
+
+// Threads take groups of kNB weight blocks; per K slice a thread converts its group's slice once and
+// runs every row of x over it, the fp32 sums of all rows waiting between slices.
+template <class Fmt>
+void run_packed(const Args& a) {
+  const int64_t blocks = (a.N + 15) / 16, nblk = (blocks + kNB - 1) / kNB, slice = Fmt::slice(a);
+  const int64_t panel = slice / 2 * 16, width = 16 * kNB;
+  const int64_t slice_groups = a.group ? slice / a.group : 1;
+#pragma omp parallel
+  {
+    std::vector<uint32_t> wbuf(kNB * panel);
+    std::vector<float> part(a.M * width), sc(slice_groups * width), sh(slice_groups * width);
+#pragma omp for schedule(static)
+    for (int64_t gb = 0; gb < nblk; ++gb) {
+      const int64_t b0 = gb * kNB;
+      const int nb = static_cast<int>(std::min<int64_t>(kNB, blocks - b0));
+      for (int64_t k0 = 0; k0 < a.K; k0 += slice) {
+        const int64_t k1 = std::min(a.K, k0 + slice);
+        for (int bb = 0; bb < nb; ++bb) convert_block<Fmt>(wbuf.data() + bb * panel, a, b0 + bb, k0, k1);
+        Fmt::scales(a, sc.data(), sh.data(), 16 * b0, nb, k0, k1);
+        const Slice s{k0, k1, k0 == 0, k1 >= a.K, k0};
+        for (int64_t m = 0; m < a.M; m += kTileRows)
+          with_int(std::min<int64_t>(kTileRows, a.M - m), [&](auto mr) {
+            constexpr int MR = decltype(mr)::value;
+            with_int(nb, [&](auto nbc) {
+              constexpr int NB = decltype(nbc)::value;
+              if constexpr (NB <= kNB)
+                Fmt::template tile<MR, NB>(a, wbuf.data(), part.data() + m * width, m, 16 * b0, panel, s, sc.data(),
+                                           sh.data());
+            });
+          });
+      }
+    }
+  }
+}
 
 }  // namespace
 
 void linear_int8_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
                       int64_t K) {
   require(K % 32 == 0, "linear_int8", "K must be a multiple of 32, got " + std::to_string(K));
-  run<Int8>(Args{as_ptr<bf16>(y), as_ptr<const bf16>(x), as_ptr<const void>(qweight), as_ptr<const bf16>(scales),
-                    nullptr, bias ? as_ptr<const bf16>(bias) : nullptr, M, N, K, 0, nullptr});
+  const Args a{as_ptr<bf16>(y), as_ptr<const bf16>(x), as_ptr<const void>(qweight), as_ptr<const bf16>(scales),
+               nullptr, bias ? as_ptr<const bf16>(bias) : nullptr, M, N, K, 0, nullptr};
+  if (M >= Int8::kPackedRows) run_packed<Int8>(a);
+  else run<Int8>(a);
 }
 
 void linear_int4_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
@@ -190,9 +327,11 @@ void linear_int4_bf16(int64_t y, int64_t x, int64_t qweight, int64_t scales, int
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += to_float(xs[m * K + k]);
       xsum[m * groups + g] = s;
     }
-  run<Int4>(Args{as_ptr<bf16>(y), xs, as_ptr<const void>(qweight), as_ptr<const bf16>(scales),
-                    zeros ? as_ptr<const bf16>(zeros) : nullptr, bias ? as_ptr<const bf16>(bias) : nullptr, M, N, K,
-                    group, xsum.data()});
+  const Args a{as_ptr<bf16>(y), xs, as_ptr<const void>(qweight), as_ptr<const bf16>(scales),
+               zeros ? as_ptr<const bf16>(zeros) : nullptr, bias ? as_ptr<const bf16>(bias) : nullptr, M, N, K, group,
+               xsum.data()};
+  if (M >= Int4::kPackedRows) run_packed<Int4>(a);
+  else run<Int4>(a);
 }
 
 #else

@@ -237,14 +237,30 @@ def test_cpu_quant_linear(fmt, rows, n, k, with_bias, gen, nan_empty):
 
 
 @packed_cpu
+@pytest.mark.parametrize("rows", [32, 37, 130])
+@pytest.mark.parametrize("n,k,with_bias", [(1, 256, True), (97, 1280, False), (200, 2048, True)])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_quant_linear_many_rows(fmt, rows, n, k, with_bias, gen, nan_empty):
+    """From 32 rows of x (int4: 12) the C++ linear converts the weight into the packed bf16 layout, a K
+    slice of 4 blocks of 16 weight rows at a time, and runs the dense tiles over it: tiles of 1-6 rows, groups
+    of 1-4 blocks (97 and 200 rows leave 3 and 1), a weight row count short of a block, K in one
+    slice, in a full and a partial one (1280), in two; int4 groups of 32-128, symmetric and not."""
+    x, qw, b, ref32 = _problem(fmt, rows, n, k, torch.bfloat16, "cpu", gen, bias=with_bias)
+    got = linear(x, qw, b, backend="cpu")
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    assert_close(got, ref32, linear(x, qw, b, backend="torch"), what=f"{fmt} rows={rows} n={n} k={k}")
+
+
+@packed_cpu
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cpu_quant_linear_nan_stays_in_its_row_and_others_go_to_torch(fmt, gen):
     """A NaN in x makes its own row NaN and no other (int4's per-group sums of x included); fp32
     activations and K not a multiple of 32 take torch's path, which the result equals exactly."""
-    x, qw, b, _ = _problem(fmt, 3, 40, 256, torch.bfloat16, "cpu", gen)
-    x[1, 7] = float("nan")
-    y = linear(x, qw, b, backend="cpu")
-    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+    for rows in (3, 40):  # (the few-row kernel, the packed tiles)
+        x, qw, b, _ = _problem(fmt, rows, 40, 256, torch.bfloat16, "cpu", gen)
+        x[1, 7] = float("nan")
+        y = linear(x, qw, b, backend="cpu")
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0] + list(range(2, rows))]).all()
     x32, qw32, b32, _ = _problem(fmt, 3, 40, 256, torch.float32, "cpu", gen)
     assert torch.equal(linear(x32, qw32, b32, backend="cpu"), linear(x32, qw32, b32, backend="torch"))
     if fmt == "int8":
