@@ -394,14 +394,16 @@ if triton is not None:
     MAX_PARTS = 64
 
     def _num_partitions(meta: AttnMetadata, kv_heads: int, block_n: int, device: torch.device) -> int:
-        """Split-K partitions per sequence and KV head: as many as bring the grid (sequences x KV heads x
-        partitions) to about two programs per SM, at most one per BLOCK_N keys of the longest context and
-        at most MAX_PARTS. Each program takes an equal share of its own sequence's context, so the count
+        """Split-K partitions per sequence and KV head: as many as the resident programs (two per SM: the
+        head_dim-256 decode kernel's 128 registers x 256 threads, tests/kernels/triton_compile.py) hold in
+        one round, at most one per BLOCK_N keys of the longest context and at most MAX_PARTS. Rounded
+        down: equal shares take equal times, so a grid a few programs over the slots runs two rounds, the
+        second nearly empty (2B at batch 16: 17 partitions were 272 programs for 264 slots, 7B at batch
+        1 the same). Each program takes an equal share of its own sequence's context, so the count
         depends on the batch's shape only: a CUDA graph captured for the longest context launches no
         programs that a shorter one leaves empty (beyond those of contexts under partitions x BLOCK_N)."""
         per_part = meta.num_seqs * kv_heads
-        return max(1, min(MAX_PARTS, triton.cdiv(2 * _num_sms(device), per_part),
-                          triton.cdiv(meta.max_context_len, block_n)))
+        return max(1, min(MAX_PARTS, 2 * _num_sms(device) // per_part, triton.cdiv(meta.max_context_len, block_n)))
 
     @register("attention", "triton")
     def attention_triton(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:

@@ -269,3 +269,20 @@ def test_cpu_backend_rejects_bad_tables_and_slots():
     slots = torch.tensor([0, k_cache.shape[0] * k_cache.shape[1], 5])
     with pytest.raises(ValueError, match="slot .* of token 1 is outside the cache"):
         write_kv(k, k.clone(), k_cache, v_cache, slots, backend="cpu")
+
+
+@pytest.mark.parametrize("seqs", [1, 2, 3, 16, 33, 64, 132, 256])
+@pytest.mark.parametrize("kv_heads", [1, 16])
+def test_partitions_fill_one_round_of_resident_programs(seqs, kv_heads, monkeypatch):
+    """On an H100 (132 SMs, two resident decode programs each) the split-K grid never exceeds the 264
+    slots when the sequences alone do not, and uses as many of them as the caps allow: a few programs
+    over would make a second, nearly empty round (17 partitions of 16 sequences: 272 programs)."""
+    monkeypatch.setattr(attention_mod, "_num_sms", lambda device: 132)
+    meta = AttnMetadata(positions=None, cu_seqlens_q=None, context_lens=torch.zeros(seqs), block_tables=None,
+                        slot_mapping=None, max_query_len=1, max_context_len=8192)
+    parts = _num_partitions(meta, kv_heads, 64, torch.device("cpu"))
+    programs = seqs * kv_heads
+    if programs >= 264:
+        assert parts == 1
+    else:
+        assert parts * programs <= 264 and (parts == attention_mod.MAX_PARTS or (parts + 1) * programs > 264), parts
