@@ -62,7 +62,8 @@ def profile_rows(profiled: list[dict], top: int = 5) -> list[dict]:
     for r in profiled:
         for i, k in enumerate(r["kernels"][:top]):
             head = {"model": r["model"], "weights": r["weights"], "batch": r["profile_batch"],
-                    "wall_ms": r["profile_wall_ms"], "busy_ms": r["busy_ms"]} if i == 0 else {}
+                    "wall_ms": r["profile_wall_ms"], "busy_ms": r["busy_ms"],
+                    "kernels_per_step": r.get("kernels_per_step")} if i == 0 else {}
             rows.append({**head, **k})
     return rows
 
@@ -130,8 +131,8 @@ def main(outdir: str) -> None:
     profiled = [r for r in load(d / "decode_profile.json") or [] if "kernels" in r]
     if profiled:
         parts.append("## Where an eager decode step's device time goes (top kernels, per step)\n")
-        parts.append(table(profile_rows(profiled), ["model", "weights", "batch", "wall_ms", "busy_ms", "kernel", "calls",
-                                                    "us", "share"]) + "\n")
+        parts.append(table(profile_rows(profiled), ["model", "weights", "batch", "wall_ms", "busy_ms",
+                                                    "kernels_per_step", "kernel", "calls", "us", "share"]) + "\n")
     throughput = load(d / "throughput.json")
     if throughput:
         parts.append("## Continuous batching: offline throughput on nano-codegemma vs HF `generate`\n")

@@ -56,6 +56,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     for r in profiled:  # (on a CPU: ops by CPU time)
         shares = [k["share"] for k in r["kernels"]]
         assert r["busy_ms"] > 0 and len(shares) == 10 and shares == sorted(shares, reverse=True) and sum(shares) <= 1
+        assert r["kernels_per_step"] >= sum(k["calls"] for k in r["kernels"])
     (tmp_path / "ceilings.json").write_text(json.dumps({"device": "cpu", "torch": "test", "copy_GBps": 50,
                                                         "bf16_matmul_TFLOPs": 1}))
     (tmp_path / "status.txt").write_text("decode: ok (1s)\n")

@@ -120,7 +120,7 @@ def prefilled(model: GemmaModel, batch: int, prompt_len: int, total: int, cuda_g
 def profile_decode(model: GemmaModel, batch: int, prompt_len: int, steps: int = 4, top: int = 10) -> dict:
     """Where an eager decode step's time goes: the `top` kernels by device time per step (on a CPU, the
     ops by CPU time), with calls per step and share of the step's busy time, beside the step's wall
-    time and busy time. Eager, so that each kernel shows as itself (a graph replays the same ones)."""
+    time, busy time and count of kernels. Eager, so that each kernel shows as itself (a graph replays the same ones)."""
     from torch.profiler import ProfilerActivity, profile
 
     runner, cache, last = prefilled(model, batch, prompt_len, prompt_len + steps + 2, cuda_graphs=False)
@@ -145,6 +145,7 @@ def profile_decode(model: GemmaModel, batch: int, prompt_len: int, steps: int = 
     spent = sorted((x for x in spent if x[2] > 0), key=lambda x: -x[2])
     busy = sum(us for _, _, us in spent)
     return {"profile_wall_ms": round(wall * 1e3, 3), "busy_ms": round(busy / 1e3, 3),
+            "kernels_per_step": round(sum(n for _, n, _ in spent), 1),  # (each a launch, in a graph too)
             "kernels": [{"kernel": name[:120], "calls": round(n, 2), "us": round(us, 1), "share": round(us / busy, 3)}
                         for name, n, us in spent[:top]]}
 
