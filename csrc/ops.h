@@ -39,5 +39,8 @@ void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t b
                 int64_t N, int64_t K, int64_t max_ctas, int dtype, int64_t stream);
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias,
                 int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype, int64_t stream);
+// The same kernel over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.
+void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
+                int dtype, int64_t stream);
 
 }  // namespace gf

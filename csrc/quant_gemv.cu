@@ -2,6 +2,7 @@
 // M <= 16, formats of docs/QUANT_FORMAT.md, fp32 accumulation:
 //   int8: W[n, k] = q[n, k] * s[n]                   (s applied once per row at the end)
 //   int4: W[n, k] = (q[n, k] - z[n, k/g]) * s[n, k/g]  (z = 8 when symmetric; s applied per chunk)
+//   dense: W[n, k] as stored, in x's dtype (the same kernel over plain weights: cuBLAS's peer)
 // CTA = 8 warps looping over groups of 16 rows (grid-stride; see quant_gemv_kernel); in a group
 // warp w owns kRowsPerWarp rows and splits K across its lanes in 16-byte weight
 // chunks (16 int8 or 32 int4 weights; a 32-wide int4 chunk never straddles a group, g >= 32), so
@@ -13,6 +14,8 @@
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
+
+#include <cstring>
 
 namespace gf {
 namespace {
@@ -94,6 +97,31 @@ struct Int4Format {
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] += md.scale * part[m];
+  }
+  __device__ __forceinline__ float row_scale(int64_t) const { return 1.f; }
+};
+
+template <typename T>
+struct DenseFormat {
+  static constexpr int kPerChunk = 8;
+  static constexpr int kUnrollSmallM = 4;
+  __device__ DenseFormat(const T*, const T*, int, int) {}
+
+  __device__ __forceinline__ ChunkMeta meta(int64_t, int) const { return {}; }
+  template <int MT>
+  __device__ __forceinline__ void accumulate(float (&acc)[MT], uint4 w, ChunkMeta, const float* xs, int ldx) const {
+    Pack<T, 8> pk;
+    memcpy(&pk, &w, sizeof pk);
+    float wf[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) wf[i] = to_float(pk.v[i]);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float4 a = *reinterpret_cast<const float4*>(xs + m * ldx);
+      const float4 b = *reinterpret_cast<const float4*>(xs + m * ldx + 4);
+      acc[m] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] +
+                b.w * wf[7];
+    }
   }
   __device__ __forceinline__ float row_scale(int64_t) const { return 1.f; }
 };
@@ -232,6 +260,11 @@ void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t z
   require(K % group_size == 0, "w4a16_gemm", "K must be a multiple of group_size");
   launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, dtype,
                           stream);
+}
+
+void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
+                int dtype, int64_t stream) {
+  launch_gemv<DenseFormat>("dense_gemv", y, x, weight, 0, 0, bias, M, N, K, 0, max_ctas, dtype, stream);
 }
 
 }  // namespace gf

@@ -27,7 +27,7 @@ import torch
 from .argmax import argmax_ref
 from .attention import AttnMetadata
 from .linear import PackedWeight
-from .registry import register, select
+from .registry import prefer, register, select
 from .rotary import rope_inv_freq
 
 # The generic C++ attention kernel (fp32, fp16, and bf16 without AVX512-BF16 or with a head_dim that
@@ -459,6 +459,38 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
                           0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, max_ctas,
                           _DTYPE_CODES[x.dtype], _stream(x))
     return y
+
+
+@register("linear", "cuda")
+def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                max_ctas: int = 0) -> torch.Tensor:
+    """Dense x [..., K] @ weight [N, K]^T (+ b) in fp16/bf16, up to MAX_GEMV_ROWS rows, K a multiple of
+    8: the quantized GEMV's kernel over the plain weight (csrc/quant_gemv.cu, DenseFormat); anything
+    else: torch (cuBLAS), which also stays "auto"'s choice until the GPU suite has timed the two
+    (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense)."""
+    op = "linear"
+    _check_device(op, "cuda", x=x, weight=weight, bias=bias)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (rows > MAX_GEMV_ROWS or x.dtype not in _HALF or weight.dtype != x.dtype or k % 8 or weight.dim() != 2
+            or not weight.is_contiguous() or weight.data_ptr() % 16):
+        return select(op, "torch", x.device)(x, weight, bias)
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"{op}: x has {k} features, the weight {tuple(weight.shape)}")
+    if bias is not None:
+        _check_like(op, "bias", bias, (n,), x.dtype)
+        _check_contiguous(op, "bias", bias)
+    x2 = x.reshape(rows, k).contiguous()
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if rows and n:
+        _ext().dense_gemv(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows,
+                          n, k, max_ctas, _DTYPE_CODES[x.dtype], _stream(x))
+    return y.reshape(*x.shape[:-1], n)
+
+
+# cuBLAS first for dense weights: the CUDA GEMV above is a peer to be timed, not yet a measured win.
+prefer("linear", "torch", "cuda")
 
 
 @register("linear_int8", "cuda")

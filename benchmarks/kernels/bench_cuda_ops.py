@@ -3,9 +3,10 @@
 Peers: the Triton backend and the torch reference of the same op; for the quantized GEMVs also
 the same CUDA kernel launched with one CTA per 16 rows (each staging x: its grid before it kept
 only the CTAs the device holds at once), dense bf16 cuBLAS (F.linear) and torch's own weight-only
-kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm) where this torch build has them. GB/s in benchmark.extra_info
+kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm) where this torch build has them; the
+dense GEMV (that kernel over a plain bf16 weight) against cuBLAS. GB/s in benchmark.extra_info
 counts every input read once and every output written once (common.compare); for the GEMVs that is
-dominated by the packed weight bytes. Skipped without CUDA or without the built extension.
+dominated by the (packed) weight bytes. Skipped without CUDA or without the built extension.
 """
 from __future__ import annotations
 
@@ -146,3 +147,19 @@ def test_linear_quant(benchmark, shape, fmt):
     fns[f"torch_{fmt}"] = _torch_int8_peer(x, qw) if fmt == "int8" else _torch_int4_peer(x, n, k, 128)
     parts = [t for t in (qw.qweight, qw.scales, qw.zeros, x) if t is not None]
     compare(benchmark, fns, nbytes(*parts) + m * n * x.element_size())
+
+
+DENSE_SHAPES = {**GEMV_SHAPES, "7b_o": (3072, 4096), "2b_lm_head": (256000, 2048)}
+
+
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_linear_dense(benchmark, shape):
+    """bf16 GEMV at one row (a batch-1 decode step's linears): the quantized GEMV's kernel over the plain
+    weight against cuBLAS (F.linear, "auto"'s choice for dense weights until this says otherwise)."""
+    n, k = DENSE_SHAPES[shape]
+    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
+    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
+    ours = select("linear", "cuda", DEV)
+    compare(benchmark, {"cuda": lambda: ours(x, w), "cublas": lambda: F.linear(x, w)},
+            nbytes(w, x) + n * x.element_size())
+

@@ -245,6 +245,31 @@ def test_linear_quant_many_rows_delegates_to_triton(fmt):
     _check_linear(fmt, qw, torch.randn(17, 256, device=DEV, dtype=torch.bfloat16), None)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("nk_ctas", (((257, 784), 0), ((2048, 2048), 0), ((96, 24576), 0), ((8209, 1024), 0),
+                                     ((2051, 3072), 1), ((257, 784), 3)))
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_linear_dense(nan_empty, dtype, nk_ctas, with_bias):
+    """The dense GEMV (the quantized GEMV's kernel over a plain 16-bit weight) at one row, against
+    F.linear in fp32: x staged once or in K tiles, device-sized and capped grids."""
+    (n, k), max_ctas = nk_ctas
+    w = torch.randn(n, k, device=DEV).to(dtype) * 0.05
+    x = torch.randn(1, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype) if with_bias else None
+    out = cuda("linear")(x, w, bias, max_ctas=max_ctas)
+    r32 = ref("linear")(x.float(), w.float(), None if bias is None else bias.float())
+    assert_close(out, r32, ref("linear")(x, w, bias), what=f"dense gemv {(n, k)} ctas {max_ctas}")
+
+
+def test_linear_dense_falls_back_to_torch():
+    """More rows than the GEMV serves, fp32, K not a multiple of 8: cuBLAS, exactly."""
+    bf = torch.bfloat16
+    for x, w in ((torch.randn(3, 64, device=DEV, dtype=bf), torch.randn(40, 64, device=DEV, dtype=bf)),
+                 (torch.randn(1, 64, device=DEV), torch.randn(40, 64, device=DEV)),
+                 (torch.randn(1, 60, device=DEV).half(), torch.randn(40, 60, device=DEV).half())):
+        assert torch.equal(cuda("linear")(x, w), ref("linear")(x, w))
+
+
 def test_bad_inputs_raise_value_error():
     x = torch.randn(2, 64, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="weight"):
