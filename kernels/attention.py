@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import register, select
-from .rotary import check_rotary, rope_inv_freq, rotary_ref
+from .rotary import check_rotary, rotary_ref
 
 try:
     import triton
@@ -190,7 +190,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
 
 
 if triton is not None:
-    from ._triton_utils import dot, round_to, row_config
+    from ._triton_utils import dot, round_to
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -219,7 +219,7 @@ if triton is not None:
             *k_cache.stride()[:3], HEAD_DIM=k.shape[2], BLOCK_H=triton.next_power_of_2(k.shape[1]),
             BLOCK_D=triton.next_power_of_2(k.shape[2]), PAGE=k_cache.shape[1])
 
-    from .rotary import rope_angles, rope_heads
+    from .rotary import rope_angles, rope_heads, rope_launch
 
     @triton.jit
     def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, slot_ptr, n_q_heads,
@@ -248,14 +248,10 @@ if triton is not None:
             raise ValueError("rotary_write_kv: k_cache and v_cache must share a layout with a contiguous head_dim")
         if q.shape[0] == 0:
             return
-        half = q.shape[-1] // 2
-        block_half = triton.next_power_of_2(half)
-        hq, hk = triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(k.shape[1])
+        inv_freq, opts = rope_launch(q, k, theta)
         _rotary_write_kv_kernel[(q.shape[0],)](
-            q, k, v, positions, rope_inv_freq(q.shape[-1], theta, q.device), k_cache, v_cache, slot_mapping,
-            q.shape[1], k.shape[1], *q.stride(), *k.stride(), *v.stride(), *k_cache.stride()[:3],
-            HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=hq, BLOCK_HK=hk, PAGE=k_cache.shape[1],
-            num_warps=row_config(2 * max(hq, hk) * block_half)[1])
+            q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, q.shape[1], k.shape[1], *q.stride(),
+            *k.stride(), *v.stride(), *k_cache.stride()[:3], PAGE=k_cache.shape[1], **opts)
 
     @triton.jit
     def _attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, bt_ptr, cu_ptr, ctx_ptr,

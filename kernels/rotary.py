@@ -95,17 +95,22 @@ if triton is not None:
         rope_heads(q_ptr, t, n_q_heads, stride_qt, stride_qh, stride_qd, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
         rope_heads(k_ptr, t, n_k_heads, stride_kt, stride_kh, stride_kd, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
+    def rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float) -> tuple[torch.Tensor, dict]:
+        """(inv_freq, launch options) of a kernel that rotates one token's q and k heads per program."""
+        half = q.shape[-1] // 2
+        block_half = triton.next_power_of_2(half)
+        hq, hk = triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(k.shape[1])
+        return rope_inv_freq(q.shape[-1], theta, q.device), dict(
+            HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=hq, BLOCK_HK=hk,
+            num_warps=row_config(2 * max(hq, hk) * block_half)[1])
+
     @register("rotary", "triton")
     def rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float) -> None:
         if q.shape[0] == 0:
             return
-        half = q.shape[-1] // 2
-        block_half = triton.next_power_of_2(half)
-        hq, hk = triton.next_power_of_2(q.shape[1]), triton.next_power_of_2(k.shape[1])
-        _rotary_kernel[(q.shape[0],)](
-            q, k, positions, rope_inv_freq(q.shape[-1], theta, q.device), q.shape[1], k.shape[1],
-            *q.stride(), *k.stride(), HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=hq, BLOCK_HK=hk,
-            num_warps=row_config(2 * max(hq, hk) * block_half)[1])
+        inv_freq, opts = rope_launch(q, k, theta)
+        _rotary_kernel[(q.shape[0],)](q, k, positions, inv_freq, q.shape[1], k.shape[1], *q.stride(), *k.stride(),
+                                      **opts)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,

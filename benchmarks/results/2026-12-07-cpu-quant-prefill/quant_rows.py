@@ -4,8 +4,8 @@ Run once per build of gemforge.kernels._C to compare builds (processes alternati
     python benchmarks/results/2026-12-07-cpu-quant-prefill/quant_rows.py OUT.json [ROWS ...]
 """
 import json
+import os
 import sys
-import time
 
 import torch
 
@@ -13,15 +13,8 @@ from gemforge.kernels import _native
 from gemforge.kernels.linear import PackedWeight
 from gemforge.kernels.quant import quantize_int4, quantize_int8
 
-
-def best(f, n=5):
-    f()
-    b = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        b = min(b, time.perf_counter() - t)
-    return round(b * 1e3, 2)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "2026-11-27-cpu-quant-linear"))
+from ab_quant_cpu import best  # noqa: E402  (ms, best of 5 after one warm-up call)
 
 
 def main(out, rows):
