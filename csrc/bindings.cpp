@@ -82,13 +82,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bt_stride"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("block_size"),
         py::arg("max_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));
   m.def("w8a16_gemm", &gf::w8a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
-        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"),
+        py::arg("dtype"), py::arg("stream"));
   m.def("w4a16_gemm", &gf::w4a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
-        py::arg("max_ctas"), py::arg("dtype"), py::arg("stream"));
+        py::arg("max_ctas"), py::arg("prefetch"), py::arg("dtype"), py::arg("stream"));
   m.def("dense_gemv", &gf::dense_gemv, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("dtype"), py::arg("stream"));
+        py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"), py::arg("dtype"), py::arg("stream"));
 #else
   m.attr("WITH_CUDA") = false;
 #endif

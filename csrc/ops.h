@@ -34,13 +34,15 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
                       double scale, int dtype, int64_t stream);
 
 // y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu and docs/QUANT_FORMAT.md).
-// max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks).
+// max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks). prefetch: each
+// warp requests its next rows into L2 ahead (a variant the benchmarks time).
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t max_ctas, int dtype, int64_t stream);
+                int64_t N, int64_t K, int64_t max_ctas, bool prefetch, int dtype, int64_t stream);
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias,
-                int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype, int64_t stream);
+                int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, int dtype,
+                int64_t stream);
 // The same kernel over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
-                int dtype, int64_t stream);
+                bool prefetch, int dtype, int64_t stream);
 
 }  // namespace gf

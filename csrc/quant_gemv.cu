@@ -26,6 +26,7 @@ constexpr int kRowsPerWarp = 2;
 constexpr int kXPad = 4;                       // floats of padding after each chunk of x
 constexpr int kXSmemFloats = 48 * 1024 / 4;    // x tile budget
 constexpr float kMagic = 8388608.f;            // 2^23
+constexpr int kPrefetchBytes = 16 * 1024;      // per warp and row group, with `prefetch`
 
 // out[i] = (byte i of v) - zero, exactly: float(0x4B0000bb) = 2^23 + b, minus biased_zero = 2^23 + zero.
 __device__ __forceinline__ void bytes_minus(uint32_t v, float biased_zero, float (&out)[4]) {
@@ -42,6 +43,7 @@ struct ChunkMeta {
 template <typename T>
 struct Int8Format {
   static constexpr int kPerChunk = 16;
+  static constexpr int kMaxRows = 16;
   static constexpr int kUnrollSmallM = 4;  // chunks in flight per lane and row for M <= 4 (measured)
   const T* scales;
   __device__ Int8Format(const T* s, const T*, int, int) : scales(s) {}
@@ -67,6 +69,7 @@ struct Int8Format {
 template <typename T>
 struct Int4Format {
   static constexpr int kPerChunk = 32;
+  static constexpr int kMaxRows = 16;
   static constexpr int kUnrollSmallM = 2;  // more costs occupancy (registers), measured slower
   const T* scales;
   const T* zeros;  // nullptr: symmetric, zero point 8
@@ -105,6 +108,7 @@ template <typename T>
 struct DenseFormat {
   static constexpr int kPerChunk = 8;
   static constexpr int kUnrollSmallM = 4;
+  static constexpr int kMaxRows = 4;  // (serves one row; 16 would spill with the L2 prefetch)
   __device__ DenseFormat(const T*, const T*, int, int) {}
 
   __device__ __forceinline__ ChunkMeta meta(int64_t, int) const { return {}; }
@@ -149,7 +153,7 @@ template <typename T, int MT, class Fmt>
 __global__ void __launch_bounds__(kThreads)
 quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                   const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M,
-                  int N, int K, int group_size, int tile) {
+                  int N, int K, int group_size, int tile, bool prefetch) {
   constexpr int P = Fmt::kPerChunk, PS = P + kXPad;
   constexpr int kUnroll = MT <= 4 ? Fmt::kUnrollSmallM : 2;  // chunks per lane and row loaded before use
   extern __shared__ float xs[];  // [MT][tile * PS]
@@ -161,6 +165,12 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
   const int64_t groups = (int64_t{N} + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp);
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the CTA
     const int64_t row0 = (g * kWarps + warp) * kRowsPerWarp;
+    if (prefetch) {  // the warp's rows of its next group into L2 (up to kPrefetchBytes) while it works on these
+      const int64_t next0 = row0 + int64_t{gridDim.x} * kWarps * kRowsPerWarp;
+      const int64_t bytes = min(int64_t{kPrefetchBytes}, min(int64_t{kRowsPerWarp}, N - next0) * row_bytes);
+      for (int64_t i = int64_t{lane} * 128; i < bytes; i += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(qweight + next0 * row_bytes + i));
+    }
     float acc[kRowsPerWarp][MT] = {};
     for (int c0 = 0; c0 < chunks; c0 += tile) {
       const int nc = min(tile, chunks - c0);
@@ -213,10 +223,12 @@ int64_t resident_ctas(Kernel kernel, size_t smem) {
 
 // max_ctas: 0 keeps the CTAs the device holds at once when x fits one tile (else one per row
 // group); n > 0 caps the grid at n (tests force few CTAs, benchmarks one per row group).
+// prefetch: each warp requests its next row group's weights into L2 as it starts a group (a variant
+// the benchmarks time: with short rows, e.g. 7B gate_up int4 = 1.5 KB, a warp has little in flight).
 template <template <typename> class Format>
 void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros,
-                 int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype,
-                 int64_t stream) {
+                 int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch,
+                 int dtype, int64_t stream) {
   require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
   require(max_ctas >= 0, op, "max_ctas must be >= 0, got " + std::to_string(max_ctas));
   require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
@@ -225,6 +237,7 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
     using T = typename decltype(tag)::type;
     using Fmt = Format<T>;
     require(K % Fmt::kPerChunk == 0, op, "K must be a multiple of " + std::to_string(Fmt::kPerChunk));
+    require(M <= Fmt::kMaxRows, op, "M (rows of x) must be at most " + std::to_string(Fmt::kMaxRows));
     auto go = [&](auto mt) {
       constexpr int MT = decltype(mt)::value;
       const int tile = tile_chunks<Fmt>(MT, K);
@@ -235,13 +248,15 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
       else if (tile >= K / Fmt::kPerChunk) grid = std::min(grid, resident_ctas(kernel, smem));
       kernel<<<static_cast<unsigned>(grid), kThreads, smem, as_stream(stream)>>>(
           as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
-          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile);
+          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile, prefetch);
     };
     if (M == 1) go(std::integral_constant<int, 1>{});
     else if (M == 2) go(std::integral_constant<int, 2>{});
     else if (M <= 4) go(std::integral_constant<int, 4>{});
-    else if (M <= 8) go(std::integral_constant<int, 8>{});
-    else go(std::integral_constant<int, 16>{});
+    else if constexpr (Fmt::kMaxRows > 4) {
+      if (M <= 8) go(std::integral_constant<int, 8>{});
+      else go(std::integral_constant<int, 16>{});
+    }
   });
   check_launch(op);
 }
@@ -249,22 +264,22 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
 }  // namespace
 
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
-                int64_t K, int64_t max_ctas, int dtype, int64_t stream) {
-  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, max_ctas, dtype, stream);
+                int64_t K, int64_t max_ctas, bool prefetch, int dtype, int64_t stream) {
+  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, max_ctas, prefetch, dtype, stream);
 }
 
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, int dtype, int64_t stream) {
+                int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, int dtype, int64_t stream) {
   require(group_size == 32 || group_size == 64 || group_size == 128, "w4a16_gemm",
           "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
   require(K % group_size == 0, "w4a16_gemm", "K must be a multiple of group_size");
-  launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, dtype,
-                          stream);
+  launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, prefetch,
+                          dtype, stream);
 }
 
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
-                int dtype, int64_t stream) {
-  launch_gemv<DenseFormat>("dense_gemv", y, x, weight, 0, 0, bias, M, N, K, 0, max_ctas, dtype, stream);
+                bool prefetch, int dtype, int64_t stream) {
+  launch_gemv<DenseFormat>("dense_gemv", y, x, weight, 0, 0, bias, M, N, K, 0, max_ctas, prefetch, dtype, stream);
 }
 
 }  // namespace gf

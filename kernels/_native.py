@@ -405,10 +405,12 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- quantized linear
-def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0):
+def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0,
+                  prefetch: bool = False):
     """The CUDA GEMV (up to MAX_GEMV_ROWS rows; more go to Triton) or the C++ CPU kernel (bf16 x, K a
     multiple of 32; anything else goes to torch). max_ctas (CUDA): 0 lets the kernel size its grid;
-    n > 0 caps it at n CTAs (tests, benchmarks)."""
+    n > 0 caps it at n CTAs (tests, benchmarks); prefetch (CUDA): each warp requests its next rows'
+    weights into L2 as it starts a row group (a variant the benchmarks time, off by default)."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
@@ -453,17 +455,17 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
                                         0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size)
     elif fmt == "int8":
         _ext().w8a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k,
-                          max_ctas, _DTYPE_CODES[x.dtype], _stream(x))
+                          max_ctas, prefetch, _DTYPE_CODES[x.dtype], _stream(x))
     else:
         _ext().w4a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, max_ctas,
+                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, max_ctas, prefetch,
                           _DTYPE_CODES[x.dtype], _stream(x))
     return y
 
 
 @register("linear", "cuda")
 def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                max_ctas: int = 0) -> torch.Tensor:
+                max_ctas: int = 0, prefetch: bool = False) -> torch.Tensor:
     """Dense x [..., K] @ weight [N, K]^T (+ b) in fp16/bf16, up to MAX_GEMV_ROWS rows, K a multiple of
     8: the quantized GEMV's kernel over the plain weight (csrc/quant_gemv.cu, DenseFormat); anything
     else: torch (cuBLAS), which also stays "auto"'s choice until the GPU suite has timed the two
@@ -485,7 +487,7 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows and n:
         _ext().dense_gemv(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows,
-                          n, k, max_ctas, _DTYPE_CODES[x.dtype], _stream(x))
+                          n, k, max_ctas, prefetch, _DTYPE_CODES[x.dtype], _stream(x))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -494,13 +496,15 @@ prefer("linear", "torch", "cuda")
 
 
 @register("linear_int8", "cuda")
-def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0) -> torch.Tensor:
-    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas)
+def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
+                     prefetch: bool = False) -> torch.Tensor:
+    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch)
 
 
 @register("linear_int4", "cuda")
-def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0) -> torch.Tensor:
-    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas)
+def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
+                     prefetch: bool = False) -> torch.Tensor:
+    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch)
 
 
 @register("linear_int8", "cpu")

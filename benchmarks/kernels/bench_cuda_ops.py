@@ -143,6 +143,7 @@ def test_linear_quant(benchmark, shape, fmt):
     fns = impls(f"linear_{fmt}", *args)
     flat = select(f"linear_{fmt}", "cuda", DEV)  # one CTA per 16 rows, x staged by each (the grid before)
     fns["cuda_cta_per_rows"] = lambda: flat(*args, max_ctas=2**31 - 1)
+    fns["cuda_prefetch"] = lambda: flat(*args, prefetch=True)  # next rows into L2 ahead
     fns["cublas_bf16"] = lambda: F.linear(x, w)
     fns[f"torch_{fmt}"] = _torch_int8_peer(x, qw) if fmt == "int8" else _torch_int4_peer(x, n, k, 128)
     parts = [t for t in (qw.qweight, qw.scales, qw.zeros, x) if t is not None]
@@ -160,6 +161,6 @@ def test_linear_dense(benchmark, shape):
     w = torch.randn(n, k, device=DEV, dtype=DTYPE)
     x = torch.randn(1, k, device=DEV, dtype=DTYPE)
     ours = select("linear", "cuda", DEV)
-    compare(benchmark, {"cuda": lambda: ours(x, w), "cublas": lambda: F.linear(x, w)},
-            nbytes(w, x) + n * x.element_size())
+    compare(benchmark, {"cuda": lambda: ours(x, w), "cuda_prefetch": lambda: ours(x, w, prefetch=True),
+                        "cublas": lambda: F.linear(x, w)}, nbytes(w, x) + n * x.element_size())
 

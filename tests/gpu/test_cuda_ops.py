@@ -225,16 +225,18 @@ def test_linear_int4(nan_empty, dtype, m, nk, group, symmetric):
 @pytest.mark.parametrize("fmt", ("int8", "int4"))
 @pytest.mark.parametrize("with_bias", (False, True))
 @pytest.mark.parametrize("nk_ctas", (((257, 768), 3), ((96, 24576), 2), ((8209, 1024), 0), ((2051, 3072), 1)))
-def test_linear_quant_grid_stride(nan_empty, fmt, with_bias, nk_ctas):
+@pytest.mark.parametrize("prefetch", (False, True))
+def test_linear_quant_grid_stride(nan_empty, fmt, with_bias, nk_ctas, prefetch):
     """Few CTAs looping over many row groups: x staged once (one tile) or per tile (K = 24576), the
     device-sized grid on a tall weight, and a single CTA doing every row (one row of x: the CUDA GEMV's
-    case, MAX_GEMV_ROWS; more rows go to the Triton GEMM)."""
+    case, MAX_GEMV_ROWS; more rows go to the Triton GEMM); with and without the L2 prefetch of the
+    next row group (up to and past the last row)."""
     (n, k), max_ctas = nk_ctas
     w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 64, symmetric=False)
     x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
     _check_linear(fmt, qw, x, torch.randn(n, device=DEV, dtype=torch.bfloat16) if with_bias else None,
-                  max_ctas=max_ctas)
+                  max_ctas=max_ctas, prefetch=prefetch)
 
 
 @pytest.mark.parametrize("fmt", ("int8", "int4"))
@@ -256,7 +258,7 @@ def test_linear_dense(nan_empty, dtype, nk_ctas, with_bias):
     w = torch.randn(n, k, device=DEV).to(dtype) * 0.05
     x = torch.randn(1, k, device=DEV).to(dtype)
     bias = torch.randn(n, device=DEV).to(dtype) if with_bias else None
-    out = cuda("linear")(x, w, bias, max_ctas=max_ctas)
+    out = cuda("linear")(x, w, bias, max_ctas=max_ctas, prefetch=max_ctas == 3)
     r32 = ref("linear")(x.float(), w.float(), None if bias is None else bias.float())
     assert_close(out, r32, ref("linear")(x, w, bias), what=f"dense gemv {(n, k)} ctas {max_ctas}")
 
