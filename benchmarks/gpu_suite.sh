@@ -15,6 +15,7 @@ OUT=${1:?usage: gpu_suite.sh OUTDIR [PACKDIR]}
 PACK=${2:-}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "$PACK" ]; then mkdir -p "$PACK" && PACK=$(cd "$PACK" && pwd); fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 export ROOT PY  # (functions run by part see them)
@@ -22,8 +23,10 @@ LOG="$OUT/suite.log"
 STATUS="$OUT/status.txt"
 : > "$STATUS"
 export PYTHONUNBUFFERED=1
-# pytest runs below get PYTHONSAFEPATH=1: `python -m` puts the working directory first on sys.path, and
-# from the repository root its kernels/ folder would shadow the `kernels` package transformers imports.
+# Everything runs from OUTDIR, every path below absolute: `python -m` puts the working directory first
+# on sys.path, and from the repository root its kernels/ folder would shadow the `kernels` package that
+# transformers imports (PYTHONSAFEPATH=1 on the pytest runs says the same to Python 3.11 and newer).
+cd "$OUT" || exit 1
 
 # Import gemforge from this checkout without installing: gemforge/{kernels,engine} -> the folders.
 SHIM=$(mktemp -d)
