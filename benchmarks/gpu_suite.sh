@@ -23,9 +23,9 @@ LOG="$OUT/suite.log"
 STATUS="$OUT/status.txt"
 : > "$STATUS"
 export PYTHONUNBUFFERED=1
-# Everything runs from OUTDIR, every path below absolute: `python -m` puts the working directory first
-# on sys.path, and from the repository root its kernels/ folder would shadow the `kernels` package that
-# transformers imports (PYTHONSAFEPATH=1 on the pytest runs says the same to Python 3.11 and newer).
+# Everything runs from OUTDIR, every path below absolute: `python -m` and `-c` put the working directory
+# first on sys.path, and from the repository root its kernels/ folder would shadow the `kernels` package
+# that transformers imports.
 cd "$OUT" || exit 1
 
 # Import gemforge from this checkout without installing: gemforge/{kernels,engine} -> the folders.
@@ -82,7 +82,7 @@ BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps
 # compile-time checks of tests/kernels run in CI against CI's nvcc and Triton: here they would only add
 # minutes, or fail on another nvcc's register choices. Up to 10 failures are reported before it stops.
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-part tests 120 env PYTHONSAFEPATH=1 $PY -m pytest -v --tb=short --maxfail=10 $XDIST --timeout=120 -p no:cacheprovider \
+part tests 120 $PY -m pytest -v --tb=short --maxfail=10 $XDIST --timeout=120 -p no:cacheprovider \
   "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
   --ignore="$ROOT/tests/kernels/test_triton_compile.py" --ignore="$ROOT/tests/kernels/test_cuda_resources.py" \
   --junitxml="$OUT/tests.xml" 2>/dev/null || true
@@ -106,9 +106,9 @@ part decode_quant 120 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models cod
 # torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them.
 export GEMFORGE_BENCH_COMPILE=${SUITE_COMPILE_PEERS:-0}
 BENCH_ARGS="-q -p no:cacheprovider --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05"
-GEMFORGE_BENCH_LOG="$OUT/kernels-cuda.jsonl" part kernel_cuda 60 env PYTHONSAFEPATH=1 $PY -m pytest $BENCH_ARGS \
+GEMFORGE_BENCH_LOG="$OUT/kernels-cuda.jsonl" part kernel_cuda 60 $PY -m pytest $BENCH_ARGS \
   "$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-cuda.json"
-GEMFORGE_BENCH_LOG="$OUT/kernels-triton.jsonl" part kernel_triton 75 env PYTHONSAFEPATH=1 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels" \
+GEMFORGE_BENCH_LOG="$OUT/kernels-triton.jsonl" part kernel_triton 75 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels" \
   --ignore="$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-triton.json"
 
 part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$ROOT/models/nano-codegemma" \

@@ -126,9 +126,10 @@ def _bench(args) -> int:
     results = {}
     for name, argv in tqdm(parts, desc="gemforge bench", unit="part"):
         if name == "kernels":
+            safe = {**os.environ, "PYTHONSAFEPATH": "1"}  # (see the Makefile's test target)
             rc = subprocess.call([sys.executable, "-m", "pytest", "-q", str(bench_dir / "kernels"), "--benchmark-only",
                                   f"--benchmark-json={out / 'kernels.json'}", "-p", "no:cacheprovider"],
-                                 stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONSAFEPATH": "1"})  # (see the Makefile's test)
+                                 stdout=subprocess.DEVNULL, env=safe)
             results[name] = "ok" if rc == 0 else f"failed (pytest exit {rc})"
             continue
         results[name] = module(bench_dir / "engine" / f"bench_{name}.py").main(argv + ["--out", str(out / f"{name}.json")])

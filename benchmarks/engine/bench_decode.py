@@ -120,7 +120,8 @@ def prefilled(model: GemmaModel, batch: int, prompt_len: int, total: int, cuda_g
 def profile_decode(model: GemmaModel, batch: int, prompt_len: int, steps: int = 4, top: int = 10) -> dict:
     """Where an eager decode step's time goes: the `top` kernels by device time per step (on a CPU, the
     ops by CPU time), with calls per step and share of the step's busy time, beside the step's wall
-    time, busy time and count of kernels. Eager, so that each kernel shows as itself (a graph replays the same ones)."""
+    time, busy time and count of kernels. Eager, so that each kernel shows as itself (a graph replays
+    the same ones)."""
     from torch.profiler import ProfilerActivity, profile
 
     runner, cache, last = prefilled(model, batch, prompt_len, prompt_len + steps + 2, cuda_graphs=False)

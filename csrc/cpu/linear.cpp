@@ -30,6 +30,19 @@ namespace gf::cpu {
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16Dot = true;
 
+constexpr int64_t kBlockRows = 120;   // rows of x per block (a multiple of both tile heights)
+
+// Tile heights 1..6 for NB blocks (1..2 for 8); 24 accumulators + NB weights + 1 broadcast fit 32 registers.
+template <int NB, bool kGeglu>
+static void tile_rows(int rows, bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
+                      int64_t N, int64_t K, int64_t panel, int64_t up, Slice s) {
+  with_int(rows, [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    if constexpr (NB <= 4 || MR <= 2) tile<MR, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
+    else throw std::logic_error("linear: no tile of " + std::to_string(rows) + " rows");
+  });
+}
+
 // Blocks of x rows; within one, each thread takes groups of NB weight blocks and, per K slice, runs
 // every tile of the block over that group. y has N columns (kGeglu: N = the gate width, and the
 // weight 2N rows: N / 16 gate blocks, then as many up blocks).

@@ -10,11 +10,26 @@
 #include <immintrin.h>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace gf::cpu {
 
-constexpr int64_t kBlockRows = 120;   // rows of x per block (a multiple of both tile heights)
 constexpr int64_t kSliceK = 1024;     // elements of K per slice (even)
+
+// f(std::integral_constant<int, v>{}) for v = n in [1, 6]: a tile height (or width in blocks) as a
+// compile-time constant.
+template <class F>
+void with_int(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+  }
+  throw std::logic_error("linear: no tile of " + std::to_string(n));
+}
 
 // x[k], x[k + 1] as one 32-bit lane pattern, broadcast; (x[k], 0) when k is the last element.
 inline __m512bh pair_at(const bf16* x, int64_t k, bool half) {
@@ -59,7 +74,9 @@ inline __m512 bias_at(const bf16* bias, int64_t n, __mmask16 mask) {
 
 // VCVTNEPS2BF16 rounds to nearest even in one instruction (5-6% of a prefill-sized GEMM against
 // to_bf16_rne, ad-hoc timing); unlike torch it flushes results below 2^-126 to zero
-inline void store_bf16(bf16* y, __mmask16 mask, __m512 v) { _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v)); }
+inline void store_bf16(bf16* y, __mmask16 mask, __m512 v) {
+  _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
 
 // One MR x (16 NB) tile over one K slice. x: the tile's first row (row stride K); wp: its first
 // block, blocks `panel` uint32 apart; part: the tile's fp32 partial sums between slices. Plain: y
@@ -139,25 +156,6 @@ inline void tile_grouped(bf16* y, const bf16* x, const uint32_t* wp, const bf16*
       }
     }
   }
-}
-
-// Tile heights 1..6 for NB blocks; 24 accumulators + NB weights + 1 broadcast fit 32 registers.
-template <int NB, bool kGeglu>
-inline void tile_rows(int rows, bf16* y, const bf16* x, const uint32_t* wp, const bf16* bias, float* part, int64_t n0,
-                      int64_t N, int64_t K, int64_t panel, int64_t up, Slice s) {
-  switch (rows) {
-    case 1: return tile<1, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-    case 2: return tile<2, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-  }
-  if constexpr (NB <= 4) {
-    switch (rows) {
-      case 3: return tile<3, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-      case 4: return tile<4, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-      case 5: return tile<5, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-      case 6: return tile<6, NB, kGeglu>(y, x, wp, bias, part, n0, N, K, panel, up, s);
-    }
-  }
-  throw std::logic_error("linear: no tile of " + std::to_string(rows) + " rows");
 }
 
 }  // namespace gf::cpu

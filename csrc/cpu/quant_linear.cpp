@@ -13,16 +13,15 @@
 // rows of 1-2 KB cross every few rows (one-row CodeGemma-2B gate_up, int4: 2.16 -> 0.84 ms).
 // From Fmt::kPackedRows rows of x on (prefill; int8 32, int4 12), converting each weight vector once
 // per pass of R rows costs more than the dot products it serves, so the weight is converted instead,
-// one slice of K for 4 blocks of 16 rows at a time, into the packed bf16 layout of the dense linear (a 16 x 16 transpose
-// of the converted k-pairs), and the dense linear's tiles (packed_tile.h) run every row of x over it:
-// each weight element is converted once per call. int8 applies its per-row scales in the tiles'
+// one slice of K for 4 blocks of 16 rows at a time, into the packed bf16 layout of the dense linear
+// (a 16 x 16 transpose of the converted k-pairs), and the dense linear's tiles (packed_tile.h) run
+// every row of x over it: each weight element is converted once per call. int8 applies its per-row scales in the tiles'
 // epilogue; int4 keeps the codes 128 + q and applies each group's scale and zero-point correction
 // after the group's dot products (tile_grouped): both exact, as above. Built where the compiler
 // targets AVX512-BF16 (kHasBf16Dot); elsewhere the op stays with torch.
 #include "common.h"
 #include "ops.h"
 
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -181,20 +180,6 @@ void run(const Args& a) {
 constexpr int kNB = 4;               // blocks of 16 weight rows per conversion (one tile's width)
 constexpr int kTileRows = 6;
 
-// f(std::integral_constant<int, v>{}) for v = n in [1, 6].
-template <class F>
-void with_int(int64_t n, F&& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-  }
-  throw std::logic_error("linear_quant: no tile of " + std::to_string(n));
-}
-
 // r[i] lane j -> r[j] lane i, for 16 vectors of 16 32-bit lanes.
 inline void transpose16(__m512i (&r)[16]) {
   __m512i t[16];
@@ -226,7 +211,8 @@ template <class Fmt>
 void convert_block(uint32_t* out, const Args& a, int64_t b, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; k += 32) {
     __m512i r[16];
-    for (int c = 0; c < 16; ++c) r[c] = 16 * b + c < a.N ? (__m512i)Fmt::codes(a, 16 * b + c, k) : _mm512_setzero_si512();
+    for (int c = 0; c < 16; ++c)
+      r[c] = 16 * b + c < a.N ? (__m512i)Fmt::codes(a, 16 * b + c, k) : _mm512_setzero_si512();
     transpose16(r);  // r[c] held column c's pairs p = 0..15; now r[p] holds pair p of the 16 columns
     for (int p = 0; p < 16; ++p) _mm512_storeu_si512(out + ((k - k0) / 2 + p) * 16, r[p]);
   }
@@ -240,7 +226,9 @@ struct Int8 {
   template <int R, int C>
   static void call(const Args& a, int64_t m0, int64_t n) { int8_rows<R, C>(a, m0, n); }
   static int64_t slice(const Args&) { return kSliceK; }
-  static __m512bh codes(const Args& a, int64_t n, int64_t k) { return int8_codes(static_cast<const int8_t*>(a.q) + n * a.K + k); }
+  static __m512bh codes(const Args& a, int64_t n, int64_t k) {
+    return int8_codes(static_cast<const int8_t*>(a.q) + n * a.K + k);
+  }
   // Columns n0 .. n0 + 16 nb: per-column scales (0 past N).
   static void scales(const Args& a, float* sc, float*, int64_t n0, int nb, int64_t, int64_t) {
     for (int64_t c = 0; c < 16 * nb; ++c) sc[c] = n0 + c < a.N ? to_float(a.scales[n0 + c]) : 0.0f;
@@ -267,9 +255,9 @@ struct Int4 {
     for (int64_t gi = 0, g = k0 / a.group; g < k1 / a.group; ++gi, ++g)
       for (int64_t c = 0; c < 16 * nb; ++c) {
         const int64_t n = n0 + c, at = n * groups + g;
-        const float sv = n < a.N ? to_float(a.scales[at]) : 0.0f;
-        sc[gi * width + c] = sv;
-        sh[gi * width + c] = n < a.N ? sv * (128.0f + (a.zeros ? to_float(a.zeros[at]) : 8.0f)) : 0.0f;
+        const bool real = n < a.N;
+        sc[gi * width + c] = real ? to_float(a.scales[at]) : 0.0f;
+        sh[gi * width + c] = real ? sc[gi * width + c] * (128.0f + (a.zeros ? to_float(a.zeros[at]) : 8.0f)) : 0.0f;
       }
   }
   template <int MR, int NB>

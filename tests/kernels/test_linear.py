@@ -56,11 +56,13 @@ def test_triton_quant_matmul(fmt, m, dtype, device, gen, nan_empty):
 
 @pytest.mark.parametrize("config", [TileConfig(16, 32, 64, 4, 2, split_k=3), TileConfig(32, 16, 32, 4, 2, split_k=2)])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_triton_split_k_and_tiles(fmt, config, device, gen, nan_empty):
-    """Explicit tile shapes and K split in uneven parts (int8: K = 200 leaves a ragged last K tile);
-    the fp32 partials' workspace is NaN-filled too."""
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_triton_split_k_and_tiles(fmt, config, with_bias, device, gen, nan_empty):
+    """Explicit tile shapes and K split in uneven parts (int8: K = 200 leaves a ragged last K tile),
+    the partials summed (and biased) by the split-sum kernel; the fp32 partials' workspace is
+    NaN-filled too."""
     m, n, k = 5, 37, 200 if fmt == "int8" else 384
-    x, qw, b, ref32 = _problem(fmt, m, n, k, torch.float16, device, gen)
+    x, qw, b, ref32 = _problem(fmt, m, n, k, torch.float16, device, gen, bias=with_bias)
     y = quant_matmul_triton(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, b, config=config)
     assert_close(y.cpu(), ref32, linear(x, qw, b, backend="torch").cpu(), what=f"{fmt} {config}")
 
@@ -241,10 +243,11 @@ def test_cpu_quant_linear(fmt, rows, n, k, with_bias, gen, nan_empty):
 @pytest.mark.parametrize("n,k,with_bias", [(1, 256, True), (97, 1280, False), (200, 2048, True)])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cpu_quant_linear_many_rows(fmt, rows, n, k, with_bias, gen, nan_empty):
-    """From 32 rows of x (int4: 12) the C++ linear converts the weight into the packed bf16 layout, a K
-    slice of 4 blocks of 16 weight rows at a time, and runs the dense tiles over it: tiles of 1-6 rows, groups
-    of 1-4 blocks (97 and 200 rows leave 3 and 1), a weight row count short of a block, K in one
-    slice, in a full and a partial one (1280), in two; int4 groups of 32-128, symmetric and not."""
+    """From 32 rows of x (int4: 12) the C++ linear converts the weight into the packed bf16 layout, a
+    K slice of 4 blocks of 16 weight rows at a time, and runs the dense tiles over it: tiles of 1-6
+    rows, groups of 1-4 blocks (97 and 200 rows leave 3 and 1), a weight row count short of a block,
+    K in one slice, in a full and a partial one (1280), in two; int4 groups of 32-128, symmetric and
+    not."""
     x, qw, b, ref32 = _problem(fmt, rows, n, k, torch.bfloat16, "cpu", gen, bias=with_bias)
     got = linear(x, qw, b, backend="cpu")
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16

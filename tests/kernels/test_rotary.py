@@ -63,7 +63,7 @@ def test_rotary_write_kv(tokens, hq, hk, d, page, dtype, kernel):
     positions = torch.randint(0, 8192, (tokens,), generator=g).to(kernel.device)
     blocks = tokens // page + 3
     slots = torch.randperm(blocks * page, generator=g)[:tokens]
-    slots[::4] = -1  # a padding token of a CUDA-graph batch
+    slots[1::4] = -1  # padding tokens of a CUDA-graph batch (token 0 is written: the one-token case too)
     slots = slots.to(kernel.device)
     k_cache, v_cache = (poison(torch.empty(blocks, page, hk, d, dtype=dtype, device=kernel.device)) for _ in range(2))
     q32, k32 = q.float(), k.float()
