@@ -117,6 +117,11 @@ part throughput 60 $PY "$ROOT/benchmarks/engine/bench_throughput.py" --model "$R
 part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/models/nano-codegemma" \
   --lengths 512 2000 --out "$OUT/prefill.json"
 
+# The attention kernel's tile table against a sweep of tiles and split-K partitions on the CodeGemma shapes
+# (each config's output checked): what to change in kernels/attention.py's table.
+part sweep_attention 150 $PY "$ROOT/benchmarks/kernels/sweep_attention.py" "$OUT/sweep_attention.jsonl" \
+  --bandwidth-GBps "$BW"
+
 # HF's best configuration: its decode step compiled (static cache), at batch 1, beside gemforge measured again
 # in the same process. Compiling takes minutes a shape: last, on what the budget leaves, or alone by SUITE_ONLY.
 part decode_hf_compiled 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \

@@ -144,6 +144,13 @@ def main(outdir: str) -> None:
         if staggered:  # requests joining a running batch: steps that mix prompt chunks with decode tokens
             parts.append(table(staggered, ["workload", "gemforge_tok_s", "eager_mixed_tok_s",
                                            "ragged_graph_speedup", "cuda_graphs"]) + "\n")
+    sweep = d / "sweep_attention.jsonl"
+    if sweep.exists():  # per case: the tile table's config against the best of the sweep
+        rows = [json.loads(line) for line in sweep.read_text().splitlines() if line.strip()]
+        parts.append("## Attention tile sweep (Triton; the table's config vs the sweep's best)\n")
+        parts.append(table([r for r in rows if r.get("summary")],
+                           ["model", "seqs", "new_tokens", "context", "table_us", "best_us", "table_over_best", "best",
+                            "sdpa_us", "wrong", "failed"]) + "\n")
     for stem in sorted({p.stem for p in d.glob("kernels*.json*")}):  # kernels-cuda, kernels-triton
         kern, name, lines = load(d / f"{stem}.json"), f"{stem}.json", d / f"{stem}.jsonl"
         if kern:

@@ -401,9 +401,35 @@ if triton is not None:
         per_part = meta.num_seqs * kv_heads
         return max(1, min(MAX_PARTS, 2 * _num_sms(device) // per_part, triton.cdiv(meta.max_context_len, block_n)))
 
+    TUNABLE = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "parts")
+
+    def _tuned(cfg: dict, config: dict, group: int, prefill: bool) -> tuple[dict, int | None]:
+        """The tile table's `cfg` with the caller's overrides (keys of TUNABLE; BLOCK_M, whose rows are
+        QT tokens x G heads, only where queries have several tokens; `parts`, the split-K partitions,
+        used where every sequence fits one tile), and the partitions asked for (None: _num_partitions)."""
+        bad = sorted(set(config) - set(TUNABLE))
+        if bad:
+            raise ValueError(f"attention: unknown config keys {bad}; tunable: {list(TUNABLE)}")
+        pow2 = lambda v: isinstance(v, int) and v >= 16 and v & (v - 1) == 0  # noqa: E731
+        for key in ("BLOCK_M", "BLOCK_N"):
+            if key in config and not pow2(config[key]):
+                raise ValueError(f"attention: config {key} must be a power of two >= 16, got {config[key]}")
+        if "BLOCK_M" in config and (not prefill or config["BLOCK_M"] < group):
+            raise ValueError(f"attention: config BLOCK_M={config['BLOCK_M']} applies to prefill tiles of at least "
+                             f"the {group} query heads of a KV head")
+        parts = config.get("parts")
+        if parts is not None and (not isinstance(parts, int) or not 1 <= parts <= MAX_PARTS):
+            raise ValueError(f"attention: config parts={parts} must be an int in [1, {MAX_PARTS}]")
+        cfg = {**cfg, **{k: v for k, v in config.items() if k != "parts"}}
+        if "BLOCK_M" in config:
+            cfg["QT"] = config["BLOCK_M"] // group
+        return cfg, parts
+
     @register("attention", "triton")
-    def attention_triton(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    def attention_triton(q, k_cache, v_cache, meta: AttnMetadata, scale: float, *,
+                         config: dict | None = None) -> torch.Tensor:
         """Flash attention over the paged cache, grid (query tiles, KV heads, context partitions).
+        `config` overrides the tile table (TUNABLE keys; benchmarks/kernels/sweep_attention.py).
 
         Prefill/varlen: each sequence's tokens in tiles of QT tokens x G heads, a tile's sequence found
         in-kernel from cu_seqlens_q. When every sequence fits one tile (decode, verify windows) the tile is
@@ -420,10 +446,13 @@ if triton is not None:
             raise ValueError("attention: k_cache and v_cache must share a layout with a contiguous head_dim")
         group = num_heads // kv_heads
         cfg = _attn_config(head_dim, group, meta.max_query_len, q.element_size())
+        parts = None
+        if config:
+            cfg, parts = _tuned(cfg, config, group, meta.max_query_len > 1)
         qt = cfg.pop("QT")
         one_tile = meta.max_query_len <= qt
         num_tiles = meta.num_seqs if one_tile else num_tokens // qt + meta.num_seqs
-        num_parts = _num_partitions(meta, kv_heads, cfg["BLOCK_N"], q.device) if one_tile else 1
+        num_parts = (parts or _num_partitions(meta, kv_heads, cfg["BLOCK_N"], q.device)) if one_tile else 1
         split = num_parts > 1
         if split:
             part_acc = torch.empty((num_tokens, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)

@@ -145,6 +145,35 @@ def test_verify_windows_split_k(kernel, nan_empty, big_gpu):
         assert _num_partitions(meta, 1, _attn_config(16, 8, 5)["BLOCK_N"], torch.device(kernel.device)) > 1
 
 
+# what benchmarks/kernels/sweep_attention.py may choose: each must compute the same attention
+CONFIGS = [dict(BLOCK_N=16, parts=1), dict(BLOCK_N=32, parts=3, num_warps=4, num_stages=3), dict(BLOCK_N=128, parts=64),
+           dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=32, BLOCK_N=128, num_stages=1), dict(BLOCK_M=128, BLOCK_N=32)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("heads", ["mha", "mqa"])
+def test_tuned_configs(heads, config, device, nan_empty):
+    """The tile table overridden: key tiles of 16-128, query tiles of 16-128 rows (BLOCK_M only where
+    queries have several tokens), 1 to 64 split-K partitions, over decode, verify and prefill batches."""
+    hq, hk = HEADS[heads]
+    decode = "BLOCK_M" not in config
+    seqs = [(1, 300), (3, 70), (1, 1), (1, 33)] if decode else [(70, 90), (1, 40), (17, 17), (5, 45)]
+    q, k_cache, v_cache, meta = make_batch(seqs, hq, hk, 32, 16, torch.bfloat16, device, seed=7)
+    out = attention_triton(q, k_cache, v_cache, meta, 32 ** -0.5, config=config)
+    ref32 = attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, 32 ** -0.5)
+    assert_close(out, ref32, attention_ref(q, k_cache, v_cache, meta, 32 ** -0.5), what=str(config))
+
+
+@pytest.mark.parametrize("config,why", [
+    (dict(BLOCK_K=64), "unknown config keys"), (dict(BLOCK_N=48), "BLOCK_N must be a power of two"),
+    (dict(BLOCK_M=16), "BLOCK_M=16 applies to prefill"), (dict(parts=0), "parts=0 must be an int in"),
+    (dict(parts=65), "parts=65")])
+def test_tuned_config_errors(config, why, device):
+    q, k_cache, v_cache, meta = make_batch([(1, 20)], 8, 1, 32, 16, torch.bfloat16, device, seed=8)
+    with pytest.raises(ValueError, match=why):
+        attention_triton(q, k_cache, v_cache, meta, 1.0, config=config)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_head_dim_256_mqa(dtype, kernel, nan_empty):
     """The CodeGemma-2B shape: 8 query heads on one KV head of 256 dims (fp32 takes 32-key tiles, so
