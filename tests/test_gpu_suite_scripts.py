@@ -164,24 +164,28 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
 
 def test_attention_sweep_runs_on_cpu(tmp_path, monkeypatch):
     """sweep_attention.py on the nano shapes (the interpreter): every config's output checked against
-    the tile table's, a wrong one reported as such and never picked as the best; the summary's table."""
+    the tile table's, a wrong or failing one reported as such and never picked as the best; the summary's table."""
     sweep = load(BENCH / "kernels" / "sweep_attention.py")
     attn = sweep.select("attention", "triton", "cpu")
 
-    def off_when_32(q, k, v, meta, scale, config=None):  # a config that computes the wrong thing
+    def off_when_32(q, k, v, meta, scale, config=None):  # a config that computes the wrong thing, one that fails
+        if config and config.get("parts") == 4:
+            raise RuntimeError("out of resources")
         out = attn(q, k, v, meta, scale, config=config)
         return out + 1 if config and config.get("BLOCK_N") == 32 else out
     monkeypatch.setattr(sweep, "select", lambda *a: off_when_32)
     out = tmp_path / "sweep_attention.jsonl"
     summaries = sweep.main([str(out)])
     assert [(s["model"], s["new_tokens"]) for s in summaries] == [("nano-draft", 1), ("nano", 40)]
+    assert [c["parts"] for c in summaries[0]["failed"]] == [4] and not summaries[1]["failed"]
     for s in summaries:
-        assert not s["failed"] and s["best_us"] > 0 and s["best"] not in s["wrong"], s
+        assert s["best_us"] > 0 and s["best"] not in s["wrong"] + s["failed"], s
         assert [c for c in s["wrong"] if c.get("BLOCK_N") == 32] and all(c.get("BLOCK_N") == 32 for c in s["wrong"]), s
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     decode_parts = [r["config"]["parts"] for r in rows if isinstance(r.get("config"), dict) and "parts" in r["config"]]
     assert decode_parts == list(sweep.PARTS)
-    assert all(r["us"] > 0 for r in rows if not r.get("summary"))
+    assert all(r["us"] > 0 for r in rows if not r.get("summary") and "error" not in r)
+    assert [r["error"] for r in rows if "error" in r] == ["RuntimeError: out of resources"]
     load(BENCH / "summarize.py").main(str(tmp_path))  # the suite's summary has a row per case
     section = (tmp_path / "summary.md").read_text().split("## Attention tile sweep")[1]
     assert section.count("| nano-draft |") == 1 and section.count("| nano |") == 1, section

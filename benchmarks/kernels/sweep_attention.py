@@ -77,14 +77,14 @@ def sweep_case(model: str, seqs: int, n: int, ctx: int, configs: list[dict], ban
             t = seconds(lambda: attn(q, k_cache, v_cache, meta, scale, config=config))
         except Exception as e:  # noqa: BLE001  (a tile that does not fit: recorded, the sweep goes on)
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:200]
-            return row
-        row["us"] = round(t * 1e6, 2)
-        if n == 1:
-            row["GBps"] = round((kv_bytes + 2 * q.numel() * q.element_size()) / t / 1e9, 1)
-            if bandwidth:
-                row["fraction_of_bandwidth"] = round(row["GBps"] / bandwidth, 3)
         else:
-            row["TFLOPs"] = round(flops / t / 1e12, 1)
+            row["us"] = round(t * 1e6, 2)
+            if n == 1:
+                row["GBps"] = round((kv_bytes + 2 * q.numel() * q.element_size()) / t / 1e9, 1)
+                if bandwidth:
+                    row["fraction_of_bandwidth"] = round(row["GBps"] / bandwidth, 3)
+            else:
+                row["TFLOPs"] = round(flops / t / 1e12, 1)
         out.write(json.dumps(row) + "\n")
         out.flush()
         return row
