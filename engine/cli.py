@@ -43,7 +43,8 @@ def serve_config(args):
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
                         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                         quantization=args.quantization, draft_model=args.draft_model,
-                        draft_quantization=args.draft_quantization, num_speculative_tokens=args.num_speculative_tokens,
+                        draft_quantization=args.draft_quantization, draft_vocab_size=args.draft_vocab_size,
+                        draft_vocab_corpus=args.draft_vocab_corpus, num_speculative_tokens=args.num_speculative_tokens,
                         enable_prefix_caching=args.enable_prefix_caching, cuda_graphs=args.cuda_graphs,
                         warmup=args.warmup, async_scheduling=args.async_scheduling)
 
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-model", default=None, help=DRAFT_HELP)
     s.add_argument("--draft-quantization", default=None, choices=["int8", "int4"],
                    help="quantize the draft model while loading (its LM head too)")
+    s.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="the draft proposes only among this many tokens, its LM head cut to them (default: all)")
+    s.add_argument("--draft-vocab-corpus", default=None,
+                   help="a text file or directory whose most frequent tokens those are (default: the tokenizer's "
+                        "scores)")
     s.add_argument("--num-speculative-tokens", type=int, default=4)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of prompt prefixes seen before (default: on)")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .errors import RequestError
 from .kv_cache import KVCache
 from .model import GemmaModel
 from .runner import ModelRunner, WorkItem
@@ -43,6 +46,53 @@ class Proposal:
         return out
 
 
+CORPUS_CHARS = 64 << 20  # draft_vocabulary reads at most about this many characters of a corpus
+
+
+def corpus_counts(tokenizer, corpus: str | Path) -> Counter:
+    """How often each token occurs in the text of `corpus` (a file, or every file below a directory, in
+    name order, until CORPUS_CHARS are read; files that are not UTF-8 text are skipped)."""
+    root = Path(corpus)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if not files:
+        raise RequestError(f"draft_vocab_corpus {corpus}: no such file or directory", field="draft_vocab_corpus")
+    counts, read = Counter(), 0
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        counts.update(tokenizer.encode(text, add_bos=False))
+        read += len(text)
+        if read >= CORPUS_CHARS:
+            break
+    if not counts:
+        raise RequestError(f"draft_vocab_corpus {corpus}: no UTF-8 text found", field="draft_vocab_corpus")
+    return counts
+
+
+def draft_vocabulary(tokenizer, size: int, corpus: str | Path | None = None) -> list[int]:
+    """The `size` token ids a pruned draft head keeps, ascending: control, unknown, byte and
+    user-defined pieces first; then, with a `corpus`, the tokens it holds most often (corpus_counts);
+    without one, single characters (the units every other piece is made of; BPE lists them last,
+    whatever their frequency), then the other pieces by score (sentencepiece scores BPE merges by
+    their order, unigram pieces by log-probability: common pieces score higher)."""
+    sp = tokenizer.sp
+    if not 1 <= size <= tokenizer.vocab_size:
+        raise RequestError(f"draft_vocab_size must be in [1, {tokenizer.vocab_size}] (the tokenizer's pieces), "
+                           f"got {size}", field="draft_vocab_size")
+    counts = corpus_counts(tokenizer, corpus) if corpus is not None else None
+
+    def rank(i: int) -> tuple:
+        piece = sp.IdToPiece(i)
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or piece in tokenizer.special_ids:
+            return (0, 0, 0, i)
+        if counts is not None:
+            return (1, -counts[i], -sp.GetScore(i), i)
+        return (1 if len(piece.replace("\u2581", "", 1) or piece) == 1 else 2, 0, -sp.GetScore(i), i)
+    return sorted(sorted(range(tokenizer.vocab_size), key=rank)[:size])
+
+
 class Drafter:
     """The draft model and its own paged KV pool; `cached[seq_id]` tokens of each are cached. With
     prefix caching the pool shares prompt prefixes as the target's does: a sequence new to the draft
@@ -50,8 +100,10 @@ class Drafter:
     sequence's own, so their full blocks are registered when it next drafts."""
 
     def __init__(self, model: GemmaModel, cache: KVCache, cuda_graphs: bool = False, max_batch: int = 64,
-                 max_context: int | None = None):
-        self.model, self.cache = model, cache
+                 max_context: int | None = None, vocab: torch.Tensor | None = None):
+        """vocab: the ids of a pruned LM head's rows (GemmaWeights.lm_head), on the model's device: the
+        draft proposes only those (None: every token)."""
+        self.model, self.cache, self.vocab = model, cache, vocab
         # a propose's first step feeds one or two tokens a sequence (two after a window accepted whole)
         self.runner = ModelRunner(model, cache, cuda_graphs=cuda_graphs, max_graph_batch=max_batch,
                                   max_context=max_context, max_graph_width=2)
@@ -98,6 +150,9 @@ class Drafter:
                 ids = prev if len(live) == len(prev_live) else prev[
                     to_device([r for r, i in enumerate(prev_live) if ks[i] > j], prev.device)]
             logits = self.runner.run(items, ids)
+            if self.vocab is not None:  # a pruned head's logits, back in the vocabulary: -inf off it
+                logits = logits.new_full((len(live), self.model.cfg.vocab_size), float("-inf")).index_copy_(
+                    1, self.vocab, logits)
             if any(seqs[i].adjusts for i in live):  # the target's logit_bias and min_tokens, j tokens ahead
                 adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
             nxt = greedy(logits)

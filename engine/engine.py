@@ -21,16 +21,17 @@ from .errors import RequestError
 from .kv_cache import KVCache
 from .loader import load_weights, to_dtype
 from .model import GemmaModel
-from .quantization import QuantConfig, weight_bytes
+from .quantization import QuantConfig, step_bytes, weight_bytes
 from .runner import ModelRunner, WorkItem
 from .sampling import SamplingParams, adjust, apply_penalties, greedy, logprob_entries, sample
 from .scheduler import Scheduler
-from .drafters import NGRAM, Drafter, NgramDrafter
+from .drafters import NGRAM, Drafter, NgramDrafter, draft_vocabulary
 from .lookahead import Lookahead
 from .speculative import Window, verdicts
 from .sequence import RequestOutput, Sequence
 from .tokenizer import Tokenizer
 from .transfer import HostCopy, take_rows, to_device
+from .weights import head_rows
 
 log = logging.getLogger("gemforge")
 
@@ -130,6 +131,8 @@ class EngineConfig:
     group_size: int = 128
     draft_model: str | None = None       # a draft model's directory, or "[ngram]" for prompt lookup
     draft_quantization: str | None = None
+    draft_vocab_size: int | None = None  # the draft proposes among this many tokens only (its LM head cut to them)
+    draft_vocab_corpus: str | None = None  # text whose most frequent tokens those are (else: the tokenizer's scores)
     num_speculative_tokens: int = 4
     adaptive_lookahead: bool = True
     draft_cost: float | None = None  # a draft step in target decode steps; None: measured (StepCosts)
@@ -168,7 +171,7 @@ class Engine:
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
         # prior (prompt lookup: free); unless given, the costs are then measured on the running decode steps
         self.lookahead = Lookahead(ec.num_speculative_tokens, ec.adaptive_lookahead, ec.draft_cost,
-                                   weight_bytes(self.drafter.model.w)["total"] / self.weight_bytes["total"]
+                                   step_bytes(self.drafter.model.w) / step_bytes(self.model.w)
                                    if self.drafter is not None and self.drafter.model is not None else 0.0)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
@@ -205,8 +208,9 @@ class Engine:
             raise RequestError(f"draft_cost must be in [0, 16] (a draft step in target steps), got {self.ec.draft_cost}",
                                field="draft_cost")
         if self.ec.draft_model == NGRAM:
-            if self.ec.draft_quantization:
-                raise RequestError(f"draft_quantization needs a draft model, not {NGRAM}", field="draft_quantization")
+            for name in ("draft_quantization", "draft_vocab_size", "draft_vocab_corpus"):
+                if getattr(self.ec, name) is not None:
+                    raise RequestError(f"{name} needs a draft model, not {NGRAM}", field=name)
             return NgramDrafter(device=self.device)
         d = Path(self.ec.draft_model)
         dcfg = ModelConfig.from_pretrained(d)
@@ -215,16 +219,24 @@ class Engine:
             raise RequestError(f"draft model {d}: its vocabulary (size {dcfg.vocab_size}, {dtok.path}) differs from "
                                f"the target's (size {self.cfg.vocab_size}, {self.tokenizer.path}); speculative "
                                f"decoding needs the same tokenizer", field="draft_model")
+        if self.ec.draft_vocab_corpus is not None and self.ec.draft_vocab_size is None:
+            raise RequestError("draft_vocab_corpus ranks the tokens draft_vocab_size keeps: give a size too",
+                               field="draft_vocab_corpus")
+        vocab = None if self.ec.draft_vocab_size is None else draft_vocabulary(dtok, self.ec.draft_vocab_size,
+                                                                               self.ec.draft_vocab_corpus)
         # a draft's logits only propose (the target decides), so its tied LM head is quantized with it: for
         # the 2B in int4 the bf16 head (1 GB) would be half of what a draft step reads
         weights = load_weights(d, dcfg, self.dtype, self.device, self._quant(self.ec.draft_quantization, True),
                                progress=False)
+        if vocab is not None:  # the LM head cut to those rows (CodeGemma-2B's full head: a fifth of a step's reads)
+            vocab = to_device(vocab, self.device, torch.long)
+            weights.lm_head = head_rows(weights.embed, vocab)
         model = GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend)
         blocks = self.cache.blocks
         cache = KVCache(dcfg.num_layers, blocks.num_blocks, blocks.block_size, dcfg.num_kv_heads, dcfg.head_dim,
                         self.dtype, self.device, blocks.prefix_caching)
         return Drafter(model, cache, cuda_graphs=graphs, max_batch=min(self.ec.max_num_seqs, 256),
-                       max_context=self.max_model_len)
+                       max_context=self.max_model_len, vocab=vocab)
 
     @torch.inference_mode()
     def warmup(self) -> int:

@@ -78,7 +78,7 @@ class StepGraphs:
         self.tables = self.i32[self.t0:].view(B, self.width)
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
         # every graph writes its logits here (each graph keeping its own would hold up to GBs at V = 256k)
-        self.logits = torch.empty(rows, model.cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.logits = torch.empty(rows, model.w.head.shape[0], dtype=torch.float32, device=dev)  # (a pruned head's)
         self.graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}  # (b, w, every) -> graph
         self.ragged: dict[tuple[str, int, int], tuple[object, torch.Tensor]] = {}  # ("ragged", T, b) -> graph
         self.failed: dict[tuple, str] = {}  # keys of either kind whose capture failed -> the error

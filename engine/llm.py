@@ -27,6 +27,7 @@ class LLM:
                  async_scheduling: bool | None = None, quantization: str | None = None,
                  quantize_lm_head: bool = False, group_size: int = 128,
                  draft_model: str | Path | None = None, draft_quantization: str | None = None,
+                 draft_vocab_size: int | None = None, draft_vocab_corpus: str | None = None,
                  num_speculative_tokens: int = 4, adaptive_lookahead: bool = True, draft_cost: float | None = None,
                  progress: bool = True):
         self.engine = Engine(model, EngineConfig(dtype=dtype, device=device, backend=backend,
@@ -39,6 +40,8 @@ class LLM:
                                                  quantization=quantization,
                                                  quantize_lm_head=quantize_lm_head, group_size=group_size,
                                                  draft_model=draft_model, draft_quantization=draft_quantization,
+                                                 draft_vocab_size=draft_vocab_size,
+                                                 draft_vocab_corpus=draft_vocab_corpus,
                                                  num_speculative_tokens=num_speculative_tokens,
                                                  adaptive_lookahead=adaptive_lookahead, draft_cost=draft_cost),
                              progress=progress)

@@ -5,7 +5,8 @@
                 q, k, v = split(x @ Wqkv^T);  rotary(q, k, positions);  write_kv(k, v)
                 h = attention(q, cache) @ Wo^T
                 x, r = rms_norm(h, w_post, residual=r);  h = gelu_and_mul(x @ Wgu^T) @ Wd^T
-    logits = rms_norm(h, w_final, residual=r)[selected rows] @ embed^T, in fp32.
+    logits = rms_norm(h, w_final, residual=r)[selected rows] @ head^T, in fp32 (head: the tied embed,
+             or rows of it where a draft's vocabulary is pruned: GemmaWeights.lm_head).
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def pack_weights(w: GemmaWeights) -> None:
     def pack(t):
         return PackedWeight.pack(t) if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t
     w.embed = pack(w.embed)
+    if w.lm_head is not None:
+        w.lm_head = pack(w.lm_head)
     for layer in w.layers:
         for name in ("qkv", "o", "gate_up", "down"):
             setattr(layer, name, pack(getattr(layer, name)))
@@ -115,7 +118,7 @@ class GemmaModel:
         x, _ = self.ops.rms_norm(h, self.w.final_norm, self.cfg.rms_norm_eps, residual)
         if logits_indices is not None:
             x = x[logits_indices]
-        logits = self.ops.linear(x, self.w.embed)
+        logits = self.ops.linear(x, self.w.head)
         return logits.float() if out is None else out.copy_(logits)  # (the same one conversion)
 
     def layers(self, h: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +162,8 @@ class NativeLayers:
             self.weights += [l.input_norm.data_ptr(), l.post_norm.data_ptr()]
             for lin in (l.qkv, l.o, l.gate_up, l.down):
                 self.weights += self._descriptor(lin)
-        self.final_norm, self.table = w.final_norm, w.embed
-        self.table_descriptor = self._descriptor(w.embed)
+        self.final_norm, self.table = w.final_norm, w.head
+        self.table_descriptor = self._descriptor(w.head)
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, "cpu")
 
     def _descriptor(self, w) -> list[int]:
@@ -190,7 +193,7 @@ class NativeLayers:
                       and ops.attention is _native.attention_cpu
                       and ops.gelu_and_mul is _native.gelu_and_mul_cpu
                       and ops.quant["int8"] is _native.linear_int8_cpu and ops.quant["int4"] is _native.linear_int4_cpu)
-        linears = cls._native_linear(model.w.embed) and all(  # the tied LM head and every linear
+        linears = cls._native_linear(model.w.head) and all(  # the LM head and every linear
             cls._native_linear(getattr(l, n)) for l in model.w.layers for n in ("qkv", "o", "gate_up", "down"))
         norms = all(t.dtype == torch.bfloat16 and t.is_contiguous() for l in model.w.layers
                     for t in (l.input_norm, l.post_norm, model.w.final_norm))

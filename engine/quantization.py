@@ -62,17 +62,22 @@ class QuantConfig:
         return self.quantize(param, w) if self.applies_to(param) else w
 
 
+def _nbytes(p) -> int:
+    return p.nbytes if isinstance(p, (QuantizedWeight, PackedWeight)) else p.numel() * p.element_size()
+
+
 def weight_bytes(weights) -> dict[str, int]:
     """Bytes of the loaded weights by storage format ('dense', 'int8', 'int4') and in total."""
     out = {"dense": 0, "int8": 0, "int4": 0}
     params = [weights.embed, weights.final_norm] + [getattr(l, n) for l in weights.layers
                                                     for n in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")]
-    for p in params:
-        if isinstance(p, QuantizedWeight):
-            out[p.fmt] += p.nbytes
-        elif isinstance(p, PackedWeight):
-            out["dense"] += p.nbytes
-        else:
-            out["dense"] += p.numel() * p.element_size()
+    for p in params + ([weights.lm_head] if weights.lm_head is not None else []):
+        out[p.fmt if isinstance(p, QuantizedWeight) else "dense"] += _nbytes(p)
     out["total"] = sum(out.values())
     return out
+
+
+def step_bytes(weights) -> int:
+    """The weight bytes a decode step reads: all but an embedding table that is only looked up (where
+    the LM head is a pruned copy of some of its rows, GemmaWeights.lm_head)."""
+    return weight_bytes(weights)["total"] - (_nbytes(weights.embed) if weights.lm_head is not None else 0)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gemforge.kernels.quant import QuantizedWeight
+
 from .config import ModelConfig
 
 
@@ -24,9 +26,20 @@ class LayerWeights:
 
 @dataclass
 class GemmaWeights:
-    embed: object        # [V, H]; also the LM head
+    embed: object        # [V, H]; also the LM head, unless lm_head is set
     layers: list[LayerWeights]
     final_norm: torch.Tensor
+    lm_head: object = None  # [V', H]: rows of embed (a draft's pruned vocabulary, see head_rows), or None: tied
+
+    @property
+    def head(self):
+        """The LM head's weight: lm_head, or the tied embedding."""
+        return self.embed if self.lm_head is None else self.lm_head
+
+
+def head_rows(w, ids: torch.Tensor):
+    """Rows `ids` of a dense or quantized [N, K] weight, in its format (a pruned LM head)."""
+    return w.select_rows(ids) if isinstance(w, QuantizedWeight) else w[ids].contiguous()
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ class QuantizedWeight:
         """Bytes held in memory: qweight + scales + zeros."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
+    def select_rows(self, ids: torch.Tensor) -> QuantizedWeight:
+        """The weight of output rows `ids`, in that order (each tensor's rows; int4 packs along K)."""
+        pick = lambda t: None if t is None else t[ids].contiguous()  # noqa: E731
+        return dataclasses.replace(self, qweight=pick(self.qweight), scales=pick(self.scales), zeros=pick(self.zeros),
+                                   shape=(len(ids), self.shape[1]))
+
     def to(self, device) -> QuantizedWeight:
         """The same weight with every tensor on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

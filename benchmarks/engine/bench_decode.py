@@ -26,7 +26,7 @@ from gemforge.engine.config import ModelConfig, preset
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.loader import weights_from_state_dict
 from gemforge.engine.model import GemmaModel
-from gemforge.engine.quantization import QuantConfig
+from gemforge.engine.quantization import QuantConfig, step_bytes
 from gemforge.engine.runner import ModelRunner, WorkItem
 from gemforge.engine.sampling import greedy
 from gemforge.engine.transfer import HostCopy
@@ -37,16 +37,6 @@ from report import emit, save
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def weight_bytes_per_step(model: GemmaModel) -> int:
-    """Bytes of every weight a decode step reads: all linears, the LM head, the norms."""
-    def nbytes(w):
-        return w.nbytes if hasattr(w, "nbytes") and not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
-    total = nbytes(model.w.embed) + nbytes(model.w.final_norm)
-    for layer in model.w.layers:
-        total += sum(nbytes(getattr(layer, n)) for n in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"))
-    return total
 
 
 def hf_model(cfg: ModelConfig, dtype, device):
@@ -209,7 +199,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
     quant = None if method == "none" else QuantConfig(base, quantize_lm_head=head == "head")
     model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant), dtype, device,
                        args.backend)
-    wbytes = weight_bytes_per_step(model)
+    wbytes = step_bytes(model.w)
     if args.profile:
         for b in args.batches:
             record({"model": name, "dtype": args.dtype, "weights": method, "profile_batch": b,

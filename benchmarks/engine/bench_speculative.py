@@ -2,7 +2,8 @@
 the target alone (timed in the same rounds as each variant), for k = 1..8, on held-out code
 prompts and on FIM prompts (greedy); then the
 adaptive lookahead (draft cost measured, or given as the draft's measured speed ratio), an int4
-draft, and prompt lookup ("[ngram]": no draft model) at k = 4, fixed and adaptive.
+draft, and prompt lookup ("[ngram]": no draft model) at k = 4, fixed and adaptive; with
+--draft-vocab-sizes, the draft with its LM head cut to each size (k = 4, fixed).
 
     python benchmarks/engine/bench_speculative.py [--target models/nano-codegemma] [--ks 1 2 ... 8]
 """
@@ -74,6 +75,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the best counts)")
+    ap.add_argument("--draft-vocab-sizes", nargs="*", type=int, default=[],
+                    help="also the draft with its LM head cut to each size (k = 4, fixed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     target = Path(args.target)
@@ -86,17 +89,19 @@ def main(argv=None) -> list[dict]:
     # the draft's cost on this machine, in target steps: its decode speed alone against the target's
     alone, draft_alone = run([base, LLM(args.draft, **common)], code, None, args.max_tokens, args.repeats)
     measured = round(alone["tokens_per_s"] / draft_alone["tokens_per_s"], 3)
-    # (k, lookahead, drafter, draft weights, draft cost given to the adaptive lookahead: None = measured)
-    variants = [(k, "fixed", args.draft, None, None) for k in args.ks] + [
-        (4, "adaptive", args.draft, None, None), (4, "adaptive", args.draft, None, measured),
-        (4, "adaptive", args.draft, "int4", None), (4, "fixed", NGRAM, None, None), (4, "adaptive", NGRAM, None, None)]
-    for k, lookahead, drafter, draft_quant, cost in variants:
-        spec = LLM(target, **common, draft_model=drafter, num_speculative_tokens=k,
+    # (k, lookahead, drafter, draft weights, draft cost given to the adaptive lookahead: None = measured,
+    # the draft's vocabulary: None = all)
+    variants = [(k, "fixed", args.draft, None, None, None) for k in args.ks] + [
+        (4, "adaptive", args.draft, None, None, None), (4, "adaptive", args.draft, None, measured, None),
+        (4, "adaptive", args.draft, "int4", None, None), (4, "fixed", NGRAM, None, None, None),
+        (4, "adaptive", NGRAM, None, None, None)] + [(4, "fixed", args.draft, None, None, n) for n in args.draft_vocab_sizes]
+    for k, lookahead, drafter, draft_quant, cost, vocab in variants:
+        spec = LLM(target, **common, draft_model=drafter, num_speculative_tokens=k, draft_vocab_size=vocab,
                    adaptive_lookahead=lookahead == "adaptive", draft_quantization=draft_quant, draft_cost=cost)
         for name, (prompts, suffixes) in workloads.items():
             plain, res = run([base, spec], prompts, suffixes, args.max_tokens, args.repeats)
             draft = "ngram" if drafter == NGRAM else draft_quant or "dense"
-            emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft,
+            emit(rows, {"workload": name, "k": k, "lookahead": lookahead, "draft": draft, "draft_vocab_size": vocab,
                          "first_draft_cost": round(spec.engine.lookahead.first_draft_cost, 3),
                          "draft_cost": round(spec.engine.lookahead.draft_cost, 3),
                          "verify_slope": round(spec.engine.lookahead.verify_slope, 3), **res,

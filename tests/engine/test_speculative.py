@@ -1,14 +1,17 @@
 """Speculative decoding: greedy output identical to the target alone, the rejection sampler's
 output distribution equal to the target's, and caches after rollback equal to never drafting."""
+from collections import Counter
+
 import pytest
 import torch
 
 from gemforge.engine import SamplingParams
 from gemforge.engine.engine import Engine, EngineConfig
 from gemforge.engine.errors import RequestError
+from gemforge.engine.quantization import step_bytes, weight_bytes
 from gemforge.engine.runner import WorkItem
 from gemforge.engine.sampling import draw, probs
-from gemforge.engine.drafters import NGRAM, NgramDrafter
+from gemforge.engine.drafters import NGRAM, NgramDrafter, draft_vocabulary
 from gemforge.engine.lookahead import CALIBRATE_EVERY, PROBE_EVERY, StepCosts, best_lookahead, updated_rate
 from gemforge.engine.speculative import Window, accept, verdicts
 
@@ -293,12 +296,16 @@ def test_sampled_seeded_run_is_reproducible(pair):
     assert a == b
 
 
-def test_rejection_sampler_output_distribution_is_the_targets():
+@pytest.mark.parametrize("q", [[0.05, 0.40, 0.05, 0.30, 0.10, 0.10], [0.0, 0.6, 0.0, 0.4, 0.0, 0.0]],
+                         ids=["poor-draft", "pruned-draft-vocabulary"])
+def test_rejection_sampler_output_distribution_is_the_targets(q):
     """Chi-square goodness of fit of the first emitted token against p, over 6 tokens (df = 5):
-    20.52 is the 0.999 quantile, so a correct sampler fails this test with probability 0.001."""
+    20.52 is the 0.999 quantile, so a correct sampler fails each case with probability 0.001. The
+    second draft never proposes four of the tokens (a pruned draft vocabulary): they come only from
+    the residual."""
     g = torch.Generator().manual_seed(2024)
     p = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
-    q = torch.tensor([0.05, 0.40, 0.05, 0.30, 0.10, 0.10])  # a poor draft: many rejections
+    q = torch.tensor(q)  # a poor draft: many rejections
     params = SamplingParams(temperature=1.0)
     logits = p.log()[None].repeat(2, 1)
     trials = 12000
@@ -471,8 +478,84 @@ def test_quantized_draft_keeps_the_targets_output(pair, method):
 
 def test_prompt_lookup_takes_no_draft_quantization(pair):
     target, _ = pair
-    with pytest.raises(RequestError, match="draft_quantization"):
-        engine(target, NGRAM, draft_quantization="int4")
+    for field, value in (("draft_quantization", "int4"), ("draft_vocab_size", 100)):
+        with pytest.raises(RequestError, match=f"{field} needs a draft model"):
+            engine(target, NGRAM, **{field: value})
+
+
+def test_draft_vocabulary_keeps_special_pieces_and_characters_first(pair):
+    """draft_vocabulary(tok, n): n ids, ascending; every control, byte and special piece and every
+    single character before any longer piece, the longer ones by score (BPE: merge order)."""
+    target, _ = pair
+    tok = engine(target).tokenizer
+    sp = tok.sp
+    kinds = lambda i: (sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids,  # noqa: E731
+                       len(sp.IdToPiece(i).replace("\u2581", "", 1) or "x") == 1)
+    base = [i for i in range(tok.vocab_size) if any(kinds(i))]
+    for n in (1, len(base), len(base) + 50, tok.vocab_size):
+        ids = draft_vocabulary(tok, n)
+        assert len(ids) == n and ids == sorted(set(ids)), n
+        if n >= len(base):
+            assert set(base) <= set(ids), n
+            longer = [i for i in ids if i not in base]
+            rest = sorted((i for i in range(tok.vocab_size) if i not in base), key=lambda i: (-sp.GetScore(i), i))
+            assert sorted(longer) == sorted(rest[: n - len(base)]), n
+    for bad in (0, tok.vocab_size + 1):
+        with pytest.raises(RequestError, match="draft_vocab_size must be in"):
+            draft_vocabulary(tok, bad)
+
+
+def test_draft_vocabulary_from_a_corpus(pair, tmp_path):
+    """With a corpus (a file, or the files below a directory), the kept tokens past the special pieces
+    are the corpus's most frequent; a missing corpus, one without text, or a corpus without a size is
+    refused naming the field."""
+    target, draft = pair
+    tok = engine(target).tokenizer
+    (tmp_path / "a.py").write_text("def handler(request):\n    return request.user\n" * 50)
+    (tmp_path / "b.bin").write_bytes(bytes(range(256)) * 8)  # not UTF-8 text: skipped
+    counts = Counter(tok.encode((tmp_path / "a.py").read_text(), add_bos=False))
+    sp = tok.sp
+    special = [i for i in range(tok.vocab_size)
+               if sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids]
+    for corpus in (tmp_path, tmp_path / "a.py"):
+        ids = draft_vocabulary(tok, len(special) + len(counts), corpus)
+        assert set(ids) == set(special) | set(counts), corpus
+    for corpus, why in ((tmp_path / "missing", "no such file"), (tmp_path / "b.bin", "no UTF-8 text")):
+        with pytest.raises(RequestError, match=why):
+            draft_vocabulary(tok, 500, corpus)
+    with pytest.raises(RequestError, match="draft_vocab_corpus ranks the tokens draft_vocab_size keeps"):
+        engine(target, draft, draft_vocab_corpus=str(tmp_path))
+
+
+@pytest.mark.parametrize("method", [None, "int4"])
+def test_pruned_draft_vocabulary_keeps_the_targets_output(pair, method, monkeypatch):
+    """A draft whose LM head keeps only draft_vocab_size rows proposes only those tokens, greedy and
+    sampled, and speculation still gives the target alone's greedy tokens (dense and int4 drafts);
+    the pruned head is what a draft step reads (step_bytes), the full table only looked up."""
+    target, draft = pair
+    prompts = prompts_of(4, seed=13)
+    greedy_params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reqs = [(f"r{i}", p, greedy_params) for i, p in enumerate(prompts)]
+    plain = run_all(engine(target), reqs)
+    eng = engine(target, draft, k=3, draft_vocab_size=700, draft_quantization=method, group_size=32)
+    vocab = set(eng.drafter.vocab.tolist())
+    assert len(vocab) == 700 and eng.drafter.model.w.head.shape == (700, eng.cfg.hidden_size)
+    proposed = []
+    propose = eng.drafter.propose
+
+    def recording(seqs, ks):
+        out = propose(seqs, ks)
+        proposed.extend(out.tokens.tolist())
+        return out
+    monkeypatch.setattr(eng.drafter, "propose", recording)
+    spec = run_all(eng, reqs)
+    assert all(spec[r].outputs[0].token_ids == plain[r].outputs[0].token_ids for r in plain)
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    run_all(eng, [(f"s{i}", p, sampled) for i, p in enumerate(prompts)])
+    assert proposed and set(proposed) <= vocab and eng.stats["spec_accepted"] > 0
+    full = engine(target, draft, k=3, draft_quantization=method, group_size=32).drafter.model.w
+    pruned = eng.drafter.model.w
+    assert step_bytes(pruned) < step_bytes(full) == weight_bytes(full)["total"] < weight_bytes(pruned)["total"]
 
 
 def test_kv_after_rollback_equals_never_drafting(pair):

@@ -226,3 +226,24 @@ def test_async_scheduling_keeps_the_output_on_the_gpu():
     for rid, want in outs[False].items():
         got = outs[True][rid].outputs[0]
         assert (got.token_ids, got.text) == (want.outputs[0].token_ids, want.outputs[0].text), rid
+
+
+def test_pruned_draft_vocabulary_on_the_gpu():
+    """The nano draft's LM head cut to 2048 of its 8192 rows: its CUDA graphs (captured by the warm-up)
+    write logits of the head's width, and greedy speculation gives the target alone's tokens."""
+    from pathlib import Path
+
+    from gemforge.engine import LLM, SamplingParams
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    common = dict(device="cuda", kv_cache_tokens=8192, progress=False)
+    prompts = [f"def f{i}(x):\n    return x * {i} + " for i in range(4)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(models / "nano-codegemma", **common).generate(prompts, params,
+                                                                                             use_tqdm=False)]
+    spec = LLM(models / "nano-codegemma", draft_model=models / "nano-codegemma-draft", draft_vocab_size=2048,
+               num_speculative_tokens=4, adaptive_lookahead=False, **common)
+    got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    drafter = spec.engine.drafter
+    assert drafter.runner.graphs.logits.shape[1] == 2048 and spec.engine.stats["spec_accepted"] > 0
