@@ -37,8 +37,10 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
                                     num_kv_heads=1 if n == "codegemma-2b" else 2, head_dim=64, vocab_size=512)
              for n in ("codegemma-2b", "codegemma-7b")}
     monkeypatch.setattr(decode, "preset", small.__getitem__)
+    monkeypatch.setattr(decode, "DRAFT_VOCAB", 128)  # (of 512)
     rows = decode.main(["--models", "codegemma-2b", "codegemma-7b", "--batches", "1", "--steps", "8",
-                        "--prompt-len", "8", "--quant", "none", "int4", "int4-head", "--verify", "--bandwidth-GBps", "50",
+                        "--prompt-len", "8", "--quant", "none", "int4", "int4-head", "int4-vocab", "--verify",
+                        "--bandwidth-GBps", "50",
                         "--dtype", "float32", "--out", str(tmp_path / "decode.json")])
     assert not [r for r in rows if "error" in r], rows
     cfg = small["codegemma-2b"]
@@ -47,7 +49,10 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     runs = [decode.bench_gemforge(model, 3, 5, 6, cuda_graphs=False, overlap=o)["tokens"] for o in (False, True)]
     assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) > 1  # the overlapped loop decodes the same
     steps = [r for r in rows if "batch" in r]
-    assert len(steps) == 6 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
+    assert len(steps) == 7 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
+    vocab = [r for r in steps if r["weights"] == "int4-vocab"]  # the draft only, its head cut to DRAFT_VOCAB rows
+    head = [r for r in steps if r["weights"] == "int4-head" and r["model"] == "codegemma-2b"]
+    assert [r["model"] for r in vocab] == ["codegemma-2b"] and vocab[0]["roofline_tok_s"] > head[0]["roofline_tok_s"]
     assert all(r["gemforge_async_tok_s"] > 0 and 0 < r["async_roofline_frac"] for r in steps)
     assert len([r for r in rows if "verify_window" in r]) == 16
     profiled = decode.main(["--models", "codegemma-2b", "--batches", "1", "3", "--prompt-len", "8", "--quant", "none",
@@ -94,6 +99,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert "Kernel benchmarks (kernels-cuda.jsonl)" in summary and logged[0]["benchmark"] in summary
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
     assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
+    assert "codegemma-2b int4-vocab" in summary  # and with its head cut (draft_vocab_size)
     assert "Continuous batching" in summary
     assert "Where an eager decode step's device time goes" in summary and profiled[0]["kernels"][0]["kernel"] in summary
 

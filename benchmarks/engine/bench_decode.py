@@ -30,8 +30,11 @@ from gemforge.engine.quantization import QuantConfig, step_bytes
 from gemforge.engine.runner import ModelRunner, WorkItem
 from gemforge.engine.sampling import greedy
 from gemforge.engine.transfer import HostCopy
+from gemforge.engine.weights import head_rows
 
 from report import emit, save
+
+DRAFT_VOCAB = 32768  # the '-vocab' formats' LM head rows (a draft with draft_vocab_size=32768)
 
 
 def sync():
@@ -195,10 +198,16 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
         emit(rows, row)
         save(rows, args.out)
 
-    base, _, head = method.partition("-")  # "int4-head": the tied LM head quantized too (as drafts are)
-    quant = None if method == "none" else QuantConfig(base, quantize_lm_head=head == "head")
-    model = GemmaModel(cfg, weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant), dtype, device,
-                       args.backend)
+    # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
+    # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only
+    base, _, head = method.partition("-")
+    if head == "vocab" and name not in args.draft_models:
+        return
+    quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head != "")
+    weights = weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant)
+    if head == "vocab":
+        weights.lm_head = head_rows(weights.embed, torch.arange(min(DRAFT_VOCAB, cfg.vocab_size), device=device))
+    model = GemmaModel(cfg, weights, dtype, device, args.backend)
     wbytes = step_bytes(model.w)
     if args.profile:
         for b in args.batches:
@@ -257,8 +266,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4", "int8-head", "int4-head"],
-                    help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too")
+    ap.add_argument("--quant", nargs="+", default=["none"],
+                    choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab"],
+                    help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; "
+                         f"'-vocab': the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models")
+    ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
+                    help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--hf-compile", action="store_true",

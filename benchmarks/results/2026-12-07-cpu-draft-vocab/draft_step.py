@@ -14,9 +14,8 @@ from gemforge.engine.config import preset
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.model import GemmaModel, NativeLayers
 from gemforge.engine.runner import WorkItem, build_metadata
-from gemforge.engine.weights import head_rows
+from gemforge.engine.weights import head_rows, random_weights
 from gemforge.kernels.linear import PackedWeight
-from gemforge.engine.weights import random_weights
 
 ROWS = 32768
 
