@@ -55,7 +55,8 @@ def corpus_counts(tokenizer, corpus: str | Path) -> Counter:
     root = Path(corpus)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     if not files:
-        raise RequestError(f"draft_vocab_corpus {corpus}: no such file, or no files below it", field="draft_vocab_corpus")
+        raise RequestError(f"draft_vocab_corpus {corpus}: no such file, or no files below it",
+                           field="draft_vocab_corpus")
     counts, read = Counter(), 0
     for f in files:
         try:

@@ -268,8 +268,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab"],
-                    help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; "
-                         f"'-vocab': the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models")
+                    help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
+                         f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")
