@@ -527,10 +527,10 @@ def test_draft_vocabulary_from_a_corpus(pair, tmp_path):
         engine(target, draft, draft_vocab_corpus=str(tmp_path))
 
 
-@pytest.mark.parametrize("method", [None, "int4"])
+@pytest.mark.parametrize("method", [None, "int8", "int4"])
 def test_pruned_draft_vocabulary_keeps_the_targets_output(pair, method, monkeypatch):
     """A draft whose LM head keeps only draft_vocab_size rows proposes only those tokens, greedy and
-    sampled, and speculation still gives the target alone's greedy tokens (dense and int4 drafts);
+    sampled, and speculation still gives the target alone's greedy tokens (dense, int8 and int4 drafts);
     the pruned head is what a draft step reads (step_bytes), the full table only looked up."""
     target, draft = pair
     prompts = prompts_of(4, seed=13)
