@@ -46,7 +46,7 @@ class Proposal:
         return out
 
 
-CORPUS_CHARS = 64 << 20  # draft_vocabulary reads at most about this many characters of a corpus
+CORPUS_CHARS = 64 << 20  # draft_vocabulary reads at most this many characters of a corpus
 
 
 def corpus_counts(tokenizer, corpus: str | Path) -> Counter:
@@ -60,7 +60,8 @@ def corpus_counts(tokenizer, corpus: str | Path) -> Counter:
     counts, read = Counter(), 0
     for f in files:
         try:
-            text = f.read_text(encoding="utf-8")
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read(CORPUS_CHARS - read)
         except (UnicodeDecodeError, OSError):
             continue
         counts.update(tokenizer.encode(text, add_bos=False))

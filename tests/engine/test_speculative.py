@@ -11,7 +11,8 @@ from gemforge.engine.errors import RequestError
 from gemforge.engine.quantization import step_bytes, weight_bytes
 from gemforge.engine.runner import WorkItem
 from gemforge.engine.sampling import draw, probs
-from gemforge.engine.drafters import NGRAM, NgramDrafter, draft_vocabulary
+from gemforge.engine import drafters
+from gemforge.engine.drafters import NGRAM, NgramDrafter, corpus_counts, draft_vocabulary
 from gemforge.engine.lookahead import CALIBRATE_EVERY, PROBE_EVERY, StepCosts, best_lookahead, updated_rate
 from gemforge.engine.speculative import Window, accept, verdicts
 
@@ -505,7 +506,7 @@ def test_draft_vocabulary_keeps_special_pieces_and_characters_first(pair):
             draft_vocabulary(tok, bad)
 
 
-def test_draft_vocabulary_from_a_corpus(pair, tmp_path):
+def test_draft_vocabulary_from_a_corpus(pair, tmp_path, monkeypatch):
     """With a corpus (a file, or the files below a directory), the kept tokens past the special pieces
     are the corpus's most frequent; a missing corpus, one without text, or a corpus without a size is
     refused naming the field."""
@@ -520,6 +521,9 @@ def test_draft_vocabulary_from_a_corpus(pair, tmp_path):
     for corpus in (tmp_path, tmp_path / "a.py"):
         ids = draft_vocabulary(tok, len(special) + len(counts), corpus)
         assert set(ids) == set(special) | set(counts), corpus
+    monkeypatch.setattr(drafters, "CORPUS_CHARS", 16)  # a corpus is read up to CORPUS_CHARS characters
+    head = (tmp_path / "a.py").read_text()[:16]
+    assert corpus_counts(tok, tmp_path) == Counter(tok.encode(head, add_bos=False))
     for corpus, why in ((tmp_path / "missing", "no such file"), (tmp_path / "b.bin", "no UTF-8 text")):
         with pytest.raises(RequestError, match=why):
             draft_vocabulary(tok, 500, corpus)
