@@ -490,9 +490,10 @@ def test_draft_vocabulary_keeps_special_pieces_and_characters_first(pair):
     target, _ = pair
     tok = engine(target).tokenizer
     sp = tok.sp
-    kinds = lambda i: (sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids,  # noqa: E731
-                       len(sp.IdToPiece(i).replace("\u2581", "", 1) or "x") == 1)
-    base = [i for i in range(tok.vocab_size) if any(kinds(i))]
+    def kept_first(i):  # a special piece, or a single character
+        special = sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids
+        return special or len(sp.IdToPiece(i).replace("\u2581", "", 1) or "x") == 1
+    base = [i for i in range(tok.vocab_size) if kept_first(i)]
     for n in (1, len(base), len(base) + 50, tok.vocab_size):
         ids = draft_vocabulary(tok, n)
         assert len(ids) == n and ids == sorted(set(ids)), n
