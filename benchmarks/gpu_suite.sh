@@ -123,6 +123,12 @@ part prefill 20 $PY "$ROOT/benchmarks/engine/bench_prefill.py" --model "$ROOT/mo
 part sweep_attention 150 $PY "$ROOT/benchmarks/kernels/sweep_attention.py" "$OUT/sweep_attention.jsonl" \
   --bandwidth-GBps "$BW"
 
+# Speculative decoding end to end on the bundled pair (draft model, int4 draft, pruned draft vocabulary, prompt
+# lookup; CUDA graphs, the engine's own host work): what the verify-window costs above leave out.
+part speculative 90 $PY "$ROOT/benchmarks/engine/bench_speculative.py" --target "$ROOT/models/nano-codegemma" \
+  --draft "$ROOT/models/nano-codegemma-draft" --ks 2 4 --max-tokens 128 --repeats 2 --draft-vocab-sizes 2048 \
+  --out "$OUT/speculative.json"
+
 # HF's best configuration: its decode step compiled (static cache), at batch 1, beside gemforge measured again
 # in the same process. Compiling takes minutes a shape: last, on what the budget leaves, or alone by SUITE_ONLY.
 part decode_hf_compiled 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \

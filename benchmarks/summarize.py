@@ -146,6 +146,12 @@ def main(outdir: str) -> None:
         if staggered:  # requests joining a running batch: steps that mix prompt chunks with decode tokens
             parts.append(table(staggered, ["workload", "gemforge_tok_s", "eager_mixed_tok_s",
                                            "ragged_graph_speedup", "cuda_graphs"]) + "\n")
+    spec = load(d / "speculative.json")
+    if spec:  # the bundled pair speculating end to end, against the target alone in the same rounds
+        parts.append("## Speculative decoding on nano-codegemma (end to end, batch 1, greedy)\n")
+        parts.append(table(spec, ["workload", "k", "lookahead", "draft", "draft_vocab_size", "acceptance_rate",
+                                  "tokens_per_target_forward", "tokens_per_s", "target_alone_tokens_per_s",
+                                  "speedup"]) + "\n")
     sweep = d / "sweep_attention.jsonl"
     if sweep.exists():  # per case: the tile table's config against the best of the sweep
         rows = [json.loads(line) for line in sweep.read_text().splitlines() if line.strip()]

@@ -92,6 +92,10 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     compiled = [{"model": "codegemma-2b", "dtype": "bfloat16", "gemforge_async_tok_s": 300.0, "gemforge_tok_s": 290.0,
                  "hf_static_tok_s": 60.0, "hf_compiled_tok_s": 150.0, "speedup_vs_hf_compiled": 2.0}]
     (tmp_path / "decode_hf_compiled.json").write_text(json.dumps(compiled))  # (the GPU-only part's rows)
+    spec = [{"workload": "code", "k": 4, "lookahead": "fixed", "draft": "dense", "draft_vocab_size": 2048,
+             "acceptance_rate": 0.4, "tokens_per_target_forward": 2.6, "tokens_per_s": 900.5,
+             "target_alone_tokens_per_s": 600.0, "speedup": 1.5}]  # (bench_speculative's rows: test below)
+    (tmp_path / "speculative.json").write_text(json.dumps(spec))
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "HF with its decode step compiled" in summary and "| 150.0 | 2.0 |" in summary
@@ -101,6 +105,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
     assert "codegemma-2b int4-vocab" in summary  # and with its head cut (draft_vocab_size)
     assert "Continuous batching" in summary
+    assert "Speculative decoding on nano-codegemma" in summary and "| 2048 | 0.4 | 2.6 | 900.5 |" in summary
     assert "Where an eager decode step's device time goes" in summary and profiled[0]["kernels"][0]["kernel"] in summary
 
 
@@ -147,7 +152,7 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
     parts = ["build", "ceilings", "tests", "decode", "decode_profile", "decode_quant", "kernel_cuda", "kernel_triton",
-             "throughput", "prefill", "sweep_attention", "decode_hf_compiled", "summary"]
+             "throughput", "prefill", "sweep_attention", "speculative", "decode_hf_compiled", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
     failing = ("decode", "decode_profile", "decode_quant", "decode_hf_compiled")
     assert all(f"{p}: FAILED rc=3" in status for p in failing), status
@@ -195,3 +200,17 @@ def test_attention_sweep_runs_on_cpu(tmp_path, monkeypatch):
     load(BENCH / "summarize.py").main(str(tmp_path))  # the suite's summary has a row per case
     section = (tmp_path / "summary.md").read_text().split("## Attention tile sweep")[1]
     assert section.count("| nano-draft |") == 1 and section.count("| nano |") == 1, section
+
+
+def test_speculative_bench_runs_on_cpu(tmp_path):
+    """bench_speculative.py (the GPU suite's `speculative` part) on the bundled pair with tiny settings:
+    every variant, the pruned draft vocabulary's included, gives a row with its speedup."""
+    models = BENCH.parent / "models"
+    rows = load(BENCH / "engine" / "bench_speculative.py").main([
+        "--target", str(models / "nano-codegemma"), "--draft", str(models / "nano-codegemma-draft"), "--ks", "2",
+        "--prompts", "1", "--max-tokens", "6", "--repeats", "1", "--draft-vocab-sizes", "1024",
+        "--out", str(tmp_path / "speculative.json")])
+    drafts = [(r["workload"], r["draft"], r["draft_vocab_size"]) for r in rows]
+    assert ("code", "dense", 1024) in drafts and ("fim", "ngram", None) in drafts and len(rows) == 14, drafts
+    assert all(r["speedup"] > 0 and r["tokens"] > 0 for r in rows)
+    assert json.loads((tmp_path / "speculative.json").read_text()) == rows
