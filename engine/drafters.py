@@ -152,13 +152,18 @@ class Drafter:
                 ids = prev if len(live) == len(prev_live) else prev[
                     to_device([r for r, i in enumerate(prev_live) if ks[i] > j], prev.device)]
             logits = self.runner.run(items, ids)
+            sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
+            adjusts = any(seqs[i].adjusts for i in live)
+            if self.vocab is not None and not sampled and not adjusts:  # a pruned head's argmax, as a token id
+                steps.append((live, self.vocab[greedy(logits)]))
+                self._marks.append(self._mark())
+                continue
             if self.vocab is not None:  # a pruned head's logits, back in the vocabulary: -inf off it
                 logits = logits.new_full((len(live), self.model.cfg.vocab_size), float("-inf")).index_copy_(
                     1, self.vocab, logits)
-            if any(seqs[i].adjusts for i in live):  # the target's logit_bias and min_tokens, j tokens ahead
+            if adjusts:  # the target's logit_bias and min_tokens, j tokens ahead
                 adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
             nxt = greedy(logits)
-            sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
             if sampled:
                 rows = None if len(sampled) == len(live) else to_device(sampled, logits.device)
                 q = probs(logits if rows is None else logits[rows], [seqs[live[r]].params for r in sampled])
