@@ -11,6 +11,11 @@ def load(path: Path):
         return None
 
 
+def load_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (a part's rows as they were measured); [] if there is none."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -46,7 +51,7 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     if (target, "none") not in step or not window:
         return []
     rows = []
-    for weights in ("none", "int8", "int4", "int4-head", "none-vocab", "int4-vocab"):  # (drafts quantize their head too)
+    for weights in ("none", "int8", "int4", "int4-head", "none-vocab", "int4-vocab"):  # (quantized drafts: head too)
         if (draft, weights) not in step:
             continue
         ratio = step[(draft, weights)] / step[(target, "none")]
@@ -152,11 +157,10 @@ def main(outdir: str) -> None:
         parts.append(table(spec, ["workload", "k", "lookahead", "draft", "draft_vocab_size", "acceptance_rate",
                                   "tokens_per_target_forward", "tokens_per_s", "target_alone_tokens_per_s",
                                   "speedup"]) + "\n")
-    sweep = d / "sweep_attention.jsonl"
-    if sweep.exists():  # per case: the tile table's config against the best of the sweep
-        rows = [json.loads(line) for line in sweep.read_text().splitlines() if line.strip()]
+    sweep = load_lines(d / "sweep_attention.jsonl")
+    if sweep:  # per case: the tile table's config against the best of the sweep
         parts.append("## Attention tile sweep (Triton; the table's config vs the sweep's best)\n")
-        parts.append(table([r for r in rows if r.get("summary")],
+        parts.append(table([r for r in sweep if r.get("summary")],
                            ["model", "seqs", "new_tokens", "context", "table_us", "best_us", "table_over_best", "best",
                             "sdpa_us", "wrong", "failed"]) + "\n")
     for stem in sorted({p.stem for p in d.glob("kernels*.json*")}):  # kernels-cuda, kernels-triton
@@ -164,7 +168,7 @@ def main(outdir: str) -> None:
         if kern:
             rows = kernel_rows(kern)
         elif lines.exists():  # the run was cut before pytest-benchmark wrote its JSON: what each case logged
-            rows, name = [json.loads(line) for line in lines.read_text().splitlines() if line.strip()], lines.name
+            rows, name = load_lines(lines), lines.name
         else:
             continue
         first = ["benchmark", "median_us"] if kern else ["benchmark"]

@@ -155,24 +155,23 @@ class Drafter:
             sampled = [r for r, i in enumerate(live) if not seqs[i].params.greedy]
             adjusts = any(seqs[i].adjusts for i in live)
             if self.vocab is not None and not sampled and not adjusts:  # a pruned head's argmax, as a token id
-                steps.append((live, self.vocab[greedy(logits)]))
-                self._marks.append(self._mark())
-                continue
-            if self.vocab is not None:  # a pruned head's logits, back in the vocabulary: -inf off it
-                logits = logits.new_full((len(live), self.model.cfg.vocab_size), float("-inf")).index_copy_(
-                    1, self.vocab, logits)
-            if adjusts:  # the target's logit_bias and min_tokens, j tokens ahead
-                adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
-            nxt = greedy(logits)
-            if sampled:
-                rows = None if len(sampled) == len(live) else to_device(sampled, logits.device)
-                q = probs(logits if rows is None else logits[rows], [seqs[live[r]].params for r in sampled])
-                drawn = draw(q, [seqs[live[r]].generator for r in sampled])
-                nxt = drawn if rows is None else nxt.index_copy_(0, rows, drawn)
-                for row, r in enumerate(sampled):
-                    q_rows[live[r]].append(q_count + row)
-                q_steps.append(q)
-                q_count += len(sampled)
+                nxt = self.vocab[greedy(logits)]
+            else:
+                if self.vocab is not None:  # a pruned head's logits, back in the vocabulary: -inf off it
+                    logits = logits.new_full((len(live), self.model.cfg.vocab_size), float("-inf")).index_copy_(
+                        1, self.vocab, logits)
+                if adjusts:  # the target's logit_bias and min_tokens, j tokens ahead
+                    adjust(logits, [seqs[i].logit_adjustment(j) for i in live])
+                nxt = None if len(sampled) == len(live) else greedy(logits)  # (no argmax when every row samples)
+                if sampled:
+                    rows = None if nxt is None else to_device(sampled, logits.device)
+                    q = probs(logits if rows is None else logits[rows], [seqs[live[r]].params for r in sampled])
+                    drawn = draw(q, [seqs[live[r]].generator for r in sampled])
+                    nxt = drawn if rows is None else nxt.index_copy_(0, rows, drawn)
+                    for row, r in enumerate(sampled):
+                        q_rows[live[r]].append(q_count + row)
+                    q_steps.append(q)
+                    q_count += len(sampled)
             steps.append((live, nxt))
             self._marks.append(self._mark())
         # the last proposal is never fed to the draft: it holds tokens up to d_{k-1}

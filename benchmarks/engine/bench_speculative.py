@@ -94,7 +94,8 @@ def main(argv=None) -> list[dict]:
     variants = [(k, "fixed", args.draft, None, None, None) for k in args.ks] + [
         (4, "adaptive", args.draft, None, None, None), (4, "adaptive", args.draft, None, measured, None),
         (4, "adaptive", args.draft, "int4", None, None), (4, "fixed", NGRAM, None, None, None),
-        (4, "adaptive", NGRAM, None, None, None)] + [(4, "fixed", args.draft, None, None, n) for n in args.draft_vocab_sizes]
+        (4, "adaptive", NGRAM, None, None, None)] + [
+        (4, "fixed", args.draft, None, None, n) for n in args.draft_vocab_sizes]
     for k, lookahead, drafter, draft_quant, cost, vocab in variants:
         spec = LLM(target, **common, draft_model=drafter, num_speculative_tokens=k, draft_vocab_size=vocab,
                    adaptive_lookahead=lookahead == "adaptive", draft_quantization=draft_quant, draft_cost=cost)

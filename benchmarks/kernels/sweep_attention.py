@@ -4,8 +4,8 @@ of kernels/attention.py (`_attn_config`, `_num_partitions`): per case, each conf
 split-K partitions under the best tile) timed from a CUDA graph with the L2 cache flushed, its
 output checked against the table's own; decode in GB/s of the K/V read (and the fraction of
 --bandwidth-GBps), prefill in TFLOP/s beside torch's SDPA on the same dense causal prompt. Each
-timing is a JSON line of OUT as it is measured (a run cut short keeps what it measured); last, a
-line per case with the table's config, the best one and their ratio.
+timing is a JSON line of OUT as it is measured (a run cut short keeps what it measured; a new run
+replaces the file); per case, last, a line with the table's config, the best one and their ratio.
 
     python benchmarks/kernels/sweep_attention.py OUT.jsonl [--bandwidth-GBps BW] [--quick]
 
@@ -123,7 +123,7 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         tiles, prefill_tiles = tiles[:QUICK], prefill_tiles[:QUICK]
     summaries = []
-    with open(args.out, "a") as out:
+    with open(args.out, "w") as out:
         for case in DECODE:
             summaries.append(sweep_case(*case, tiles, args.bandwidth_GBps, out))
         for case in PREFILL:

@@ -306,7 +306,7 @@ def test_rejection_sampler_output_distribution_is_the_targets(q):
     the residual."""
     g = torch.Generator().manual_seed(2024)
     p = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
-    q = torch.tensor(q)  # a poor draft: many rejections
+    q = torch.tensor(q)
     params = SamplingParams(temperature=1.0)
     logits = p.log()[None].repeat(2, 1)
     trials = 12000
@@ -479,9 +479,16 @@ def test_quantized_draft_keeps_the_targets_output(pair, method):
 
 def test_prompt_lookup_takes_no_draft_quantization(pair):
     target, _ = pair
-    for field, value in (("draft_quantization", "int4"), ("draft_vocab_size", 100)):
+    for field, value in (("draft_quantization", "int4"), ("draft_vocab_size", 100), ("draft_vocab_corpus", "src")):
         with pytest.raises(RequestError, match=f"{field} needs a draft model"):
             engine(target, NGRAM, **{field: value})
+
+
+def special_pieces(tok) -> list[int]:
+    """The control, unknown, byte and user-defined pieces: every draft vocabulary keeps them."""
+    sp = tok.sp
+    return [i for i in range(tok.vocab_size)
+            if sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids]
 
 
 def test_draft_vocabulary_keeps_special_pieces_and_characters_first(pair):
@@ -490,10 +497,9 @@ def test_draft_vocabulary_keeps_special_pieces_and_characters_first(pair):
     target, _ = pair
     tok = engine(target).tokenizer
     sp = tok.sp
-    def kept_first(i):  # a special piece, or a single character
-        special = sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids
-        return special or len(sp.IdToPiece(i).replace("\u2581", "", 1) or "x") == 1
-    base = [i for i in range(tok.vocab_size) if kept_first(i)]
+    special = set(special_pieces(tok))
+    base = [i for i in range(tok.vocab_size)
+            if i in special or len(sp.IdToPiece(i).replace("\u2581", "", 1) or "x") == 1]
     for n in (1, len(base), len(base) + 50, tok.vocab_size):
         ids = draft_vocabulary(tok, n)
         assert len(ids) == n and ids == sorted(set(ids)), n
@@ -516,9 +522,7 @@ def test_draft_vocabulary_from_a_corpus(pair, tmp_path, monkeypatch):
     (tmp_path / "a.py").write_text("def handler(request):\n    return request.user\n" * 50)
     (tmp_path / "b.bin").write_bytes(bytes(range(256)) * 8)  # not UTF-8 text: skipped
     counts = Counter(tok.encode((tmp_path / "a.py").read_text(), add_bos=False))
-    sp = tok.sp
-    special = [i for i in range(tok.vocab_size)
-               if sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in tok.special_ids]
+    special = special_pieces(tok)
     for corpus in (tmp_path, tmp_path / "a.py"):
         ids = draft_vocabulary(tok, len(special) + len(counts), corpus)
         assert set(ids) == set(special) | set(counts), corpus
