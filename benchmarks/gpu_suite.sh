@@ -99,7 +99,7 @@ part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models co
   --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
 
 part decode_quant 120 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant int4 int8 int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
+  --batches $BATCHES --steps 32 --quant int4 int4-mma int8 int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_quant.json"
 
 # Kernel benchmarks in two runs, each writing its own JSON, and each case a JSON line as it is measured

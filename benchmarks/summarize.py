@@ -39,9 +39,9 @@ def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: floa
 
 
 def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: str = "codegemma-2b") -> list[dict]:
-    """Batch-1 speedups that the measured costs imply: a draft step (2B, dense, int8 or int4, int4 with
-    its LM head quantized, as the engine loads a quantized draft, and dense or int4 with the head cut to
-    32768 rows, draft_vocab_size) and a k+1 verify window (from a CUDA graph, as the engine runs it),
+    """Batch-1 speedups that the measured costs imply: a draft step (2B, dense, int8 or int4 on either
+    kernel, int4 with its LM head quantized, as the engine loads a quantized draft, and dense or int4 with
+    the head cut to 32768 rows, draft_vocab_size) and a k+1 verify window (from a CUDA graph, as the engine runs it),
     both relative to one dense 7B decode step; for each acceptance rate the best k. (A pruned head
     costs some acceptance, which these rows do not count.)"""
     step = {(r["model"], r["weights"]): r["gemforge_step_ms"] for r in decode
@@ -51,7 +51,7 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     if (target, "none") not in step or not window:
         return []
     rows = []
-    for weights in ("none", "int8", "int4", "int4-head", "none-vocab", "int4-vocab"):  # (quantized drafts: head too)
+    for weights in ("none", "int8", "int4", "int4-mma", "int4-head", "none-vocab", "int4-vocab"):
         if (draft, weights) not in step:
             continue
         ratio = step[(draft, weights)] / step[(target, "none")]

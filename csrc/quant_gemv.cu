@@ -16,6 +16,7 @@
 #include "ops.h"
 
 #include <cstring>
+#include <type_traits>
 
 namespace gf {
 namespace {
@@ -261,7 +262,263 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
   check_launch(op);
 }
 
+// ------------------------------------------------------------------- int4 on the tensor cores
+// y = x dequant(W)^T for int4 W (every group size of the format), M <= 16, by mma.sync m16n8k16
+// (16-bit operands in x's dtype, fp32 accumulation). A warp multiplies 16 rows of W (A) by 8 or 16
+// rows of x (B). Lane (r = lane / 4, c = lane % 4) holds W's rows r and r + 8 and, of each
+// quantization group, the c-th quarter of their codes: g / 8 bytes, one load. The k order inside an
+// mma is free as long as A and B share it: each 32-bit word of codes (k .. k + 7) gives the lane's
+// A registers the code pairs (k, k + 1) .. (k + 6, k + 7) and its B registers x at those k, read as
+// they lie. A code pair becomes the 16-bit pair (B + q0, B + q1) exactly (one PRMT, one LOP3; B =
+// 128 in bf16, 1024 in fp16, where the ulp is 1). The zero point: in bf16 one more mma per step with
+// A = -(B + z) in every column adds -(B + z) sum_k x to a second accumulator (the two sums are some 30x
+// a group's result; fp32 rounding of them stays orders below bf16's 2^-9); in fp16 (B = 1024: 8x more
+// cancellation) each pair is reduced to q - z exactly by a 16-bit subtraction instead. A group's dot
+// products are scaled by s in fp32 and summed, as in the kernel above. Issued per 64 bytes of codes a
+// lane (sm_90a SASS of the main loop, g = 128): 247 instructions (bf16; fp16 286), where the CUDA-core
+// kernel issues 641 at one row of x and 1214 at four; 16 rows of x take 165 per 32 bytes.
+// Warps of a CTA split K when W has few rows (k_split), their sums added in shared memory.
+constexpr int kMmaWarps = kThreads / 32;
+
+template <typename T> struct MmaOperand;
+template <> struct MmaOperand<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static constexpr uint32_t kBias = 0x43004300u;  // the pair (128, 128)
+  static constexpr float kBiasValue = 128.f;
+  static constexpr bool kZeroByMma = true;  // the zero point by an mma (see above)
+};
+template <> struct MmaOperand<__half> {
+  using Pair = __half2;
+  static constexpr uint32_t kBias = 0x64006400u;  // the pair (1024, 1024)
+  static constexpr float kBiasValue = 1024.f;
+  static constexpr bool kZeroByMma = false;  // q - z by a 16-bit subtraction
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
+  using P = typename MmaOperand<T>::Pair;
+  P pa, pb;
+  memcpy(&pa, &a, 4);
+  memcpy(&pb, &b, 4);
+  const P d = __hsub2(pa, pb);
+  uint32_t out;
+  memcpy(&out, &d, 4);
+  return out;
+}
+
+// The 16-bit pair (v, v) of x's dtype.
+template <typename T>
+__device__ __forceinline__ uint32_t pair_of(float v) {
+  const T h = from_float<T>(v);
+  uint16_t bits;
+  memcpy(&bits, &h, 2);
+  return uint32_t{bits} * 0x10001u;
+}
+
+// Word v holds codes q0..q7 (q_i in bits 4i..4i+3); p[j] = (B + q_2j, B + q_2j+1) as 16-bit values:
+// byte j of v (q_2j low) and byte j of v >> 4 (q_2j+1 low) become the pair's low bytes (PRMT), then
+// (t & 0x000F000F) | bits of (B, B) in one LOP3 (written out: the compiler splits it in two). Without
+// kZeroByMma, minus zero_pair = (B + z, B + z): (q - z) pairs.
+template <typename T>
+__device__ __forceinline__ void code_pairs(uint32_t v, uint32_t zero_pair, uint32_t (&p)[4]) {
+  const uint32_t v4 = v >> 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t t;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
+        : "=r"(t)
+        : "r"(__byte_perm(v, v4, 0x0400 + 0x0101 * j)), "r"(0x000F000Fu), "r"(MmaOperand<T>::kBias));
+    p[j] = MmaOperand<T>::kZeroByMma ? t : sub_pairs<T>(t, zero_pair);
+  }
+}
+
+// d += A (16 x 16, row-major fragment a) * B (16 x 8, column-major fragment b0, b1).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int Bytes> struct CodeLoad;  // a lane's codes of one group and row, as 32-bit words
+template <> struct CodeLoad<16> { using type = uint4; };
+template <> struct CodeLoad<8> { using type = uint2; };
+template <> struct CodeLoad<4> { using type = uint32_t; };
+
+// CTA: kMmaWarps warps, kMmaWarps / k_split tiles of 16 rows, each tile's groups split among k_split
+// warps. NT: tiles of 8 rows of x (1: M <= 8, 2: M <= 16). Rows of W past N and of x past M are
+// read as row N - 1 and M - 1 (no predicates in the loop): what they yield is never written.
+template <typename T, int G, int NT, bool Asym>
+struct W4MmaLane {
+  static constexpr int kBytes = G / 8, kWords = kBytes / 4;  // a lane's codes of one group and row
+  using Code = typename CodeLoad<kBytes>::type;
+  const uint8_t* codes[2];  // rows r and r + 8, at the lane's quarter of the next group
+  const T* scale_rows[2];
+  const T* zero_rows[2];    // Asym only (else z = 8)
+  const T* xs[NT];          // rows nt * 8 + r of x, at the lane's quarter of the next group
+  float acc[NT][4] = {};
+
+  // The next U groups (loads first, then the mma's); the pointers move past them.
+  template <int U>
+  __device__ __forceinline__ void groups() {
+    uint32_t q[U][2][kWords], zero_pair[U][2];
+    uint4 xw[U][NT][kWords];  // x at the lane's codes' k, as 16-bit pairs
+    float s[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const Code code = __ldcs(reinterpret_cast<const Code*>(codes[h] + u * (G / 2)));
+        memcpy(q[u][h], &code, kBytes);
+        s[u][h] = to_float(scale_rows[h][u]);
+        const float biased_zero = MmaOperand<T>::kBiasValue + (Asym ? to_float(zero_rows[h][u]) : 8.f);
+        zero_pair[u][h] = pair_of<T>(MmaOperand<T>::kZeroByMma ? -biased_zero : biased_zero);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) xw[u][nt][w] = *reinterpret_cast<const uint4*>(xs[nt] + u * G + 8 * w);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      codes[h] += U * (G / 2);
+      scale_rows[h] += U;
+      if (Asym) zero_rows[h] += U;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xs[nt] += U * G;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float d[NT][4] = {}, dz[NT][4] = {};  // codes' and zero points' sums: two shorter mma chains
+      const uint32_t z0 = zero_pair[u][0], z1 = zero_pair[u][1];
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        uint32_t lo[4], hi[4];  // rows r and r + 8
+        code_pairs<T>(q[u][0][w], z0, lo);
+        code_pairs<T>(q[u][1][w], z1, hi);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 xv = xw[u][nt][w];
+          mma_16816<T>(d[nt], lo[0], hi[0], lo[1], hi[1], xv.x, xv.y);
+          mma_16816<T>(d[nt], lo[2], hi[2], lo[3], hi[3], xv.z, xv.w);
+          if constexpr (MmaOperand<T>::kZeroByMma) {
+            mma_16816<T>(dz[nt], z0, z1, z0, z1, xv.x, xv.y);
+            mma_16816<T>(dz[nt], z0, z1, z0, z1, xv.z, xv.w);
+          }
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] += s[u][i >> 1] * (d[nt][i] + dz[nt][i]);
+    }
+  }
+};
+
+template <typename T, int G, int NT, bool Asym>
+__global__ void __launch_bounds__(kThreads, 2)  // two CTAs an SM: at most 128 registers
+w4_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+              const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M, int N,
+              int K, int k_split) {
+  // groups loaded before use: 64 bytes of codes a lane (32 with 16 rows of x), at most 4 groups (registers)
+  constexpr int kUnroll = 256 / G / NT < 4 ? 256 / G / NT : 4;
+  __shared__ float partial[kMmaWarps][NT][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
+  const int64_t tile = int64_t{blockIdx.x} * (kMmaWarps / k_split) + warp / k_split;
+  const int split = warp % k_split, groups = K / G;
+  const int g0 = split * groups / k_split, g1 = (split + 1) * groups / k_split;
+  const int64_t rows[2] = {tile * 16 + r, tile * 16 + r + 8};
+  W4MmaLane<T, G, NT, Asym> lane_state;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = min(rows[h], int64_t{N} - 1);
+    lane_state.codes[h] = qweight + row * (K / 2) + int64_t{g0} * (G / 2) + c * (G / 8);
+    lane_state.scale_rows[h] = scales + row * groups + g0;
+    lane_state.zero_rows[h] = Asym ? zeros + row * groups + g0 : nullptr;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    lane_state.xs[nt] = x + int64_t{min(nt * 8 + r, M - 1)} * K + int64_t{g0} * G + c * (G / 4);
+  int g = g0;
+  for (; g + kUnroll <= g1; g += kUnroll) lane_state.template groups<kUnroll>();
+  for (; g < g1; ++g) lane_state.template groups<1>();
+  auto& acc = lane_state.acc;
+  if (k_split > 1) {  // the tile's first warp sums the others' parts
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][nt][i][lane] = acc[nt][i];
+    __syncthreads();
+    if (split != 0) return;
+    for (int j = 1; j < k_split; ++j)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] += partial[warp + j][nt][i][lane];
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // d[i]: row r (+ 8 for i >= 2), row of x nt * 8 + 2c + (i & 1)
+      const int64_t row = rows[i >> 1];
+      const int m = nt * 8 + 2 * c + (i & 1);
+      if (row < N && m < M)
+        y[int64_t{m} * N + row] = from_float<T>(acc[nt][i] + (bias ? to_float(bias[row]) : 0.f));
+    }
+}
+
 }  // namespace
+
+void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
+               int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream) {
+  const char* op = "w4a16_mma";
+  require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
+  require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
+  require(group_size == 32 || group_size == 64 || group_size == 128, op,
+          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  require(K % group_size == 0, op, "K must be a multiple of group_size");
+  require(aligned16(qweight) && aligned16(x), op, "qweight and x must be 16-byte aligned");
+  require(k_split >= 0 && k_split <= kMmaWarps && (k_split & (k_split - 1)) == 0, op,
+          "k_split must be 0 (chosen here) or a power of two up to " + std::to_string(kMmaWarps) + ", got " +
+              std::to_string(k_split));
+  const int64_t tiles = ceil_div(N, 16), groups = K / group_size;
+  if (k_split == 0) {  // split K until the launch has about 16 warps an SM (or a warp has one group)
+    int dev = 0, sms = 1;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    k_split = 1;
+    while (k_split < kMmaWarps && tiles * k_split < int64_t{sms} * 16 && groups >= 2 * k_split) k_split *= 2;
+  }
+  const int64_t grid = ceil_div(tiles, kMmaWarps / k_split);
+  require(grid < (int64_t{1} << 31), op, "too many rows");
+  dispatch_half(dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto go = [&](auto g, auto nt, auto asym) {
+      w4_mma_kernel<T, decltype(g)::value, decltype(nt)::value, decltype(asym)::value>
+          <<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
+              as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
+              as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(k_split));
+    };
+    auto by_zeros = [&](auto g, auto nt) {
+      if (zeros) go(g, nt, std::true_type{});
+      else go(g, nt, std::false_type{});
+    };
+    auto by_rows = [&](auto g) {
+      if (M <= 8) by_zeros(g, std::integral_constant<int, 1>{});
+      else by_zeros(g, std::integral_constant<int, 2>{});
+    };
+    if (group_size == 32) by_rows(std::integral_constant<int, 32>{});
+    else if (group_size == 64) by_rows(std::integral_constant<int, 64>{});
+    else by_rows(std::integral_constant<int, 128>{});
+  });
+  check_launch(op);
+}
 
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
                 int64_t K, int64_t max_ctas, bool prefetch, int dtype, int64_t stream) {

@@ -41,6 +41,11 @@ CPU_TORCH_PREFILL_TOKENS = 128
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
+# int4 up to 16 rows on the tensor cores (csrc/quant_gemv.cu, w4a16_mma): 2.6x fewer instructions per
+# weight byte than the CUDA-core GEMV at one row (sm_90 SASS), about the same at 16 rows, but not yet
+# timed or run on a GPU: off until the GPU suite has checked and timed it (tests/gpu, bench_cuda_ops).
+INT4_TENSOR_CORES = False
+MAX_MMA_ROWS = 16
 
 
 @functools.cache
@@ -406,16 +411,18 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- quantized linear
 def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0,
-                  prefetch: bool = False):
-    """The CUDA GEMV (up to MAX_GEMV_ROWS rows; more go to Triton) or the C++ CPU kernel (bf16 x, K a
-    multiple of 32; anything else goes to torch). max_ctas (CUDA): 0 lets the kernel size its grid;
-    n > 0 caps it at n CTAs (tests, benchmarks); prefetch (CUDA): each warp requests its next rows'
-    weights into L2 as it starts a row group (a variant the benchmarks time, off by default)."""
+                  prefetch: bool = False, tensor_cores: bool = False, k_split: int = 0):
+    """The CUDA GEMV (up to MAX_GEMV_ROWS rows; int4 with tensor_cores up to MAX_MMA_ROWS; more go to
+    Triton) or the C++ CPU kernel (bf16 x, K a multiple of 32; anything else goes to torch). max_ctas
+    (CUDA GEMV): 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks); prefetch
+    (CUDA GEMV): each warp requests its next rows' weights into L2 as it starts a row group (a variant
+    the benchmarks time, off by default); k_split (tensor cores): warps sharing a tile's K, 0 = chosen."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
-    if kind == "cuda" and (m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16)):
+    tensor_cores = tensor_cores and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0
+    if kind == "cuda" and not tensor_cores and (m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16)):
         return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
     if kind == "cpu":
         if not (cpu_packs_linear() and x.dtype == torch.bfloat16 and k % 32 == 0):
@@ -453,6 +460,10 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
         else:
             _ext().cpu.linear_int4_bf16(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                         0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size)
+    elif tensor_cores:
+        _ext().w4a16_mma(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                         0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, k_split,
+                         _DTYPE_CODES[x.dtype], _stream(x))
     elif fmt == "int8":
         _ext().w8a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k,
                           max_ctas, prefetch, _DTYPE_CODES[x.dtype], _stream(x))
@@ -503,8 +514,10 @@ def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ct
 
 @register("linear_int4", "cuda")
 def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
-                     prefetch: bool = False) -> torch.Tensor:
-    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch)
+                     prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
+    """tensor_cores: None follows INT4_TENSOR_CORES."""
+    mma = INT4_TENSOR_CORES if tensor_cores is None else tensor_cores
+    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, mma, k_split)
 
 
 @register("linear_int8", "cpu")

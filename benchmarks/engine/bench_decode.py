@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import gemforge.kernels._native as native
 from gemforge.engine.config import ModelConfig, preset
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.loader import weights_from_state_dict
@@ -191,7 +192,8 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
 
 
-def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device, rows: list[dict]) -> None:
+def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device, rows: list[dict],
+                label: str | None = None) -> None:
     """Decode rows (and verify-window rows) for one model in one weight format, HF beside it if given,
     appended to `rows` and saved to --out as each is measured (a run cut by its time limit keeps them)."""
     def record(row):
@@ -199,11 +201,18 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
         save(rows, args.out)
 
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
-    # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only
+    # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
+    # "int4-mma": int4 on the tensor-core kernel (native.INT4_TENSOR_CORES, off by default until timed)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
-    quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head != "")
+    if head == "mma":
+        default, native.INT4_TENSOR_CORES = native.INT4_TENSOR_CORES, True
+        try:
+            return bench_model(args, name, cfg, hf, base, dtype, device, rows, label=method)
+        finally:
+            native.INT4_TENSOR_CORES = default
+    quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head in ("head", "vocab"))
     weights = weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant)
     if head == "vocab":
         weights.lm_head = head_rows(weights.embed, torch.arange(min(DRAFT_VOCAB, cfg.vocab_size), device=device))
@@ -211,11 +220,12 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
     wbytes = step_bytes(model.w)
     if args.profile:
         for b in args.batches:
-            record({"model": name, "dtype": args.dtype, "weights": method, "profile_batch": b,
+            record({"model": name, "dtype": args.dtype, "weights": label or method, "profile_batch": b,
                         **profile_decode(model, b, args.prompt_len)})
         return
     for b in args.batches:
-        row = {"model": name, "dtype": args.dtype, "weights": method, "batch": b, "prompt_len": args.prompt_len,
+        row = {"model": name, "dtype": args.dtype, "weights": label or method, "batch": b,
+               "prompt_len": args.prompt_len,
                "weight_GB": round(wbytes / 1e9, 3),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         graphs = device == "cuda" and not args.no_graphs
@@ -267,9 +277,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
-                    choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab"],
+                    choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma"],
                     help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
-                         f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models")
+                         f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models; "
+                         "'int4-mma': int4 on the tensor-core kernel")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")

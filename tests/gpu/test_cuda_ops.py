@@ -214,12 +214,36 @@ def test_linear_int8(nan_empty, dtype, m, nk, with_bias):
 @pytest.mark.parametrize("nk", ((257, 768), (1024, 2048), (96, 24576)))
 @pytest.mark.parametrize("group", (32, 64, 128))
 @pytest.mark.parametrize("symmetric", (True, False))
-def test_linear_int4(nan_empty, dtype, m, nk, group, symmetric):
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_linear_int4(nan_empty, dtype, m, nk, group, symmetric, tensor_cores):
+    """The CUDA-core GEMV (one row; more go to the Triton GEMM) and the tensor-core kernel (up to 16 rows)."""
     n, k = nk
     qw = quantize_int4(torch.randn(n, k, device=DEV).to(dtype), group, symmetric)
     x = torch.randn(m, k, device=DEV).to(dtype)
     bias = torch.randn(n, device=DEV).to(dtype) if m == 3 else None
-    _check_linear("int4", qw, x, bias)
+    _check_linear("int4", qw, x, bias, tensor_cores=tensor_cores)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", (1, 7, 9, 16))
+@pytest.mark.parametrize("k_split", (1, 2, 8))
+@pytest.mark.parametrize("nk_group", (((8209, 96), 32), ((257, 3072), 128), ((33, 24576), 64)))
+def test_linear_int4_tensor_cores_k_split(nan_empty, dtype, m, k_split, nk_group):
+    """The tensor-core kernel with each K split of a tile (8 warps over K = 96 in groups of 32: five
+    warps with no group), rows of W past a multiple of 16, one or two tiles of 8 rows of x, asymmetric."""
+    (n, k), group = nk_group
+    qw = quantize_int4(torch.randn(n, k, device=DEV).to(dtype), group, symmetric=False)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    _check_linear("int4", qw, x, torch.randn(n, device=DEV).to(dtype), tensor_cores=True, k_split=k_split)
+
+
+def test_linear_int4_tensor_cores_misaligned_x_falls_back(nan_empty):
+    """x not 16-byte aligned (a view 2 bytes into its buffer): served by the other kernels, still right."""
+    qw = quantize_int4(torch.randn(300, 256, device=DEV, dtype=torch.bfloat16), 64)
+    for m in (1, 5):
+        x = torch.randn(m * 256 + 1, device=DEV, dtype=torch.bfloat16)[1:].view(m, 256)
+        assert x.data_ptr() % 16
+        _check_linear("int4", qw, x, None, tensor_cores=True)
 
 
 @pytest.mark.parametrize("fmt", ("int8", "int4"))

@@ -55,6 +55,8 @@ CALLS = {
                                       torch.randn(40, dtype=BF)),
     "linear_int8": lambda N: N.linear_int8_cuda(torch.randn(1, 64, dtype=BF), *_quant("int8")),
     "linear_int4": lambda N: N.linear_int4_cuda(torch.randn(1, 128, dtype=BF), *_quant("int4")),
+    "linear_int4_tensor_cores": lambda N: N.linear_int4_cuda(torch.randn(3, 128, dtype=BF), *_quant("int4"),
+                                                             tensor_cores=True),
 }
 
 
@@ -70,3 +72,30 @@ def _quant(fmt):
 def test_cuda_wrapper_reaches_the_launch(native, op):
     with pytest.raises(RuntimeError, match=r"gemforge\._C\.\w+: CUDA error"):
         CALLS[op](native)
+
+
+class _Kernels:
+    """Stands in for _C: records which quantized-linear kernel a wrapper launched."""
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+
+@pytest.mark.parametrize("flag", (False, True))
+def test_int4_kernel_choice(native, monkeypatch, flag):
+    """tensor_cores=None follows INT4_TENSOR_CORES; the tensor-core kernel takes up to 16 rows of a
+    16-byte aligned x (k_split passed through); otherwise one row goes to the CUDA-core GEMV."""
+    fake = _Kernels()
+    monkeypatch.setattr(native, "_ext", lambda: fake)
+    monkeypatch.setattr(native, "INT4_TENSOR_CORES", flag)
+    qweight, scales, zeros, group = _quant("int4")
+    native.linear_int4_cuda(torch.randn(1, 128, dtype=BF), qweight, scales, zeros, group)
+    native.linear_int4_cuda(torch.randn(16, 128, dtype=BF), qweight, scales, zeros, group, tensor_cores=True,
+                            k_split=4)
+    native.linear_int4_cuda(torch.randn(129, dtype=BF)[1:].view(1, 128), qweight, scales, zeros, group,
+                            tensor_cores=True)  # misaligned x
+    names = [name for name, _ in fake.calls]
+    assert names == ["w4a16_mma" if flag else "w4a16_gemm", "w4a16_mma", "w4a16_gemm"], names
+    assert fake.calls[1][1][5:11] == (0, 16, 32, 128, 64, 4)  # bias, M, N, K, group, k_split
