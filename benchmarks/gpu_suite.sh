@@ -94,13 +94,14 @@ BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
-# Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
-part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
-
+# The quantized formats (int4 on both kernels: the tensor-core one is off by default until this times it).
 part decode_quant 120 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant int4 int4-mma int8 int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_quant.json"
+
+# Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
+part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
 
 # Kernel benchmarks in two runs, each writing its own JSON, and each case a JSON line as it is measured
 # (pytest-benchmark writes its JSON at the end: a run cut by its limit leaves only the lines).

@@ -154,7 +154,7 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
-    parts = ["build", "ceilings", "tests", "decode", "decode_profile", "decode_quant", "kernel_cuda", "kernel_triton",
+    parts = ["build", "ceilings", "tests", "decode", "decode_quant", "decode_profile", "kernel_cuda", "kernel_triton",
              "throughput", "prefill", "sweep_attention", "speculative", "decode_hf_compiled", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
     failing = ("decode", "decode_profile", "decode_quant", "decode_hf_compiled")
