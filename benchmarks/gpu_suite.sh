@@ -94,9 +94,11 @@ BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
-# The quantized formats (int4 on both kernels: the tensor-core one is off by default until this times it).
-part decode_quant 120 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant int4 int4-mma int8 int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
+# The quantized formats, and kernels off by default until this times them end to end: int4 on the tensor
+# cores (int4-mma), the dense one-row linears on the CUDA GEMV instead of cuBLAS (none-gemv).
+part decode_quant 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches $BATCHES --steps 32 --quant int4 int4-mma none-gemv int8 int4-head int4-vocab --no-hf \
+  --bandwidth-GBps "$BW" \
   --out "$OUT/decode_quant.json"
 
 # Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).

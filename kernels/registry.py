@@ -42,6 +42,11 @@ def prefer(op: str, *order: str) -> None:
     _PREFERENCE[op] = tuple(order)
 
 
+def preference(op: str) -> tuple[str, ...]:
+    """The order "auto" tries for `op` on a CUDA device."""
+    return _PREFERENCE.get(op, ("cuda", "triton", "torch"))
+
+
 def _native_ext():
     try:
         return importlib.import_module("gemforge.kernels._C")
@@ -89,7 +94,7 @@ def select(op: str, backend: str = "auto", device="cpu") -> Callable:
         if why is not None:
             raise BackendUnavailable(f"{op}: backend {backend!r} unavailable: {why}")
         return _IMPLS[op][backend]
-    order = _PREFERENCE.get(op, ("cuda", "triton", "torch")) if dev == "cuda" else ("cpu", "torch")
+    order = preference(op) if dev == "cuda" else ("cpu", "torch")
     skipped = []
     for b in order:
         why = unavailable_reason(op, b, dev)

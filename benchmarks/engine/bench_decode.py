@@ -16,6 +16,7 @@ decode step spends its device time in (torch.profiler), the top ones per model, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import gemforge.kernels._native as native
+from gemforge.kernels import registry
 from gemforge.engine.config import ModelConfig, preset
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.loader import weights_from_state_dict
@@ -192,6 +194,23 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
 
 
+@contextlib.contextmanager
+def kernel_variant(variant: str):
+    """Kernels off by default until the GPU suite has timed them, on while a model is built and run:
+    "mma" the tensor-core int4 kernel for up to 16 rows, "gemv" the CUDA GEMV for one-row dense linears
+    (cuBLAS otherwise)."""
+    tensor_cores, linear = native.INT4_TENSOR_CORES, registry.preference("linear")
+    try:
+        if variant == "mma":
+            native.INT4_TENSOR_CORES = True
+        else:
+            registry.prefer("linear", "cuda", "torch")
+        yield
+    finally:
+        native.INT4_TENSOR_CORES = tensor_cores
+        registry.prefer("linear", *linear)
+
+
 def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device, rows: list[dict],
                 label: str | None = None) -> None:
     """Decode rows (and verify-window rows) for one model in one weight format, HF beside it if given,
@@ -202,22 +221,20 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
 
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
     # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
-    # "int4-mma": int4 on the tensor-core kernel (native.INT4_TENSOR_CORES, off by default until timed)
+    # "int4-mma", "none-gemv": the weights of "int4" / "none" on a kernel that is off by default (kernel_variant)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
-    if head == "mma":
-        default, native.INT4_TENSOR_CORES = native.INT4_TENSOR_CORES, True
-        try:
+    if head in ("mma", "gemv"):
+        with kernel_variant(head):
             return bench_model(args, name, cfg, hf, base, dtype, device, rows, label=method)
-        finally:
-            native.INT4_TENSOR_CORES = default
     quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head in ("head", "vocab"))
     weights = weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant)
     if head == "vocab":
         weights.lm_head = head_rows(weights.embed, torch.arange(min(DRAFT_VOCAB, cfg.vocab_size), device=device))
     model = GemmaModel(cfg, weights, dtype, device, args.backend)
     wbytes = step_bytes(model.w)
+    dense = method == "none" and label is None  # (the HF peer and the verify windows: once, on the defaults)
     if args.profile:
         for b in args.batches:
             record({"model": name, "dtype": args.dtype, "weights": label or method, "profile_batch": b,
@@ -242,7 +259,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
             row["roofline_tok_s"] = round(b / roof_s, 1)
             row["roofline_frac"] = round(row["gemforge_tok_s"] / row["roofline_tok_s"], 3)
             row["async_roofline_frac"] = round(row["gemforge_async_tok_s"] / row["roofline_tok_s"], 3)
-        if method == "none" and not args.no_hf:
+        if dense and not args.no_hf:
             default = (overlapped if device == "cuda" else ours)["tokens_per_s"]  # the engine's loop there
             try:
                 peer = bench_hf(hf, b, args.prompt_len, args.steps, cfg.vocab_size, device)
@@ -255,7 +272,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
             except Exception as e:  # the peer failing must not lose our numbers
                 row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
         record(row)
-    if args.verify and method == "none":  # windows as the engine runs them: from CUDA graphs where it has them
+    if args.verify and dense:  # windows as the engine runs them: from CUDA graphs where it has them
         graphs = device == "cuda" and not args.no_graphs
         one = bench_window(model, 1, args.prompt_len, graphs)
         for k in range(1, 9):
@@ -277,10 +294,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
-                    choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma"],
+                    choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma",
+                             "none-gemv"],
                     help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
                          f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models; "
-                         "'int4-mma': int4 on the tensor-core kernel")
+                         "'int4-mma': int4 on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at one row")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")
