@@ -12,6 +12,7 @@
 // K/V rows are read with 16-byte loads: in QK, 8 lanes share a key row (D/64 chunks each, 3
 // shuffles per head); in PV, D/8 lanes cover a value row and accumulate 8 heads at a time.
 #include "common/check.h"
+#include "common/mma.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
@@ -49,13 +50,62 @@ size_t decode_smem_floats(int G, int D, int part) {
   return std::max<size_t>(size_t(G) * D, size_t(groups) * kHeadTile * D) + size_t(G) * part + 2 * G;
 }
 
+// K/V row of position pos of a sequence; Pow2: block_size is a power of two (a shift and a mask, where a
+// division costs tens of instructions a row).
+template <bool Pow2 = false>
 struct PagedSeq {
   const int* table;  // this sequence's block table row
   int block_size, hk, g;
   template <int D, typename T>
   __device__ __forceinline__ const T* row(const T* cache, int pos) const {
-    const int64_t blk = table[pos / block_size];
-    return cache + ((blk * block_size + pos % block_size) * hk + g) * D;
+    const int blk_i = Pow2 ? pos >> (__ffs(block_size) - 1) : pos / block_size;
+    const int in_blk = Pow2 ? pos & (block_size - 1) : pos % block_size;
+    return cache + ((int64_t{table[blk_i]} * block_size + in_blk) * hk + g) * D;
+  }
+};
+
+// Softmax statistics of each head's scores ps[h][0..n) (pre-multiplied by log2 e): m = max, l = sum 2^(s - m);
+// the scores become 2^(s - m). One warp a head.
+__device__ __forceinline__ void softmax_rows(float* ps, float* m_s, float* l_s, int G, int part, int n) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int h = warp; h < G; h += kWarps) {
+    float* s = ps + h * part;
+    float m = MaxOp::identity();
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, s[t]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int t = lane; t < n; t += 32) {
+      const float e = exp2f(s[t] - m);
+      s[t] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      m_s[h] = m;
+      l_s[h] = l;
+    }
+  }
+}
+
+// Where a partition's sum for (query head qh, dim d) goes: out = acc / l when the sequence has one
+// partition, else part_acc with the head's (m, l) beside it for the reduce kernel.
+template <typename T>
+struct PartitionOut {
+  T* out;
+  float *part_acc, *part_max, *part_sum;
+  int64_t token, b;
+  int hq, D, max_parts, p, nparts;
+  __device__ __forceinline__ void store(int qh, int d, float acc, float m, float l) const {
+    if (nparts == 1) {
+      out[(token * hq + qh) * D + d] = from_float<T>(acc / l);
+    } else {
+      const int64_t slot = (b * hq + qh) * max_parts + p;
+      part_acc[slot * D + d] = acc;
+      if (d == 0) {
+        part_max[slot] = m;
+        part_sum[slot] = l;
+      }
+    }
   }
 };
 
@@ -73,8 +123,9 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
   const int ctx = context_lens[b], start = p * part;
   if (start >= ctx) return;
   const int n = min(ctx - start, part), nparts = (ctx + part - 1) / part;
-  const int G = hq / hk, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const PagedSeq seq{block_tables + b * bt_stride, block_size, hk, g};
+  const int G = hq / hk, tid = threadIdx.x, lane = tid & 31;
+  const PagedSeq<> seq{block_tables + b * bt_stride, block_size, hk, g};
+  const PartitionOut<T> dst{out, part_acc, part_max, part_sum, token, b, hq, D, max_parts, p, nparts};
 
   extern __shared__ float smem[];
   const int groups = kWarps * (32 / (D / kChunk));
@@ -120,24 +171,7 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
   }
   __syncthreads();
 
-  // Softmax statistics per head; scores become unnormalised probabilities 2^(s - m).
-  for (int h = warp; h < G; h += kWarps) {
-    float* s = ps + h * part;
-    float m = MaxOp::identity();
-    for (int t = lane; t < n; t += 32) m = fmaxf(m, s[t]);
-    m = warp_max(m);
-    float l = 0.f;
-    for (int t = lane; t < n; t += 32) {
-      const float e = exp2f(s[t] - m);
-      s[t] = e;
-      l += e;
-    }
-    l = warp_sum(l);
-    if (lane == 0) {
-      m_s[h] = m;
-      l_s[h] = l;
-    }
-  }
+  softmax_rows(ps, m_s, l_s, G, part, n);  // scores become unnormalised probabilities 2^(s - m)
   __syncthreads();
 
   // PV: D/8 lanes per value row, `groups` rows in flight; partial sums reduced through `red`.
@@ -167,20 +201,110 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
       if (h >= G) break;
       float s = 0.f;
       for (int v = 0; v < groups; ++v) s += red[v * kHeadTile * D + i];
-      const int qh = g * G + h;
-      if (nparts == 1) {
-        out[(int64_t{token} * hq + qh) * D + d] = from_float<T>(s / l_s[h]);
-      } else {
-        const int64_t slot = (int64_t{b} * hq + qh) * max_parts + p;
-        part_acc[slot * D + d] = s;
-        if (d == 0) {
-          part_max[slot] = m_s[h];
-          part_sum[slot] = l_s[h];
-        }
-      }
+      dst.store(g * G + h, d, s, m_s[h], l_s[h]);
     }
     __syncthreads();
   }
+}
+
+// The same partition on the tensor cores, for G <= 8 query heads per KV head (the 2B's MQA: G = 8),
+// where the kernel above issues about 11 instructions per byte of K/V (each key row meets each head
+// in fp32 FMAs, q re-read from shared memory per key) and is bound by them. mma m16n8k16:
+//   QK: S (heads, zero-padded to 16 rows, x 8 keys) = Q . K^T. Lane (r, c) loads 16 bytes of key row
+//       r at dims 8c + 32j and uses them as they lie as its B fragment (the order of the dims inside an
+//       mma is free, Q's A fragment follows it); its D fragment holds head r's scores of keys 2c, 2c+1.
+//   PV: O^T (16 dims x 8 heads) = V^T . P^T. Warp w owns D / 4 dims, lane (r, c) 2 kTW of them
+//       (kTW = D / 64 tiles of 16 dims: tile t's rows r and r + 8 are dims d0 + 2t and d0 + 2t + 1, the
+//       order of the rows free too); it loads its dims of keys 2c, 2c+1, 2c+8, 2c+9 of a 16-key block
+//       in one access a key, pairs them by key (PRMT) into A, and takes head r's probabilities of those
+//       keys, rounded to T as flash attention rounds them, as B.
+// About 0.4 instructions per byte of K/V. Scores and probabilities live in shared memory as above.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_max,
+                            float* __restrict__ part_sum, const T* __restrict__ q, const T* __restrict__ k_cache,
+                            const T* __restrict__ v_cache, const int* __restrict__ cu_seqlens_q,
+                            const int* __restrict__ context_lens, const int* __restrict__ block_tables,
+                            int64_t q_stride, int64_t bt_stride, int hq, int hk, int block_size, int part,
+                            int max_parts, float scale_log2) {
+  constexpr int kJ = D / 32;               // 16-byte chunks of a key row per lane in QK
+  constexpr int kTW = D / kWarps / 16;     // 16-dim tiles per warp in PV
+  using VRow = typename VecLoad<4 * kTW>::type;  // a lane's 2 kTW dims of one value row
+  const int p = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int token = cu_seqlens_q[b];
+  if (cu_seqlens_q[b + 1] == token) return;  // no query token for this sequence in the batch
+  const int ctx = context_lens[b], start = p * part;
+  if (start >= ctx) return;
+  const int n = min(ctx - start, part), nparts = (ctx + part - 1) / part;
+  const int G = hq / hk, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
+  const PagedSeq<true> seq{block_tables + b * bt_stride, block_size, hk, g};
+  const PartitionOut<T> dst{out, part_acc, part_max, part_sum, token, b, hq, D, max_parts, p, nparts};
+
+  extern __shared__ float smem[];
+  float* ps = smem;            // [G][part]
+  float* m_s = ps + G * part;  // [G]
+  float* l_s = m_s + G;        // [G]
+
+  {  // QK, 8 keys a warp at a time
+    uint4 qf[kJ];  // head r (zero past G), dims 8c + 32j .. + 7
+    const T* qh = q + token * q_stride + int64_t{g * G + min(r, G - 1)} * D + 8 * c;
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) qf[j] = r < G ? *reinterpret_cast<const uint4*>(qh + 32 * j) : uint4{};
+    for (int t0 = warp * 8; t0 < n; t0 += kWarps * 8) {
+      const int t = t0 + r;
+      const T* kr = seq.row<D>(k_cache, start + min(t, n - 1)) + 8 * c;  // (past n: any row, never stored)
+      float s[2][4] = {};  // even and odd chunks: two shorter mma chains
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) {
+        const uint4 kv = __ldcs(reinterpret_cast<const uint4*>(kr + 32 * j));
+        mma_16816<T>(s[j & 1], qf[j].x, 0u, qf[j].y, 0u, kv.x, kv.y);
+        mma_16816<T>(s[j & 1], qf[j].z, 0u, qf[j].w, 0u, kv.z, kv.w);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {  // s[.][i]: head r, key t0 + 2c + i
+        const int key = t0 + 2 * c + i;
+        if (r < G && key < n) ps[r * part + key] = (s[0][i] + s[1][i]) * scale_log2;
+      }
+    }
+  }
+  __syncthreads();
+  softmax_rows(ps, m_s, l_s, G, part, n);
+  __syncthreads();
+
+  // PV over 16-key blocks: this warp's D / kWarps dims, lane dims d0 .. d0 + 2 kTW.
+  const int d0 = warp * (D / kWarps) + 2 * kTW * r;
+  float acc[kTW][4] = {};
+  const float* pr = ps + min(r, G - 1) * part;
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    uint32_t w[4][kTW];  // keys t0 + 2c, + 1, + 8, + 9: their words of dims (d0 + 2t, d0 + 2t + 1)
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {  // (an even key and the next share a block: block_size is even)
+      const int key = t0 + 2 * c + 8 * (i >> 1);
+      const T* row = seq.row<D>(v_cache, start + min(key, n - 1)) + d0;
+      const VRow v0 = key < n ? __ldcs(reinterpret_cast<const VRow*>(row)) : VRow{};
+      const VRow v1 = key + 1 < n ? __ldcs(reinterpret_cast<const VRow*>(row + hk * D)) : VRow{};
+      memcpy(w[i], &v0, sizeof v0);
+      memcpy(w[i + 1], &v1, sizeof v1);
+    }
+    float pk[4];  // head r's probabilities of those keys (0 past n, and for padding heads)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = t0 + 2 * c + (i & 1) + 8 * (i >> 1);
+      pk[i] = r < G && key < n ? pr[key] : 0.f;
+    }
+    const uint32_t b0 = pack_pair<T>(pk[0], pk[1]), b1 = pack_pair<T>(pk[2], pk[3]);
+#pragma unroll
+    for (int t = 0; t < kTW; ++t)
+      mma_16816<T>(acc[t], __byte_perm(w[0][t], w[1][t], 0x5410), __byte_perm(w[0][t], w[1][t], 0x7632),
+                   __byte_perm(w[2][t], w[3][t], 0x5410), __byte_perm(w[2][t], w[3][t], 0x7632), b0, b1);
+  }
+#pragma unroll
+  for (int t = 0; t < kTW; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // acc[t][i]: dim d0 + 2t (+ 1 for i >= 2), head 2c + (i & 1)
+      const int h = 2 * c + (i & 1);
+      if (h < G) dst.store(g * G + h, d0 + 2 * t + (i >> 1), acc[t][i], m_s[h], l_s[h]);
+    }
 }
 
 template <typename T>
@@ -217,11 +341,15 @@ template <typename T, int D>
 void launch_decode(int64_t out, int64_t part_acc, int64_t part_max, int64_t part_sum, int64_t q,
                    int64_t k_cache, int64_t v_cache, int64_t cu, int64_t ctx, int64_t bt, int64_t B,
                    int64_t q_stride, int64_t bt_stride, int hq, int hk, int block_size, int part,
-                   int64_t max_parts, float scale_log2, cudaStream_t stream) {
+                   int64_t max_parts, float scale_log2, bool tensor_cores, cudaStream_t stream) {
   const int G = hq / hk;
-  const size_t smem = decode_smem_floats(G, D, part) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(max_parts), hk, static_cast<unsigned>(B));
-  decode_partition_kernel<T, D><<<grid, kThreads, smem, stream>>>(
+  // (the tensor-core kernel reads q rows in 16-byte loads and indexes blocks by shifts)
+  const bool mma = tensor_cores && G <= 8 && aligned16(q) && q_stride % 8 == 0 && block_size >= 2 &&
+                   (block_size & (block_size - 1)) == 0;
+  const auto kernel = mma ? decode_partition_mma_kernel<T, D> : decode_partition_kernel<T, D>;
+  const size_t smem = (mma ? size_t(G) * part + 2 * G : decode_smem_floats(G, D, part)) * sizeof(float);
+  kernel<<<grid, kThreads, smem, stream>>>(
       as_ptr<T>(out), as_ptr<float>(part_acc), as_ptr<float>(part_max), as_ptr<float>(part_sum),
       as_ptr<const T>(q), as_ptr<const T>(k_cache), as_ptr<const T>(v_cache), as_ptr<const int>(cu),
       as_ptr<const int>(ctx), as_ptr<const int>(bt), q_stride, bt_stride, hq, hk, block_size, part,
@@ -276,7 +404,7 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
                       int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q, int64_t context_lens,
                       int64_t block_tables, int64_t num_seqs, int64_t q_stride, int64_t bt_stride,
                       int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size, int64_t max_parts,
-                      double scale, int dtype, int64_t stream) {
+                      double scale, bool tensor_cores, int dtype, int64_t stream) {
   const int part = static_cast<int>(decode_partition_size(hq, hk, head_dim));
   require(block_size > 0, "decode_attention", "block_size must be positive");
   require(max_parts >= 1 && max_parts <= 65535, "decode_attention", "max_parts must be in [1, 65535]");
@@ -290,7 +418,7 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
       constexpr int D = decltype(kernel_d)::value;
       launch_decode<T, D>(out, part_acc, part_max, part_sum, q, k_cache, v_cache, cu_seqlens_q, context_lens,
                           block_tables, num_seqs, q_stride, bt_stride, int(hq), int(hk), int(block_size), part,
-                          max_parts, scale_log2, as_stream(stream));
+                          max_parts, scale_log2, tensor_cores, as_stream(stream));
     };
     if (head_dim == 64) go(std::integral_constant<int, 64>{});
     else if (head_dim == 128) go(std::integral_constant<int, 128>{});

@@ -80,7 +80,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("part_sum"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"),
         py::arg("context_lens"), py::arg("block_tables"), py::arg("num_seqs"), py::arg("q_stride"),
         py::arg("bt_stride"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("block_size"),
-        py::arg("max_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream"));
+        py::arg("max_parts"), py::arg("scale"), py::arg("tensor_cores"), py::arg("dtype"), py::arg("stream"));
   m.def("w8a16_gemm", &gf::w8a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"),
         py::arg("dtype"), py::arg("stream"));

@@ -26,12 +26,13 @@ void write_kv(int64_t k, int64_t v, int64_t k_cache, int64_t v_cache, int64_t sl
 // Tokens per split-K partition the decode kernel uses for this shape (sizes the workspace).
 int64_t decode_partition_size(int64_t hq, int64_t hk, int64_t head_dim);
 
-// Paged decode attention, one query token per sequence (see attention.cu).
+// Paged decode attention, one query token per sequence (see attention.cu); tensor_cores: the mma kernel
+// where it applies (at most 8 query heads per kv head, q rows 16-byte aligned).
 void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t part_sum, int64_t q,
                       int64_t k_cache, int64_t v_cache, int64_t cu_seqlens_q, int64_t context_lens,
                       int64_t block_tables, int64_t num_seqs, int64_t q_stride, int64_t bt_stride,
                       int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size, int64_t max_parts,
-                      double scale, int dtype, int64_t stream);
+                      double scale, bool tensor_cores, int dtype, int64_t stream);
 
 // y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu and docs/QUANT_FORMAT.md).
 // max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks). prefetch: each

@@ -11,6 +11,7 @@
 // chunk so the lanes' float4 reads are bank-conflict free. Dequantisation is exact in fp32: a byte
 // b is placed in the mantissa of 2^23 (one PRMT) and 2^23 + zero subtracted (one FADD).
 #include "common/check.h"
+#include "common/mma.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
@@ -306,15 +307,6 @@ __device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
   return out;
 }
 
-// The 16-bit pair (v, v) of x's dtype.
-template <typename T>
-__device__ __forceinline__ uint32_t pair_of(float v) {
-  const T h = from_float<T>(v);
-  uint16_t bits;
-  memcpy(&bits, &h, 2);
-  return uint32_t{bits} * 0x10001u;
-}
-
 // Word v holds codes q0..q7 (q_i in bits 4i..4i+3); p[j] = (B + q_2j, B + q_2j+1) as 16-bit values:
 // byte j of v (q_2j low) and byte j of v >> 4 (q_2j+1 low) become the pair's low bytes (PRMT), then
 // (t & 0x000F000F) | bits of (B, B) in one LOP3 (written out: the compiler splits it in two). Without
@@ -332,32 +324,13 @@ __device__ __forceinline__ void code_pairs(uint32_t v, uint32_t zero_pair, uint3
   }
 }
 
-// d += A (16 x 16, row-major fragment a) * B (16 x 8, column-major fragment b0, b1).
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <int Bytes> struct CodeLoad;  // a lane's codes of one group and row, as 32-bit words
-template <> struct CodeLoad<16> { using type = uint4; };
-template <> struct CodeLoad<8> { using type = uint2; };
-template <> struct CodeLoad<4> { using type = uint32_t; };
-
 // CTA: kMmaWarps warps, kMmaWarps / k_split tiles of 16 rows, each tile's groups split among k_split
 // warps. NT: tiles of 8 rows of x (1: M <= 8, 2: M <= 16). Rows of W past N and of x past M are
 // read as row N - 1 and M - 1 (no predicates in the loop): what they yield is never written.
 template <typename T, int G, int NT, bool Asym>
 struct W4MmaLane {
   static constexpr int kBytes = G / 8, kWords = kBytes / 4;  // a lane's codes of one group and row
-  using Code = typename CodeLoad<kBytes>::type;
+  using Code = typename VecLoad<kBytes>::type;
   const uint8_t* codes[2];  // rows r and r + 8, at the lane's quarter of the next group
   const T* scale_rows[2];
   const T* zero_rows[2];    // Asym only (else z = 8)

@@ -46,6 +46,10 @@ MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x f
 # timed or run on a GPU: off until the GPU suite has checked and timed it (tests/gpu, bench_cuda_ops).
 INT4_TENSOR_CORES = False
 MAX_MMA_ROWS = 16
+# Decode attention's partitions on the tensor cores where a KV head has up to 8 query heads (the 2B's MQA):
+# about 0.4 instructions per K/V byte against 11 for the CUDA-core kernel (whose 2B decode read 0.57 TB/s
+# on an H100); off until the GPU suite has checked and timed it.
+ATTENTION_TENSOR_CORES = False
 
 
 @functools.cache
@@ -286,8 +290,11 @@ def _check_attention(kind: str, q, k_cache, v_cache, meta: AttnMetadata, dtypes)
 
 
 @register("attention", "cuda")
-def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """Split-K decode kernel when every sequence has at most one new token; else the Triton kernel."""
+def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float, *,
+                   tensor_cores: bool | None = None) -> torch.Tensor:
+    """Split-K decode kernel when every sequence has at most one new token; else the Triton kernel.
+    tensor_cores (None: ATTENTION_TENSOR_CORES): the partitions' products on the tensor cores where
+    a KV head has at most 8 query heads (csrc/attention.cu)."""
     if meta.max_query_len > 1:
         return select("attention", "triton", q.device)(q, k_cache, v_cache, meta, scale)
     _check_attention("cuda", q, k_cache, v_cache, meta, _HALF)
@@ -310,7 +317,7 @@ def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> tor
         0 if s is None else s.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         meta.cu_seqlens_q.data_ptr(), meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), b, q.stride(0),
         meta.block_tables.stride(0), hq, hk, head_dim, k_cache.shape[1], max_parts, float(scale),
-        _DTYPE_CODES[q.dtype], _stream(q))
+        ATTENTION_TENSOR_CORES if tensor_cores is None else tensor_cores, _DTYPE_CODES[q.dtype], _stream(q))
     return out
 
 

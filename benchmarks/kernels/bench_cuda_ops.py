@@ -180,6 +180,8 @@ def test_decode_attention(benchmark, model, batch, context):
                         max_query_len=1, max_context_len=context)
     q = torch.randn(batch, hq, d, device=DEV, dtype=DTYPE)
     fns = impls("attention", q, k_cache, v_cache, meta, d ** -0.5)
+    cuda = select("attention", "cuda", DEV)  # its partitions on the tensor cores (off by default until timed)
+    fns["cuda_mma"] = lambda: cuda(q, k_cache, v_cache, meta, d ** -0.5, tensor_cores=True)
     if batch * context > 16 * 512:
         fns.pop("torch")  # the per-sequence Python loop reference takes seconds here
     compare(benchmark, fns, 2 * batch * context * hk * d * k_cache.element_size() + 2 * nbytes(q))

@@ -130,8 +130,11 @@ def _decode_meta(ctx_lens, table, has_token=None):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("heads", ((8, 1), (16, 16), (8, 2)))
 @pytest.mark.parametrize("head_dim", (256, 128, 64))
-@pytest.mark.parametrize("block_size", (16, 32))
-def test_decode_attention(nan_empty, dtype, heads, head_dim, block_size):
+@pytest.mark.parametrize("block_size", (16, 32, 24))
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_decode_attention(nan_empty, dtype, heads, head_dim, block_size, tensor_cores):
+    """Both partition kernels (the tensor-core one where a KV head has at most 8 query heads and the block
+    size is a power of two: 24 takes the other)."""
     hq, hk = heads
     ctx = [1, 17, 255, 256, 257, 1000, 1537]  # around partition edges (256 / 512 tokens)
     k_cache, v_cache, table = _paged_batch(ctx, hk, head_dim, block_size, dtype)
@@ -139,21 +142,35 @@ def test_decode_attention(nan_empty, dtype, heads, head_dim, block_size):
     qkv = torch.randn(len(ctx), (hq + 2 * hk) * head_dim, device=DEV).to(dtype)
     q = qkv[:, : hq * head_dim].view(len(ctx), hq, head_dim)  # token-strided view
     scale = head_dim ** -0.5
-    out = cuda("attention")(q, k_cache, v_cache, meta, scale)
+    out = cuda("attention")(q, k_cache, v_cache, meta, scale, tensor_cores=tensor_cores)
     r32 = ref("attention")(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     lp = ref("attention")(q, k_cache, v_cache, meta, scale)
     assert_close(out, r32, lp, what=f"decode attention {heads} D={head_dim}")
 
 
-def test_decode_attention_sequences_without_token(nan_empty):
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_decode_attention_sequences_without_token(nan_empty, tensor_cores):
     """Sequences with no new token this step (cu_seqlens_q repeats) are skipped."""
     ctx = [40, 700, 9]
     k_cache, v_cache, table = _paged_batch(ctx, 1, 256, 16, torch.bfloat16)
     meta = _decode_meta(ctx, table, has_token=[1, 0, 1])
     q = torch.randn(2, 8, 256, device=DEV, dtype=torch.bfloat16)
-    out = cuda("attention")(q, k_cache, v_cache, meta, 0.0625)
+    out = cuda("attention")(q, k_cache, v_cache, meta, 0.0625, tensor_cores=tensor_cores)
     assert_close(out, ref("attention")(q.float(), k_cache.float(), v_cache.float(), meta, 0.0625),
                  ref("attention")(q, k_cache, v_cache, meta, 0.0625))
+
+
+def test_decode_attention_tensor_cores_misaligned_q_falls_back(nan_empty):
+    """q rows not 16-byte aligned (a view 2 bytes into its buffer): the CUDA-core kernel serves them."""
+    ctx = [300, 5]
+    k_cache, v_cache, table = _paged_batch(ctx, 1, 128, 16, torch.bfloat16)
+    buf = torch.randn(2 * 8 * 128 + 1, device=DEV, dtype=torch.bfloat16)
+    q = buf[1:].view(2, 8, 128)
+    assert q.data_ptr() % 16
+    out = cuda("attention")(q, k_cache, v_cache, _decode_meta(ctx, table), 0.088, tensor_cores=True)
+    meta = _decode_meta(ctx, table)
+    assert_close(out, ref("attention")(q.float(), k_cache.float(), v_cache.float(), meta, 0.088),
+                 ref("attention")(q, k_cache, v_cache, meta, 0.088))
 
 
 def test_attention_prefill_delegates_to_triton():

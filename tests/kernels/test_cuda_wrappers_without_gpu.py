@@ -51,6 +51,9 @@ CALLS = {
                                           torch.arange(3)),
     "attention": lambda N: N.attention_cuda(torch.randn(3, 4, 64, dtype=BF), torch.zeros(8, 16, 2, 64, dtype=BF),
                                             torch.zeros(8, 16, 2, 64, dtype=BF), _decode_meta(3), 0.125),
+    "attention_tensor_cores": lambda N: N.attention_cuda(
+        torch.randn(3, 4, 64, dtype=BF), torch.zeros(8, 16, 2, 64, dtype=BF), torch.zeros(8, 16, 2, 64, dtype=BF),
+        _decode_meta(3), 0.125, tensor_cores=True),
     "linear": lambda N: N.linear_cuda(torch.randn(1, 64, dtype=BF), torch.randn(40, 64, dtype=BF),
                                       torch.randn(40, dtype=BF)),
     "linear_int8": lambda N: N.linear_int8_cuda(torch.randn(1, 64, dtype=BF), *_quant("int8")),
