@@ -43,7 +43,7 @@ void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t z
                 int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, int dtype,
                 int64_t stream);
 // int4 on the tensor cores (sm_80+), M <= 16, x 16-byte aligned; k_split: warps that share a tile's K
-// (0: chosen from the device's SM count; else a power of two up to 8, for tests).
+// (0: chosen for the device, see mma_k_split; else a power of two up to 8, for tests).
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
                int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream);
 // The same kernel over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.

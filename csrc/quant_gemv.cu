@@ -278,7 +278,8 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
 // products are scaled by s in fp32 and summed, as in the kernel above. Issued per 64 bytes of codes a
 // lane (sm_90a SASS of the main loop, g = 128): 247 instructions (bf16; fp16 286), where the CUDA-core
 // kernel issues 641 at one row of x and 1214 at four; 16 rows of x take 165 per 32 bytes.
-// Warps of a CTA split K when W has few rows (k_split), their sums added in shared memory.
+// Warps of a CTA may split K (k_split, chosen to fill the last round of CTAs), their sums added in shared
+// memory.
 constexpr int kMmaWarps = kThreads / 32;
 
 template <typename T> struct MmaOperand;
@@ -446,6 +447,20 @@ w4_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restr
     }
 }
 
+// Warps sharing a tile's K (1, 2, 4 or 8; each with a group at least): the split whose grid of CTAs
+// fills its last round of `slots` resident CTAs best (a CTA streams a fixed share of W, so a last round
+// a third full leaves two thirds of the device idle for a round), the smallest among equals.
+int mma_k_split(int64_t tiles, int64_t groups, int64_t slots) {
+  int best = 1;
+  double best_fill = 0;
+  for (int split = 1; split <= kMmaWarps && split <= groups; split *= 2) {
+    const int64_t ctas = ceil_div(tiles, kMmaWarps / split);
+    const double fill = double(ctas) / double(ceil_div(ctas, slots) * slots);
+    if (fill > best_fill + 1e-9) best = split, best_fill = fill;
+  }
+  return best;
+}
+
 }  // namespace
 
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
@@ -461,22 +476,16 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
           "k_split must be 0 (chosen here) or a power of two up to " + std::to_string(kMmaWarps) + ", got " +
               std::to_string(k_split));
   const int64_t tiles = ceil_div(N, 16), groups = K / group_size;
-  if (k_split == 0) {  // split K until the launch has about 16 warps an SM (or a warp has one group)
-    int dev = 0, sms = 1;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    k_split = 1;
-    while (k_split < kMmaWarps && tiles * k_split < int64_t{sms} * 16 && groups >= 2 * k_split) k_split *= 2;
-  }
-  const int64_t grid = ceil_div(tiles, kMmaWarps / k_split);
-  require(grid < (int64_t{1} << 31), op, "too many rows");
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto go = [&](auto g, auto nt, auto asym) {
-      w4_mma_kernel<T, decltype(g)::value, decltype(nt)::value, decltype(asym)::value>
-          <<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
-              as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
-              as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(k_split));
+      const auto kernel = w4_mma_kernel<T, decltype(g)::value, decltype(nt)::value, decltype(asym)::value>;
+      const int split = k_split ? int(k_split) : mma_k_split(tiles, groups, resident_ctas(kernel, 0));
+      const int64_t grid = ceil_div(tiles, kMmaWarps / split);
+      require(grid < (int64_t{1} << 31), op, "too many rows");
+      kernel<<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
+          as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
+          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), split);
     };
     auto by_zeros = [&](auto g, auto nt) {
       if (zeros) go(g, nt, std::true_type{});
