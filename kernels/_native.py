@@ -42,13 +42,13 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/c
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
 # int4 up to 16 rows on the tensor cores (csrc/quant_gemv.cu, w4a16_mma): 2.6x fewer instructions per
-# weight byte than the CUDA-core GEMV at one row (sm_90 SASS), about the same at 16 rows, but not yet
-# timed or run on a GPU: off until the GPU suite has checked and timed it (tests/gpu, bench_cuda_ops).
+# weight byte than the CUDA-core GEMV at one row and 4.9x at four (sm_90a SASS), but not yet run on a
+# GPU: off until the GPU suite has checked and timed it (tests/gpu, bench_cuda_ops, bench_decode int4-mma).
 INT4_TENSOR_CORES = False
 MAX_MMA_ROWS = 16
 # Decode attention's partitions on the tensor cores where a KV head has up to 8 query heads (the 2B's MQA):
-# about 0.4 instructions per K/V byte against 11 for the CUDA-core kernel (whose 2B decode read 0.57 TB/s
-# on an H100); off until the GPU suite has checked and timed it.
+# 1-2 instructions per K/V byte in its loops against 9-13 for the CUDA-core kernel (sm_90a SASS; that
+# kernel's 2B decode read 0.57 TB/s on an H100); off until the GPU suite has checked and timed it.
 ATTENTION_TENSOR_CORES = False
 
 
