@@ -65,12 +65,12 @@ struct PagedSeq {
   }
 };
 
-// Softmax statistics of each head's scores ps[h][0..n) (pre-multiplied by log2 e): m = max, l = sum 2^(s - m);
-// the scores become 2^(s - m). One warp a head.
-__device__ __forceinline__ void softmax_rows(float* ps, float* m_s, float* l_s, int G, int part, int n) {
+// Softmax statistics of each head's scores ps[h * ld + 0..n) (pre-multiplied by log2 e): m = max,
+// l = sum 2^(s - m); the scores become 2^(s - m). One warp a head.
+__device__ __forceinline__ void softmax_rows(float* ps, float* m_s, float* l_s, int G, int ld, int n) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int h = warp; h < G; h += kWarps) {
-    float* s = ps + h * part;
+    float* s = ps + h * ld;
     float m = MaxOp::identity();
     for (int t = lane; t < n; t += 32) m = fmaxf(m, s[t]);
     m = warp_max(m);
@@ -87,6 +87,10 @@ __device__ __forceinline__ void softmax_rows(float* ps, float* m_s, float* l_s, 
     }
   }
 }
+
+// Row stride of the tensor-core kernel's scores: 4 floats of padding a row, so that the 8 lanes that
+// share a column (c) but not a row (r) hit 2 banks at most, not one.
+__host__ __device__ constexpr int mma_score_stride(int part) { return part + 4; }
 
 // Where a partition's sum for (query head qh, dim d) goes: out = acc / l when the sequence has one
 // partition, else part_acc with the head's (m, l) beside it for the reduce kernel.
@@ -243,9 +247,10 @@ decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, f
   const PartitionOut<T> dst{out, part_acc, part_max, part_sum, token, b, hq, D, max_parts, p, nparts};
 
   extern __shared__ float smem[];
-  float* ps = smem;            // [G][part]
-  float* m_s = ps + G * part;  // [G]
-  float* l_s = m_s + G;        // [G]
+  const int ld = mma_score_stride(part);  // (rows padded: the 8 lanes of a column touch 8 rows of scores)
+  float* ps = smem;          // [G][ld]
+  float* m_s = ps + G * ld;  // [G]
+  float* l_s = m_s + G;      // [G]
 
   {  // QK, 8 keys a warp at a time
     uint4 qf[kJ];  // head r (zero past G), dims 8c + 32j .. + 7
@@ -265,18 +270,18 @@ decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, f
 #pragma unroll
       for (int i = 0; i < 2; ++i) {  // s[.][i]: head r, key t0 + 2c + i
         const int key = t0 + 2 * c + i;
-        if (r < G && key < n) ps[r * part + key] = (s[0][i] + s[1][i]) * scale_log2;
+        if (r < G && key < n) ps[r * ld + key] = (s[0][i] + s[1][i]) * scale_log2;
       }
     }
   }
   __syncthreads();
-  softmax_rows(ps, m_s, l_s, G, part, n);
+  softmax_rows(ps, m_s, l_s, G, ld, n);
   __syncthreads();
 
   // PV over 16-key blocks: this warp's D / kWarps dims, lane dims d0 .. d0 + 2 kTW.
   const int d0 = warp * (D / kWarps) + 2 * kTW * r;
   float acc[kTW][4] = {};
-  const float* pr = ps + min(r, G - 1) * part;
+  const float* pr = ps + min(r, G - 1) * ld;
   for (int t0 = 0; t0 < n; t0 += 16) {
     uint32_t w[4][kTW];  // keys t0 + 2c, + 1, + 8, + 9: their words of dims (d0 + 2t, d0 + 2t + 1)
 #pragma unroll
@@ -350,7 +355,8 @@ void launch_decode(int64_t out, int64_t part_acc, int64_t part_max, int64_t part
   const bool mma = tensor_cores && G <= 8 && aligned16(q) && q_stride % 8 == 0 && block_size >= 2 &&
                    (block_size & (block_size - 1)) == 0;
   const auto kernel = mma ? decode_partition_mma_kernel<T, D> : decode_partition_kernel<T, D>;
-  const size_t smem = (mma ? size_t(G) * part + 2 * G : decode_smem_floats(G, D, part)) * sizeof(float);
+  const size_t floats = mma ? size_t(G) * mma_score_stride(part) + 2 * G : decode_smem_floats(G, D, part);
+  const size_t smem = floats * sizeof(float);
   kernel<<<grid, kThreads, smem, stream>>>(
       as_ptr<T>(out), as_ptr<float>(part_acc), as_ptr<float>(part_max), as_ptr<float>(part_sum),
       as_ptr<const T>(q), as_ptr<const T>(k_cache), as_ptr<const T>(v_cache), as_ptr<const int>(cu),
