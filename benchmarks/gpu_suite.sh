@@ -94,10 +94,11 @@ BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
-# The quantized formats, and kernels off by default until this times them end to end: int4 on the tensor
-# cores (int4-mma), the dense one-row linears on the CUDA GEMV instead of cuBLAS (none-gemv).
+# The quantized formats, then kernels off by default until this times them end to end: int4 on the tensor
+# cores (int4-mma), the dense one-row linears on the CUDA GEMV instead of cuBLAS (none-gemv). (Last: a
+# kernel that faulted would take the process's CUDA context, and the formats after it, with it.)
 part decode_quant 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant int4 int4-mma none-gemv int8 int4-head int4-vocab --no-hf \
+  --batches $BATCHES --steps 32 --quant int4 int8 int4-head int4-vocab int4-mma none-gemv --no-hf \
   --bandwidth-GBps "$BW" \
   --out "$OUT/decode_quant.json"
 
