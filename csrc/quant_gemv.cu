@@ -328,8 +328,13 @@ __device__ __forceinline__ void code_pairs(uint32_t v, uint32_t zero_pair, uint3
 // CTA: kMmaWarps warps, kMmaWarps / k_split tiles of 16 rows, each tile's groups split among k_split
 // warps. NT: tiles of 8 rows of x (1: M <= 8, 2: M <= 16). Rows of W past N and of x past M are
 // read as row N - 1 and M - 1 (no predicates in the loop): what they yield is never written.
+// A lane of mma_gemv_kernel over int4 weights: a chunk of K is a quantization group.
 template <typename T, int G, int NT, bool Asym>
 struct W4MmaLane {
+  using Dtype = T;
+  static constexpr int kChunk = G, kRowTiles = NT;
+  // groups loaded before use: 64 bytes of codes a lane (32 with 16 rows of x), at most 4 groups (registers)
+  static constexpr int kUnroll = 256 / G / NT < 4 ? 256 / G / NT : 4;
   static constexpr int kBytes = G / 8, kWords = kBytes / 4;  // a lane's codes of one group and row
   using Code = typename VecLoad<kBytes>::type;
   const uint8_t* codes[2];  // rows r and r + 8, at the lane's quarter of the next group
@@ -337,6 +342,17 @@ struct W4MmaLane {
   const T* zero_rows[2];    // Asym only (else z = 8)
   const T* xs[NT];          // rows nt * 8 + r of x, at the lane's quarter of the next group
   float acc[NT][4] = {};
+
+  // rows: W's rows r and r + 8 (clamped to N), c: the lane's quarter, g0: the first group
+  __device__ __forceinline__ void init(const void* w, const T* scales, const T* zeros, const int64_t (&rows)[2],
+                                       int c, int K, int g0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      codes[h] = static_cast<const uint8_t*>(w) + rows[h] * (K / 2) + int64_t{g0} * (G / 2) + c * (G / 8);
+      scale_rows[h] = scales + rows[h] * (K / G) + g0;
+      zero_rows[h] = Asym ? zeros + rows[h] * (K / G) + g0 : nullptr;
+    }
+  }
 
   // The next U groups (loads first, then the mma's); the pointers move past them.
   template <int U>
@@ -395,30 +411,71 @@ struct W4MmaLane {
   }
 };
 
-template <typename T, int G, int NT, bool Asym>
+// A lane of mma_gemv_kernel over a plain 16-bit weight [N, K]: a chunk is 32 k, 16 bytes of a row a lane,
+// whose 4 pairs are already the A fragments' (the k order as in the int4 lane).
+template <typename T, int NT>
+struct DenseMmaLane {
+  using Dtype = T;
+  static constexpr int kChunk = 32, kRowTiles = NT, kUnroll = 4 / NT;
+  const T* w_rows[2];  // rows r and r + 8, at the lane's 8 k of the next chunk
+  const T* xs[NT];
+  float acc[NT][4] = {};
+
+  __device__ __forceinline__ void init(const void* w, const T*, const T*, const int64_t (&rows)[2], int c, int K,
+                                       int g0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) w_rows[h] = static_cast<const T*>(w) + rows[h] * K + int64_t{g0} * kChunk + 8 * c;
+  }
+
+  template <int U>
+  __device__ __forceinline__ void groups() {
+    uint4 wv[U][2], xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wv[u][h] = __ldcs(reinterpret_cast<const uint4*>(w_rows[h] + u * kChunk));
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) xv[u][nt] = *reinterpret_cast<const uint4*>(xs[nt] + u * kChunk);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) w_rows[h] += U * kChunk;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xs[nt] += U * kChunk;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 lo = wv[u][0], hi = wv[u][1], xq = xv[u][nt];
+        mma_16816<T>(acc[nt], lo.x, hi.x, lo.y, hi.y, xq.x, xq.y);
+        mma_16816<T>(acc[nt], lo.z, hi.z, lo.w, hi.w, xq.z, xq.w);
+      }
+  }
+};
+
+// y [M, N] = x [M, K] W^T (+ bias) for M <= 8 * Lane::kRowTiles on the tensor cores. CTA: kMmaWarps warps,
+// kMmaWarps / k_split tiles of 16 rows of W, each tile's chunks of K split among k_split warps. Rows of W
+// past N and of x past M are read as row N - 1 and M - 1 (no predicates in the loop): what they yield is
+// never written.
+template <class Lane>
 __global__ void __launch_bounds__(kThreads, 2)  // two CTAs an SM: at most 128 registers
-w4_mma_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
-              const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M, int N,
-              int K, int k_split) {
-  // groups loaded before use: 64 bytes of codes a lane (32 with 16 rows of x), at most 4 groups (registers)
-  constexpr int kUnroll = 256 / G / NT < 4 ? 256 / G / NT : 4;
+mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype* __restrict__ x,
+                const void* __restrict__ w, const typename Lane::Dtype* __restrict__ scales,
+                const typename Lane::Dtype* __restrict__ zeros, const typename Lane::Dtype* __restrict__ bias, int M,
+                int N, int K, int k_split) {
+  using T = typename Lane::Dtype;
+  constexpr int NT = Lane::kRowTiles, kUnroll = Lane::kUnroll;
   __shared__ float partial[kMmaWarps][NT][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
   const int64_t tile = int64_t{blockIdx.x} * (kMmaWarps / k_split) + warp / k_split;
-  const int split = warp % k_split, groups = K / G;
-  const int g0 = split * groups / k_split, g1 = (split + 1) * groups / k_split;
+  const int split = warp % k_split, chunks = K / Lane::kChunk;
+  const int g0 = split * chunks / k_split, g1 = (split + 1) * chunks / k_split;
   const int64_t rows[2] = {tile * 16 + r, tile * 16 + r + 8};
-  W4MmaLane<T, G, NT, Asym> lane_state;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t row = min(rows[h], int64_t{N} - 1);
-    lane_state.codes[h] = qweight + row * (K / 2) + int64_t{g0} * (G / 2) + c * (G / 8);
-    lane_state.scale_rows[h] = scales + row * groups + g0;
-    lane_state.zero_rows[h] = Asym ? zeros + row * groups + g0 : nullptr;
-  }
+  const int64_t clamped[2] = {min(rows[0], int64_t{N} - 1), min(rows[1], int64_t{N} - 1)};
+  Lane lane_state;
+  lane_state.init(w, scales, zeros, clamped, c, K, g0);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
-    lane_state.xs[nt] = x + int64_t{min(nt * 8 + r, M - 1)} * K + int64_t{g0} * G + c * (G / 4);
+    lane_state.xs[nt] = x + int64_t{min(nt * 8 + r, M - 1)} * K + int64_t{g0} * Lane::kChunk + c * (Lane::kChunk / 4);
   int g = g0;
   for (; g + kUnroll <= g1; g += kUnroll) lane_state.template groups<kUnroll>();
   for (; g < g1; ++g) lane_state.template groups<1>();
@@ -463,29 +520,46 @@ int mma_k_split(int64_t tiles, int64_t groups, int64_t slots) {
 
 }  // namespace
 
-void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
-               int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream) {
-  const char* op = "w4a16_mma";
+namespace {
+
+// Launches mma_gemv_kernel<Lane>; k_split 0 picks it (mma_k_split).
+template <class Lane>
+void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales, int64_t zeros, int64_t bias,
+                int64_t M, int64_t N, int64_t K, int64_t k_split, int64_t stream) {
+  using T = typename Lane::Dtype;
+  const auto kernel = mma_gemv_kernel<Lane>;
+  const int64_t tiles = ceil_div(N, 16);
+  const int split = k_split ? int(k_split) : mma_k_split(tiles, K / Lane::kChunk, resident_ctas(kernel, 0));
+  const int64_t grid = ceil_div(tiles, kMmaWarps / split);
+  require(grid < (int64_t{1} << 31), op, "too many rows");
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
+      as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const void>(w), as_ptr<const T>(scales), as_ptr<const T>(zeros),
+      as_ptr<const T>(bias), int(M), int(N), int(K), split);
+}
+
+void check_mma_args(const char* op, int64_t x, int64_t w, int64_t M, int64_t N, int64_t K, int64_t k_split) {
   require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
   require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
-  require(group_size == 32 || group_size == 64 || group_size == 128, op,
-          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  require(K % group_size == 0, op, "K must be a multiple of group_size");
-  require(aligned16(qweight) && aligned16(x), op, "qweight and x must be 16-byte aligned");
+  require(aligned16(w) && aligned16(x), op, "the weight and x must be 16-byte aligned");
   require(k_split >= 0 && k_split <= kMmaWarps && (k_split & (k_split - 1)) == 0, op,
           "k_split must be 0 (chosen here) or a power of two up to " + std::to_string(kMmaWarps) + ", got " +
               std::to_string(k_split));
-  const int64_t tiles = ceil_div(N, 16), groups = K / group_size;
+}
+
+}  // namespace
+
+void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
+               int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream) {
+  const char* op = "w4a16_mma";
+  check_mma_args(op, x, qweight, M, N, K, k_split);
+  require(group_size == 32 || group_size == 64 || group_size == 128, op,
+          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  require(K % group_size == 0, op, "K must be a multiple of group_size");
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto go = [&](auto g, auto nt, auto asym) {
-      const auto kernel = w4_mma_kernel<T, decltype(g)::value, decltype(nt)::value, decltype(asym)::value>;
-      const int split = k_split ? int(k_split) : mma_k_split(tiles, groups, resident_ctas(kernel, 0));
-      const int64_t grid = ceil_div(tiles, kMmaWarps / split);
-      require(grid < (int64_t{1} << 31), op, "too many rows");
-      kernel<<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
-          as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
-          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), split);
+      launch_mma<W4MmaLane<T, decltype(g)::value, decltype(nt)::value, decltype(asym)::value>>(
+          op, y, x, qweight, scales, zeros, bias, M, N, K, k_split, stream);
     };
     auto by_zeros = [&](auto g, auto nt) {
       if (zeros) go(g, nt, std::true_type{});
@@ -498,6 +572,19 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
     if (group_size == 32) by_rows(std::integral_constant<int, 32>{});
     else if (group_size == 64) by_rows(std::integral_constant<int, 64>{});
     else by_rows(std::integral_constant<int, 128>{});
+  });
+  check_launch(op);
+}
+
+void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
+               int dtype, int64_t stream) {
+  const char* op = "dense_mma";
+  check_mma_args(op, x, weight, M, N, K, k_split);
+  require(K % 32 == 0, op, "K must be a multiple of 32, got " + std::to_string(K));
+  dispatch_half(dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (M <= 8) launch_mma<DenseMmaLane<T, 1>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, stream);
+    else launch_mma<DenseMmaLane<T, 2>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, stream);
   });
   check_launch(op);
 }

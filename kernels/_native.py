@@ -41,15 +41,19 @@ CPU_TORCH_PREFILL_TOKENS = 128
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
-# int4 up to 16 rows on the tensor cores (csrc/quant_gemv.cu, w4a16_mma): 2.6x fewer instructions per
-# weight byte than the CUDA-core GEMV at one row and 4.9x at four (sm_90a SASS), but not yet run on a
-# GPU: off until the GPU suite has checked and timed it (tests/gpu, bench_cuda_ops, bench_decode int4-mma).
-INT4_TENSOR_CORES = False
+# Ops whose CUDA backend runs its tensor-core kernel by default: "linear" and "linear_int4" up to
+# MAX_MMA_ROWS rows (csrc/quant_gemv.cu: dense_mma, w4a16_mma; the int4 loop issues 2.6x fewer
+# instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four, sm_90a SASS),
+# "attention" where a KV head has up to 8 query heads (csrc/attention.cu; 1-2 instructions per K/V byte
+# in its loops against 9-13 for the CUDA-core kernel, whose 2B decode read 0.57 TB/s on an H100). None
+# yet: written without a GPU, each joins when the GPU suite has checked and timed it (tests/gpu, the
+# cuda_mma peers of bench_cuda_ops, bench_decode's int4-mma and none-mma).
+TENSOR_CORE_OPS: set[str] = set()
 MAX_MMA_ROWS = 16
-# Decode attention's partitions on the tensor cores where a KV head has up to 8 query heads (the 2B's MQA):
-# 1-2 instructions per K/V byte in its loops against 9-13 for the CUDA-core kernel (sm_90a SASS; that
-# kernel's 2B decode read 0.57 TB/s on an H100); off until the GPU suite has checked and timed it.
-ATTENTION_TENSOR_CORES = False
+
+
+def _tensor_cores(op: str, asked: bool | None) -> bool:
+    return op in TENSOR_CORE_OPS if asked is None else asked
 
 
 @functools.cache
@@ -293,8 +297,8 @@ def _check_attention(kind: str, q, k_cache, v_cache, meta: AttnMetadata, dtypes)
 def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float, *,
                    tensor_cores: bool | None = None) -> torch.Tensor:
     """Split-K decode kernel when every sequence has at most one new token; else the Triton kernel.
-    tensor_cores (None: ATTENTION_TENSOR_CORES): the partitions' products on the tensor cores where
-    a KV head has at most 8 query heads (csrc/attention.cu)."""
+    tensor_cores (None: whether "attention" is in TENSOR_CORE_OPS): the partitions' products on the
+    tensor cores where a KV head has at most 8 query heads (csrc/attention.cu)."""
     if meta.max_query_len > 1:
         return select("attention", "triton", q.device)(q, k_cache, v_cache, meta, scale)
     _check_attention("cuda", q, k_cache, v_cache, meta, _HALF)
@@ -317,7 +321,7 @@ def attention_cuda(q, k_cache, v_cache, meta: AttnMetadata, scale: float, *,
         0 if s is None else s.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         meta.cu_seqlens_q.data_ptr(), meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), b, q.stride(0),
         meta.block_tables.stride(0), hq, hk, head_dim, k_cache.shape[1], max_parts, float(scale),
-        ATTENTION_TENSOR_CORES if tensor_cores is None else tensor_cores, _DTYPE_CODES[q.dtype], _stream(q))
+        _tensor_cores("attention", tensor_cores), _DTYPE_CODES[q.dtype], _stream(q))
     return out
 
 
@@ -483,17 +487,20 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
 
 @register("linear", "cuda")
 def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                max_ctas: int = 0, prefetch: bool = False) -> torch.Tensor:
+                max_ctas: int = 0, prefetch: bool = False, tensor_cores: bool | None = None,
+                k_split: int = 0) -> torch.Tensor:
     """Dense x [..., K] @ weight [N, K]^T (+ b) in fp16/bf16, up to MAX_GEMV_ROWS rows, K a multiple of
-    8: the quantized GEMV's kernel over the plain weight (csrc/quant_gemv.cu, DenseFormat); anything
-    else: torch (cuBLAS), which also stays "auto"'s choice until the GPU suite has timed the two
-    (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense)."""
+    8: the quantized GEMV's kernel over the plain weight (csrc/quant_gemv.cu, DenseFormat); with
+    tensor_cores (None: TENSOR_CORE_OPS) up to MAX_MMA_ROWS rows, K a multiple of 32, on the tensor cores
+    (dense_mma); anything else: torch (cuBLAS), which also stays "auto"'s choice until the GPU suite has
+    timed them (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense)."""
     op = "linear"
     _check_device(op, "cuda", x=x, weight=weight, bias=bias)
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (rows > MAX_GEMV_ROWS or x.dtype not in _HALF or weight.dtype != x.dtype or k % 8 or weight.dim() != 2
-            or not weight.is_contiguous() or weight.data_ptr() % 16):
+    mma = _tensor_cores(op, tensor_cores) and rows <= MAX_MMA_ROWS and k % 32 == 0
+    if ((rows > MAX_GEMV_ROWS and not mma) or x.dtype not in _HALF or weight.dtype != x.dtype or k % 8
+            or weight.dim() != 2 or not weight.is_contiguous() or weight.data_ptr() % 16):
         return select(op, "torch", x.device)(x, weight, bias)
     n = weight.shape[0]
     if weight.shape[1] != k:
@@ -502,10 +509,17 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         _check_like(op, "bias", bias, (n,), x.dtype)
         _check_contiguous(op, "bias", bias)
     x2 = x.reshape(rows, k).contiguous()
+    mma = mma and x2.data_ptr() % 16 == 0
+    if rows > MAX_GEMV_ROWS and not mma:
+        return select(op, "torch", x.device)(x, weight, bias)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    if rows and n:
-        _ext().dense_gemv(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows,
-                          n, k, max_ctas, prefetch, _DTYPE_CODES[x.dtype], _stream(x))
+    b = 0 if bias is None else bias.data_ptr()
+    if rows and n and mma:
+        _ext().dense_mma(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), b, rows, n, k, k_split,
+                         _DTYPE_CODES[x.dtype], _stream(x))
+    elif rows and n:
+        _ext().dense_gemv(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), b, rows, n, k, max_ctas, prefetch,
+                          _DTYPE_CODES[x.dtype], _stream(x))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -522,8 +536,8 @@ def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ct
 @register("linear_int4", "cuda")
 def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
                      prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
-    """tensor_cores: None follows INT4_TENSOR_CORES."""
-    mma = INT4_TENSOR_CORES if tensor_cores is None else tensor_cores
+    """tensor_cores: None follows TENSOR_CORE_OPS."""
+    mma = _tensor_cores("linear_int4", tensor_cores)
     return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, mma, k_split)
 
 

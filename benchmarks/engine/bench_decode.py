@@ -197,17 +197,20 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
 @contextlib.contextmanager
 def kernel_variant(variant: str):
     """Kernels off by default until the GPU suite has timed them, on while a model is built and run:
-    "mma" the tensor-core int4 kernel for up to 16 rows, "gemv" the CUDA GEMV for one-row dense linears
-    (cuBLAS otherwise)."""
-    tensor_cores, linear = native.INT4_TENSOR_CORES, registry.preference("linear")
+    "mma" int4 linears on the tensor cores (up to 16 rows), "gemv" the dense one-row linears on the CUDA
+    GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead."""
+    ops, linear = set(native.TENSOR_CORE_OPS), registry.preference("linear")
     try:
         if variant == "mma":
-            native.INT4_TENSOR_CORES = True
+            native.TENSOR_CORE_OPS.add("linear_int4")
         else:
             registry.prefer("linear", "cuda", "torch")
+            if variant == "dmma":
+                native.TENSOR_CORE_OPS.add("linear")
         yield
     finally:
-        native.INT4_TENSOR_CORES = tensor_cores
+        native.TENSOR_CORE_OPS.clear()
+        native.TENSOR_CORE_OPS.update(ops)
         registry.prefer("linear", *linear)
 
 
@@ -221,11 +224,11 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
 
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
     # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
-    # "int4-mma", "none-gemv": the weights of "int4" / "none" on a kernel that is off by default (kernel_variant)
+    # "int4-mma", "none-gemv", "none-dmma": the weights of "int4" / "none" on kernels off by default (kernel_variant)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
-    if head in ("mma", "gemv"):
+    if head in ("mma", "gemv", "dmma"):
         with kernel_variant(head):
             return bench_model(args, name, cfg, hf, base, dtype, device, rows, label=method)
     quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head in ("head", "vocab"))
@@ -295,10 +298,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma",
-                             "none-gemv"],
+                             "none-gemv", "none-dmma"],
                     help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
                          f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models; "
-                         "'int4-mma': int4 on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at one row")
+                         "'int4-mma': int4 on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at one row; "
+                         "'none-dmma': dense on the tensor-core kernel up to 16 rows")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")

@@ -123,15 +123,19 @@ DENSE_SHAPES = {**GEMV_SHAPES, "7b_o": (3072, 4096), "2b_lm_head": (256000, 2048
 
 
 @pytest.mark.parametrize("shape", DENSE_SHAPES)
-def test_linear_dense(benchmark, shape):
-    """bf16 GEMV at one row (a batch-1 decode step's linears): the quantized GEMV's kernel over the plain
-    weight against cuBLAS (F.linear, "auto"'s choice for dense weights until this says otherwise)."""
+@pytest.mark.parametrize("m", (1, 8, 16))
+def test_linear_dense(benchmark, shape, m):
+    """bf16 linears of decode batches: at one row the quantized GEMV's kernel over the plain weight, at
+    1-16 rows the tensor-core kernel (dense_mma), against cuBLAS (F.linear, "auto"'s choice for dense
+    weights until this says otherwise)."""
     n, k = DENSE_SHAPES[shape]
     w = torch.randn(n, k, device=DEV, dtype=DTYPE)
-    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
+    x = torch.randn(m, k, device=DEV, dtype=DTYPE)
     ours = select("linear", "cuda", DEV)
-    compare(benchmark, {"cuda": lambda: ours(x, w), "cuda_prefetch": lambda: ours(x, w, prefetch=True),
-                        "cublas": lambda: F.linear(x, w)}, nbytes(w, x) + n * x.element_size())
+    fns = {"cuda_mma": lambda: ours(x, w, tensor_cores=True), "cublas": lambda: F.linear(x, w)}
+    if m == 1:
+        fns.update(cuda=lambda: ours(x, w, tensor_cores=False), cuda_prefetch=lambda: ours(x, w, prefetch=True))
+    compare(benchmark, fns, nbytes(w, x) + m * n * x.element_size())
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -299,9 +299,25 @@ def test_linear_dense(nan_empty, dtype, nk_ctas, with_bias):
     w = torch.randn(n, k, device=DEV).to(dtype) * 0.05
     x = torch.randn(1, k, device=DEV).to(dtype)
     bias = torch.randn(n, device=DEV).to(dtype) if with_bias else None
-    out = cuda("linear")(x, w, bias, max_ctas=max_ctas, prefetch=max_ctas == 3)
+    out = cuda("linear")(x, w, bias, max_ctas=max_ctas, prefetch=max_ctas == 3, tensor_cores=False)
     r32 = ref("linear")(x.float(), w.float(), None if bias is None else bias.float())
     assert_close(out, r32, ref("linear")(x, w, bias), what=f"dense gemv {(n, k)} ctas {max_ctas}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", (1, 5, 8, 9, 16))
+@pytest.mark.parametrize("nk", ((257, 96), (2048, 2048), (33, 24576)))
+@pytest.mark.parametrize("k_split", (0, 1, 8))
+def test_linear_dense_tensor_cores(nan_empty, dtype, m, nk, k_split):
+    """The dense tensor-core kernel at 1-16 rows (one or two mma column tiles), rows of W past a multiple
+    of 16, K split among 1-8 warps (K = 96: 3 chunks, so some warps get none) or as chosen, with a bias."""
+    n, k = nk
+    w = torch.randn(n, k, device=DEV).to(dtype) * 0.05
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype)
+    out = cuda("linear")(x, w, bias, tensor_cores=True, k_split=k_split)
+    r32 = ref("linear")(x.float(), w.float(), bias.float())
+    assert_close(out, r32, ref("linear")(x, w, bias), what=f"dense mma {(n, k)} M={m} split {k_split}")
 
 
 def test_linear_dense_falls_back_to_torch():

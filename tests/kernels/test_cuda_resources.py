@@ -32,7 +32,7 @@ def test_cuda_kernels_do_not_spill_and_fit_static_shared_memory():
     for arch in archs:
         names = {k.name for k in kernels if k.arch == arch}
         for family in ("decode_partition_kernel", "decode_partition_mma_kernel", "decode_reduce_kernel",
-                       "quant_gemv_kernel", "w4_mma_kernel", "rms_norm", "rotary", "gelu_and_mul"):
+                       "quant_gemv_kernel", "mma_gemv_kernel", "rms_norm", "rotary", "gelu_and_mul"):
             assert any(family in n for n in names), f"{arch}: no {family} in {sorted(names)}"
     bad = []
     for k in kernels:

@@ -56,6 +56,8 @@ CALLS = {
         _decode_meta(3), 0.125, tensor_cores=True),
     "linear": lambda N: N.linear_cuda(torch.randn(1, 64, dtype=BF), torch.randn(40, 64, dtype=BF),
                                       torch.randn(40, dtype=BF)),
+    "linear_tensor_cores": lambda N: N.linear_cuda(torch.randn(5, 64, dtype=BF), torch.randn(40, 64, dtype=BF),
+                                                   torch.randn(40, dtype=BF), tensor_cores=True),
     "linear_int8": lambda N: N.linear_int8_cuda(torch.randn(1, 64, dtype=BF), *_quant("int8")),
     "linear_int4": lambda N: N.linear_int4_cuda(torch.randn(1, 128, dtype=BF), *_quant("int4")),
     "linear_int4_tensor_cores": lambda N: N.linear_int4_cuda(torch.randn(3, 128, dtype=BF), *_quant("int4"),
@@ -88,11 +90,11 @@ class _Kernels:
 
 @pytest.mark.parametrize("flag", (False, True))
 def test_int4_kernel_choice(native, monkeypatch, flag):
-    """tensor_cores=None follows INT4_TENSOR_CORES; the tensor-core kernel takes up to 16 rows of a
+    """tensor_cores=None follows TENSOR_CORE_OPS; the tensor-core kernel takes up to 16 rows of a
     16-byte aligned x (k_split passed through); otherwise one row goes to the CUDA-core GEMV."""
     fake = _Kernels()
     monkeypatch.setattr(native, "_ext", lambda: fake)
-    monkeypatch.setattr(native, "INT4_TENSOR_CORES", flag)
+    monkeypatch.setattr(native, "TENSOR_CORE_OPS", {"linear_int4"} if flag else set())
     qweight, scales, zeros, group = _quant("int4")
     native.linear_int4_cuda(torch.randn(1, 128, dtype=BF), qweight, scales, zeros, group)
     native.linear_int4_cuda(torch.randn(16, 128, dtype=BF), qweight, scales, zeros, group, tensor_cores=True,
@@ -102,3 +104,19 @@ def test_int4_kernel_choice(native, monkeypatch, flag):
     names = [name for name, _ in fake.calls]
     assert names == ["w4a16_mma" if flag else "w4a16_gemm", "w4a16_mma", "w4a16_gemm"], names
     assert fake.calls[1][1][5:11] == (0, 16, 32, 128, 64, 4)  # bias, M, N, K, group, k_split
+
+
+def test_dense_kernel_choice(native, monkeypatch):
+    """Dense: one row to the CUDA GEMV, up to 16 rows (K % 32 == 0) to the tensor-core kernel when asked
+    for or listed in TENSOR_CORE_OPS; more rows, or K not a multiple of 32, go to torch."""
+    fake = _Kernels()
+    monkeypatch.setattr(native, "_ext", lambda: fake)
+    w = torch.randn(40, 64, dtype=BF)
+    native.linear_cuda(torch.randn(1, 64, dtype=BF), w)
+    native.linear_cuda(torch.randn(16, 64, dtype=BF), w, tensor_cores=True, k_split=2)
+    monkeypatch.setattr(native, "TENSOR_CORE_OPS", {"linear"})
+    native.linear_cuda(torch.randn(1, 64, dtype=BF), w)
+    assert native.linear_cuda(torch.randn(17, 64, dtype=BF), w).shape == (17, 40)  # (torch)
+    assert native.linear_cuda(torch.randn(3, 40, dtype=BF), torch.randn(40, 40, dtype=BF)).shape == (3, 40)
+    assert [name for name, _ in fake.calls] == ["dense_gemv", "dense_mma", "dense_mma"], fake.calls
+    assert fake.calls[1][1][3:8] == (0, 16, 40, 64, 2)  # bias, M, N, K, k_split

@@ -1,5 +1,6 @@
-"""Lane-by-lane CPU emulation of the two tensor-core kernels written without a GPU (csrc/quant_gemv.cu
-w4_mma_kernel, csrc/attention.cu decode_partition_mma_kernel): every lane's loads, byte permutes and
+"""Lane-by-lane CPU emulation of the tensor-core kernels written without a GPU (csrc/quant_gemv.cu
+mma_gemv_kernel with its int4 and dense lanes, csrc/attention.cu decode_partition_mma_kernel): every lane's
+loads, byte permutes and
 16-bit pairs as the kernels form them, and mma.sync m16n8k16 by its documented fragment layout (PTX ISA),
 against an fp64 reference. It checks the index mapping of the kernels as written here (a copy, by hand),
 not the compiled code; the GPU tests (tests/gpu) check that. Usage: python emulate_mma.py [OUT.json]"""
@@ -49,7 +50,8 @@ def mma(a, b, dt):
 
 
 def gemv_int4(N, K, M, G, symmetric, dt, k_split, seed=0):
-    """w4_mma_kernel: y [M, N] = x W^T, W int4 in the stored layout; returns (emulated, fp64 reference)."""
+    """mma_gemv_kernel<W4MmaLane>: y [M, N] = x W^T, W int4 in the stored layout; returns (emulated, fp64
+    reference)."""
     torch.manual_seed(seed)
     qw = quantize_int4(torch.randn(N, K).to(dt), G, symmetric)
     x = torch.randn(M, K).to(dt)
@@ -101,6 +103,36 @@ def gemv_int4(N, K, M, G, symmetric, dt, k_split, seed=0):
     codes = unpack_int4(qw.qweight).double()[:, :K]
     zeros = 8.0 if symmetric else qw.zeros.double().repeat_interleave(G, 1)
     return y, x.double() @ ((codes - zeros) * qw.scales.double().repeat_interleave(G, 1)).T
+
+
+def gemv_dense(N, K, M, dt, k_split, seed=2):
+    """mma_gemv_kernel<DenseMmaLane>: y = x W^T for a plain 16-bit W; chunks of 32 k, lane (r, c) reads 16
+    bytes of rows r and r + 8 at k = 32 j + 8 c; returns (emulated, fp64 reference)."""
+    torch.manual_seed(seed)
+    w, x = torch.randn(N, K).to(dt), torch.randn(M, K).to(dt)
+    wb, xb, nt_count, chunks = bits16(w), bits16(x), (1 if M <= 8 else 2), K // 32
+    y = torch.zeros(M, N, dtype=torch.float64)
+    for tile in range((N + 15) // 16):
+        acc = torch.zeros(16, 8 * nt_count, dtype=torch.float64)
+        for split in range(k_split):
+            for j in range(split * chunks // k_split, (split + 1) * chunks // k_split):
+                for step in range(2):
+                    a, b = [], [[] for _ in range(nt_count)]
+                    for lane in range(32):
+                        r, c = lane >> 2, lane & 3
+                        k0 = 32 * j + 8 * c + 4 * step
+                        lo, hi = (wb[min(tile * 16 + r + 8 * h, N - 1)] for h in range(2))
+                        a.append([word(lo[k0], lo[k0 + 1]), word(hi[k0], hi[k0 + 1]), word(lo[k0 + 2], lo[k0 + 3]),
+                                  word(hi[k0 + 2], hi[k0 + 3])])
+                        for nt in range(nt_count):
+                            xr = xb[min(nt * 8 + r, M - 1)]
+                            b[nt].append([word(xr[k0], xr[k0 + 1]), word(xr[k0 + 2], xr[k0 + 3])])
+                    for nt in range(nt_count):
+                        acc[:, nt * 8:nt * 8 + 8] += mma(a, b[nt], dt)
+        for i in range(16):
+            if tile * 16 + i < N:
+                y[:, tile * 16 + i] = acc[i, :M]
+    return y, x.double() @ w.double().T
 
 
 def decode_attention(G, D, n, block_size, dt, start=0, hk=2, g=1, seed=1):
@@ -176,9 +208,15 @@ def main(out_path=None):
                                     (17, 96, 9, 32, False, torch.float16, 8), (16, 256, 16, 128, True, torch.float16, 1),
                                     (40, 192, 5, 32, True, torch.bfloat16, 4)]:
         y, ref = gemv_int4(N, K, M, G, sym, dt, ks)
-        rows.append({"kernel": "w4_mma_kernel", "N": N, "K": K, "M": M, "group": G, "symmetric": sym,
+        rows.append({"kernel": "mma_gemv_kernel<W4MmaLane>", "N": N, "K": K, "M": M, "group": G, "symmetric": sym,
                      "dtype": str(dt), "k_split": ks, "max_abs_err": (y - ref).abs().max().item(),
                      "max_abs_ref": ref.abs().max().item()})
+        print(rows[-1], flush=True)
+    for N, K, M, dt, ks in [(20, 96, 1, torch.bfloat16, 1), (33, 128, 9, torch.float16, 2),
+                            (16, 64, 16, torch.bfloat16, 8)]:
+        y, ref = gemv_dense(N, K, M, dt, ks)
+        rows.append({"kernel": "mma_gemv_kernel<DenseMmaLane>", "N": N, "K": K, "M": M, "dtype": str(dt), "k_split": ks,
+                     "max_abs_err": (y - ref).abs().max().item(), "max_abs_ref": ref.abs().max().item()})
         print(rows[-1], flush=True)
     for G, D, n, bs, dt, start in [(8, 256, 37, 16, torch.bfloat16, 0), (4, 128, 70, 32, torch.float16, 64),
                                    (1, 64, 16, 16, torch.bfloat16, 32), (8, 64, 9, 2, torch.bfloat16, 0)]:
