@@ -114,23 +114,49 @@ struct PartitionOut {
   }
 };
 
+// What both partition kernels take; grid (partition, kv head, sequence).
+template <typename T>
+struct DecodeArgs {
+  T* out;
+  float *part_acc, *part_max, *part_sum;
+  const T *q, *k_cache, *v_cache;
+  const int *cu_seqlens_q, *context_lens, *block_tables;
+  int64_t q_stride, bt_stride;
+  int hq, hk, block_size, part, max_parts;
+  float scale_log2;
+};
+
+// This CTA's share of a DecodeArgs: n keys from `start` of sequence b's context for its query token
+// `token`, KV head g and its G query heads; `live` is false where there is none (no new token for the
+// sequence, or a partition past its context), and nothing else is then meaningful.
+template <typename T, bool Pow2>
+struct Partition {
+  int g, token, start, n, G;
+  bool live;
+  PagedSeq<Pow2> seq;
+  __device__ explicit Partition(const DecodeArgs<T>& a) {
+    const int b = blockIdx.z, ctx = a.context_lens[b];
+    g = blockIdx.y;
+    token = a.cu_seqlens_q[b];
+    start = blockIdx.x * a.part;
+    n = min(ctx - start, a.part);
+    G = a.hq / a.hk;
+    live = a.cu_seqlens_q[b + 1] != token && start < ctx;
+    seq = {a.block_tables + b * a.bt_stride, a.block_size, a.hk, g};
+  }
+  // Where its results go (made when they are ready: fewer registers held across the kernel).
+  __device__ PartitionOut<T> output(const DecodeArgs<T>& a, int D) const {
+    const int b = blockIdx.z, parts = (a.context_lens[b] + a.part - 1) / a.part;
+    return {a.out, a.part_acc, a.part_max, a.part_sum, token, b, a.hq, D, a.max_parts, int(blockIdx.x), parts};
+  }
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 4)  // <= 128 registers: the default heuristic spilled at 96
-decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_max,
-                        float* __restrict__ part_sum, const T* __restrict__ q, const T* __restrict__ k_cache,
-                        const T* __restrict__ v_cache, const int* __restrict__ cu_seqlens_q,
-                        const int* __restrict__ context_lens, const int* __restrict__ block_tables,
-                        int64_t q_stride, int64_t bt_stride, int hq, int hk, int block_size, int part,
-                        int max_parts, float scale_log2) {
-  const int p = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-  const int token = cu_seqlens_q[b];
-  if (cu_seqlens_q[b + 1] == token) return;  // no query token for this sequence in the batch
-  const int ctx = context_lens[b], start = p * part;
-  if (start >= ctx) return;
-  const int n = min(ctx - start, part), nparts = (ctx + part - 1) / part;
-  const int G = hq / hk, tid = threadIdx.x, lane = tid & 31;
-  const PagedSeq<> seq{block_tables + b * bt_stride, block_size, hk, g};
-  const PartitionOut<T> dst{out, part_acc, part_max, part_sum, token, b, hq, D, max_parts, p, nparts};
+decode_partition_kernel(const DecodeArgs<T> a) {
+  const Partition<T, false> task(a);
+  if (!task.live) return;
+  const int g = task.g, start = task.start, n = task.n, G = task.G, part = a.part, tid = threadIdx.x, lane = tid & 31;
 
   extern __shared__ float smem[];
   const int groups = kWarps * (32 / (D / kChunk));
@@ -140,8 +166,8 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
   float* m_s = ps + G * part;                                        // [G]
   float* l_s = m_s + G;                                              // [G]
 
-  const T* qb = q + token * q_stride + int64_t{g} * G * D;
-  for (int i = tid; i < G * D; i += kThreads) qs[i] = to_float(qb[i]) * scale_log2;
+  const T* qb = a.q + task.token * a.q_stride + int64_t{g} * G * D;
+  for (int i = tid; i < G * D; i += kThreads) qs[i] = to_float(qb[i]) * a.scale_log2;
   __syncthreads();
 
   // QK: 8 lanes per key row, lane j holds chunks j, j + 8, ... of the row.
@@ -153,7 +179,7 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
       const int t = t0 + sub;
       float kf[kCPL][kChunk];
       if (t < n) {
-        const T* kr = seq.row<D>(k_cache, start + t);
+        const T* kr = task.seq.row<D>(a.k_cache, start + t);
 #pragma unroll
         for (int c = 0; c < kCPL; ++c) load_float(kr + (c * kQKLanes + j) * kChunk, kf[c]);
       } else {
@@ -180,13 +206,14 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
   __syncthreads();
 
   // PV: D/8 lanes per value row, `groups` rows in flight; partial sums reduced through `red`.
+  const PartitionOut<T> dst = task.output(a, D);
   constexpr int kVLanes = D / kChunk;
   const int vg = tid / kVLanes, c = tid % kVLanes;
   for (int h0 = 0; h0 < G; h0 += kHeadTile) {
     float acc[kHeadTile][kChunk] = {};
     for (int t = vg; t < n; t += groups) {
       float vf[kChunk];
-      load_float(seq.row<D>(v_cache, start + t) + c * kChunk, vf);
+      load_float(task.seq.row<D>(a.v_cache, start + t) + c * kChunk, vf);
 #pragma unroll
       for (int hh = 0; hh < kHeadTile; ++hh) {
         if (h0 + hh < G) {
@@ -226,40 +253,30 @@ decode_partition_kernel(T* __restrict__ out, float* __restrict__ part_acc, float
 // sm_90a SASS of the loops: 143 instructions per 128 bytes of K a lane (QK), 122 per 64 bytes of V (PV).
 // Scores and probabilities live in shared memory as above.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
-decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_max,
-                            float* __restrict__ part_sum, const T* __restrict__ q, const T* __restrict__ k_cache,
-                            const T* __restrict__ v_cache, const int* __restrict__ cu_seqlens_q,
-                            const int* __restrict__ context_lens, const int* __restrict__ block_tables,
-                            int64_t q_stride, int64_t bt_stride, int hq, int hk, int block_size, int part,
-                            int max_parts, float scale_log2) {
+__global__ void __launch_bounds__(kThreads, 4)  // <= 128 registers
+decode_partition_mma_kernel(const DecodeArgs<T> a) {
   constexpr int kJ = D / 32;               // 16-byte chunks of a key row per lane in QK
   constexpr int kTW = D / kWarps / 16;     // 16-dim tiles per warp in PV
   using VRow = typename VecLoad<4 * kTW>::type;  // a lane's 2 kTW dims of one value row
-  const int p = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-  const int token = cu_seqlens_q[b];
-  if (cu_seqlens_q[b + 1] == token) return;  // no query token for this sequence in the batch
-  const int ctx = context_lens[b], start = p * part;
-  if (start >= ctx) return;
-  const int n = min(ctx - start, part), nparts = (ctx + part - 1) / part;
-  const int G = hq / hk, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
-  const PagedSeq<true> seq{block_tables + b * bt_stride, block_size, hk, g};
-  const PartitionOut<T> dst{out, part_acc, part_max, part_sum, token, b, hq, D, max_parts, p, nparts};
+  const Partition<T, true> task(a);
+  if (!task.live) return;
+  const int g = task.g, start = task.start, n = task.n, G = task.G, hk = a.hk;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
 
   extern __shared__ float smem[];
-  const int ld = mma_score_stride(part);  // (rows padded: the 8 lanes of a column touch 8 rows of scores)
+  const int ld = mma_score_stride(a.part);  // (rows padded: the 8 lanes of a column touch 8 rows of scores)
   float* ps = smem;          // [G][ld]
   float* m_s = ps + G * ld;  // [G]
   float* l_s = m_s + G;      // [G]
 
   {  // QK, 8 keys a warp at a time
     uint4 qf[kJ];  // head r (zero past G), dims 8c + 32j .. + 7
-    const T* qh = q + token * q_stride + int64_t{g * G + min(r, G - 1)} * D + 8 * c;
+    const T* qh = a.q + task.token * a.q_stride + int64_t{g * G + min(r, G - 1)} * D + 8 * c;
 #pragma unroll
     for (int j = 0; j < kJ; ++j) qf[j] = r < G ? *reinterpret_cast<const uint4*>(qh + 32 * j) : uint4{};
     for (int t0 = warp * 8; t0 < n; t0 += kWarps * 8) {
       const int t = t0 + r;
-      const T* kr = seq.row<D>(k_cache, start + min(t, n - 1)) + 8 * c;  // (past n: any row, never stored)
+      const T* kr = task.seq.row<D>(a.k_cache, start + min(t, n - 1)) + 8 * c;  // (past n: any row, never stored)
       float s[2][4] = {};  // even and odd chunks: two shorter mma chains
 #pragma unroll
       for (int j = 0; j < kJ; ++j) {
@@ -270,7 +287,7 @@ decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, f
 #pragma unroll
       for (int i = 0; i < 2; ++i) {  // s[.][i]: head r, key t0 + 2c + i
         const int key = t0 + 2 * c + i;
-        if (r < G && key < n) ps[r * ld + key] = (s[0][i] + s[1][i]) * scale_log2;
+        if (r < G && key < n) ps[r * ld + key] = (s[0][i] + s[1][i]) * a.scale_log2;
       }
     }
   }
@@ -287,7 +304,7 @@ decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, f
 #pragma unroll
     for (int i = 0; i < 4; i += 2) {  // (an even key and the next share a block: block_size is even)
       const int key = t0 + 2 * c + 8 * (i >> 1);
-      const T* row = seq.row<D>(v_cache, start + min(key, n - 1)) + d0;
+      const T* row = task.seq.row<D>(a.v_cache, start + min(key, n - 1)) + d0;
       const VRow v0 = key < n ? __ldcs(reinterpret_cast<const VRow*>(row)) : VRow{};
       const VRow v1 = key + 1 < n ? __ldcs(reinterpret_cast<const VRow*>(row + hk * D)) : VRow{};
       memcpy(w[i], &v0, sizeof v0);
@@ -305,6 +322,7 @@ decode_partition_mma_kernel(T* __restrict__ out, float* __restrict__ part_acc, f
       mma_16816<T>(acc[t], __byte_perm(w[0][t], w[1][t], 0x5410), __byte_perm(w[0][t], w[1][t], 0x7632),
                    __byte_perm(w[2][t], w[3][t], 0x5410), __byte_perm(w[2][t], w[3][t], 0x7632), b0, b1);
   }
+  const PartitionOut<T> dst = task.output(a, D);
 #pragma unroll
   for (int t = 0; t < kTW; ++t)
 #pragma unroll
@@ -357,11 +375,11 @@ void launch_decode(int64_t out, int64_t part_acc, int64_t part_max, int64_t part
   const auto kernel = mma ? decode_partition_mma_kernel<T, D> : decode_partition_kernel<T, D>;
   const size_t floats = mma ? size_t(G) * mma_score_stride(part) + 2 * G : decode_smem_floats(G, D, part);
   const size_t smem = floats * sizeof(float);
-  kernel<<<grid, kThreads, smem, stream>>>(
-      as_ptr<T>(out), as_ptr<float>(part_acc), as_ptr<float>(part_max), as_ptr<float>(part_sum),
-      as_ptr<const T>(q), as_ptr<const T>(k_cache), as_ptr<const T>(v_cache), as_ptr<const int>(cu),
-      as_ptr<const int>(ctx), as_ptr<const int>(bt), q_stride, bt_stride, hq, hk, block_size, part,
-      static_cast<int>(max_parts), scale_log2);
+  const DecodeArgs<T> args{as_ptr<T>(out), as_ptr<float>(part_acc), as_ptr<float>(part_max), as_ptr<float>(part_sum),
+                           as_ptr<const T>(q), as_ptr<const T>(k_cache), as_ptr<const T>(v_cache), as_ptr<const int>(cu),
+                           as_ptr<const int>(ctx), as_ptr<const int>(bt), q_stride, bt_stride, hq, hk, block_size,
+                           part, static_cast<int>(max_parts), scale_log2};
+  kernel<<<grid, kThreads, smem, stream>>>(args);
   check_launch("decode_attention");
   if (max_parts > 1) {
     decode_reduce_kernel<T><<<dim3(hq, static_cast<unsigned>(B)), kThreads, max_parts * sizeof(float), stream>>>(
