@@ -375,10 +375,11 @@ void launch_decode(int64_t out, int64_t part_acc, int64_t part_max, int64_t part
   const auto kernel = mma ? decode_partition_mma_kernel<T, D> : decode_partition_kernel<T, D>;
   const size_t floats = mma ? size_t(G) * mma_score_stride(part) + 2 * G : decode_smem_floats(G, D, part);
   const size_t smem = floats * sizeof(float);
-  const DecodeArgs<T> args{as_ptr<T>(out), as_ptr<float>(part_acc), as_ptr<float>(part_max), as_ptr<float>(part_sum),
-                           as_ptr<const T>(q), as_ptr<const T>(k_cache), as_ptr<const T>(v_cache), as_ptr<const int>(cu),
-                           as_ptr<const int>(ctx), as_ptr<const int>(bt), q_stride, bt_stride, hq, hk, block_size,
-                           part, static_cast<int>(max_parts), scale_log2};
+  const DecodeArgs<T> args{as_ptr<T>(out), as_ptr<float>(part_acc), as_ptr<float>(part_max),
+                           as_ptr<float>(part_sum), as_ptr<const T>(q), as_ptr<const T>(k_cache),
+                           as_ptr<const T>(v_cache), as_ptr<const int>(cu), as_ptr<const int>(ctx),
+                           as_ptr<const int>(bt), q_stride, bt_stride, hq, hk, block_size, part,
+                           static_cast<int>(max_parts), scale_log2};
   kernel<<<grid, kThreads, smem, stream>>>(args);
   check_launch("decode_attention");
   if (max_parts > 1) {
