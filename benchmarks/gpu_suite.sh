@@ -94,12 +94,13 @@ BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
 part decode 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
   --batches $BATCHES --steps 32 --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
 
-# The quantized formats, then kernels off by default until this times them end to end: int4 on the tensor
-# cores (int4-mma), the dense linears on the CUDA GEMV at one row (none-gemv) or the tensor cores up to 16
-# rows (none-dmma) instead of cuBLAS. (Last: a kernel that faulted would take the process's CUDA context,
-# and the formats after it, with it.)
-part decode_quant 180 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant int4 int8 int4-head int4-vocab int4-mma none-gemv none-dmma --no-hf \
+# The quantized formats, then kernels off by default until this times them end to end: int4 and int8 on the
+# tensor cores (int4-mma, int8-mma), the dense linears on the CUDA GEMV at one row (none-gemv) or the tensor
+# cores up to 16 rows (none-dmma) instead of cuBLAS. (Last: a kernel that faulted would take the process's
+# CUDA context, and the formats after it, with it.)
+part decode_quant 200 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
+  --batches $BATCHES --steps 32 --quant int4 int8 int4-head int4-vocab int4-mma int8-mma none-gemv none-dmma \
+  --no-hf \
   --bandwidth-GBps "$BW" \
   --out "$OUT/decode_quant.json"
 

@@ -51,8 +51,8 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     if (target, "none") not in step or not window:
         return []
     rows = []
-    for weights in ("none", "none-gemv", "none-dmma", "int8", "int4", "int4-mma", "int4-head", "none-vocab",
-                    "int4-vocab"):
+    for weights in ("none", "none-gemv", "none-dmma", "int8", "int8-mma", "int4", "int4-mma", "int4-head",
+                    "none-vocab", "int4-vocab"):
         if (draft, weights) not in step:
             continue
         ratio = step[(draft, weights)] / step[(target, "none")]

@@ -90,6 +90,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("w4a16_mma", &gf::w4a16_mma, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
         py::arg("k_split"), py::arg("dtype"), py::arg("stream"));
+  m.def("w8a16_mma", &gf::w8a16_mma, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
+        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("k_split"), py::arg("dtype"),
+        py::arg("stream"));
   m.def("dense_mma", &gf::dense_mma, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("k_split"), py::arg("dtype"), py::arg("stream"));
   m.def("dense_gemv", &gf::dense_gemv, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("M"),

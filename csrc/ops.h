@@ -46,6 +46,9 @@ void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t z
 // (0: chosen for the device, see mma_k_split; else a power of two up to 8, for tests).
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
                int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream);
+// int8 on the tensor cores, M <= 16, K % 64 == 0 (k_split as for w4a16_mma).
+void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
+               int64_t k_split, int dtype, int64_t stream);
 // The tensor-core kernel over a plain 16-bit weight [N, K] (K % 32 == 0) in x's dtype, M <= 16.
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
                int dtype, int64_t stream);

@@ -411,6 +411,87 @@ struct W4MmaLane {
   }
 };
 
+// A lane of mma_gemv_kernel over int8 weights (per-row scales s): a chunk is 64 k, 16 bytes of a row a
+// lane. A code is made unsigned, u = q + 128 = 16 h + l, and each nibble becomes a 16-bit B + nibble as in
+// the int4 lane (l of k and k + 1 by one PRMT and one LOP3, h likewise from u >> 4); then
+// x . q = 16 x . (B + h) + x . (B + l) - (17 B + 128) sum x, the last by an mma with that constant as A
+// (2304 in bf16, 17536 in fp16: exact), so per word of 4 codes and row: 10 instructions and 3 mmas.
+template <typename T, int NT>
+struct Int8MmaLane {
+  using Dtype = T;
+  static constexpr int kChunk = 64, kRowTiles = NT, kUnroll = 2 / NT;
+  const uint8_t* codes[2];  // rows r and r + 8, at the lane's 16 bytes of the next chunk
+  const T* xs[NT];
+  float scale[2];
+  float acc[NT][4] = {};
+
+  __device__ __forceinline__ void init(const void* w, const T* scales, const T*, const int64_t (&rows)[2], int c,
+                                       int K, int g0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      codes[h] = static_cast<const uint8_t*>(w) + rows[h] * K + int64_t{g0} * kChunk + 16 * c;
+      scale[h] = to_float(scales[rows[h]]);
+    }
+  }
+
+  // (B + nibble) pairs of codes (k, k + 1) and (k + 2, k + 3) of a word of unsigned codes, low nibbles
+  // (shift 0) or high (4).
+  template <int Shift>
+  static __device__ __forceinline__ void nibble_pairs(uint32_t u, uint32_t& p01, uint32_t& p23) {
+    const uint32_t v = u >> Shift;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(p01) : "r"(__byte_perm(v, v, 0x0100)), "r"(0x000F000Fu),
+        "r"(MmaOperand<T>::kBias));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(p23) : "r"(__byte_perm(v, v, 0x0302)), "r"(0x000F000Fu),
+        "r"(MmaOperand<T>::kBias));
+  }
+
+  template <int U>
+  __device__ __forceinline__ void groups() {
+    constexpr float kZero = 17.f * MmaOperand<T>::kBiasValue + 128.f;
+    const uint32_t z = pair_of<T>(-kZero);
+    uint4 q[U][2], xv[U][NT][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) q[u][h] = __ldcs(reinterpret_cast<const uint4*>(codes[h] + u * kChunk));
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) xv[u][nt][i] = *reinterpret_cast<const uint4*>(xs[nt] + u * kChunk + 8 * i);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) codes[h] += U * kChunk;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xs[nt] += U * kChunk;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float dh[NT][4] = {}, dl[NT][4] = {};  // x . (B + h); x . (B + l) - (17 B + 128) sum x
+      const uint32_t w0[4] = {q[u][0].x, q[u][0].y, q[u][0].z, q[u][0].w};
+      const uint32_t w1[4] = {q[u][1].x, q[u][1].y, q[u][1].z, q[u][1].w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {  // codes 4w .. 4w + 3 of the lane's 16
+        uint32_t l0[2], l1[2], h0[2], h1[2];
+        nibble_pairs<0>(w0[w] ^ 0x80808080u, l0[0], l0[1]);
+        nibble_pairs<0>(w1[w] ^ 0x80808080u, l1[0], l1[1]);
+        nibble_pairs<4>(w0[w] ^ 0x80808080u, h0[0], h0[1]);
+        nibble_pairs<4>(w1[w] ^ 0x80808080u, h1[0], h1[1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 xq = xv[u][nt][w >> 1];
+          const uint32_t b0 = w & 1 ? xq.z : xq.x, b1 = w & 1 ? xq.w : xq.y;
+          mma_16816<T>(dl[nt], l0[0], l1[0], l0[1], l1[1], b0, b1);
+          mma_16816<T>(dh[nt], h0[0], h1[0], h0[1], h1[1], b0, b1);
+          mma_16816<T>(dl[nt], z, z, z, z, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] += scale[i >> 1] * (16.f * dh[nt][i] + dl[nt][i]);
+    }
+  }
+};
+
 // A lane of mma_gemv_kernel over a plain 16-bit weight [N, K]: a chunk is 32 k, 16 bytes of a row a lane,
 // whose 4 pairs are already the A fragments' (the k order as in the int4 lane).
 template <typename T, int NT>
@@ -572,6 +653,19 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
     if (group_size == 32) by_rows(std::integral_constant<int, 32>{});
     else if (group_size == 64) by_rows(std::integral_constant<int, 64>{});
     else by_rows(std::integral_constant<int, 128>{});
+  });
+  check_launch(op);
+}
+
+void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
+               int64_t k_split, int dtype, int64_t stream) {
+  const char* op = "w8a16_mma";
+  check_mma_args(op, x, qweight, M, N, K, k_split);
+  require(K % 64 == 0, op, "K must be a multiple of 64, got " + std::to_string(K));
+  dispatch_half(dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (M <= 8) launch_mma<Int8MmaLane<T, 1>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, stream);
+    else launch_mma<Int8MmaLane<T, 2>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, stream);
   });
   check_launch(op);
 }

@@ -41,13 +41,14 @@ CPU_TORCH_PREFILL_TOKENS = 128
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
-# Ops whose CUDA backend runs its tensor-core kernel by default: "linear" and "linear_int4" up to
-# MAX_MMA_ROWS rows (csrc/quant_gemv.cu: dense_mma, w4a16_mma; the int4 loop issues 2.6x fewer
-# instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four, sm_90a SASS),
-# "attention" where a KV head has up to 8 query heads (csrc/attention.cu; 1-2 instructions per K/V byte
-# in its loops against 9-13 for the CUDA-core kernel, whose 2B decode read 0.57 TB/s on an H100). None
-# yet: written without a GPU, each joins when the GPU suite has checked and timed it (tests/gpu, the
-# cuda_mma peers of bench_cuda_ops, bench_decode's int4-mma and none-mma).
+# Ops whose CUDA backend runs its tensor-core kernel by default: "linear", "linear_int8" and "linear_int4"
+# up to MAX_MMA_ROWS rows (csrc/quant_gemv.cu: dense_mma, w8a16_mma, w4a16_mma; by sm_90a SASS the int4
+# loop issues 2.6x fewer instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four,
+# the int8 one 13% fewer at one row), "attention" where a KV head has up to 8 query heads
+# (csrc/attention.cu; 1-2 instructions per K/V byte in its loops against 9-13 for the CUDA-core kernel,
+# whose 2B decode read 0.57 TB/s on an H100). None yet: written without a GPU, each joins when the GPU
+# suite has checked and timed it (tests/gpu, the cuda_mma peers of bench_cuda_ops, bench_decode's
+# int4-mma, int8-mma and none-dmma).
 TENSOR_CORE_OPS: set[str] = set()
 MAX_MMA_ROWS = 16
 
@@ -423,7 +424,7 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------- quantized linear
 def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0,
                   prefetch: bool = False, tensor_cores: bool = False, k_split: int = 0):
-    """The CUDA GEMV (up to MAX_GEMV_ROWS rows; int4 with tensor_cores up to MAX_MMA_ROWS; more go to
+    """The CUDA GEMV (up to MAX_GEMV_ROWS rows; with tensor_cores up to MAX_MMA_ROWS; more go to
     Triton) or the C++ CPU kernel (bf16 x, K a multiple of 32; anything else goes to torch). max_ctas
     (CUDA GEMV): 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks); prefetch
     (CUDA GEMV): each warp requests its next rows' weights into L2 as it starts a row group (a variant
@@ -432,7 +433,7 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
-    tensor_cores = tensor_cores and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0
+    tensor_cores = tensor_cores and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0 and (fmt == "int4" or k % 64 == 0)
     if kind == "cuda" and not tensor_cores and (m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16)):
         return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
     if kind == "cpu":
@@ -471,6 +472,9 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
         else:
             _ext().cpu.linear_int4_bf16(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                                         0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size)
+    elif tensor_cores and fmt == "int8":
+        _ext().w8a16_mma(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k, k_split,
+                         _DTYPE_CODES[x.dtype], _stream(x))
     elif tensor_cores:
         _ext().w4a16_mma(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, k_split,
@@ -529,8 +533,10 @@ prefer("linear", "torch", "cuda")
 
 @register("linear_int8", "cuda")
 def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
-                     prefetch: bool = False) -> torch.Tensor:
-    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch)
+                     prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
+    """tensor_cores: None follows TENSOR_CORE_OPS (K a multiple of 64)."""
+    mma = _tensor_cores("linear_int8", tensor_cores)
+    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, mma, k_split)
 
 
 @register("linear_int4", "cuda")

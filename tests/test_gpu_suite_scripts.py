@@ -40,7 +40,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "DRAFT_VOCAB", 128)  # (of 512)
     rows = decode.main(["--models", "codegemma-2b", "codegemma-7b", "--batches", "1", "--steps", "8",
                         "--prompt-len", "8", "--quant", "none", "int4", "int4-head", "int4-vocab", "int4-mma",
-                        "none-gemv", "none-dmma",
+                        "int8-mma", "none-gemv", "none-dmma",
                         "--verify", "--bandwidth-GBps", "50",
                         "--dtype", "float32", "--out", str(tmp_path / "decode.json")])
     assert not [r for r in rows if "error" in r], rows
@@ -50,7 +50,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     runs = [decode.bench_gemforge(model, 3, 5, 6, cuda_graphs=False, overlap=o)["tokens"] for o in (False, True)]
     assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) > 1  # the overlapped loop decodes the same
     steps = [r for r in rows if "batch" in r]
-    assert len(steps) == 13 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
+    assert len(steps) == 15 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
     mma = {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4-mma"}  # the int4 weights, other kernel
     assert mma == {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4"}, mma
     assert decode.native.TENSOR_CORE_OPS == set()  # (set for int4-mma and none-dmma only)

@@ -197,12 +197,12 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
 @contextlib.contextmanager
 def kernel_variant(variant: str):
     """Kernels off by default until the GPU suite has timed them, on while a model is built and run:
-    "mma" int4 linears on the tensor cores (up to 16 rows), "gemv" the dense one-row linears on the CUDA
-    GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead."""
+    "mma" quantized linears on the tensor cores (up to 16 rows), "gemv" the dense one-row linears on the
+    CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead."""
     ops, linear = set(native.TENSOR_CORE_OPS), registry.preference("linear")
     try:
         if variant == "mma":
-            native.TENSOR_CORE_OPS.add("linear_int4")
+            native.TENSOR_CORE_OPS.update(("linear_int4", "linear_int8"))
         else:
             registry.prefer("linear", "cuda", "torch")
             if variant == "dmma":
@@ -224,7 +224,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
 
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
     # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
-    # "int4-mma", "none-gemv", "none-dmma": the weights of "int4" / "none" on kernels off by default (kernel_variant)
+    # "int4-mma", "int8-mma", "none-gemv", "none-dmma": those weights on kernels off by default (kernel_variant)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
@@ -298,10 +298,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma",
-                             "none-gemv", "none-dmma"],
+                             "int8-mma", "none-gemv", "none-dmma"],
                     help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
                          f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models; "
-                         "'int4-mma': int4 on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at one row; "
+                         "'int4-mma', 'int8-mma': on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at "
+                         "one row; "
                          "'none-dmma': dense on the tensor-core kernel up to 16 rows")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")

@@ -94,8 +94,7 @@ def test_linear_quant(benchmark, shape, fmt):
     flat = select(f"linear_{fmt}", "cuda", DEV)  # one CTA per 16 rows, x staged by each (the grid before)
     fns["cuda_cta_per_rows"] = lambda: flat(*args, max_ctas=2**31 - 1)
     fns["cuda_prefetch"] = lambda: flat(*args, prefetch=True)  # next rows into L2 ahead
-    if fmt == "int4":  # the tensor-core kernel (off by default until timed here)
-        fns["cuda_mma"] = lambda: flat(*args, tensor_cores=True)
+    fns["cuda_mma"] = lambda: flat(*args, tensor_cores=True)  # the tensor-core kernel (off until timed here)
     fns["cublas_bf16"] = lambda: F.linear(x, w)
     fns[f"torch_{fmt}"] = _torch_int8_peer(x, qw) if fmt == "int8" else _torch_int4_peer(x, n, k, 128)
     parts = [t for t in (qw.qweight, qw.scales, qw.zeros, x) if t is not None]
@@ -103,20 +102,23 @@ def test_linear_quant(benchmark, shape, fmt):
 
 
 @pytest.mark.parametrize("shape", ("2b_gate_up", "2b_down", "7b_qkv", "7b_gate_up", "7b_down"))
-@pytest.mark.parametrize("m", (1, 4, 8, 16))
-def test_linear_int4_tensor_cores(benchmark, shape, m):
-    """int4 (g128) on the tensor cores at 1-16 rows of x (decode batches), against the kernels that serve
-    those rows now (the CUDA-core GEMV at one row, the Triton GEMM from two), torch's tinygemm int4 and
-    cuBLAS over the bf16 weight."""
+@pytest.mark.parametrize("m", (4, 8, 16))
+@pytest.mark.parametrize("fmt", ("int4", "int8"))
+def test_linear_quant_rows(benchmark, shape, m, fmt):
+    """int4 (g128) and int8 on the tensor cores at 4-16 rows of x (decode batches; one row is
+    test_linear_quant's cuda_mma), against the Triton GEMM that serves those rows now, cuBLAS over the
+    bf16 weight and torch's own weight-only kernel."""
     n, k = GEMV_SHAPES[shape]
     w = torch.randn(n, k, device=DEV, dtype=DTYPE)
     x = torch.randn(m, k, device=DEV, dtype=DTYPE)
-    qw = quantize_int4(w, 128)
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
     args = (x, qw.qweight, qw.scales, qw.zeros, qw.group_size, None)
-    cuda = select("linear_int4", "cuda", DEV)
-    fns = {"cuda_mma": lambda: cuda(*args, tensor_cores=True), "cuda": lambda: cuda(*args, tensor_cores=False),
-           "cublas_bf16": lambda: F.linear(x, w), "torch_int4": _torch_int4_peer(x, n, k, 128)}
-    compare(benchmark, fns, nbytes(qw.qweight, qw.scales, x) + m * n * x.element_size())
+    cuda = select(f"linear_{fmt}", "cuda", DEV)
+    fns = {"cuda_mma": lambda: cuda(*args, tensor_cores=True), "triton": lambda: cuda(*args, tensor_cores=False),
+           "cublas_bf16": lambda: F.linear(x, w),
+           f"torch_{fmt}": _torch_int8_peer(x, qw) if fmt == "int8" else _torch_int4_peer(x, n, k, 128)}
+    parts = [t for t in (qw.qweight, qw.scales, qw.zeros, x) if t is not None]
+    compare(benchmark, fns, nbytes(*parts) + m * n * x.element_size())
 
 
 DENSE_SHAPES = {**GEMV_SHAPES, "7b_o": (3072, 4096), "2b_lm_head": (256000, 2048)}

@@ -218,12 +218,28 @@ def _check_linear(fmt, qw, x, bias, **kw):
 @pytest.mark.parametrize("m", (1, 2, 3, 8, 16))
 @pytest.mark.parametrize("nk", ((257, 784), (1024, 2048), (96, 24576)))
 @pytest.mark.parametrize("with_bias", (False, True))
-def test_linear_int8(nan_empty, dtype, m, nk, with_bias):
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_linear_int8(nan_empty, dtype, m, nk, with_bias, tensor_cores):
+    """The CUDA-core GEMV (one row; more go to the Triton GEMM) and the tensor-core kernel (up to 16 rows,
+    K a multiple of 64: K = 784 takes the others)."""
     n, k = nk
     qw = quantize_int8(torch.randn(n, k, device=DEV).to(dtype))
     x = torch.randn(m, k, device=DEV).to(dtype)
     bias = torch.randn(n, device=DEV).to(dtype) if with_bias else None
-    _check_linear("int8", qw, x, bias)
+    _check_linear("int8", qw, x, bias, tensor_cores=tensor_cores)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", (1, 9, 16))
+@pytest.mark.parametrize("k_split", (1, 8))
+@pytest.mark.parametrize("nk", ((8209, 192), (33, 24576)))
+def test_linear_int8_tensor_cores_k_split(nan_empty, dtype, m, k_split, nk):
+    """The int8 tensor-core kernel with the K split (K = 192: 3 chunks for 8 warps), W's rows past a
+    multiple of 16, one or two tiles of 8 rows of x."""
+    n, k = nk
+    qw = quantize_int8(torch.randn(n, k, device=DEV).to(dtype))
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    _check_linear("int8", qw, x, torch.randn(n, device=DEV).to(dtype), tensor_cores=True, k_split=k_split)
 
 
 @pytest.mark.parametrize("dtype", HALF)

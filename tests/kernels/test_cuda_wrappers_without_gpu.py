@@ -62,6 +62,8 @@ CALLS = {
     "linear_int4": lambda N: N.linear_int4_cuda(torch.randn(1, 128, dtype=BF), *_quant("int4")),
     "linear_int4_tensor_cores": lambda N: N.linear_int4_cuda(torch.randn(3, 128, dtype=BF), *_quant("int4"),
                                                              tensor_cores=True),
+    "linear_int8_tensor_cores": lambda N: N.linear_int8_cuda(torch.randn(3, 64, dtype=BF), *_quant("int8"),
+                                                             tensor_cores=True),
 }
 
 

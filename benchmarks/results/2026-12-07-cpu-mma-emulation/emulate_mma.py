@@ -1,5 +1,5 @@
 """Lane-by-lane CPU emulation of the tensor-core kernels written without a GPU (csrc/quant_gemv.cu
-mma_gemv_kernel with its int4 and dense lanes, csrc/attention.cu decode_partition_mma_kernel): every lane's
+mma_gemv_kernel with its int4, int8 and dense lanes, csrc/attention.cu decode_partition_mma_kernel): every lane's
 loads, byte permutes and
 16-bit pairs as the kernels form them, and mma.sync m16n8k16 by its documented fragment layout (PTX ISA),
 against an fp64 reference. It checks the index mapping of the kernels as written here (a copy, by hand),
@@ -135,6 +135,56 @@ def gemv_dense(N, K, M, dt, k_split, seed=2):
     return y, x.double() @ w.double().T
 
 
+def gemv_int8(N, K, M, dt, k_split, seed=3):
+    """mma_gemv_kernel<Int8MmaLane>: u = q + 128 = 16 h + l; x . q = 16 x . (B + h) + x . (B + l)
+    - (17 B + 128) sum x; chunks of 64 k, lane (r, c) reads 16 bytes of rows r and r + 8 at 64 j + 16 c."""
+    from gemforge.kernels.quant import quantize_int8
+    torch.manual_seed(seed)
+    qw = quantize_int8(torch.randn(N, K).to(dt))
+    x = torch.randn(M, K).to(dt)
+    bias, bias_bits = (128.0, 0x43004300) if dt == torch.bfloat16 else (1024.0, 0x64006400)
+    z = pack(-(17 * bias + 128), -(17 * bias + 128), dt)
+    codes = qw.qweight.view(torch.uint8).to(torch.int64)
+    xb, nt_count, chunks = bits16(x), (1 if M <= 8 else 2), K // 64
+    y = torch.zeros(M, N, dtype=torch.float64)
+
+    def pairs(u, shift):
+        v = u >> shift
+        return [(byte_perm(v, v, sel) & 0x000F000F) | bias_bits for sel in (0x0100, 0x0302)]
+
+    for tile in range((N + 15) // 16):
+        rows = [min(tile * 16 + i, N - 1) for i in range(16)]
+        acc = torch.zeros(16, 8 * nt_count, dtype=torch.float64)
+        for split in range(k_split):
+            for j in range(split * chunks // k_split, (split + 1) * chunks // k_split):
+                dh, dl = torch.zeros_like(acc), torch.zeros_like(acc)
+                for w in range(4):
+                    al, ah, az, b = [], [], [], [[] for _ in range(nt_count)]
+                    for lane in range(32):
+                        r, c = lane >> 2, lane & 3
+                        k0 = 64 * j + 16 * c + 4 * w
+                        u = [int.from_bytes(bytes(codes[rows[r + 8 * h], k0:k0 + 4].tolist()), "little")
+                             ^ 0x80808080 for h in range(2)]
+                        lo, hi = pairs(u[0], 0), pairs(u[1], 0)
+                        al.append([lo[0], hi[0], lo[1], hi[1]])
+                        lo, hi = pairs(u[0], 4), pairs(u[1], 4)
+                        ah.append([lo[0], hi[0], lo[1], hi[1]])
+                        az.append([z] * 4)
+                        for nt in range(nt_count):
+                            xr = xb[min(nt * 8 + r, M - 1)]
+                            b[nt].append([word(xr[k0], xr[k0 + 1]), word(xr[k0 + 2], xr[k0 + 3])])
+                    for nt in range(nt_count):
+                        cols = slice(nt * 8, nt * 8 + 8)
+                        dl[:, cols] += mma(al, b[nt], dt) + mma(az, b[nt], dt)
+                        dh[:, cols] += mma(ah, b[nt], dt)
+                scales = torch.tensor([qw.scales[row].item() for row in rows], dtype=torch.float64)
+                acc += scales[:, None] * (16 * dh + dl)
+        for i in range(16):
+            if tile * 16 + i < N:
+                y[:, tile * 16 + i] = acc[i, :M]
+    return y, x.double() @ (qw.qweight.double() * qw.scales.double()[:, None]).T
+
+
 def decode_attention(G, D, n, block_size, dt, start=0, hk=2, g=1, seed=1):
     """decode_partition_mma_kernel on one partition (keys start .. start + n) of one sequence and KV head
     g, normalised by l as a single-partition sequence is; returns (emulated [G, D], fp64 reference)."""
@@ -217,6 +267,12 @@ def main(out_path=None):
         y, ref = gemv_dense(N, K, M, dt, ks)
         rows.append({"kernel": "mma_gemv_kernel<DenseMmaLane>", "N": N, "K": K, "M": M, "dtype": str(dt), "k_split": ks,
                      "max_abs_err": (y - ref).abs().max().item(), "max_abs_ref": ref.abs().max().item()})
+        print(rows[-1], flush=True)
+    for N, K, M, dt, ks in [(20, 128, 1, torch.bfloat16, 1), (33, 192, 9, torch.float16, 8),
+                            (16, 256, 16, torch.bfloat16, 2)]:
+        y, ref = gemv_int8(N, K, M, dt, ks)
+        rows.append({"kernel": "mma_gemv_kernel<Int8MmaLane>", "N": N, "K": K, "M": M, "dtype": str(dt),
+                     "k_split": ks, "max_abs_err": (y - ref).abs().max().item(), "max_abs_ref": ref.abs().max().item()})
         print(rows[-1], flush=True)
     for G, D, n, bs, dt, start in [(8, 256, 37, 16, torch.bfloat16, 0), (4, 128, 70, 32, torch.float16, 64),
                                    (1, 64, 16, 16, torch.bfloat16, 32), (8, 64, 9, 2, torch.bfloat16, 0)]:
