@@ -328,11 +328,22 @@ __device__ __forceinline__ void code_pairs(uint32_t v, uint32_t zero_pair, uint3
 // CTA: kMmaWarps warps, kMmaWarps / k_split tiles of 16 rows, each tile's groups split among k_split
 // warps. NT: tiles of 8 rows of x (1: M <= 8, 2: M <= 16). Rows of W past N and of x past M are
 // read as row N - 1 and M - 1 (no predicates in the loop): what they yield is never written.
+// What every lane type of mma_gemv_kernel has: its x rows (nt * 8 + r, at the lane's k of the next chunk,
+// set by the kernel) and its D fragments (row r / r + 8 of W, rows 2c, 2c + 1 of x, per tile of 8 rows of
+// x). A lane type adds kChunk (k per chunk), kUnroll (chunks loaded before use), init() and groups<U>().
+template <typename T, int NT>
+struct MmaLane {
+  using Dtype = T;
+  static constexpr int kRowTiles = NT;
+  const T* xs[NT];
+  float acc[NT][4] = {};
+};
+
 // A lane of mma_gemv_kernel over int4 weights: a chunk of K is a quantization group.
 template <typename T, int G, int NT, bool Asym>
-struct W4MmaLane {
-  using Dtype = T;
-  static constexpr int kChunk = G, kRowTiles = NT;
+struct W4MmaLane : MmaLane<T, NT> {
+  using MmaLane<T, NT>::xs, MmaLane<T, NT>::acc;
+  static constexpr int kChunk = G;
   // groups loaded before use: 64 bytes of codes a lane (32 with 16 rows of x), at most 4 groups (registers)
   static constexpr int kUnroll = 256 / G / NT < 4 ? 256 / G / NT : 4;
   static constexpr int kBytes = G / 8, kWords = kBytes / 4;  // a lane's codes of one group and row
@@ -340,8 +351,6 @@ struct W4MmaLane {
   const uint8_t* codes[2];  // rows r and r + 8, at the lane's quarter of the next group
   const T* scale_rows[2];
   const T* zero_rows[2];    // Asym only (else z = 8)
-  const T* xs[NT];          // rows nt * 8 + r of x, at the lane's quarter of the next group
-  float acc[NT][4] = {};
 
   // rows: W's rows r and r + 8 (clamped to N), c: the lane's quarter, g0: the first group
   __device__ __forceinline__ void init(const void* w, const T* scales, const T* zeros, const int64_t (&rows)[2],
@@ -417,13 +426,11 @@ struct W4MmaLane {
 // x . q = 16 x . (B + h) + x . (B + l) - (17 B + 128) sum x, the last by an mma with that constant as A
 // (2304 in bf16, 17536 in fp16: exact), so per word of 4 codes and row: 10 instructions and 3 mmas.
 template <typename T, int NT>
-struct Int8MmaLane {
-  using Dtype = T;
-  static constexpr int kChunk = 64, kRowTiles = NT, kUnroll = 2 / NT;
+struct Int8MmaLane : MmaLane<T, NT> {
+  using MmaLane<T, NT>::xs, MmaLane<T, NT>::acc;
+  static constexpr int kChunk = 64, kUnroll = 2 / NT;
   const uint8_t* codes[2];  // rows r and r + 8, at the lane's 16 bytes of the next chunk
-  const T* xs[NT];
   float scale[2];
-  float acc[NT][4] = {};
 
   __device__ __forceinline__ void init(const void* w, const T* scales, const T*, const int64_t (&rows)[2], int c,
                                        int K, int g0) {
@@ -495,12 +502,10 @@ struct Int8MmaLane {
 // A lane of mma_gemv_kernel over a plain 16-bit weight [N, K]: a chunk is 32 k, 16 bytes of a row a lane,
 // whose 4 pairs are already the A fragments' (the k order as in the int4 lane).
 template <typename T, int NT>
-struct DenseMmaLane {
-  using Dtype = T;
-  static constexpr int kChunk = 32, kRowTiles = NT, kUnroll = 4 / NT;
+struct DenseMmaLane : MmaLane<T, NT> {
+  using MmaLane<T, NT>::xs, MmaLane<T, NT>::acc;
+  static constexpr int kChunk = 32, kUnroll = 4 / NT;
   const T* w_rows[2];  // rows r and r + 8, at the lane's 8 k of the next chunk
-  const T* xs[NT];
-  float acc[NT][4] = {};
 
   __device__ __forceinline__ void init(const void* w, const T*, const T*, const int64_t (&rows)[2], int c, int K,
                                        int g0) {
