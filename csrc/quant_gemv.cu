@@ -263,7 +263,9 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
   check_launch(op);
 }
 
-// ------------------------------------------------------------------- int4 on the tensor cores
+// ------------------------------------------------------------ linears on the tensor cores
+// (mma_gemv_kernel below, with a lane type per format: int4, int8 and dense 16-bit weights; the int4
+// lane first, as the others follow it.)
 // y = x dequant(W)^T for int4 W (every group size of the format), M <= 16, by mma.sync m16n8k16
 // (16-bit operands in x's dtype, fp32 accumulation). A warp multiplies 16 rows of W (A) by 8 or 16
 // rows of x (B). Lane (r = lane / 4, c = lane % 4) holds W's rows r and r + 8 and, of each
@@ -308,26 +310,30 @@ __device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
   return out;
 }
 
+// The 16-bit pair (B + n0, B + n1) from t holding nibble n0 in bits 0..3 and n1 in bits 16..19:
+// (t & 0x000F000F) | bits of (B, B) in one LOP3 (written out: the compiler splits it in two).
+template <typename T>
+__device__ __forceinline__ uint32_t biased_nibbles(uint32_t t) {
+  uint32_t p;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
+      : "=r"(p)
+      : "r"(t), "r"(0x000F000Fu), "r"(MmaOperand<T>::kBias));
+  return p;
+}
+
 // Word v holds codes q0..q7 (q_i in bits 4i..4i+3); p[j] = (B + q_2j, B + q_2j+1) as 16-bit values:
 // byte j of v (q_2j low) and byte j of v >> 4 (q_2j+1 low) become the pair's low bytes (PRMT), then
-// (t & 0x000F000F) | bits of (B, B) in one LOP3 (written out: the compiler splits it in two). Without
-// kZeroByMma, minus zero_pair = (B + z, B + z): (q - z) pairs.
+// biased_nibbles. Without kZeroByMma, minus zero_pair = (B + z, B + z): (q - z) pairs.
 template <typename T>
 __device__ __forceinline__ void code_pairs(uint32_t v, uint32_t zero_pair, uint32_t (&p)[4]) {
   const uint32_t v4 = v >> 4;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    uint32_t t;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
-        : "=r"(t)
-        : "r"(__byte_perm(v, v4, 0x0400 + 0x0101 * j)), "r"(0x000F000Fu), "r"(MmaOperand<T>::kBias));
+    const uint32_t t = biased_nibbles<T>(__byte_perm(v, v4, 0x0400 + 0x0101 * j));
     p[j] = MmaOperand<T>::kZeroByMma ? t : sub_pairs<T>(t, zero_pair);
   }
 }
 
-// CTA: kMmaWarps warps, kMmaWarps / k_split tiles of 16 rows, each tile's groups split among k_split
-// warps. NT: tiles of 8 rows of x (1: M <= 8, 2: M <= 16). Rows of W past N and of x past M are
-// read as row N - 1 and M - 1 (no predicates in the loop): what they yield is never written.
 // What every lane type of mma_gemv_kernel has: its x rows (nt * 8 + r, at the lane's k of the next chunk,
 // set by the kernel) and its D fragments (row r / r + 8 of W, rows 2c, 2c + 1 of x, per tile of 8 rows of
 // x). A lane type adds kChunk (k per chunk), kUnroll (chunks loaded before use), init() and groups<U>().
@@ -446,10 +452,8 @@ struct Int8MmaLane : MmaLane<T, NT> {
   template <int Shift>
   static __device__ __forceinline__ void nibble_pairs(uint32_t u, uint32_t& p01, uint32_t& p23) {
     const uint32_t v = u >> Shift;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(p01) : "r"(__byte_perm(v, v, 0x0100)), "r"(0x000F000Fu),
-        "r"(MmaOperand<T>::kBias));
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(p23) : "r"(__byte_perm(v, v, 0x0302)), "r"(0x000F000Fu),
-        "r"(MmaOperand<T>::kBias));
+    p01 = biased_nibbles<T>(__byte_perm(v, v, 0x0100));
+    p23 = biased_nibbles<T>(__byte_perm(v, v, 0x0302));
   }
 
   template <int U>
