@@ -88,33 +88,34 @@ part tests 120 $PY -m pytest -v --tb=short --maxfail=10 $XDIST --timeout=120 -p 
   --junitxml="$OUT/tests.xml" 2>/dev/null || true
 grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
 
-# The headline first: bf16 decode of both models against HF's static cache, and the verify-window costs;
-# the quantized formats (no HF peer) after, in a JSON of their own.
-BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
-part decode 150 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
-
-# The quantized formats, then kernels off by default until this times them end to end: int4 and int8 on the
-# tensor cores (int4-mma, int8-mma), the dense linears on the CUDA GEMV at one row (none-gemv) or the tensor
-# cores up to 16 rows (none-dmma) instead of cuBLAS. (Last: a kernel that faulted would take the process's
-# CUDA context, and the formats after it, with it.)
-part decode_quant 200 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches $BATCHES --steps 32 --quant int4 int8 int4-head int4-vocab int4-mma int8-mma none-gemv none-dmma \
-  --no-hf \
-  --bandwidth-GBps "$BW" \
-  --out "$OUT/decode_quant.json"
-
-# Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
-part decode_profile 60 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
-
 # Kernel benchmarks in two runs, each writing its own JSON, and each case a JSON line as it is measured
 # (pytest-benchmark writes its JSON at the end: a run cut by its limit leaves only the lines).
-# torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them.
+# torch.compile peers compile for minutes: SUITE_COMPILE_PEERS=1 adds them. The CUDA kernels first: their
+# GEMV cases (first in the file) decide the kernels still off by default (kernels/_native.py TENSOR_CORE_OPS).
 export GEMFORGE_BENCH_COMPILE=${SUITE_COMPILE_PEERS:-0}
 BENCH_ARGS="-q -p no:cacheprovider --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.05"
 GEMFORGE_BENCH_LOG="$OUT/kernels-cuda.jsonl" part kernel_cuda 60 $PY -m pytest $BENCH_ARGS \
   "$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-cuda.json"
+
+# The headline: bf16 decode of both models against HF's static cache, and the verify-window costs; then the
+# quantized formats (no HF peer), each group in a process and a JSON of its own: int4 and int8; the same
+# weights on kernels off by default until this times them end to end (int4-mma, int8-mma on the tensor
+# cores; the dense linears on the CUDA GEMV at one row, none-gemv, or the tensor cores up to 16 rows,
+# none-dmma, instead of cuBLAS: a kernel that faulted would take its process's CUDA context with it); the
+# drafts' formats (the head quantized, or cut to 32768 rows) that the speculative implied speedups use.
+BATCHES="1 8 64"; [ "${SUITE_QUICK:-0}" = 1 ] && BATCHES="1 8"
+DECODE=("$PY" "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b --steps 32)
+part decode 150 "${DECODE[@]}" --batches $BATCHES --quant none --verify --bandwidth-GBps "$BW" --out "$OUT/decode.json"
+part decode_quant 90 "${DECODE[@]}" --batches $BATCHES --quant int4 int8 --no-hf --bandwidth-GBps "$BW" \
+  --out "$OUT/decode_quant.json"
+part decode_mma 120 "${DECODE[@]}" --batches $BATCHES --quant int4-mma int8-mma none-gemv none-dmma --no-hf \
+  --bandwidth-GBps "$BW" --out "$OUT/decode_mma.json"
+part decode_drafts 60 "${DECODE[@]}" --batches 1 --quant int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
+  --out "$OUT/decode_drafts.json"
+
+# Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
+part decode_profile 60 "${DECODE[@]}" --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"
+
 GEMFORGE_BENCH_LOG="$OUT/kernels-triton.jsonl" part kernel_triton 75 $PY -m pytest $BENCH_ARGS "$ROOT/benchmarks/kernels" \
   --ignore="$ROOT/benchmarks/kernels/bench_cuda_ops.py" --benchmark-json="$OUT/kernels-triton.json"
 
@@ -137,8 +138,8 @@ part speculative 90 $PY "$ROOT/benchmarks/engine/bench_speculative.py" --target 
 
 # HF's best configuration: its decode step compiled (static cache), at batch 1, beside gemforge measured again
 # in the same process. Compiling takes minutes a shape: last, on what the budget leaves, or alone by SUITE_ONLY.
-part decode_hf_compiled 300 $PY "$ROOT/benchmarks/engine/bench_decode.py" --models codegemma-2b codegemma-7b \
-  --batches 1 --steps 32 --quant none --hf-compile --bandwidth-GBps "$BW" --out "$OUT/decode_hf_compiled.json"
+part decode_hf_compiled 300 "${DECODE[@]}" --batches 1 --quant none --hf-compile --bandwidth-GBps "$BW" \
+  --out "$OUT/decode_hf_compiled.json"
 
 part summary 25 $PY "$ROOT/benchmarks/summarize.py" "$OUT"
 if [ -n "$PACK" ]; then

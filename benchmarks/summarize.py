@@ -106,7 +106,9 @@ def main(outdir: str) -> None:
                      f"{ceil['copy_GBps']} GB/s (read + write), bf16 matmul {ceil['bf16_matmul_TFLOPs']} TFLOP/s.\n")
     status = (d / "status.txt").read_text() if (d / "status.txt").exists() else ""
     parts.append("## Parts\n```\n" + status + "```\n")
-    decode = (load(d / "decode.json") or []) + (load(d / "decode_quant.json") or [])  # bf16 + HF; quantized
+    # bf16 + HF; the quantized formats; the kernels off by default; the drafts' formats
+    decode = [r for name in ("decode", "decode_quant", "decode_mma", "decode_drafts")
+              for r in load(d / f"{name}.json") or []]
     if decode:
         parts.append("## End-to-end greedy decode (random weights, real shapes, prompt 128)\n")
         steps = [r for r in decode if "batch" in r]

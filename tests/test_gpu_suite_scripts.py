@@ -158,10 +158,11 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
-    parts = ["build", "ceilings", "tests", "decode", "decode_quant", "decode_profile", "kernel_cuda", "kernel_triton",
-             "throughput", "prefill", "sweep_attention", "speculative", "decode_hf_compiled", "summary"]
+    parts = ["build", "ceilings", "tests", "kernel_cuda", "decode", "decode_quant", "decode_mma", "decode_drafts",
+             "decode_profile", "kernel_triton", "throughput", "prefill", "sweep_attention", "speculative",
+             "decode_hf_compiled", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
-    failing = ("decode", "decode_profile", "decode_quant", "decode_hf_compiled")
+    failing = ("decode", "decode_quant", "decode_mma", "decode_drafts", "decode_profile", "decode_hf_compiled")
     assert all(f"{p}: FAILED rc=3" in status for p in failing), status
     assert status.count(": ok") == len(parts) - len(failing), status
     calls = log.read_text()
