@@ -103,6 +103,12 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
              "acceptance_rate": 0.4, "tokens_per_target_forward": 2.6, "tokens_per_s": 900.5,
              "target_alone_tokens_per_s": 600.0, "speedup": 1.5}]  # (bench_speculative's rows: test below)
     (tmp_path / "speculative.json").write_text(json.dumps(spec))
+    parts = {"decode_quant": ("int4",), "decode_mma": ("int4-mma", "int8-mma", "none-gemv", "none-dmma"),
+             "decode_drafts": ("int4-head", "int4-vocab")}  # the suite's parts write these files
+    for name, formats in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps([r for r in steps if r["weights"] in formats]))
+    plain = [r for r in json.loads((tmp_path / "decode.json").read_text()) if r.get("weights", "none") == "none"]
+    (tmp_path / "decode.json").write_text(json.dumps(plain))
     load(BENCH / "summarize.py").main(str(tmp_path))
     summary = (tmp_path / "summary.md").read_text()
     assert "HF with its decode step compiled" in summary and "| 150.0 | 2.0 |" in summary
@@ -110,6 +116,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert "Kernel benchmarks (kernels-cuda.jsonl)" in summary and logged[0]["benchmark"] in summary
     assert "codegemma-7b" in summary and "implied_speedup" in summary and (tmp_path / "decode.png").is_file()
     assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
+    assert all(f"| {formats[-1]} |" in summary for formats in parts.values())  # each part's file read
     assert "codegemma-2b int4-vocab" in summary  # and with its head cut (draft_vocab_size)
     assert "Continuous batching" in summary
     assert "Speculative decoding on nano-codegemma" in summary and "| 2048 | 0.4 | 2.6 | 900.5 |" in summary
