@@ -250,7 +250,7 @@ decode_partition_kernel(const DecodeArgs<T> a) {
 //       order of the rows free too); it loads its dims of keys 2c, 2c+1, 2c+8, 2c+9 of a 16-key block
 //       in one access a key, pairs them by key (PRMT) into A, and takes head r's probabilities of those
 //       keys, rounded to T as flash attention rounds them, as B.
-// sm_90a SASS of the loops: 143 instructions per 128 bytes of K a lane (QK), 122 per 64 bytes of V (PV).
+// sm_90a SASS of the loops: 134 instructions per 128 bytes of K a lane (QK), 123 per 64 bytes of V (PV).
 // Scores and probabilities live in shared memory as above.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 4)  // <= 128 registers

@@ -227,13 +227,25 @@ int64_t resident_ctas(Kernel kernel, size_t smem) {
 // group); n > 0 caps the grid at n (tests force few CTAs, benchmarks one per row group).
 // prefetch: each warp requests its next row group's weights into L2 as it starts a group (a variant
 // the benchmarks time: with short rows, e.g. 7B gate_up int4 = 1.5 KB, a warp has little in flight).
+// The checks every linear launch here shares: 1-16 rows of x, an N x K weight indexable in 32 bits.
+void check_shape(const char* op, int64_t M, int64_t N, int64_t K) {
+  require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
+  require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
+}
+
+// int4's group: 32, 64 or 128 inputs, dividing K.
+void check_group(const char* op, int64_t K, int64_t group_size) {
+  require(group_size == 32 || group_size == 64 || group_size == 128, op,
+          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  require(K % group_size == 0, op, "K must be a multiple of group_size");
+}
+
 template <template <typename> class Format>
 void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros,
                  int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch,
                  int dtype, int64_t stream) {
-  require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
+  check_shape(op, M, N, K);
   require(max_ctas >= 0, op, "max_ctas must be >= 0, got " + std::to_string(max_ctas));
-  require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
   require(aligned16(qweight), op, "qweight must be 16-byte aligned");
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -608,10 +620,6 @@ int mma_k_split(int64_t tiles, int64_t groups, int64_t slots) {
   return best;
 }
 
-}  // namespace
-
-namespace {
-
 // Launches mma_gemv_kernel<Lane>; k_split 0 picks it (mma_k_split).
 template <class Lane>
 void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales, int64_t zeros, int64_t bias,
@@ -628,8 +636,7 @@ void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales,
 }
 
 void check_mma_args(const char* op, int64_t x, int64_t w, int64_t M, int64_t N, int64_t K, int64_t k_split) {
-  require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
-  require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
+  check_shape(op, M, N, K);
   require(aligned16(w) && aligned16(x), op, "the weight and x must be 16-byte aligned");
   require(k_split >= 0 && k_split <= kMmaWarps && (k_split & (k_split - 1)) == 0, op,
           "k_split must be 0 (chosen here) or a power of two up to " + std::to_string(kMmaWarps) + ", got " +
@@ -642,9 +649,7 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
                int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream) {
   const char* op = "w4a16_mma";
   check_mma_args(op, x, qweight, M, N, K, k_split);
-  require(group_size == 32 || group_size == 64 || group_size == 128, op,
-          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  require(K % group_size == 0, op, "K must be a multiple of group_size");
+  check_group(op, K, group_size);
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto go = [&](auto g, auto nt, auto asym) {
@@ -699,9 +704,7 @@ void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t b
 
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
                 int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, int dtype, int64_t stream) {
-  require(group_size == 32 || group_size == 64 || group_size == 128, "w4a16_gemm",
-          "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  require(K % group_size == 0, "w4a16_gemm", "K must be a multiple of group_size");
+  check_group("w4a16_gemm", K, group_size);
   launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, prefetch,
                           dtype, stream);
 }

@@ -423,17 +423,19 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- quantized linear
 def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0,
-                  prefetch: bool = False, tensor_cores: bool = False, k_split: int = 0):
+                  prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0):
     """The CUDA GEMV (up to MAX_GEMV_ROWS rows; with tensor_cores up to MAX_MMA_ROWS; more go to
     Triton) or the C++ CPU kernel (bf16 x, K a multiple of 32; anything else goes to torch). max_ctas
     (CUDA GEMV): 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks); prefetch
     (CUDA GEMV): each warp requests its next rows' weights into L2 as it starts a row group (a variant
-    the benchmarks time, off by default); k_split (tensor cores): warps sharing a tile's K, 0 = chosen."""
+    the benchmarks time, off by default); tensor_cores (CUDA; None follows TENSOR_CORE_OPS; int8 needs K a
+    multiple of 64); k_split (tensor cores): warps sharing a tile's K, 0 = chosen."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
-    tensor_cores = tensor_cores and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0 and (fmt == "int4" or k % 64 == 0)
+    tensor_cores = (kind == "cuda" and _tensor_cores(op, tensor_cores) and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0
+                    and (fmt == "int4" or k % 64 == 0))
     if kind == "cuda" and not tensor_cores and (m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16)):
         return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
     if kind == "cpu":
@@ -534,17 +536,15 @@ prefer("linear", "torch", "cuda")
 @register("linear_int8", "cuda")
 def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
                      prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
-    """tensor_cores: None follows TENSOR_CORE_OPS (K a multiple of 64)."""
-    mma = _tensor_cores("linear_int8", tensor_cores)
-    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, mma, k_split)
+    return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, tensor_cores,
+                         k_split)
 
 
 @register("linear_int4", "cuda")
 def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
                      prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
-    """tensor_cores: None follows TENSOR_CORE_OPS."""
-    mma = _tensor_cores("linear_int4", tensor_cores)
-    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, mma, k_split)
+    return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, tensor_cores,
+                         k_split)
 
 
 @register("linear_int8", "cpu")
