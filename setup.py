@@ -4,7 +4,9 @@ The native extension gemforge.kernels._C is built by CMake from csrc/: its CPU k
 (needs cmake and a C++ compiler with OpenMP), its CUDA kernels when nvcc is found.
 GEMFORGE_SKIP_CUDA_BUILD=1 leaves the CUDA kernels out, GEMFORGE_SKIP_NATIVE_BUILD=1 the whole
 extension (every op then runs its Triton or torch backend); GEMFORGE_CUDA_ARCHS (default "80;90a")
-picks the CUDA targets.
+picks the CUDA targets. Where the CUDA headers are (beside nvcc), the same CMake run also builds
+gemforge.kernels._C_emu, the CUDA kernels on an emulated device for CPU tests (csrc/emu/;
+GEMFORGE_SKIP_CUDA_EMULATOR=1 leaves it out).
 """
 import os
 import shutil
@@ -28,6 +30,17 @@ def find_nvcc():
     return None
 
 
+def cuda_headers():
+    """The CUDA toolkit's include directory (where nvcc is, or CUDA_HOME, CUDA_PATH, /usr/local/cuda) that the
+    emulated kernels need, or None."""
+    if os.environ.get("GEMFORGE_SKIP_CUDA_EMULATOR") == "1":
+        return None
+    nvcc = find_nvcc()
+    homes = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    homes += [Path(h) for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]
+    return next((h / "include" for h in homes if (h / "include" / "cuda_bf16.h").exists()), None)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -39,6 +52,10 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        if ext.name.endswith("_C_emu"):  # built by _C's CMake run, into the same directory
+            if not Path(self.get_ext_fullpath(ext.name)).exists():
+                raise RuntimeError(f"gemforge: CMake did not build {ext.name} (CUDA headers at {cuda_headers()})")
+            return
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +73,8 @@ class CMakeBuild(build_ext):
             cfg += [f"-DGEMFORGE_CUDA_ARCHS={archs}", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
         else:
             cfg += ["-DGEMFORGE_CUDA=OFF"]
+        headers = cuda_headers()
+        cfg += [f"-DCUDAToolkit_ROOT={headers.parent}"] if headers else ["-DGEMFORGE_CUDA_EMULATOR=OFF"]
         if shutil.which("ninja"):
             cfg += ["-G", "Ninja"]
         print(f"gemforge: building the native extension: CPU kernels"
@@ -75,7 +94,8 @@ def ext_modules():
     if shutil.which("cmake") is None:
         print("gemforge: cmake not found, installing without the native extension", flush=True)
         return []
-    return [CMakeExtension("gemforge.kernels._C")]
+    emulated = [CMakeExtension("gemforge.kernels._C_emu")] if cuda_headers() else []
+    return [CMakeExtension("gemforge.kernels._C"), *emulated]
 
 
 setup(

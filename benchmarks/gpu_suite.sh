@@ -67,7 +67,7 @@ build() {  # the CPU and CUDA kernels; fails unless the CUDA part is built
   local nvcc; nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   cmake -S "$ROOT" -B /tmp/gemforge-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGEMFORGE_OUTPUT_DIR="$ROOT/kernels" -DGEMFORGE_CUDA_ARCHS="$arch" -DGEMFORGE_REQUIRE_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER="$nvcc" \
+    -DCMAKE_CUDA_COMPILER="$nvcc" -DGEMFORGE_CUDA_EMULATOR=OFF \
     -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -c 'import pybind11; print(pybind11.get_cmake_dir())')" \
     && cmake --build /tmp/gemforge-build -j "$(nproc)" \
     && $PY -c 'import torch, gemforge.kernels._C as c; assert c.WITH_CUDA, "built without CUDA"; print("_C: CUDA and CPU kernels")'

@@ -13,6 +13,7 @@
 // shuffles per head); in PV, D/8 lanes cover a value row and accumulate 8 heads at a time. Kernel 1
 // has a tensor-core form for up to 8 query heads per KV head (decode_partition_mma_kernel, opt-in).
 #include "common/check.h"
+#include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
@@ -158,7 +159,7 @@ decode_partition_kernel(const DecodeArgs<T> a) {
   if (!task.live) return;
   const int g = task.g, start = task.start, n = task.n, G = task.G, part = a.part, tid = threadIdx.x, lane = tid & 31;
 
-  extern __shared__ float smem[];
+  GF_DYNAMIC_SMEM(float, smem);
   const int groups = kWarps * (32 / (D / kChunk));
   float* qs = smem;                                                  // [G][D]   (QK phase)
   float* red = smem;                                                 // [groups][kHeadTile][D] (PV)
@@ -179,7 +180,7 @@ decode_partition_kernel(const DecodeArgs<T> a) {
       const int t = t0 + sub;
       float kf[kCPL][kChunk];
       if (t < n) {
-        const T* kr = task.seq.row<D>(a.k_cache, start + t);
+        const T* kr = task.seq.template row<D>(a.k_cache, start + t);
 #pragma unroll
         for (int c = 0; c < kCPL; ++c) load_float(kr + (c * kQKLanes + j) * kChunk, kf[c]);
       } else {
@@ -213,7 +214,7 @@ decode_partition_kernel(const DecodeArgs<T> a) {
     float acc[kHeadTile][kChunk] = {};
     for (int t = vg; t < n; t += groups) {
       float vf[kChunk];
-      load_float(task.seq.row<D>(a.v_cache, start + t) + c * kChunk, vf);
+      load_float(task.seq.template row<D>(a.v_cache, start + t) + c * kChunk, vf);
 #pragma unroll
       for (int hh = 0; hh < kHeadTile; ++hh) {
         if (h0 + hh < G) {
@@ -263,7 +264,7 @@ decode_partition_mma_kernel(const DecodeArgs<T> a) {
   const int g = task.g, start = task.start, n = task.n, G = task.G, hk = a.hk;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
 
-  extern __shared__ float smem[];
+  GF_DYNAMIC_SMEM(float, smem);
   const int ld = mma_score_stride(a.part);  // (rows padded: the 8 lanes of a column touch 8 rows of scores)
   float* ps = smem;          // [G][ld]
   float* m_s = ps + G * ld;  // [G]
@@ -276,7 +277,7 @@ decode_partition_mma_kernel(const DecodeArgs<T> a) {
     for (int j = 0; j < kJ; ++j) qf[j] = r < G ? *reinterpret_cast<const uint4*>(qh + 32 * j) : uint4{};
     for (int t0 = warp * 8; t0 < n; t0 += kWarps * 8) {
       const int t = t0 + r;
-      const T* kr = task.seq.row<D>(a.k_cache, start + min(t, n - 1)) + 8 * c;  // (past n: any row, never stored)
+      const T* kr = task.seq.template row<D>(a.k_cache, start + min(t, n - 1)) + 8 * c;  // (past n: any row, never stored)
       float s[2][4] = {};  // even and odd chunks: two shorter mma chains
 #pragma unroll
       for (int j = 0; j < kJ; ++j) {
@@ -304,7 +305,7 @@ decode_partition_mma_kernel(const DecodeArgs<T> a) {
 #pragma unroll
     for (int i = 0; i < 4; i += 2) {  // (an even key and the next share a block: block_size is even)
       const int key = t0 + 2 * c + 8 * (i >> 1);
-      const T* row = task.seq.row<D>(a.v_cache, start + min(key, n - 1)) + d0;
+      const T* row = task.seq.template row<D>(a.v_cache, start + min(key, n - 1)) + d0;
       const VRow v0 = key < n ? __ldcs(reinterpret_cast<const VRow*>(row)) : VRow{};
       const VRow v1 = key + 1 < n ? __ldcs(reinterpret_cast<const VRow*>(row + hk * D)) : VRow{};
       memcpy(w[i], &v0, sizeof v0);
@@ -342,7 +343,7 @@ __global__ void decode_reduce_kernel(T* __restrict__ out, const float* __restric
   if (cu_seqlens_q[b + 1] == token) return;
   const int nparts = (context_lens[b] + part - 1) / part;
   if (nparts <= 1) return;  // written by the partition kernel
-  extern __shared__ float weight[];  // [nparts] 2^(m_p - M)
+  GF_DYNAMIC_SMEM(float, weight);  // [nparts] 2^(m_p - M)
   const int64_t base = (int64_t{b} * hq + h) * max_parts;
 
   float m = MaxOp::identity();
@@ -380,11 +381,11 @@ void launch_decode(int64_t out, int64_t part_acc, int64_t part_max, int64_t part
                            as_ptr<const T>(v_cache), as_ptr<const int>(cu), as_ptr<const int>(ctx),
                            as_ptr<const int>(bt), q_stride, bt_stride, hq, hk, block_size, part,
                            static_cast<int>(max_parts), scale_log2};
-  kernel<<<grid, kThreads, smem, stream>>>(args);
+  launch_kernel(kernel, grid, kThreads, smem, stream, args);
   check_launch("decode_attention");
   if (max_parts > 1) {
-    decode_reduce_kernel<T><<<dim3(hq, static_cast<unsigned>(B)), kThreads, max_parts * sizeof(float), stream>>>(
-        as_ptr<T>(out), as_ptr<const float>(part_acc), as_ptr<const float>(part_max),
+    launch_kernel(decode_reduce_kernel<T>, dim3(hq, static_cast<unsigned>(B)), kThreads, max_parts * sizeof(float),
+        stream, as_ptr<T>(out), as_ptr<const float>(part_acc), as_ptr<const float>(part_max),
         as_ptr<const float>(part_sum), as_ptr<const int>(cu), as_ptr<const int>(ctx), hq, D, part,
         static_cast<int>(max_parts));
     check_launch("decode_attention(reduce)");
@@ -406,7 +407,7 @@ void write_kv(int64_t k, int64_t v, int64_t k_cache, int64_t v_cache, int64_t sl
     const int64_t per = sizeof(U) / elem_size;  // elements per copy unit
     const int units = static_cast<int>(row_bytes / sizeof(U));
     const int threads = static_cast<int>(std::min<int64_t>(256, ceil_div(units, 32) * 32));
-    write_kv_kernel<U><<<static_cast<unsigned>(tokens), threads, 0, as_stream(stream)>>>(
+    launch_kernel(write_kv_kernel<U>, static_cast<unsigned>(tokens), threads, 0, as_stream(stream),
         as_ptr<const U>(k), as_ptr<const U>(v), as_ptr<U>(k_cache), as_ptr<U>(v_cache),
         as_ptr<const int64_t>(slots), units, k_stride / per, v_stride / per);
   };

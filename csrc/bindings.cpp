@@ -1,15 +1,20 @@
-// The only PYBIND11_MODULE of gemforge: the CPU kernels of cpu/ops.h as gemforge.kernels._C.cpu
-// (always built) and, when built with nvcc (GEMFORGE_WITH_CUDA), the CUDA launch functions of ops.h.
-// Nothing here touches CUDA at import time.
+// gemforge's pybind11 modules, from this one file: gemforge.kernels._C holds the CPU kernels of cpu/ops.h as
+// _C.cpu (always built) and, when built with nvcc (GEMFORGE_WITH_CUDA), the CUDA launch functions of ops.h;
+// gemforge.kernels._C_emu (GEMFORGE_EMULATED) holds the same CUDA launch functions built for the emulated
+// device of csrc/emu/, taking host pointers. Nothing here touches CUDA at import time.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#ifndef GEMFORGE_EMULATED
 #include "cpu/ops.h"
+#endif
 #ifdef GEMFORGE_WITH_CUDA
 #include "ops.h"
 #endif
 
 namespace py = pybind11;
+
+#ifndef GEMFORGE_EMULATED
 
 static void bind_cpu(py::module_& m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
@@ -54,16 +59,15 @@ static void bind_cpu(py::module_& m) {
   m.attr("HAS_BF16_DOT") = gf::cpu::has_bf16_dot();
 }
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "gemforge native kernels; pointers and streams are passed as integers (see csrc/ops.h, csrc/cpu/ops.h)";
+static void set_dtype_codes(py::module_& m) {
   m.attr("DTYPE_FLOAT32") = static_cast<int>(0);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(1);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(2);
-  auto cpu = m.def_submodule("cpu");
-  bind_cpu(cpu);
-#ifdef GEMFORGE_WITH_CUDA
-  m.attr("WITH_CUDA") = true;
+}
+#endif  // !GEMFORGE_EMULATED
 
+#ifdef GEMFORGE_WITH_CUDA
+static void bind_cuda(py::module_& m) {
   m.def("rms_norm", &gf::rms_norm, py::arg("y"), py::arg("r_out"), py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("rows"), py::arg("hidden"), py::arg("x_stride"), py::arg("res_stride"),
         py::arg("eps"), py::arg("dtype"), py::arg("stream"));
@@ -97,7 +101,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("K"), py::arg("k_split"), py::arg("dtype"), py::arg("stream"));
   m.def("dense_gemv", &gf::dense_gemv, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"), py::arg("dtype"), py::arg("stream"));
+}
+#endif
+
+#ifdef GEMFORGE_EMULATED
+PYBIND11_MODULE(_C_emu, m) {
+  m.doc() = "gemforge's CUDA launch functions on the emulated device of csrc/emu/ (host pointers, stream ignored)";
+  m.attr("WITH_CUDA") = true;
+  bind_cuda(m);
+}
+#else
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gemforge native kernels; pointers and streams are passed as integers (see csrc/ops.h, csrc/cpu/ops.h)";
+  set_dtype_codes(m);
+  auto cpu = m.def_submodule("cpu");
+  bind_cpu(cpu);
+#ifdef GEMFORGE_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+  bind_cuda(m);
 #else
   m.attr("WITH_CUDA") = false;
 #endif
 }
+#endif

@@ -2,6 +2,7 @@
 //   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))   (as torch's approximate="tanh")
 // Grid (rows, column blocks); each thread handles V consecutive columns (16 bytes when aligned).
 #include "common/check.h"
+#include "common/launch.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
 
@@ -40,8 +41,8 @@ void gelu_and_mul(int64_t out, int64_t in, int64_t rows, int64_t n, int dtype, i
     const bool vec = n % kV == 0 && aligned16(in) && aligned16(out);
     const int v = vec ? kV : 1;
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(n, int64_t{kThreads} * v)));
-    if (vec) gelu_and_mul_kernel<T, kV><<<grid, kThreads, 0, as_stream(stream)>>>(as_ptr<T>(out), as_ptr<const T>(in), n);
-    else gelu_and_mul_kernel<T, 1><<<grid, kThreads, 0, as_stream(stream)>>>(as_ptr<T>(out), as_ptr<const T>(in), n);
+    const auto kernel = vec ? gelu_and_mul_kernel<T, kV> : gelu_and_mul_kernel<T, 1>;
+    launch_kernel(kernel, grid, kThreads, 0, as_stream(stream), as_ptr<T>(out), as_ptr<const T>(in), n);
   });
   check_launch("gelu_and_mul");
 }

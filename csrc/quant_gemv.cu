@@ -11,6 +11,7 @@
 // chunk so the lanes' float4 reads are bank-conflict free. Dequantisation is exact in fp32: a byte
 // b is placed in the mantissa of 2^23 (one PRMT) and 2^23 + zero subtracted (one FADD).
 #include "common/check.h"
+#include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
@@ -158,7 +159,7 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
                   int N, int K, int group_size, int tile, bool prefetch) {
   constexpr int P = Fmt::kPerChunk, PS = P + kXPad;
   constexpr int kUnroll = MT <= 4 ? Fmt::kUnrollSmallM : 2;  // chunks per lane and row loaded before use
-  extern __shared__ float xs[];  // [MT][tile * PS]
+  GF_DYNAMIC_SMEM(float, xs);  // [MT][tile * PS]
   const Fmt fmt(scales, zeros, K, group_size);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row_bytes = int64_t{K} / P * 16;  // K (int8) or K / 2 (int4)
@@ -171,7 +172,7 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
       const int64_t next0 = row0 + int64_t{gridDim.x} * kWarps * kRowsPerWarp;
       const int64_t bytes = min(int64_t{kPrefetchBytes}, min(int64_t{kRowsPerWarp}, N - next0) * row_bytes);
       for (int64_t i = int64_t{lane} * 128; i < bytes; i += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(qweight + next0 * row_bytes + i));
+        prefetch_l2(qweight + next0 * row_bytes + i);
     }
     float acc[kRowsPerWarp][MT] = {};
     for (int c0 = 0; c0 < chunks; c0 += tile) {
@@ -260,7 +261,7 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
       int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);
       if (max_ctas > 0) grid = std::min(grid, max_ctas);
       else if (tile >= K / Fmt::kPerChunk) grid = std::min(grid, resident_ctas(kernel, smem));
-      kernel<<<static_cast<unsigned>(grid), kThreads, smem, as_stream(stream)>>>(
+      launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, smem, as_stream(stream),
           as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
           as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile, prefetch);
     };
@@ -323,14 +324,10 @@ __device__ __forceinline__ uint32_t sub_pairs(uint32_t a, uint32_t b) {
 }
 
 // The 16-bit pair (B + n0, B + n1) from t holding nibble n0 in bits 0..3 and n1 in bits 16..19:
-// (t & 0x000F000F) | bits of (B, B) in one LOP3 (written out: the compiler splits it in two).
+// (t & 0x000F000F) | bits of (B, B) in one LOP3.
 template <typename T>
 __device__ __forceinline__ uint32_t biased_nibbles(uint32_t t) {
-  uint32_t p;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;"  // (a & b) | c
-      : "=r"(p)
-      : "r"(t), "r"(0x000F000Fu), "r"(MmaOperand<T>::kBias));
-  return p;
+  return and_or(t, 0x000F000Fu, MmaOperand<T>::kBias);
 }
 
 // Word v holds codes q0..q7 (q_i in bits 4i..4i+3); p[j] = (B + q_2j, B + q_2j+1) as 16-bit values:
@@ -630,7 +627,7 @@ void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales,
   const int split = k_split ? int(k_split) : mma_k_split(tiles, K / Lane::kChunk, resident_ctas(kernel, 0));
   const int64_t grid = ceil_div(tiles, kMmaWarps / split);
   require(grid < (int64_t{1} << 31), op, "too many rows");
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, as_stream(stream)>>>(
+  launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, 0, as_stream(stream),
       as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const void>(w), as_ptr<const T>(scales), as_ptr<const T>(zeros),
       as_ptr<const T>(bias), int(M), int(N), int(K), split);
 }

@@ -4,6 +4,7 @@
 // One CTA per row; V elements per access (16 bytes when hidden % V == 0 and rows are aligned,
 // else scalar). Pass 2 re-reads the row, which the first pass left in L1.
 #include "common/check.h"
+#include "common/launch.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
@@ -66,7 +67,7 @@ void rms_norm(int64_t y, int64_t r_out, int64_t x, int64_t residual, int64_t wei
     const int64_t per_thread = vec ? hidden / kV : hidden;
     const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(per_thread, 32) * 32)));
     auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(rows), threads, 0, as_stream(stream)>>>(
+      launch_kernel(kernel, static_cast<unsigned>(rows), threads, 0, as_stream(stream),
           as_ptr<T>(y), as_ptr<T>(r_out), as_ptr<const T>(x), as_ptr<const T>(residual),
           as_ptr<const T>(weight), static_cast<int>(hidden), x_stride, res_stride, static_cast<float>(eps));
     };

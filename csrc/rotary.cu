@@ -4,6 +4,7 @@
 // One CTA per token: cos/sin of the token go to shared memory once, then threads sweep
 // (head, V-element chunk of the first half) pairs of q and k.
 #include "common/check.h"
+#include "common/launch.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
 
@@ -14,7 +15,7 @@ template <typename T, int V>
 __global__ void rotary_kernel(T* q, T* k, const int64_t* __restrict__ positions,
                               const float* __restrict__ inv_freq, int hq, int hk, int half,
                               int64_t q_stride, int64_t k_stride) {
-  extern __shared__ float cos_sin[];  // [half] cos, then [half] sin
+  GF_DYNAMIC_SMEM(float, cos_sin);  // [half] cos, then [half] sin
   const int64_t t = blockIdx.x;
   const float pos = static_cast<float>(positions[t]);
   for (int i = threadIdx.x; i < half; i += blockDim.x) sincosf(pos * inv_freq[i], &cos_sin[half + i], &cos_sin[i]);
@@ -56,7 +57,7 @@ void rotary(int64_t q, int64_t k, int64_t positions, int64_t inv_freq, int64_t t
     const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(work, 32) * 32)));
     const size_t smem = 2 * half * sizeof(float);
     auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(tokens), threads, smem, as_stream(stream)>>>(
+      launch_kernel(kernel, static_cast<unsigned>(tokens), threads, smem, as_stream(stream),
           as_ptr<T>(q), as_ptr<T>(k), as_ptr<const int64_t>(positions), as_ptr<const float>(inv_freq),
           static_cast<int>(hq), static_cast<int>(hk), half, q_stride, k_stride);
     };

@@ -1,32 +1,61 @@
 """Every "cuda" backend against its torch reference on random data (fresh seed per case, odd sizes,
 fp16 and bf16), judged by numerics.assert_close: error(cuda) <= 2 x error(torch in the same low
-precision) + floor, both against the reference run in fp32. Outputs are NaN-poisoned (nan_empty)."""
+precision) + floor, both against the reference run in fp32. Outputs are NaN-poisoned (nan_empty).
+
+Each case runs twice: on the GPU ("cuda", skipped without one) and on the emulated device of csrc/emu/
+("emulated": the same kernels built as host C++ into gemforge.kernels._C_emu, each CUDA thread a fiber,
+mma.sync by its fragment layout; CPU tensors), so that CI runs every kernel's code without a GPU. The
+emulation runs the kernels' arithmetic, indexing, barriers and warp collectives; it cannot show races
+the GPU's memory model allows, timing, or what the compiler does to the code."""
 import importlib
 import math
+import sys
 
 import pytest
 import torch
 
-import gemforge.kernels._native  # noqa: F401  (registers the cuda backends)
-from gemforge.kernels import AttnMetadata, select
+import gemforge.kernels._native as native
+from gemforge.kernels import AttnMetadata, registry, select
 from gemforge.kernels.quant import quantize_int4, quantize_int8
 from numerics import assert_close
 
 
-
-def _skip_reason():
-    if not torch.cuda.is_available():
+def _skip_reason(device):
+    if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    module = "gemforge.kernels._C" if device == "cuda" else "gemforge.kernels._C_emu"
     try:
-        importlib.import_module("gemforge.kernels._C")
+        importlib.import_module(module)
     except ImportError as e:
-        return f"gemforge.kernels._C is not built ({e})"
+        return f"{module} is not built ({e})"
     return None
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
 HALF = (torch.float16, torch.bfloat16)
-DEV = "cuda"
+DEV = "cuda"  # the torch device of the running case: "cpu" on the emulated device
+
+
+def _no_triton(op, backend="auto", device="cpu"):
+    """select() for the emulated cases: what a wrapper hands to Triton is tests/kernels' (the interpreter)."""
+    if backend == "triton":
+        pytest.skip(f"{op}: the wrapper delegates this case to Triton")
+    return select(op, backend, device)
+
+
+@pytest.fixture(autouse=True, params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def device(request, monkeypatch):
+    """The device each case runs on; "emulated" sends the "cuda" wrappers' launches to _C_emu."""
+    why = _skip_reason(request.param)
+    if why is not None:
+        pytest.skip(why)
+    if request.param == "emulated":
+        emu = importlib.import_module("gemforge.kernels._C_emu")
+        monkeypatch.setattr(native, "_ext", lambda: emu)
+        monkeypatch.setattr(native, "_check_device", lambda *args, **kwargs: None)
+        monkeypatch.setattr(native, "_stream", lambda t: 0)
+        monkeypatch.setattr(native, "select", _no_triton)
+        monkeypatch.setattr(sys.modules[__name__], "DEV", "cpu")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +64,7 @@ def _seed(request):
 
 
 def cuda(op):
-    return select(op, "cuda", DEV)
+    return registry.registered(op, "cuda") if DEV == "cpu" else select(op, "cuda", DEV)
 
 
 def ref(op):
