@@ -102,35 +102,38 @@ std::string where(dim3 grid_pos) {
          std::to_string(grid_pos.z) + ")";
 }
 
-// After a pass in which every fiber ran until it waited or finished: releases what can complete.
-void release(int n) {
-  int done = 0, at_barrier = 0;
-  for (const Fiber& f : blk.fibers) done += f.state == State::Done, at_barrier += f.state == State::AtBarrier;
-  if (at_barrier && at_barrier + done == n) {  // every live thread is at __syncthreads (exited ones count as arrived)
-    for (Fiber& f : blk.fibers)
-      if (f.state == State::AtBarrier) f.state = State::Ready;
-    return;
-  }
-  bool released = false;
-  for (int w = 0; w * 32 < n; ++w) {
-    const int l0 = w * 32, l1 = std::min(n, l0 + 32);
-    int waiting = 0;
-    for (int i = l0; i < l1; ++i) waiting += blk.fibers[i].state == State::AtWarp;
-    if (waiting == 0) continue;
-    if (waiting != l1 - l0)
-      throw std::runtime_error("warp " + std::to_string(w) + ": " + std::to_string(waiting) + " of " +
-                               std::to_string(l1 - l0) + " lanes wait at a warp collective the others never reach");
-    for (int i = l0; i < l1; ++i)
+// Runs warp w's threads until each has finished or waits at __syncthreads; a warp collective completes as soon
+// as all the warp's threads have arrived.
+void run_warp(int w, int n) {
+  const int l0 = 32 * w, l1 = std::min(n, l0 + 32);
+  for (;;) {
+    int at_warp = 0;
+    for (int i = l0; i < l1; ++i) {
+      Fiber& f = blk.fibers[i];
+      if (f.state == State::Ready) {
+        blk.current = i;
+        threadIdx = uint3{unsigned(i % blockDim.x), unsigned(i / blockDim.x % blockDim.y),
+                          unsigned(i / (blockDim.x * blockDim.y))};
+        gf_emu_switch(&blk.scheduler_sp, f.sp);
+      }
+      at_warp += f.state == State::AtWarp;
+    }
+    if (at_warp == 0) return;
+    if (at_warp != l1 - l0)
+      throw std::runtime_error("warp " + std::to_string(w) + ": " + std::to_string(at_warp) + " of " +
+                               std::to_string(l1 - l0) + " lanes wait at a warp collective that the others " +
+                               "never reach (they wait at __syncthreads or have exited)");
+    for (int i = l0; i < l1; ++i) {
       if (blk.fibers[i].collectives != blk.fibers[l0].collectives)
         throw std::runtime_error("warp " + std::to_string(w) + ": lanes at different warp collectives");
-    for (int i = l0; i < l1; ++i) blk.fibers[i].state = State::Ready;
-    released = true;
+      blk.fibers[i].state = State::Ready;
+    }
   }
-  if (!released)
-    throw std::runtime_error(std::to_string(at_barrier) + " of " + std::to_string(n - done) +
-                             " live threads wait at __syncthreads, the others at warp collectives: a deadlock");
 }
 
+// Warps run one at a time, each as far as it can go (to the next __syncthreads) before the next starts, first
+// to last and last to first on alternate barriers: the widest skew between warps a GPU allows, so that a
+// missing __syncthreads shows in results.
 void run_block(int n) {
   for (int i = 0; i < n; ++i) {
     Fiber& f = blk.fibers[i];
@@ -138,18 +141,13 @@ void run_block(int n) {
     f.collectives = 0;
     f.sp = fresh_stack(blk.stacks[i]);
   }
-  for (;;) {
-    bool live = false;
-    for (int i = 0; i < n; ++i) {
-      if (blk.fibers[i].state != State::Ready) continue;
-      blk.current = i;
-      threadIdx = uint3{unsigned(i % blockDim.x), unsigned(i / blockDim.x % blockDim.y),
-                        unsigned(i / (blockDim.x * blockDim.y))};
-      gf_emu_switch(&blk.scheduler_sp, blk.fibers[i].sp);
-      live |= blk.fibers[i].state != State::Done;
-    }
+  const int warps = (n + 31) / 32;
+  for (int round = 0;; ++round) {
+    for (int k = 0; k < warps; ++k) run_warp(round % 2 ? warps - 1 - k : k, n);
+    bool live = false;  // every live thread now waits at __syncthreads (exited ones count as arrived)
+    for (Fiber& f : blk.fibers)
+      if (f.state == State::AtBarrier) f.state = State::Ready, live = true;
     if (!live) return;
-    release(n);
   }
 }
 

@@ -1,8 +1,9 @@
 // The emulated device of GEMFORGE_EMULATED builds: the CUDA kernels compiled as host C++ (cuda_emu.h) and a grid
 // run on the host, one block after another, each CUDA thread a fiber that runs until it waits at a barrier
 // (__syncthreads) or a warp collective (shuffles, mma.sync), which completes when every thread it concerns
-// has arrived. A block whose threads wait on each other in a way no arrival can complete (a barrier some of a
-// warp's lanes skip, collectives that diverge) raises RuntimeError instead of hanging.
+// has arrived. Warps run one at a time, each to its next __syncthreads (simt.cpp), so that a missing
+// barrier shows. A block whose threads wait on each other in a way no arrival can complete (a collective some
+// of a warp's lanes skip, collectives that diverge) raises RuntimeError instead of hanging.
 #pragma once
 #include <cuda_runtime.h>
 
