@@ -108,12 +108,6 @@ def select(op: str, backend: str = "auto", device="cpu") -> Callable:
     raise BackendUnavailable(f"{op}: no backend can run on {dev}: {'; '.join(skipped)}")
 
 
-def registered(op: str, backend: str) -> Callable:
-    """`backend`'s implementation of `op` as registered, whether or not it can run here (tests that run the
-    "cuda" wrappers on the emulated device of csrc/emu/ with CPU tensors)."""
-    return _IMPLS[op][backend]
-
-
 def backends(op: str) -> tuple[str, ...]:
     """The backends that have an implementation of `op` (available or not)."""
     return tuple(b for b in BACKENDS if b in _IMPLS.get(op, {}))

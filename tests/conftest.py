@@ -1,5 +1,6 @@
 """Shared test set-up. Without a GPU, Triton kernels run in the interpreter: the variable must be
 set before triton.jit decorates anything, so it is set here, before any gemforge import."""
+import importlib
 import os
 import sys
 
@@ -19,6 +20,27 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/numerics.py and friends
 @pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """Sends the "cuda" backend's launches to the emulated device (gemforge.kernels._C_emu, csrc/emu/), which
+    takes CPU tensors: the wrappers' device checks let CPU tensors through and registry.select hands out the
+    "cuda" backend for them. Skips where _C_emu was not built."""
+    try:
+        emu = importlib.import_module("gemforge.kernels._C_emu")
+    except ImportError as e:
+        pytest.skip(f"gemforge.kernels._C_emu is not built ({e})")
+    import gemforge.kernels._native as native
+    from gemforge.kernels import registry
+    monkeypatch.setattr(emu, "cpu", native._ext().cpu, raising=False)  # (the CPU kernels stay _C's)
+    monkeypatch.setattr(native, "_ext", lambda: emu)
+    monkeypatch.setattr(native, "_check_device", lambda *args, **kwargs: None)
+    monkeypatch.setattr(native, "_stream", lambda t: 0)
+    real = registry.unavailable_reason
+    monkeypatch.setattr(registry, "unavailable_reason", lambda op, backend, device: (
+        None if backend == "cuda" and "cuda" in registry.backends(op) else real(op, backend, device)))
+    return emu
 
 
 @pytest.fixture

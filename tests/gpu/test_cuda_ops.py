@@ -15,19 +15,18 @@ import pytest
 import torch
 
 import gemforge.kernels._native as native
-from gemforge.kernels import AttnMetadata, registry, select
+from gemforge.kernels import AttnMetadata, select
 from gemforge.kernels.quant import quantize_int4, quantize_int8
 from numerics import assert_close
 
 
-def _skip_reason(device):
-    if device == "cuda" and not torch.cuda.is_available():
+def _skip_reason():
+    if not torch.cuda.is_available():
         return "no CUDA device"
-    module = "gemforge.kernels._C" if device == "cuda" else "gemforge.kernels._C_emu"
     try:
-        importlib.import_module(module)
+        importlib.import_module("gemforge.kernels._C")
     except ImportError as e:
-        return f"{module} is not built ({e})"
+        return f"gemforge.kernels._C is not built ({e})"
     return None
 
 
@@ -43,16 +42,14 @@ def _no_triton(op, backend="auto", device="cpu"):
 
 
 @pytest.fixture(autouse=True, params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
-def device(request, monkeypatch):
-    """The device each case runs on; "emulated" sends the "cuda" wrappers' launches to _C_emu."""
-    why = _skip_reason(request.param)
-    if why is not None:
-        pytest.skip(why)
-    if request.param == "emulated":
-        emu = importlib.import_module("gemforge.kernels._C_emu")
-        monkeypatch.setattr(native, "_ext", lambda: emu)
-        monkeypatch.setattr(native, "_check_device", lambda *args, **kwargs: None)
-        monkeypatch.setattr(native, "_stream", lambda t: 0)
+def cuda_device(request, monkeypatch):
+    """Where each case runs: the GPU, or the emulated device (the conftest's emulated_cuda) with CPU tensors."""
+    if request.param == "cuda":
+        why = _skip_reason()
+        if why is not None:
+            pytest.skip(why)
+    else:
+        request.getfixturevalue("emulated_cuda")
         monkeypatch.setattr(native, "select", _no_triton)
         monkeypatch.setattr(sys.modules[__name__], "DEV", "cpu")
     return request.param
@@ -64,7 +61,7 @@ def _seed(request):
 
 
 def cuda(op):
-    return registry.registered(op, "cuda") if DEV == "cpu" else select(op, "cuda", DEV)
+    return select(op, "cuda", DEV)
 
 
 def ref(op):

@@ -136,3 +136,24 @@ def test_native_layers_reject_bad_metadata():
         model.native_layers(h, bad_table, cache)
     with pytest.raises(ValueError, match=r"decoder_logits: logits row 5 outside the batch's 3 tokens"):
         model.native_layers.logits(h, h.clone(), torch.tensor([0, 5]))
+
+
+# Multi-query attention with a head_dim the CUDA decode kernel takes, K of every linear a multiple of 64
+CFG_64 = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
+                     num_kv_heads=1, head_dim=64, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monkeypatch, tensor_cores):
+    """The "cuda" backend with its kernels on the emulated device of csrc/emu/ (CPU tensors; prefill attention
+    and linears of more rows than its kernels take go to Triton's interpreter, dense bf16 linears to the packed
+    CPU kernel), bf16 with int8 and int4 weights, with and without the tensor-core kernels: the torch backend's
+    greedy tokens, logits within bf16 rounding."""
+    import gemforge.kernels._native as native
+    monkeypatch.setattr(native, "TENSOR_CORE_OPS", {"linear", "linear_int8", "linear_int4", "attention"}
+                        if tensor_cores else set())
+    prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))]
+    ref_toks, ref = greedy("torch", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
+    toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
+    assert toks == ref_toks
+    torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
