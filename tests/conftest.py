@@ -1,6 +1,8 @@
 """Shared test set-up. Without a GPU, Triton kernels run in the interpreter: the variable must be
 set before triton.jit decorates anything, so it is set here, before any gemforge import."""
+import functools
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -22,13 +24,25 @@ def device():
     return "cuda" if _HAS_CUDA else "cpu"
 
 
+@functools.cache
+def _load_emulated_device():
+    """gemforge.kernels._C_emu, or the build of it at GEMFORGE_C_EMU (test_cuda_memcheck's AddressSanitizer one)."""
+    path = os.environ.get("GEMFORGE_C_EMU")
+    if not path:
+        return importlib.import_module("gemforge.kernels._C_emu")
+    spec = importlib.util.spec_from_file_location("gemforge.kernels._C_emu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def emulated_cuda(monkeypatch):
     """Sends the "cuda" backend's launches to the emulated device (gemforge.kernels._C_emu, csrc/emu/), which
     takes CPU tensors: the wrappers' device checks let CPU tensors through and registry.select hands out the
     "cuda" backend for them. Skips where _C_emu was not built."""
     try:
-        emu = importlib.import_module("gemforge.kernels._C_emu")
+        emu = _load_emulated_device()
     except ImportError as e:
         pytest.skip(f"gemforge.kernels._C_emu is not built ({e})")
     import gemforge.kernels._native as native

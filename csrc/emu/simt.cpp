@@ -5,6 +5,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <stdexcept>
 #include <string>
@@ -65,17 +69,36 @@ struct Block {
   std::vector<unsigned char> smem;
   std::vector<unsigned char> slots;  // [warp][2][lane][kSlotBytes]: collectives alternate halves
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack = nullptr;  // its bottom and size (for AddressSanitizer builds)
+  size_t scheduler_stack_size = 0;
   const std::function<void()>* body = nullptr;
   int current = -1;
 } blk;
 
+// gf_emu_switch, told to AddressSanitizer where it builds with it (the stack it goes to, [bottom, bottom + size);
+// `last`: the context left never resumes).
+void switch_to(void** save_sp, void* load_sp, const void* bottom, size_t size, bool last = false) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(last ? nullptr : &fake_stack, bottom, size);
+  gf_emu_switch(save_sp, load_sp);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  (void)bottom, (void)size, (void)last;
+  gf_emu_switch(save_sp, load_sp);
+#endif
+}
+
 void yield(State s) {
   Fiber& f = blk.fibers[blk.current];
   f.state = s;
-  gf_emu_switch(&f.sp, blk.scheduler_sp);
+  switch_to(&f.sp, blk.scheduler_sp, blk.scheduler_stack, blk.scheduler_stack_size, s == State::Done);
 }
 
 [[noreturn]] void fiber_main() {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &blk.scheduler_stack, &blk.scheduler_stack_size);
+#endif
   (*blk.body)();
   yield(State::Done);
   __builtin_unreachable();  // (a finished fiber is never resumed)
@@ -83,6 +106,9 @@ void yield(State s) {
 
 // A stack whose first switch into it "returns" into fiber_main with the ABI's alignment.
 void* fresh_stack(std::vector<char>& stack) {
+#if defined(__SANITIZE_ADDRESS__)
+  __asan_unpoison_memory_region(stack.data(), stack.size());  // (a finished fiber's frames never returned)
+#endif
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack.data()) + stack.size()) & ~uintptr_t{15};
   auto* slot = reinterpret_cast<uint64_t*>(top - 16);  // the return address, 16-byte aligned
   slot[0] = reinterpret_cast<uint64_t>(&fiber_main);
@@ -114,7 +140,7 @@ void run_warp(int w, int n) {
         blk.current = i;
         threadIdx = uint3{unsigned(i % blockDim.x), unsigned(i / blockDim.x % blockDim.y),
                           unsigned(i / (blockDim.x * blockDim.y))};
-        gf_emu_switch(&blk.scheduler_sp, f.sp);
+        switch_to(&blk.scheduler_sp, f.sp, blk.stacks[i].data(), blk.stacks[i].size());
       }
       at_warp += f.state == State::AtWarp;
     }

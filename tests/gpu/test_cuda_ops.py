@@ -31,6 +31,11 @@ def _skip_reason():
 
 
 HALF = (torch.float16, torch.bfloat16)
+
+
+def dtype_id(dtype):
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
 DEV = "cuda"  # the torch device of the running case: "cpu" on the emulated device
 
 
@@ -69,7 +74,7 @@ def ref(op):
 
 
 # -------------------------------------------------------------------------------- rms_norm
-@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF), ids=dtype_id)
 @pytest.mark.parametrize("hidden", (8, 769, 2048, 3072))
 @pytest.mark.parametrize("tokens", (1, 7, 83))
 @pytest.mark.parametrize("fused", (False, True))
@@ -95,7 +100,7 @@ def test_rms_norm_strided_rows(nan_empty):
 
 
 # ---------------------------------------------------------------------------- gelu_and_mul
-@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF), ids=dtype_id)
 @pytest.mark.parametrize("inter", (8, 769, 2048, 16384))
 @pytest.mark.parametrize("tokens", (1, 7, 83))
 def test_gelu_and_mul(nan_empty, dtype, inter, tokens):
@@ -104,7 +109,7 @@ def test_gelu_and_mul(nan_empty, dtype, inter, tokens):
 
 
 # ---------------------------------------------------------------------------------- rotary
-@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF), ids=dtype_id)
 @pytest.mark.parametrize("head_dim", (64, 128, 256, 6))
 @pytest.mark.parametrize("tokens", (1, 7, 83))
 @pytest.mark.parametrize("heads", ((8, 1), (16, 16)))
@@ -153,7 +158,7 @@ def _decode_meta(ctx_lens, table, has_token=None):
                         max_query_len=1, max_context_len=max(ctx_lens))
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("heads", ((8, 1), (16, 16), (8, 2)))
 @pytest.mark.parametrize("head_dim", (256, 128, 64))
 @pytest.mark.parametrize("block_size", (16, 32, 24))
@@ -215,7 +220,7 @@ def test_attention_prefill_delegates_to_triton():
                  ref("attention")(q, k_cache, v_cache, meta, 0.0625))
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, *HALF))
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF), ids=dtype_id)
 @pytest.mark.parametrize("head_dim", (256, 6))
 def test_write_kv(dtype, head_dim):
     tokens, hk, bs, nb = 83, 2, 16, 12
@@ -240,7 +245,7 @@ def _check_linear(fmt, qw, x, bias, **kw):
     assert_close(out, r32, lp, what=f"linear_{fmt} M={x.shape[0]} {tuple(qw.shape)}")
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("m", (1, 2, 3, 8, 16))
 @pytest.mark.parametrize("nk", ((257, 784), (1024, 2048), (96, 24576)))
 @pytest.mark.parametrize("with_bias", (False, True))
@@ -255,7 +260,7 @@ def test_linear_int8(nan_empty, dtype, m, nk, with_bias, tensor_cores):
     _check_linear("int8", qw, x, bias, tensor_cores=tensor_cores)
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("m", (1, 9, 16))
 @pytest.mark.parametrize("k_split", (1, 8))
 @pytest.mark.parametrize("nk", ((8209, 192), (33, 24576)))
@@ -268,7 +273,7 @@ def test_linear_int8_tensor_cores_k_split(nan_empty, dtype, m, k_split, nk):
     _check_linear("int8", qw, x, torch.randn(n, device=DEV).to(dtype), tensor_cores=True, k_split=k_split)
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("m", (1, 3, 5, 16))
 @pytest.mark.parametrize("nk", ((257, 768), (1024, 2048), (96, 24576)))
 @pytest.mark.parametrize("group", (32, 64, 128))
@@ -283,7 +288,7 @@ def test_linear_int4(nan_empty, dtype, m, nk, group, symmetric, tensor_cores):
     _check_linear("int4", qw, x, bias, tensor_cores=tensor_cores)
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("m", (1, 7, 9, 16))
 @pytest.mark.parametrize("k_split", (1, 2, 8))
 @pytest.mark.parametrize("nk_group", (((8209, 96), 32), ((257, 3072), 128), ((33, 24576), 64)))
@@ -330,7 +335,7 @@ def test_linear_quant_many_rows_delegates_to_triton(fmt):
     _check_linear(fmt, qw, torch.randn(17, 256, device=DEV, dtype=torch.bfloat16), None)
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("nk_ctas", (((257, 784), 0), ((2048, 2048), 0), ((96, 24576), 0), ((8209, 1024), 0),
                                      ((2051, 3072), 1), ((257, 784), 3)))
 @pytest.mark.parametrize("with_bias", (False, True))
@@ -346,7 +351,7 @@ def test_linear_dense(nan_empty, dtype, nk_ctas, with_bias):
     assert_close(out, r32, ref("linear")(x, w, bias), what=f"dense gemv {(n, k)} ctas {max_ctas}")
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("m", (1, 5, 8, 9, 16))
 @pytest.mark.parametrize("nk", ((257, 96), (2048, 2048), (33, 24576)))
 @pytest.mark.parametrize("k_split", (0, 1, 8))
