@@ -46,9 +46,9 @@ MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x f
 # loop issues 2.6x fewer instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four,
 # the int8 one 13% fewer at one row), "attention" where a KV head has up to 8 query heads
 # (csrc/attention.cu; 1-2 instructions per K/V byte in its loops against 9-13 for the CUDA-core kernel,
-# whose 2B decode read 0.57 TB/s on an H100). None yet: written without a GPU, each joins when the GPU
-# suite has checked and timed it (tests/gpu, the cuda_mma peers of bench_cuda_ops, bench_decode's
-# int4-mma, int8-mma and none-dmma).
+# whose 2B decode read 0.57 TB/s on an H100). None yet: written without a GPU (they pass tests/gpu on the
+# emulated device of csrc/emu/), each joins when the GPU suite has checked and timed it (tests/gpu, the
+# cuda_mma peers of bench_cuda_ops, bench_decode's int4-mma, int8-mma and none-dmma).
 TENSOR_CORE_OPS: set[str] = set()
 MAX_MMA_ROWS = 16
 
