@@ -36,6 +36,7 @@ HALF = (torch.float16, torch.bfloat16)
 def dtype_id(dtype):
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
+
 DEV = "cuda"  # the torch device of the running case: "cpu" on the emulated device
 
 
