@@ -157,9 +157,9 @@ void run_warp(int w, int n) {
   }
 }
 
-// Warps run one at a time, each as far as it can go (to the next __syncthreads) before the next starts, first
-// to last and last to first on alternate barriers: the widest skew between warps a GPU allows, so that a
-// missing __syncthreads shows in results.
+// Warps run one at a time, each as far as it can go (to the next __syncthreads) before the next starts, in an
+// order drawn anew at each barrier (a fixed pseudo-random sequence per block): the widest skew between warps a
+// GPU allows, in many orders over a test's blocks, so that a missing __syncthreads shows in results.
 void run_block(int n) {
   for (int i = 0; i < n; ++i) {
     Fiber& f = blk.fibers[i];
@@ -168,8 +168,15 @@ void run_block(int n) {
     f.sp = fresh_stack(blk.stacks[i]);
   }
   const int warps = (n + 31) / 32;
-  for (int round = 0;; ++round) {
-    for (int k = 0; k < warps; ++k) run_warp(round % 2 ? warps - 1 - k : k, n);
+  std::vector<int> order(warps);
+  for (int w = 0; w < warps; ++w) order[w] = w;
+  uint64_t draw = 0x9E3779B97F4A7C15ull * (1 + blockIdx.x + 65536ull * (blockIdx.y + 65536ull * blockIdx.z));
+  for (;;) {
+    for (int k = warps - 1; k > 0; --k) {  // Fisher-Yates with xorshift64
+      draw ^= draw << 13, draw ^= draw >> 7, draw ^= draw << 17;
+      std::swap(order[k], order[draw % (k + 1)]);
+    }
+    for (int w : order) run_warp(w, n);
     bool live = false;  // every live thread now waits at __syncthreads (exited ones count as arrived)
     for (Fiber& f : blk.fibers)
       if (f.state == State::AtBarrier) f.state = State::Ready, live = true;
