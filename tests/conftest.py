@@ -37,20 +37,28 @@ def _load_emulated_device():
 
 
 @pytest.fixture
-def emulated_cuda(monkeypatch):
+def cuda_wrappers_on_cpu(monkeypatch):
+    """gemforge.kernels._native with the "cuda" wrappers' device check and stream lookup out of the way, so that
+    CPU tensors reach their launches (whatever _ext() then is)."""
+    import gemforge.kernels._native as native
+    monkeypatch.setattr(native, "_check_device", lambda *args, **kwargs: None)
+    monkeypatch.setattr(native, "_stream", lambda t: 0)
+    return native
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch, cuda_wrappers_on_cpu):
     """Sends the "cuda" backend's launches to the emulated device (gemforge.kernels._C_emu, csrc/emu/), which
-    takes CPU tensors: the wrappers' device checks let CPU tensors through and registry.select hands out the
-    "cuda" backend for them. Skips where _C_emu was not built."""
+    takes CPU tensors: the wrappers take them (cuda_wrappers_on_cpu) and registry.select hands out the "cuda"
+    backend for them. Skips where _C_emu was not built."""
     try:
         emu = _load_emulated_device()
     except ImportError as e:
         pytest.skip(f"gemforge.kernels._C_emu is not built ({e})")
-    import gemforge.kernels._native as native
     from gemforge.kernels import registry
+    native = cuda_wrappers_on_cpu
     monkeypatch.setattr(emu, "cpu", native._ext().cpu, raising=False)  # (the CPU kernels stay _C's)
     monkeypatch.setattr(native, "_ext", lambda: emu)
-    monkeypatch.setattr(native, "_check_device", lambda *args, **kwargs: None)
-    monkeypatch.setattr(native, "_stream", lambda t: 0)
     real = registry.unavailable_reason
     monkeypatch.setattr(registry, "unavailable_reason", lambda op, backend, device: (
         None if backend == "cuda" and "cuda" in registry.backends(op) else real(op, backend, device)))

@@ -35,7 +35,8 @@ T shfl_xor(T v, int lane_mask) {
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} (fragment layout in common/mma.cuh): d += A B, the 16
-// products of each output summed exactly and rounded once to fp32.
+// (exact) products of each output summed in fp64 and added to d, rounded once to fp32 (the hardware's order
+// and rounding of the sum differ, within fp32's).
 void mma_16816(bool bf16, float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                uint32_t b1);
 
