@@ -112,6 +112,10 @@ part decode_mma 120 "${DECODE[@]}" --batches $BATCHES --quant int4-mma int8-mma 
   --bandwidth-GBps "$BW" --out "$OUT/decode_mma.json"
 part decode_drafts 60 "${DECODE[@]}" --batches 1 --quant int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_drafts.json"
+# GeGLU after the gate_up linear instead of in its launch (where the CUDA GEMV runs it: batch 1), against
+# decode_quant's batch-1 rows: what the fusion buys end to end.
+part decode_unfused 45 "${DECODE[@]}" --batches 1 --quant int4-unfused int8-unfused --no-hf --bandwidth-GBps "$BW" \
+  --out "$OUT/decode_unfused.json"
 
 # Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
 part decode_profile 60 "${DECODE[@]}" --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"

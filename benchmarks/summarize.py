@@ -106,8 +106,8 @@ def main(outdir: str) -> None:
                      f"{ceil['copy_GBps']} GB/s (read + write), bf16 matmul {ceil['bf16_matmul_TFLOPs']} TFLOP/s.\n")
     status = (d / "status.txt").read_text() if (d / "status.txt").exists() else ""
     parts.append("## Parts\n```\n" + status + "```\n")
-    # bf16 + HF; the quantized formats; the kernels off by default; the drafts' formats
-    decode = [r for name in ("decode", "decode_quant", "decode_mma", "decode_drafts")
+    # bf16 + HF; the quantized formats; the kernels off by default; the drafts' formats; GeGLU unfused
+    decode = [r for name in ("decode", "decode_quant", "decode_mma", "decode_drafts", "decode_unfused")
               for r in load(d / f"{name}.json") or []]
     if decode:
         parts.append("## End-to-end greedy decode (random weights, real shapes, prompt 128)\n")

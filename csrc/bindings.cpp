@@ -85,22 +85,26 @@ static void bind_cuda(py::module_& m) {
         py::arg("context_lens"), py::arg("block_tables"), py::arg("num_seqs"), py::arg("q_stride"),
         py::arg("bt_stride"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("block_size"),
         py::arg("max_parts"), py::arg("scale"), py::arg("tensor_cores"), py::arg("dtype"), py::arg("stream"));
+  // (geglu, norm_weight, residual, r_out, eps): what every linear below makes besides x W^T (ops.h)
+#define GF_FUSION_ARGS py::arg("geglu"), py::arg("norm_weight"), py::arg("residual"), py::arg("r_out"), py::arg("eps")
   m.def("w8a16_gemm", &gf::w8a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"),
-        py::arg("dtype"), py::arg("stream"));
+        GF_FUSION_ARGS, py::arg("dtype"), py::arg("stream"));
   m.def("w4a16_gemm", &gf::w4a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
-        py::arg("max_ctas"), py::arg("prefetch"), py::arg("dtype"), py::arg("stream"));
+        py::arg("max_ctas"), py::arg("prefetch"), GF_FUSION_ARGS, py::arg("dtype"), py::arg("stream"));
   m.def("w4a16_mma", &gf::w4a16_mma, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"),
-        py::arg("k_split"), py::arg("dtype"), py::arg("stream"));
+        py::arg("k_split"), GF_FUSION_ARGS, py::arg("dtype"), py::arg("stream"));
   m.def("w8a16_mma", &gf::w8a16_mma, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
-        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("k_split"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("k_split"), GF_FUSION_ARGS,
+        py::arg("dtype"), py::arg("stream"));
   m.def("dense_mma", &gf::dense_mma, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("k_split"), py::arg("dtype"), py::arg("stream"));
+        py::arg("N"), py::arg("K"), py::arg("k_split"), GF_FUSION_ARGS, py::arg("dtype"), py::arg("stream"));
   m.def("dense_gemv", &gf::dense_gemv, py::arg("y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"), py::arg("dtype"), py::arg("stream"));
+        py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"), GF_FUSION_ARGS, py::arg("dtype"),
+        py::arg("stream"));
+#undef GF_FUSION_ARGS
 }
 #endif
 

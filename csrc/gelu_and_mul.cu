@@ -1,6 +1,7 @@
-// GeGLU: out[r, i] = gelu_tanh(g) * u with g = in[r, i], u = in[r, n + i], in fp32, one rounding.
-//   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))   (as torch's approximate="tanh")
+// GeGLU: out[r, i] = gelu_tanh(g) * u with g = in[r, i], u = in[r, n + i], in fp32, one rounding
+// (gelu_tanh: common/activation.cuh).
 // Grid (rows, column blocks); each thread handles V consecutive columns (16 bytes when aligned).
+#include "common/activation.cuh"
 #include "common/check.h"
 #include "common/launch.cuh"
 #include "common/vec.cuh"
@@ -10,12 +11,6 @@ namespace gf {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float gelu_tanh(float g) {
-  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
-  constexpr float kKappa = 0.044715f;
-  return 0.5f * g * (1.f + tanhf(kBeta * (g + kKappa * g * g * g)));
-}
 
 template <typename T, int V>
 __global__ void gelu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t n) {

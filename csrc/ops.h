@@ -36,24 +36,35 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
 
 // y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu and docs/QUANT_FORMAT.md).
 // max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks). prefetch: each
-// warp requests its next rows into L2 ahead (a variant the benchmarks time).
+// warp requests its next rows into L2 ahead (a variant the benchmarks time). Every linear here also takes
+// (geglu, norm_weight, residual, r_out, eps):
+//   geglu: y [M, N/2] = gelu_and_mul(x @ W^T (+ bias)) instead, W's rows [gate; up] (the CUDA-core GEMVs:
+//   up to 4 rows of x);
+//   norm_weight (nonzero): x is first rms_norm(x (+ residual), norm_weight, eps), and r_out [M, K] gets
+//   x + residual (residual and r_out: both or neither); up to 4 rows of x, on the tensor cores with
+//   M * K * 2 <= 48 KiB.
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t max_ctas, bool prefetch, int dtype, int64_t stream);
+                int64_t N, int64_t K, int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight,
+                int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias,
-                int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, int dtype,
-                int64_t stream);
+                int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, bool geglu,
+                int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);
 // int4 on the tensor cores (sm_80+), M <= 16, x 16-byte aligned; k_split: warps that share a tile's K
 // (0: chosen for the device, see mma_k_split; else a power of two up to 8, for tests).
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
-               int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream);
+               int64_t N, int64_t K, int64_t group_size, int64_t k_split, bool geglu, int64_t norm_weight,
+               int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);
 // int8 on the tensor cores, M <= 16, K % 64 == 0 (k_split as for w4a16_mma).
 void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
-               int64_t k_split, int dtype, int64_t stream);
+               int64_t k_split, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
+               int dtype, int64_t stream);
 // The tensor-core kernel over a plain 16-bit weight [N, K] (K % 32 == 0) in x's dtype, M <= 16.
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
-               int dtype, int64_t stream);
+               bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
+               int64_t stream);
 // The same kernel over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
-                bool prefetch, int dtype, int64_t stream);
+                bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
+                int64_t stream);
 
 }  // namespace gf

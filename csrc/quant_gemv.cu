@@ -10,10 +10,18 @@
 // x is staged in shared memory as fp32 (in K tiles when it does not fit), padded by 4 floats per
 // chunk so the lanes' float4 reads are bank-conflict free. Dequantisation is exact in fp32: a byte
 // b is placed in the mantissa of 2^23 (one PRMT) and 2^23 + zero subtracted (one FADD).
+// With geglu (every kernel here): y [M, N/2] = gelu_and_mul(x W^T), W's rows [gate; up]: the rows that
+// one warp (CUDA cores) or lane (tensor cores) computes together are a gate row i and its up row N/2 + i,
+// so the activation is applied where the dot products are summed and GeGLU costs no launch of its own.
+// With a norm (NormArgs, up to kFusedMaxRows rows of x): x is replaced by rms_norm(x (+ residual)) as it
+// is staged: each CTA first sums the squares of its rows (x is K values a row, read from L2), and CTA 0
+// writes the new residual stream x + residual; the model's RMSNorm costs no launch of its own either.
+#include "common/activation.cuh"
 #include "common/check.h"
 #include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/reduce.cuh"
+#include "common/rms.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
 
@@ -30,6 +38,9 @@ constexpr int kXPad = 4;                       // floats of padding after each c
 constexpr int kXSmemFloats = 48 * 1024 / 4;    // x tile budget
 constexpr float kMagic = 8388608.f;            // 2^23
 constexpr int kPrefetchBytes = 16 * 1024;      // per warp and row group, with `prefetch`
+constexpr int kFusedMaxRows = 4;               // rows of x with a norm, or on the CUDA cores with geglu (the
+                                               // int4 GEMV with geglu at 8 rows spilled 32 B on sm_80)
+constexpr size_t kMmaNormSmem = 48 * 1024;     // bytes of normalised x the tensor-core kernels stage
 
 // out[i] = (byte i of v) - zero, exactly: float(0x4B0000bb) = 2^23 + b, minus biased_zero = 2^23 + zero.
 __device__ __forceinline__ void bytes_minus(uint32_t v, float biased_zero, float (&out)[4]) {
@@ -139,24 +150,86 @@ int tile_chunks(int MT, int64_t K) {
   return static_cast<int>(std::min<int64_t>(K / Fmt::kPerChunk, kXSmemFloats / (MT * (Fmt::kPerChunk + kXPad))));
 }
 
+// The input's RMSNorm, made by the linear (Norm kernels): x [M, K] becomes
+// rms_norm(x (+ residual), weight, eps) (common/rms.cuh), residual [M, K] may be null.
+template <typename T>
+struct NormArgs {
+  const T* residual;
+  T* r_out;  // x + residual [M, K], written by CTA 0 (with a residual)
+  const T* weight;
+  float eps;
+};
+
+// The Norm kernels' prologue, by every CTA (kThreads threads): 1 / rms of each of x's M <= MT rows, in
+// shared memory; CTA 0 also writes r_out. A row of x is at most a few thousand values, read from L2.
+template <typename T, int MT>
+__device__ __forceinline__ const float* norm_prologue(const T* __restrict__ x, NormArgs<T> norm, int M, int K) {
+  __shared__ float partial[kThreads / 32][MT], inv[MT];
+  float squares[MT] = {};
+  for (int k = threadIdx.x; k < K; k += kThreads)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= M) break;
+      const int64_t i = int64_t{m} * K + k;
+      float v = to_float(x[i]);
+      if (norm.residual) {
+        v = residual_sum<T>(v, to_float(norm.residual[i]));
+        if (blockIdx.x == 0) norm.r_out[i] = from_float<T>(v);
+      }
+      squares[m] += v * v;
+    }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float sum = warp_sum(squares[m]);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5][m] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x < MT) {
+    float sum = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) sum += partial[w][threadIdx.x];
+    inv[threadIdx.x] = inv_rms(sum, K, norm.eps);
+  }
+  __syncthreads();
+  return inv;
+}
+
+// x[m, k] as the linear takes it: as stored, or (Norm) normalised with the prologue's 1 / rms and rounded
+// to T as the rms_norm op's output would be.
+template <typename T, bool Norm>
+__device__ __forceinline__ float input_at(const T* __restrict__ x, NormArgs<T> norm, const float* inv, int m,
+                                          int K, int64_t k) {
+  const int64_t i = int64_t{m} * K + k;
+  if constexpr (!Norm) {
+    return to_float(x[i]);
+  } else {
+    const float v = norm.residual ? residual_sum<T>(to_float(x[i]), to_float(norm.residual[i])) : to_float(x[i]);
+    return round_to<T>(rms_scaled(v, inv[m], to_float(norm.weight[k])));
+  }
+}
+
 // Stages chunks [c0, c0 + nc) of x's M rows into shared memory as fp32 (zero rows past M).
-template <typename T, int MT, int P>
-__device__ __forceinline__ void stage_x(float* xs, const T* __restrict__ x, int M, int K, int c0, int nc, int ldx) {
+template <typename T, int MT, int P, bool Norm>
+__device__ __forceinline__ void stage_x(float* xs, const T* __restrict__ x, NormArgs<T> norm, const float* inv,
+                                        int M, int K, int c0, int nc, int ldx) {
   constexpr int PS = P + kXPad;
   for (int i = threadIdx.x; i < MT * nc * P; i += kThreads) {
     const int m = i / (nc * P), kk = i - m * nc * P;
-    xs[m * ldx + kk / P * PS + kk % P] = m < M ? to_float(x[int64_t{m} * K + int64_t{c0} * P + kk]) : 0.f;
+    xs[m * ldx + kk / P * PS + kk % P] = m < M ? input_at<T, Norm>(x, norm, inv, m, K, int64_t{c0} * P + kk) : 0.f;
   }
 }
 
 // Grid-stride over groups of kWarps * kRowsPerWarp rows: when x fits one shared-memory tile it is
 // staged once per CTA and the launch keeps only as many CTAs as are resident (one CTA per row group
 // would restage x for every 16 rows: with K = 3072 that is as much work as the rows' weights).
-template <typename T, int MT, class Fmt>
-__global__ void __launch_bounds__(kThreads)
+// Geglu: warp w of group g owns rows p and N/2 + p, p = g * kWarps + w (its output column p).
+// (The explicit minimum of one CTA an SM: without it ptxas held the Norm kernels to 64 registers and spilled
+// the row-group loop's counters; the others compile to the same code either way.)
+template <typename T, int MT, class Fmt, bool Geglu, bool Norm>
+__global__ void __launch_bounds__(kThreads, 1)
 quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                   const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M,
-                  int N, int K, int group_size, int tile, bool prefetch) {
+                  int N, int K, int group_size, int tile, bool prefetch, NormArgs<T> norm) {
+  static_assert(!Geglu || kRowsPerWarp == 2, "a geglu warp owns one gate row and its up row");
   constexpr int P = Fmt::kPerChunk, PS = P + kXPad;
   constexpr int kUnroll = MT <= 4 ? Fmt::kUnrollSmallM : 2;  // chunks per lane and row loaded before use
   GF_DYNAMIC_SMEM(float, xs);  // [MT][tile * PS]
@@ -165,10 +238,22 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
   const int64_t row_bytes = int64_t{K} / P * 16;  // K (int8) or K / 2 (int4)
   const int ldx = tile * PS, chunks = K / P;
   const bool one_tile = tile >= chunks;
-  const int64_t groups = (int64_t{N} + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp);
+  const int half = N / 2;  // (geglu: the output's columns)
+  constexpr int kRowsPerGroup = kWarps * kRowsPerWarp;
+  const int64_t groups = Geglu ? (int64_t{half} + kWarps - 1) / kWarps : (int64_t{N} + kRowsPerGroup - 1) / kRowsPerGroup;
+  const float* inv = nullptr;  // (Norm: 1 / rms of each row of x)
+  if constexpr (Norm) inv = norm_prologue<T, MT>(x, norm, M, K);
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the CTA
     const int64_t row0 = (g * kWarps + warp) * kRowsPerWarp;
-    if (prefetch) {  // the warp's rows of its next group into L2 (up to kPrefetchBytes) while it works on these
+    auto row_of = [&](int r) -> int64_t {  // the warp's rows of W; N where it has none
+      if constexpr (Geglu) {
+        const int64_t p = g * kWarps + warp;
+        return p < half ? p + r * half : N;
+      } else {
+        return row0 + r;
+      }
+    };
+    if (!Geglu && prefetch) {  // the warp's rows of its next group into L2 (up to kPrefetchBytes) while it works on these
       const int64_t next0 = row0 + int64_t{gridDim.x} * kWarps * kRowsPerWarp;
       const int64_t bytes = min(int64_t{kPrefetchBytes}, min(int64_t{kRowsPerWarp}, N - next0) * row_bytes);
       for (int64_t i = int64_t{lane} * 128; i < bytes; i += 32 * 128)
@@ -179,7 +264,7 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
       const int nc = min(tile, chunks - c0);
       if (!one_tile || g == blockIdx.x) {  // (one tile: staged once, by the first row group)
         __syncthreads();  // the previous tile is consumed
-        stage_x<T, MT, P>(xs, x, M, K, c0, nc, ldx);
+        stage_x<T, MT, P, Norm>(xs, x, norm, inv, M, K, c0, nc, ldx);
         __syncthreads();
       }
       for (int c = lane; c < nc; c += 32 * kUnroll) {
@@ -189,27 +274,36 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
           for (int r = 0; r < kRowsPerWarp; ++r)
-            if (c + 32 * u < nc && row0 + r < N) {
-              w[u][r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (row0 + r) * row_bytes) + c0 + c + 32 * u);
-              md[u][r] = fmt.meta(row0 + r, c0 + c + 32 * u);
+            if (c + 32 * u < nc && row_of(r) < N) {
+              w[u][r] = __ldcs(reinterpret_cast<const uint4*>(qweight + row_of(r) * row_bytes) + c0 + c + 32 * u);
+              md[u][r] = fmt.meta(row_of(r), c0 + c + 32 * u);
             }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
           for (int r = 0; r < kRowsPerWarp; ++r)
-            if (c + 32 * u < nc && row0 + r < N)
+            if (c + 32 * u < nc && row_of(r) < N)
               fmt.accumulate(acc[r], w[u][r], md[u][r], xs + (c + 32 * u) * PS, ldx);
       }
     }
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t row = row0 + r;
+    auto result = [&](int r, float sum) {  // (lane 0, row_of(r) < N)
+      return sum * fmt.row_scale(row_of(r)) + (bias ? to_float(bias[row_of(r)]) : 0.f);
+    };
+    if constexpr (Geglu) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        const float v = warp_sum(acc[r][m]);
-        if (lane == 0 && m < M && row < N)
-          y[int64_t{m} * N + row] = from_float<T>(v * fmt.row_scale(row) + (bias ? to_float(bias[row]) : 0.f));
+        const float gate = warp_sum(acc[0][m]), up = warp_sum(acc[1][m]);
+        if (lane == 0 && m < M && row_of(0) < N)
+          y[int64_t{m} * half + row_of(0)] = from_float<T>(geglu<T>(result(0, gate), result(1, up)));
       }
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const float v = warp_sum(acc[r][m]);
+          if (lane == 0 && m < M && row_of(r) < N) y[int64_t{m} * N + row_of(r)] = from_float<T>(result(r, v));
+        }
     }
   }
 }
@@ -228,10 +322,35 @@ int64_t resident_ctas(Kernel kernel, size_t smem) {
 // group); n > 0 caps the grid at n (tests force few CTAs, benchmarks one per row group).
 // prefetch: each warp requests its next row group's weights into L2 as it starts a group (a variant
 // the benchmarks time: with short rows, e.g. 7B gate_up int4 = 1.5 KB, a warp has little in flight).
-// The checks every linear launch here shares: 1-16 rows of x, an N x K weight indexable in 32 bits.
-void check_shape(const char* op, int64_t M, int64_t N, int64_t K) {
+// What a launch makes besides x W^T (ops.h): geglu, and the input's norm (norm_weight nonzero).
+struct Fusion {
+  bool geglu;
+  int64_t norm_weight, residual, r_out;
+  double eps;
+  bool norm() const { return norm_weight != 0; }
+  template <typename T>
+  NormArgs<T> args() const {
+    return {as_ptr<const T>(residual), as_ptr<T>(r_out), as_ptr<const T>(norm_weight), static_cast<float>(eps)};
+  }
+};
+
+// The checks every linear launch here shares: 1-16 rows of x, an N x K weight indexable in 32 bits;
+// with geglu an even N (gate and up rows); the norm (and on the CUDA cores geglu) up to kFusedMaxRows rows.
+void check_shape(const char* op, int64_t M, int64_t N, int64_t K, const Fusion& fusion, bool cuda_cores) {
   require(M >= 1 && M <= 16, op, "M (rows of x) must be in [1, 16], got " + std::to_string(M));
   require(N >= 1 && N < (int64_t{1} << 31) && K >= 1 && K < (int64_t{1} << 31), op, "N and K must be in [1, 2^31)");
+  require(!fusion.geglu || N % 2 == 0, op, "geglu needs an even N (gate and up rows), got " + std::to_string(N));
+  require(!(fusion.norm() || (cuda_cores && fusion.geglu)) || M <= kFusedMaxRows, op,
+          std::string(fusion.norm() ? "the norm" : "geglu") + " takes at most " + std::to_string(kFusedMaxRows) +
+              " rows of x");
+  require(fusion.norm() || (fusion.residual == 0 && fusion.r_out == 0), op, "a residual needs the norm");
+  require((fusion.residual == 0) == (fusion.r_out == 0), op, "residual and r_out must be given together");
+}
+
+// Calls f(std::bool_constant<b>{}).
+template <typename F> void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // int4's group: 32, 64 or 128 inputs, dividing K.
@@ -244,26 +363,36 @@ void check_group(const char* op, int64_t K, int64_t group_size) {
 template <template <typename> class Format>
 void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros,
                  int64_t bias, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch,
-                 int dtype, int64_t stream) {
-  check_shape(op, M, N, K);
+                 const Fusion& fusion, int dtype, int64_t stream) {
+  check_shape(op, M, N, K, fusion, true);
   require(max_ctas >= 0, op, "max_ctas must be >= 0, got " + std::to_string(max_ctas));
+  require(!(fusion.geglu && prefetch), op, "prefetch is not available with geglu");
   require(aligned16(qweight), op, "qweight must be 16-byte aligned");
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Fmt = Format<T>;
     require(K % Fmt::kPerChunk == 0, op, "K must be a multiple of " + std::to_string(Fmt::kPerChunk));
     require(M <= Fmt::kMaxRows, op, "M (rows of x) must be at most " + std::to_string(Fmt::kMaxRows));
-    auto go = [&](auto mt) {
+    auto run = [&](auto mt, auto gg, auto nn) {
       constexpr int MT = decltype(mt)::value;
       const int tile = tile_chunks<Fmt>(MT, K);
       const size_t smem = size_t(MT) * tile * (Fmt::kPerChunk + kXPad) * sizeof(float);
-      const auto kernel = quant_gemv_kernel<T, MT, Fmt>;
-      int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);
+      const auto kernel = quant_gemv_kernel<T, MT, Fmt, decltype(gg)::value, decltype(nn)::value>;
+      int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);  // (geglu: N / 2 pairs, kWarps a group: the same)
       if (max_ctas > 0) grid = std::min(grid, max_ctas);
       else if (tile >= K / Fmt::kPerChunk) grid = std::min(grid, resident_ctas(kernel, smem));
       launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, smem, as_stream(stream),
           as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
-          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile, prefetch);
+          as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile, prefetch,
+          fusion.args<T>());
+    };
+    auto go = [&](auto mt) {  // (the fused kernels: up to kFusedMaxRows rows)
+      if constexpr (decltype(mt)::value <= kFusedMaxRows) {
+        if (fusion.geglu || fusion.norm())
+          return dispatch_bool(fusion.geglu, [&](auto gg) { dispatch_bool(fusion.norm(), [&](auto nn) {
+            run(mt, gg, nn); }); });
+      }
+      run(mt, std::false_type{}, std::false_type{});
     };
     if (M == 1) go(std::integral_constant<int, 1>{});
     else if (M == 2) go(std::integral_constant<int, 2>{});
@@ -554,27 +683,41 @@ struct DenseMmaLane : MmaLane<T, NT> {
 // y [M, N] = x [M, K] W^T (+ bias) for M <= 8 * Lane::kRowTiles on the tensor cores. CTA: kMmaWarps warps,
 // kMmaWarps / k_split tiles of 16 rows of W, each tile's chunks of K split among k_split warps. Rows of W
 // past N and of x past M are read as row N - 1 and M - 1 (no predicates in the loop): what they yield is
-// never written.
-template <class Lane>
+// never written. Geglu: a tile is 8 gate rows p0 .. p0 + 7 (A's rows 0-7) and their up rows N/2 + p0 ..
+// (A's rows 8-15), so a lane holds the gate and the up sums of its output column p0 + r. Norm: the CTA
+// first stages x normalised in shared memory (M x K values of T), which the lanes then read instead.
+template <class Lane, bool Geglu, bool Norm>
 __global__ void __launch_bounds__(kThreads, 2)  // two CTAs an SM: at most 128 registers
 mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype* __restrict__ x,
                 const void* __restrict__ w, const typename Lane::Dtype* __restrict__ scales,
                 const typename Lane::Dtype* __restrict__ zeros, const typename Lane::Dtype* __restrict__ bias, int M,
-                int N, int K, int k_split) {
+                int N, int K, int k_split, NormArgs<typename Lane::Dtype> norm) {
   using T = typename Lane::Dtype;
   constexpr int NT = Lane::kRowTiles, kUnroll = Lane::kUnroll;
   __shared__ float partial[kMmaWarps][NT][4][32];
+  const T* xin = x;
+  if constexpr (Norm) {
+    const float* inv = norm_prologue<T, kFusedMaxRows>(x, norm, M, K);
+    GF_DYNAMIC_SMEM(float, x_smem);
+    T* normed = reinterpret_cast<T*>(x_smem);  // [M][K]
+    for (int i = threadIdx.x; i < M * K; i += kThreads)
+      normed[i] = from_float<T>(input_at<T, true>(x, norm, inv, i / K, K, i % K));
+    __syncthreads();
+    xin = normed;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, c = lane & 3;
   const int64_t tile = int64_t{blockIdx.x} * (kMmaWarps / k_split) + warp / k_split;
   const int split = warp % k_split, chunks = K / Lane::kChunk;
   const int g0 = split * chunks / k_split, g1 = (split + 1) * chunks / k_split;
-  const int64_t rows[2] = {tile * 16 + r, tile * 16 + r + 8};
-  const int64_t clamped[2] = {min(rows[0], int64_t{N} - 1), min(rows[1], int64_t{N} - 1)};
+  const int64_t half = N / 2, p = min(tile * 8 + r, half - 1);  // (geglu: the lane's column, clamped)
+  const int64_t rows[2] = {Geglu ? tile * 8 + r : tile * 16 + r, Geglu ? tile * 8 + r + half : tile * 16 + r + 8};
+  const int64_t clamped[2] = {Geglu ? p : min(rows[0], int64_t{N} - 1),
+                              Geglu ? p + half : min(rows[1], int64_t{N} - 1)};
   Lane lane_state;
   lane_state.init(w, scales, zeros, clamped, c, K, g0);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
-    lane_state.xs[nt] = x + int64_t{min(nt * 8 + r, M - 1)} * K + int64_t{g0} * Lane::kChunk + c * (Lane::kChunk / 4);
+    lane_state.xs[nt] = xin + int64_t{min(nt * 8 + r, M - 1)} * K + int64_t{g0} * Lane::kChunk + c * (Lane::kChunk / 4);
   int g = g0;
   for (; g + kUnroll <= g1; g += kUnroll) lane_state.template groups<kUnroll>();
   for (; g < g1; ++g) lane_state.template groups<1>();
@@ -592,14 +735,17 @@ mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[nt][i] += partial[warp + j][nt][i][lane];
   }
+  auto biased = [&](float v, int64_t row) { return v + (bias ? to_float(bias[row]) : 0.f); };
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // d[i]: row r (+ 8 for i >= 2), row of x nt * 8 + 2c + (i & 1)
       const int64_t row = rows[i >> 1];
       const int m = nt * 8 + 2 * c + (i & 1);
-      if (row < N && m < M)
-        y[int64_t{m} * N + row] = from_float<T>(acc[nt][i] + (bias ? to_float(bias[row]) : 0.f));
+      if (!Geglu && row < N && m < M) y[int64_t{m} * N + row] = from_float<T>(biased(acc[nt][i], row));
+      if (Geglu && i < 2 && rows[0] < half && m < M)  // (gate i, up i + 2)
+        y[int64_t{m} * half + rows[0]] = from_float<T>(geglu<T>(biased(acc[nt][i], rows[0]),
+                                                                biased(acc[nt][i + 2], rows[1])));
     }
 }
 
@@ -617,23 +763,34 @@ int mma_k_split(int64_t tiles, int64_t groups, int64_t slots) {
   return best;
 }
 
-// Launches mma_gemv_kernel<Lane>; k_split 0 picks it (mma_k_split).
+// Launches mma_gemv_kernel<Lane, geglu>; k_split 0 picks it (mma_k_split).
 template <class Lane>
 void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales, int64_t zeros, int64_t bias,
-                int64_t M, int64_t N, int64_t K, int64_t k_split, int64_t stream) {
+                int64_t M, int64_t N, int64_t K, int64_t k_split, const Fusion& fusion, int64_t stream) {
   using T = typename Lane::Dtype;
-  const auto kernel = mma_gemv_kernel<Lane>;
-  const int64_t tiles = ceil_div(N, 16);
-  const int split = k_split ? int(k_split) : mma_k_split(tiles, K / Lane::kChunk, resident_ctas(kernel, 0));
-  const int64_t grid = ceil_div(tiles, kMmaWarps / split);
-  require(grid < (int64_t{1} << 31), op, "too many rows");
-  launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, 0, as_stream(stream),
-      as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const void>(w), as_ptr<const T>(scales), as_ptr<const T>(zeros),
-      as_ptr<const T>(bias), int(M), int(N), int(K), split);
+  const size_t smem = fusion.norm() ? size_t(M) * K * sizeof(T) : 0;  // (Norm: x normalised)
+  require(smem <= kMmaNormSmem, op, "the norm takes M * K * 2 <= " + std::to_string(kMmaNormSmem) + " bytes of x");
+  auto run = [&](auto gg, auto nn) {
+    const auto kernel = mma_gemv_kernel<Lane, decltype(gg)::value, decltype(nn)::value>;
+    const int64_t tiles = fusion.geglu ? ceil_div(N / 2, 8) : ceil_div(N, 16);
+    const int split = k_split ? int(k_split) : mma_k_split(tiles, K / Lane::kChunk, resident_ctas(kernel, smem));
+    const int64_t grid = ceil_div(tiles, kMmaWarps / split);
+    require(grid < (int64_t{1} << 31), op, "too many rows");
+    launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, smem, as_stream(stream),
+        as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const void>(w), as_ptr<const T>(scales), as_ptr<const T>(zeros),
+        as_ptr<const T>(bias), int(M), int(N), int(K), split, fusion.args<T>());
+  };
+  dispatch_bool(fusion.geglu, [&](auto gg) {
+    if constexpr (Lane::kRowTiles == 1) {  // (the norm: up to kFusedMaxRows rows of x, one tile)
+      if (fusion.norm()) return run(gg, std::true_type{});
+    }
+    run(gg, std::false_type{});
+  });
 }
 
-void check_mma_args(const char* op, int64_t x, int64_t w, int64_t M, int64_t N, int64_t K, int64_t k_split) {
-  check_shape(op, M, N, K);
+void check_mma_args(const char* op, int64_t x, int64_t w, int64_t M, int64_t N, int64_t K, int64_t k_split,
+                    const Fusion& fusion) {
+  check_shape(op, M, N, K, fusion, false);
   require(aligned16(w) && aligned16(x), op, "the weight and x must be 16-byte aligned");
   require(k_split >= 0 && k_split <= kMmaWarps && (k_split & (k_split - 1)) == 0, op,
           "k_split must be 0 (chosen here) or a power of two up to " + std::to_string(kMmaWarps) + ", got " +
@@ -643,15 +800,17 @@ void check_mma_args(const char* op, int64_t x, int64_t w, int64_t M, int64_t N, 
 }  // namespace
 
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
-               int64_t N, int64_t K, int64_t group_size, int64_t k_split, int dtype, int64_t stream) {
+               int64_t N, int64_t K, int64_t group_size, int64_t k_split, bool geglu, int64_t norm_weight,
+               int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream) {
   const char* op = "w4a16_mma";
-  check_mma_args(op, x, qweight, M, N, K, k_split);
+  const Fusion fusion{geglu, norm_weight, residual, r_out, eps};
+  check_mma_args(op, x, qweight, M, N, K, k_split, fusion);
   check_group(op, K, group_size);
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto go = [&](auto g, auto nt, auto asym) {
       launch_mma<W4MmaLane<T, decltype(g)::value, decltype(nt)::value, decltype(asym)::value>>(
-          op, y, x, qweight, scales, zeros, bias, M, N, K, k_split, stream);
+          op, y, x, qweight, scales, zeros, bias, M, N, K, k_split, fusion, stream);
     };
     auto by_zeros = [&](auto g, auto nt) {
       if (zeros) go(g, nt, std::true_type{});
@@ -669,46 +828,55 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
 }
 
 void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
-               int64_t k_split, int dtype, int64_t stream) {
+               int64_t k_split, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
+               int dtype, int64_t stream) {
   const char* op = "w8a16_mma";
-  check_mma_args(op, x, qweight, M, N, K, k_split);
+  const Fusion fusion{geglu, norm_weight, residual, r_out, eps};
+  check_mma_args(op, x, qweight, M, N, K, k_split, fusion);
   require(K % 64 == 0, op, "K must be a multiple of 64, got " + std::to_string(K));
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (M <= 8) launch_mma<Int8MmaLane<T, 1>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, stream);
-    else launch_mma<Int8MmaLane<T, 2>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, stream);
+    if (M <= 8) launch_mma<Int8MmaLane<T, 1>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, fusion, stream);
+    else launch_mma<Int8MmaLane<T, 2>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, fusion, stream);
   });
   check_launch(op);
 }
 
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
-               int dtype, int64_t stream) {
+               bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
+               int64_t stream) {
   const char* op = "dense_mma";
-  check_mma_args(op, x, weight, M, N, K, k_split);
+  const Fusion fusion{geglu, norm_weight, residual, r_out, eps};
+  check_mma_args(op, x, weight, M, N, K, k_split, fusion);
   require(K % 32 == 0, op, "K must be a multiple of 32, got " + std::to_string(K));
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (M <= 8) launch_mma<DenseMmaLane<T, 1>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, stream);
-    else launch_mma<DenseMmaLane<T, 2>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, stream);
+    if (M <= 8) launch_mma<DenseMmaLane<T, 1>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, fusion, stream);
+    else launch_mma<DenseMmaLane<T, 2>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, fusion, stream);
   });
   check_launch(op);
 }
 
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
-                int64_t K, int64_t max_ctas, bool prefetch, int dtype, int64_t stream) {
-  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, max_ctas, prefetch, dtype, stream);
+                int64_t K, int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight, int64_t residual,
+                int64_t r_out, double eps, int dtype, int64_t stream) {
+  launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, max_ctas, prefetch,
+                          Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
 }
 
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, int dtype, int64_t stream) {
+                int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, bool geglu,
+                int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream) {
   check_group("w4a16_gemm", K, group_size);
   launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, prefetch,
-                          dtype, stream);
+                          Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
 }
 
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
-                bool prefetch, int dtype, int64_t stream) {
-  launch_gemv<DenseFormat>("dense_gemv", y, x, weight, 0, 0, bias, M, N, K, 0, max_ctas, prefetch, dtype, stream);
+                bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
+                int64_t stream) {
+  launch_gemv<DenseFormat>("dense_gemv", y, x, weight, 0, 0, bias, M, N, K, 0, max_ctas, prefetch,
+                           Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
 }
 
 }  // namespace gf

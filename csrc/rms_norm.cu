@@ -1,4 +1,4 @@
-// Gemma RMSNorm, optionally fused with the residual add:
+// Gemma RMSNorm, optionally fused with the residual add (common/rms.cuh):
 //   r = round_T(x + residual)   (written to r_out)            [fused variant]
 //   y = r * rsqrt(mean(r^2) + eps) * (1 + w)                  (fp32 math, one rounding to T)
 // One CTA per row; V elements per access (16 bytes when hidden % V == 0 and rows are aligned,
@@ -6,6 +6,7 @@
 #include "common/check.h"
 #include "common/launch.cuh"
 #include "common/reduce.cuh"
+#include "common/rms.cuh"
 #include "common/vec.cuh"
 #include "ops.h"
 
@@ -30,13 +31,13 @@ __global__ void rms_norm_kernel(T* __restrict__ y, T* r_out, const T* __restrict
       float a[V];
       load_float(rr + i, a);
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = round_to<T>(v[j] + a[j]);
+      for (int j = 0; j < V; ++j) v[j] = residual_sum<T>(v[j], a[j]);
       store_float(ro + i, v);
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) sumsq += v[j] * v[j];
   }
-  const float inv_rms = rsqrtf(block_reduce<SumOp>(sumsq) / hidden + eps);
+  const float inv = inv_rms(block_reduce<SumOp>(sumsq), hidden, eps);
 
   const T* src = rr ? ro : xr;  // the (rounded) r this thread wrote or read above
   T* yr = y + row * hidden;
@@ -45,7 +46,7 @@ __global__ void rms_norm_kernel(T* __restrict__ y, T* r_out, const T* __restrict
     load_float(src + i, v);
     load_float(weight + i, w);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = v[j] * inv_rms * (1.f + w[j]);
+    for (int j = 0; j < V; ++j) v[j] = rms_scaled(v[j], inv, w[j]);
     store_float(yr + i, v);
   }
 }

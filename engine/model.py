@@ -5,6 +5,8 @@
                 q, k, v = split(x @ Wqkv^T);  rotary(q, k, positions);  write_kv(k, v)
                 h = attention(q, cache) @ Wo^T
                 x, r = rms_norm(h, w_post, residual=r);  h = gelu_and_mul(x @ Wgu^T) @ Wd^T
+                (each norm and GeGLU in the adjacent linear's launch where its CUDA kernel makes them:
+                Ops.rms_norm_linear)
     logits = rms_norm(h, w_final, residual=r)[selected rows] @ head^T, in fp32 (head: the tied embed,
              or rows of it where a draft's vocabulary is pruned: GemmaWeights.lm_head).
 """
@@ -35,6 +37,7 @@ class Ops:
     rotary_write_kv: Callable
     attention: Callable
     linear: Callable
+    fuses: Callable = lambda w: False  # whether linear(x, w, ...) takes norm= and geglu= (makes them where it can)
     packs_weights: bool = False  # dense bf16 weights go to linear as PackedWeight
     quant: dict = field(default_factory=dict)  # "int8" / "int4" -> the quantized linear linear() calls
 
@@ -42,7 +45,7 @@ class Ops:
     def resolve(cls, backend: str, device) -> "Ops":
         """Each op from `backend`; an op that has no such implementation at all (dense linear has
         only torch's, i.e. cuBLAS) takes "auto". An existing but unavailable backend raises."""
-        from gemforge.kernels import backends
+        from gemforge.kernels import _native, backends
         from gemforge.kernels._native import cpu_packs_linear, linear_packed_cpu
 
         def pick(op):
@@ -54,15 +57,32 @@ class Ops:
         dense, packed = impls["linear"], select("linear_packed", pick("linear_packed"), device)
         quant = {fmt: select(f"linear_{fmt}", pick(f"linear_{fmt}"), device) for fmt in ("int8", "int4")}
 
-        def linear_op(x, w, b=None):
-            if isinstance(w, torch.Tensor):
-                return dense(x, w, b)
-            if isinstance(w, PackedWeight):
-                return packed(x, w, b)
-            return quant[w.fmt](x, w.qweight, w.scales, w.zeros, w.group_size, b)
+        def impl_for(w):
+            return dense if isinstance(w, torch.Tensor) else packed if isinstance(w, PackedWeight) else quant[w.fmt]
+
+        def linear_op(x, w, b=None, **kernel_args):
+            if isinstance(w, (torch.Tensor, PackedWeight)):
+                return impl_for(w)(x, w, b, **kernel_args)
+            return quant[w.fmt](x, w.qweight, w.scales, w.zeros, w.group_size, b, **kernel_args)
+
+        fusing = _native.FUSING_LINEARS if _native.FUSE_INTO_LINEARS else ()  # (read once, as the rest)
         impls["linear"] = linear_op
         packs = packed is linear_packed_cpu and cpu_packs_linear()
-        return cls(**impls, packs_weights=packs, quant=quant)
+        return cls(**impls, fuses=lambda w: impl_for(w) in fusing, packs_weights=packs, quant=quant)
+
+    def rms_norm_linear(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w, residual=None,
+                        geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, the residual stream h + residual, or h) with y = rms_norm(h (+ residual)) @ w^T, or with geglu
+        gelu_and_mul of it (w's rows [gate; up]): the norm and GeGLU in the linear's own launch where its CUDA
+        kernel makes them (csrc/quant_gemv.cu), else by their ops."""
+        if self.fuses(w):
+            return self.linear(h, w, norm=(norm_weight, eps, residual), geglu=geglu)
+        if residual is None:
+            x, residual = self.rms_norm(h, norm_weight, eps), h
+        else:
+            x, residual = self.rms_norm(h, norm_weight, eps, residual)
+        y = self.linear(x, w)
+        return (self.gelu_and_mul(y) if geglu else y), residual
 
 
 def pack_weights(w: GemmaWeights) -> None:
@@ -127,19 +147,15 @@ class GemmaModel:
         qs, ks = cfg.q_size, cfg.kv_size
         residual = None
         for i, layer in enumerate(self.w.layers):
-            if residual is None:
-                residual, x = h, ops.rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            else:
-                x, residual = ops.rms_norm(h, layer.input_norm, cfg.rms_norm_eps, residual)
-            qkv = ops.linear(x, layer.qkv)
+            qkv, residual = ops.rms_norm_linear(h, layer.input_norm, cfg.rms_norm_eps, layer.qkv, residual)
             q = qkv[:, :qs].view(T, cfg.num_heads, cfg.head_dim)
             k = qkv[:, qs: qs + ks].view(T, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, qs + ks:].view(T, cfg.num_kv_heads, cfg.head_dim)
             ops.rotary_write_kv(q, k, v, meta.positions, cfg.rope_theta, cache.k[i], cache.v[i], meta.slot_mapping)
             attn = ops.attention(q, cache.k[i], cache.v[i], meta, self.scale)
             h = ops.linear(attn.view(T, qs), layer.o)
-            x, residual = ops.rms_norm(h, layer.post_norm, cfg.rms_norm_eps, residual)
-            h = ops.linear(ops.gelu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
+            act, residual = ops.rms_norm_linear(h, layer.post_norm, cfg.rms_norm_eps, layer.gate_up, residual, geglu=True)
+            h = ops.linear(act, layer.down)
         return h, residual
 
 

@@ -41,6 +41,8 @@ CPU_TORCH_PREFILL_TOKENS = 128
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
+FUSED_ROWS = 4  # rows of x a linear normalises itself, or applies GeGLU on the CUDA cores (kFusedMaxRows)
+MMA_NORM_BYTES = 48 * 1024  # x [M, K] a tensor-core linear normalises in shared memory (kMmaNormSmem)
 # Ops whose CUDA backend runs its tensor-core kernel by default: "linear", "linear_int8" and "linear_int4"
 # up to MAX_MMA_ROWS rows (csrc/quant_gemv.cu: dense_mma, w8a16_mma, w4a16_mma; by sm_90a SASS the int4
 # loop issues 2.6x fewer instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four,
@@ -51,6 +53,12 @@ MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x f
 # cuda_mma peers of bench_cuda_ops, bench_decode's int4-mma, int8-mma and none-dmma).
 TENSOR_CORE_OPS: set[str] = set()
 MAX_MMA_ROWS = 16
+# The model's RMSNorms and GeGLU in its linears' launches where those run a CUDA GEMV (CUDA cores or tensor
+# cores, up to FUSED_ROWS rows of x; GeGLU on the tensor cores up to 16): `norm=` and `geglu=True` below
+# (csrc/quant_gemv.cu: the input normalised as it is staged, a warp's or lane's rows a gate row and its up
+# row). Three launches a layer fewer at batch 1. engine.model.Ops reads it when a model is built;
+# bench_decode's "-unfused" variants turn it off to time the difference.
+FUSE_INTO_LINEARS = True
 
 
 def _tensor_cores(op: str, asked: bool | None) -> bool:
@@ -422,22 +430,84 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- quantized linear
+class _Fusion:
+    """What a CUDA linear is asked to make besides x W^T: GeGLU of its product (geglu) and the RMSNorm of its
+    input (norm = (weight, eps, residual or None)), each in the linear's own launch where its kernel can
+    (`geglu_fused`, `norm_fused`), else by the op's own kernel before or after it."""
+
+    def __init__(self, op: str, n: int, geglu: bool, norm, prefetch: bool):
+        if geglu and n % 2:
+            raise ValueError(f"{op}: geglu needs an even number of weight rows (gate and up), got {n}")
+        if (geglu or norm is not None) and prefetch:
+            raise ValueError(f"{op}: prefetch is not available with geglu or norm")
+        self.op, self.geglu, self.norm = op, geglu, norm
+        self.geglu_fused = self.norm_fused = False
+        self.stream = None  # the residual stream x (+ residual), where norm was asked
+
+    def fuse(self, x: torch.Tensor, tensor_cores: bool, gemv: bool) -> torch.Tensor:
+        """Decides what the kernel about to run makes (tensor_cores / gemv: which runs; neither: another op's
+        kernel); returns the x to hand it: normalised here where the kernel will not do it."""
+        m, k = x.shape
+        self.geglu_fused = self.geglu and (tensor_cores or (gemv and m <= FUSED_ROWS))
+        if self.norm is None:
+            return x
+        weight, eps, residual = self.norm
+        self.norm_fused = ((tensor_cores and m * k * x.element_size() <= MMA_NORM_BYTES) or gemv) and m <= FUSED_ROWS \
+            and x.is_contiguous() and weight.is_contiguous() and (residual is None or residual.is_contiguous())
+        if self.norm_fused:
+            _check_like(self.op, "norm weight", weight, (k,), x.dtype)
+            if residual is not None:
+                _check_like(self.op, "residual", residual, x.shape, x.dtype)
+            self.stream = x if residual is None else _empty_as(x)
+            return x
+        if residual is None:
+            self.stream = x
+            return _rms_norm("cuda", x, weight, eps, None)
+        x, self.stream = _rms_norm("cuda", x, weight, eps, residual)
+        return x
+
+    def launch_args(self) -> tuple:
+        """(geglu, norm_weight, residual, r_out, eps) for the kernel (csrc/ops.h)."""
+        if not self.norm_fused:
+            return self.geglu_fused, 0, 0, 0, 0.0
+        weight, eps, residual = self.norm
+        return (self.geglu_fused, weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                0 if residual is None else self.stream.data_ptr(), float(eps))
+
+    def out_features(self, n: int) -> int:
+        return n // 2 if self.geglu_fused else n
+
+    def result(self, y: torch.Tensor):
+        """The op's result from its kernel's output y: GeGLU applied, and with norm the residual stream too."""
+        if self.geglu and not self.geglu_fused:
+            y = _gelu_and_mul("cuda", y)
+        return y if self.norm is None else (y, self.stream)
+
+
 def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0,
-                  prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0):
+                  prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0, geglu: bool = False,
+                  norm: tuple | None = None):
     """The CUDA GEMV (up to MAX_GEMV_ROWS rows; with tensor_cores up to MAX_MMA_ROWS; more go to
     Triton) or the C++ CPU kernel (bf16 x, K a multiple of 32; anything else goes to torch). max_ctas
     (CUDA GEMV): 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks); prefetch
     (CUDA GEMV): each warp requests its next rows' weights into L2 as it starts a row group (a variant
     the benchmarks time, off by default); tensor_cores (CUDA; None follows TENSOR_CORE_OPS; int8 needs K a
-    multiple of 64); k_split (tensor cores): warps sharing a tile's K, 0 = chosen."""
+    multiple of 64); k_split (tensor cores): warps sharing a tile's K, 0 = chosen. CUDA only: geglu returns
+    gelu_and_mul(x W^T) [M, N/2] (W's rows [gate; up]); norm = (weight, eps, residual or None) takes x
+    through rms_norm(x (+ residual), weight, eps) first and returns (y, x + residual or x): both in the
+    GEMV's own launch where it can (_Fusion), else by their ops' kernels."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
+    fusion = _Fusion(op, qweight.shape[0], geglu, norm, prefetch) if kind == "cuda" else None
     tensor_cores = (kind == "cuda" and _tensor_cores(op, tensor_cores) and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0
                     and (fmt == "int4" or k % 64 == 0))
-    if kind == "cuda" and not tensor_cores and (m > MAX_GEMV_ROWS or (fmt == "int8" and k % 16)):
-        return select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias)
+    gemv = kind == "cuda" and not tensor_cores and m <= MAX_GEMV_ROWS and not (fmt == "int8" and k % 16)
+    if kind == "cuda":
+        x = fusion.fuse(x, tensor_cores, gemv)
+    if kind == "cuda" and not (tensor_cores or gemv):
+        return fusion.result(select(op, "triton", x.device)(x, qweight, scales, zeros, group_size, bias))
     if kind == "cpu":
         if not (cpu_packs_linear() and x.dtype == torch.bfloat16 and k % 32 == 0):
             return select(op, "torch", x.device)(x, qweight, scales, zeros, group_size, bias)
@@ -464,9 +534,9 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
     if bias is not None:
         _check_like(op, "bias", bias, (n,), x.dtype)
         _check_contiguous(op, "bias", bias)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, fusion.out_features(n) if fusion else n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
-        return y
+        return fusion.result(y) if fusion else y
     b = 0 if bias is None else bias.data_ptr()
     if kind == "cpu":
         if fmt == "int8":
@@ -476,57 +546,66 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
                                         0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size)
     elif tensor_cores and fmt == "int8":
         _ext().w8a16_mma(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k, k_split,
-                         _DTYPE_CODES[x.dtype], _stream(x))
+                         *fusion.launch_args(), _DTYPE_CODES[x.dtype], _stream(x))
     elif tensor_cores:
         _ext().w4a16_mma(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                          0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, k_split,
-                         _DTYPE_CODES[x.dtype], _stream(x))
+                         *fusion.launch_args(), _DTYPE_CODES[x.dtype], _stream(x))
     elif fmt == "int8":
         _ext().w8a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), b, m, n, k,
-                          max_ctas, prefetch, _DTYPE_CODES[x.dtype], _stream(x))
+                          max_ctas, prefetch, *fusion.launch_args(), _DTYPE_CODES[x.dtype], _stream(x))
     else:
         _ext().w4a16_gemm(y.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                           0 if zeros is None else zeros.data_ptr(), b, m, n, k, group_size, max_ctas, prefetch,
-                          _DTYPE_CODES[x.dtype], _stream(x))
-    return y
+                          *fusion.launch_args(), _DTYPE_CODES[x.dtype], _stream(x))
+    return fusion.result(y) if fusion else y
 
 
 @register("linear", "cuda")
 def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 max_ctas: int = 0, prefetch: bool = False, tensor_cores: bool | None = None,
-                k_split: int = 0) -> torch.Tensor:
+                k_split: int = 0, geglu: bool = False, norm: tuple | None = None):
     """Dense x [..., K] @ weight [N, K]^T (+ b) in fp16/bf16, up to MAX_GEMV_ROWS rows, K a multiple of
     8: the quantized GEMV's kernel over the plain weight (csrc/quant_gemv.cu, DenseFormat); with
     tensor_cores (None: TENSOR_CORE_OPS) up to MAX_MMA_ROWS rows, K a multiple of 32, on the tensor cores
     (dense_mma); anything else: torch (cuBLAS), which also stays "auto"'s choice until the GPU suite has
-    timed them (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense)."""
+    timed them (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense). geglu and norm (x [M, K]) as for
+    the quantized linears (_linear_quant); after cuBLAS by their CUDA ops."""
     op = "linear"
     _check_device(op, "cuda", x=x, weight=weight, bias=bias)
+    if norm is not None and x.dim() != 2:
+        raise ValueError(f"{op}: with norm, x must be [M, K], got shape {tuple(x.shape)}")
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    mma = _tensor_cores(op, tensor_cores) and rows <= MAX_MMA_ROWS and k % 32 == 0
-    if ((rows > MAX_GEMV_ROWS and not mma) or x.dtype not in _HALF or weight.dtype != x.dtype or k % 8
-            or weight.dim() != 2 or not weight.is_contiguous() or weight.data_ptr() % 16):
-        return select(op, "torch", x.device)(x, weight, bias)
+    fusion = _Fusion(op, weight.shape[0], geglu, norm, prefetch)
+    ours = (x.dtype in _HALF and weight.dtype == x.dtype and k % 8 == 0 and weight.dim() == 2
+            and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
+    if ours:
+        if weight.shape[1] != k:
+            raise ValueError(f"{op}: x has {k} features, the weight {tuple(weight.shape)}")
+        if bias is not None:
+            _check_like(op, "bias", bias, (weight.shape[0],), x.dtype)
+            _check_contiguous(op, "bias", bias)
+    x2 = x if x.dim() == 2 else x.reshape(rows, k)
+    if ours:
+        x2 = x2.contiguous()
+    mma = ours and _tensor_cores(op, tensor_cores) and rows <= MAX_MMA_ROWS and k % 32 == 0 and x2.data_ptr() % 16 == 0
+    gemv = ours and not mma and rows <= MAX_GEMV_ROWS
+    x2 = fusion.fuse(x2, mma, gemv)
     n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"{op}: x has {k} features, the weight {tuple(weight.shape)}")
-    if bias is not None:
-        _check_like(op, "bias", bias, (n,), x.dtype)
-        _check_contiguous(op, "bias", bias)
-    x2 = x.reshape(rows, k).contiguous()
-    mma = mma and x2.data_ptr() % 16 == 0
-    if rows > MAX_GEMV_ROWS and not mma:
-        return select(op, "torch", x.device)(x, weight, bias)
-    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    b = 0 if bias is None else bias.data_ptr()
-    if rows and n and mma:
-        _ext().dense_mma(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), b, rows, n, k, k_split,
-                         _DTYPE_CODES[x.dtype], _stream(x))
-    elif rows and n:
-        _ext().dense_gemv(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), b, rows, n, k, max_ctas, prefetch,
-                          _DTYPE_CODES[x.dtype], _stream(x))
-    return y.reshape(*x.shape[:-1], n)
+    if not (mma or gemv):
+        y = select(op, "torch", x.device)(x2, weight, bias)
+    else:
+        y = torch.empty((rows, fusion.out_features(n)), dtype=x.dtype, device=x.device)
+        b = 0 if bias is None else bias.data_ptr()
+        if rows and n and mma:
+            _ext().dense_mma(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), b, rows, n, k, k_split,
+                             *fusion.launch_args(), _DTYPE_CODES[x.dtype], _stream(x))
+        elif rows and n:
+            _ext().dense_gemv(y.data_ptr(), x2.data_ptr(), weight.data_ptr(), b, rows, n, k, max_ctas, prefetch,
+                              *fusion.launch_args(), _DTYPE_CODES[x.dtype], _stream(x))
+    out = fusion.result(y)
+    return out if norm is not None else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # cuBLAS first for dense weights: the CUDA GEMV above is a peer to be timed, not yet a measured win.
@@ -535,16 +614,22 @@ prefer("linear", "torch", "cuda")
 
 @register("linear_int8", "cuda")
 def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
-                     prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
+                     prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0,
+                     geglu: bool = False, norm: tuple | None = None):
     return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, tensor_cores,
-                         k_split)
+                         k_split, geglu, norm)
 
 
 @register("linear_int4", "cuda")
 def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
-                     prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0) -> torch.Tensor:
+                     prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0,
+                     geglu: bool = False, norm: tuple | None = None):
     return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, tensor_cores,
-                         k_split)
+                         k_split, geglu, norm)
+
+
+# The linears that take geglu and norm (FUSE_INTO_LINEARS).
+FUSING_LINEARS = frozenset({linear_cuda, linear_int8_cuda, linear_int4_cuda})
 
 
 @register("linear_int8", "cpu")

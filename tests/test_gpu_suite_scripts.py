@@ -40,7 +40,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "DRAFT_VOCAB", 128)  # (of 512)
     rows = decode.main(["--models", "codegemma-2b", "codegemma-7b", "--batches", "1", "--steps", "8",
                         "--prompt-len", "8", "--quant", "none", "int4", "int4-head", "int4-vocab", "int4-mma",
-                        "int8-mma", "none-gemv", "none-dmma",
+                        "int8-mma", "none-gemv", "none-dmma", "int4-unfused",
                         "--verify", "--bandwidth-GBps", "50",
                         "--dtype", "float32", "--out", str(tmp_path / "decode.json")])
     assert not [r for r in rows if "error" in r], rows
@@ -50,11 +50,12 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     runs = [decode.bench_gemforge(model, 3, 5, 6, cuda_graphs=False, overlap=o)["tokens"] for o in (False, True)]
     assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) > 1  # the overlapped loop decodes the same
     steps = [r for r in rows if "batch" in r]
-    assert len(steps) == 15 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
+    assert len(steps) == 17 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
     mma = {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4-mma"}  # the int4 weights, other kernel
     assert mma == {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4"}, mma
     assert decode.native.TENSOR_CORE_OPS == set()  # (set for int4-mma and none-dmma only)
     assert decode.registry.preference("linear") == ("torch", "cuda")  # (the CUDA kernels first for none-*mma only)
+    assert decode.native.FUSE_INTO_LINEARS  # (off for int4-unfused only)
     for variant in ("none-gemv", "none-dmma"):
         assert {r["model"] for r in steps if r["weights"] == variant} == {"codegemma-2b", "codegemma-7b"}
     vocab = [r for r in steps if r["weights"] == "int4-vocab"]  # the draft only, its head cut to DRAFT_VOCAB rows
@@ -104,7 +105,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
              "target_alone_tokens_per_s": 600.0, "speedup": 1.5}]  # (bench_speculative's rows: test below)
     (tmp_path / "speculative.json").write_text(json.dumps(spec))
     parts = {"decode_quant": ("int4",), "decode_mma": ("int4-mma", "int8-mma", "none-gemv", "none-dmma"),
-             "decode_drafts": ("int4-head", "int4-vocab")}  # the suite's parts write these files
+             "decode_drafts": ("int4-head", "int4-vocab"), "decode_unfused": ("int4-unfused",)}  # the suite's files
     for name, formats in parts.items():
         (tmp_path / f"{name}.json").write_text(json.dumps([r for r in steps if r["weights"] in formats]))
     plain = [r for r in json.loads((tmp_path / "decode.json").read_text()) if r.get("weights", "none") == "none"]
@@ -166,10 +167,11 @@ def test_gpu_suite_script_runs_every_part_and_summarises(tmp_path):
     assert run.returncode == 0, run.stderr
     status = (out / "status.txt").read_text()
     parts = ["build", "ceilings", "tests", "kernel_cuda", "decode", "decode_quant", "decode_mma", "decode_drafts",
-             "decode_profile", "kernel_triton", "throughput", "prefill", "sweep_attention", "speculative",
+             "decode_unfused", "decode_profile", "kernel_triton", "throughput", "prefill", "sweep_attention", "speculative",
              "decode_hf_compiled", "summary"]
     assert [line.split(":")[0] for line in status.splitlines() if ":" in line] == parts, status
-    failing = ("decode", "decode_quant", "decode_mma", "decode_drafts", "decode_profile", "decode_hf_compiled")
+    failing = ("decode", "decode_quant", "decode_mma", "decode_drafts", "decode_unfused", "decode_profile",
+               "decode_hf_compiled")
     assert all(f"{p}: FAILED rc=3" in status for p in failing), status
     assert status.count(": ok") == len(parts) - len(failing), status
     calls = log.read_text()

@@ -198,11 +198,14 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
 def kernel_variant(variant: str):
     """Kernels off by default until the GPU suite has timed them, on while a model is built and run:
     "mma" quantized linears on the tensor cores (up to 16 rows), "gemv" the dense one-row linears on the
-    CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead."""
-    ops, linear = set(native.TENSOR_CORE_OPS), registry.preference("linear")
+    CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead;
+    and one on by default, off: "unfused" GeGLU as a kernel of its own after the gate_up linear."""
+    ops, linear, fuse = set(native.TENSOR_CORE_OPS), registry.preference("linear"), native.FUSE_INTO_LINEARS
     try:
         if variant == "mma":
             native.TENSOR_CORE_OPS.update(("linear_int4", "linear_int8"))
+        elif variant == "unfused":
+            native.FUSE_INTO_LINEARS = False
         else:
             registry.prefer("linear", "cuda", "torch")
             if variant == "dmma":
@@ -212,6 +215,7 @@ def kernel_variant(variant: str):
         native.TENSOR_CORE_OPS.clear()
         native.TENSOR_CORE_OPS.update(ops)
         registry.prefer("linear", *linear)
+        native.FUSE_INTO_LINEARS = fuse
 
 
 def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device, rows: list[dict],
@@ -224,11 +228,12 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
 
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
     # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
-    # "int4-mma", "int8-mma", "none-gemv", "none-dmma": those weights on kernels off by default (kernel_variant)
+    # "int4-mma", "int8-mma", "none-gemv", "none-dmma": those weights on kernels off by default; "int4-unfused",
+    # "int8-unfused": GeGLU after the gate_up linear instead of in its launch (kernel_variant)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
-    if head in ("mma", "gemv", "dmma"):
+    if head in ("mma", "gemv", "dmma", "unfused"):
         with kernel_variant(head):
             return bench_model(args, name, cfg, hf, base, dtype, device, rows, label=method)
     quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head in ("head", "vocab"))
@@ -298,12 +303,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma",
-                             "int8-mma", "none-gemv", "none-dmma"],
+                             "int8-mma", "none-gemv", "none-dmma", "int4-unfused", "int8-unfused"],
                     help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
                          f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models; "
                          "'int4-mma', 'int8-mma': on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at "
                          "one row; "
-                         "'none-dmma': dense on the tensor-core kernel up to 16 rows")
+                         "'none-dmma': dense on the tensor-core kernel up to 16 rows; 'int4-unfused', 'int8-unfused': "
+                         "GeGLU as a kernel of its own after the gate_up linear (fused by default)")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")

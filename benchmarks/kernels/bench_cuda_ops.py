@@ -140,6 +140,30 @@ def test_linear_dense(benchmark, shape, m):
     compare(benchmark, fns, nbytes(w, x) + m * n * x.element_size())
 
 
+@pytest.mark.parametrize("shape", ("2b_gate_up", "7b_gate_up"))
+@pytest.mark.parametrize("fmt", ("int4", "int8", "dense"))
+def test_linear_geglu(benchmark, shape, fmt):
+    """The gate_up projection at one row with GeGLU in the linear's epilogue (geglu=True, "auto"'s path
+    for the model: kernels._native.FUSE_INTO_LINEARS) against the same linear then the gelu_and_mul kernel, on
+    the CUDA-core GEMV and on the tensor-core kernel."""
+    n, k = GEMV_SHAPES[shape]
+    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
+    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
+    gelu = select("gelu_and_mul", "cuda", DEV)
+    if fmt == "dense":
+        lin, parts = (lambda **kw: select("linear", "cuda", DEV)(x, w, **kw)), [w]
+    else:
+        qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
+        cuda = select(f"linear_{fmt}", "cuda", DEV)
+        lin = lambda **kw: cuda(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, **kw)  # noqa: E731
+        parts = [t for t in (qw.qweight, qw.scales, qw.zeros) if t is not None]
+    fns = {"cuda_geglu": lambda: lin(tensor_cores=False, geglu=True),
+           "cuda_then_gelu": lambda: gelu(lin(tensor_cores=False)),
+           "cuda_mma_geglu": lambda: lin(tensor_cores=True, geglu=True),
+           "cuda_mma_then_gelu": lambda: gelu(lin(tensor_cores=True))}
+    compare(benchmark, fns, nbytes(*parts, x) + n // 2 * x.element_size())
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("tokens", DECODE_TOKENS)
 @pytest.mark.parametrize("fused", (False, True))

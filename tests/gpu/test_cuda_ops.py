@@ -377,6 +377,116 @@ def test_linear_dense_falls_back_to_torch():
         assert torch.equal(cuda("linear")(x, w), ref("linear")(x, w))
 
 
+# ------------------------------------------------------- linears with GeGLU in their epilogue
+def _quantized(fmt, w, group):
+    if fmt == "dense":
+        return w
+    return quantize_int8(w) if fmt == "int8" else quantize_int4(w, group, symmetric=group != 64)
+
+
+def _linear_any(backend, x, w, bias, **kw):
+    if isinstance(w, torch.Tensor):  # (the fp32 reference takes the weight in fp32)
+        return select("linear", backend, DEV)(x, w.to(x.dtype), bias, **kw)
+    return select(f"linear_{w.fmt}", backend, DEV)(x, w.qweight, w.scales, w.zeros, w.group_size, bias, **kw)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("fmt_group", (("int8", None), ("int4", 32), ("int4", 64), ("dense", None)))
+@pytest.mark.parametrize("m", (1, 3, 16))
+@pytest.mark.parametrize("nk_ctas", (((2, 256), 0), ((258, 768), 3), ((34, 24576), 0)))
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_linear_geglu(nan_empty, monkeypatch, dtype, fmt_group, m, nk_ctas, tensor_cores):
+    """geglu=True: gelu_and_mul(x W^T + b) [M, N/2] from the linear's own launch, W's rows [gate; up], on the
+    CUDA-core GEMV (MAX_GEMV_ROWS raised: up to FUSED_ROWS rows fused, 16 by the gelu_and_mul kernel
+    after it) and the tensor-core kernel; one pair of
+    rows, pairs past a multiple of 8 (a warp's / tile's), 3 CTAs looping over 17 groups of pairs, x in one
+    or several shared-memory tiles; int4 symmetric (g32) and not (g64). Against the torch linear and
+    gelu_and_mul in fp32."""
+    fmt, group = fmt_group
+    (n, k), max_ctas = nk_ctas
+    kw = {"tensor_cores": True} if tensor_cores else {"tensor_cores": False, "max_ctas": max_ctas}
+    if fmt == "dense" and m > 4 and not tensor_cores:
+        pytest.skip("the dense CUDA-core GEMV takes up to 4 rows")
+    monkeypatch.setattr(native, "MAX_GEMV_ROWS", 16)
+    w = _quantized(fmt, (torch.randn(n, k, device=DEV) * k ** -0.5).to(dtype), group)  # (products of O(1): fp16)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV).to(dtype) if m == 3 else None
+    out = _linear_any("cuda", x, w, bias, geglu=True, **kw)
+    r32 = ref("gelu_and_mul")(_linear_any("torch", x.float(), w, None if bias is None else bias.float()))
+    lp = ref("gelu_and_mul")(_linear_any("torch", x, w, bias))
+    assert out.shape == (m, n // 2)
+    assert_close(out, r32, lp, what=f"{fmt} geglu M={m} {(n, k)} tensor cores {tensor_cores}")
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4", "dense"))
+def test_linear_geglu_unfused_paths(nan_empty, fmt):
+    """Where the linear's product comes from another kernel (more rows than its CUDA kernels take: Triton's
+    GEMM, cuBLAS), geglu=True still returns gelu_and_mul of it; an odd number of rows, or geglu with the L2
+    prefetch, raises."""
+    dtype = torch.bfloat16
+    w = _quantized(fmt, torch.randn(64, 256, device=DEV).to(dtype) * 0.05, 64)
+    x = torch.randn(17, 256, device=DEV).to(dtype)
+    out = _linear_any("cuda", x, w, None, geglu=True)
+    assert_close(out, ref("gelu_and_mul")(_linear_any("torch", x.float(), w, None)),
+                 ref("gelu_and_mul")(_linear_any("torch", x, w, None)), what=f"{fmt} geglu unfused")
+    odd = _quantized(fmt, torch.randn(63, 256, device=DEV).to(dtype), 64)
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        _linear_any("cuda", x[:1], odd, None, geglu=True)
+    with pytest.raises(ValueError, match="prefetch"):
+        _linear_any("cuda", x[:1], w, None, geglu=True, prefetch=True)
+
+
+# ------------------------------------------------------------ linears that normalise their input
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("fmt_group", (("int8", None), ("int4", 64), ("dense", None)))
+@pytest.mark.parametrize("m", (1, 4))
+@pytest.mark.parametrize("nk", ((130, 3072), (34, 8192)))
+@pytest.mark.parametrize("residual, geglu", ((False, False), (True, False), (True, True)))
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_linear_norm(nan_empty, monkeypatch, dtype, fmt_group, m, nk, residual, geglu, tensor_cores):
+    """norm=(weight, eps, residual): y = rms_norm(x (+ residual)) W^T (with geglu, gelu_and_mul of it) and
+    the residual stream x + residual (or x itself), from the linear's own launch: on the CUDA-core GEMV (x
+    staged in one or several tiles: int4 at 4 rows of K = 3072 takes two) and on the tensor-core kernel
+    (which takes M * K * 2 <= 48 KiB: at 4 rows of K = 8192 the rms_norm kernel runs first instead). Against
+    the torch rms_norm and linear in fp32; the stream exactly as torch adds in the dtype."""
+    fmt, group = fmt_group
+    n, k = nk
+    monkeypatch.setattr(native, "MAX_GEMV_ROWS", 4)
+    w = _quantized(fmt, (torch.randn(n, k, device=DEV) * k ** -0.5).to(dtype), group)
+    x = torch.randn(m, k, device=DEV).to(dtype) * 3
+    res = torch.randn(m, k, device=DEV).to(dtype) if residual else None
+    nw = (torch.randn(k, device=DEV) * 0.5).to(dtype)
+    kw = {"tensor_cores": tensor_cores}
+    out, stream = _linear_any("cuda", x, w, None, norm=(nw, 1e-6, res), geglu=geglu, **kw)
+
+    def reference(xx, rr, ww):
+        normed, _ = ref("rms_norm")(xx, ww, 1e-6, rr if rr is not None else torch.zeros_like(xx))
+        y = _linear_any("torch", normed, w, None)
+        return ref("gelu_and_mul")(y) if geglu else y
+    r32 = reference(x.float(), None if res is None else res.float(), nw.float())
+    assert_close(out, r32, reference(x, res, nw), what=f"{fmt} norm M={m} {(n, k)} geglu {geglu} tc {tensor_cores}")
+    if res is None:
+        assert stream is x
+    else:
+        assert torch.equal(stream, x + res)
+
+
+def test_linear_norm_falls_back_to_its_op(nan_empty, monkeypatch):
+    """Rows past FUSED_ROWS, a residual of strided rows: the rms_norm kernel runs first, the result the same."""
+    monkeypatch.setattr(native, "MAX_GEMV_ROWS", 16)
+    dtype = torch.bfloat16
+    qw = quantize_int8((torch.randn(64, 512, device=DEV) * 0.05).to(dtype))
+    nw = torch.randn(512, device=DEV).to(dtype)
+    for m, strided in ((5, False), (2, True)):
+        x = torch.randn(m, 512, device=DEV).to(dtype)
+        res = torch.randn(m, 1024, device=DEV).to(dtype)[:, :512] if strided else torch.randn(m, 512, device=DEV).to(dtype)
+        out, stream = _linear_any("cuda", x, qw, None, norm=(nw, 1e-6, res))
+        normed, r = ref("rms_norm")(x, nw, 1e-6, res)
+        assert torch.equal(stream, r)
+        assert_close(out, _linear_any("torch", normed.float(), qw, None), _linear_any("torch", normed, qw, None),
+                     what=f"norm fallback M={m}")
+
+
 def test_bad_inputs_raise_value_error():
     x = torch.randn(2, 64, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="weight"):

@@ -145,19 +145,31 @@ CFG_64 = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_
                      num_kv_heads=1, head_dim=64, max_position_embeddings=128)
 
 
-@pytest.mark.parametrize("tensor_cores", [False, True])
-def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monkeypatch, tensor_cores):
+@pytest.mark.parametrize("tensor_cores, sequences", [(False, 3), (False, 1), (True, 3)])
+def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monkeypatch, tensor_cores, sequences):
     """The "cuda" backend with its kernels on the emulated device of csrc/emu/ (CPU tensors; prefill attention
     and linears of more rows than its kernels take go to Triton's interpreter, dense bf16 linears to the packed
     CPU kernel), bf16 with int8 and int4 weights, with and without the tensor-core kernels: the torch backend's
-    greedy tokens, logits within bf16 rounding."""
+    greedy tokens, logits within bf16 rounding. The int4 gate_up projections make the norm before them and
+    GeGLU in their own launches (kernels._native.FUSE_INTO_LINEARS) wherever a CUDA kernel runs them: the
+    CUDA-core GEMV in one sequence's decode steps, the tensor-core kernel in steps of up to 4 tokens."""
     import gemforge.kernels._native as native
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): prefill attention would need CUDA tensors")
     monkeypatch.setattr(native, "TENSOR_CORE_OPS", {"linear", "linear_int8", "linear_int4", "attention"}
                         if tensor_cores else set())
-    prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))]
+    launches = []  # (kernel, geglu, norm) of each int4 linear launch
+    for name in ("w4a16_gemm", "w4a16_mma"):
+        def counted(*args, _name=name, _real=getattr(emulated_cuda, name)):
+            launches.append((_name, args[-7], args[-6] != 0))  # (..., geglu, norm_weight, residual, r_out, eps,
+            return _real(*args)                                #  dtype, stream)
+        monkeypatch.setattr(emulated_cuda, name, counted)
+    prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))][:sequences]
     ref_toks, ref = greedy("torch", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
     toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
+    kernel = "w4a16_mma" if tensor_cores else "w4a16_gemm" if sequences == 1 else None  # (else Triton's GEMM)
+    assert {k for k, _, _ in launches} == ({kernel} if kernel else set()), launches
+    if kernel:  # the gate_up projections with the post-attention norm and GeGLU (steps of at most 4 tokens)
+        assert (kernel, True, True) in launches, launches
     assert toks == ref_toks
     torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
