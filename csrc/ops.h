@@ -34,7 +34,8 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
                       int64_t hq, int64_t hk, int64_t head_dim, int64_t block_size, int64_t max_parts,
                       double scale, bool tensor_cores, int dtype, int64_t stream);
 
-// y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu and docs/QUANT_FORMAT.md).
+// y [M, N] = x [M, K] @ dequant(W)^T (+ bias), M <= 16 (see quant_gemv.cu, mma_gemv.cu and
+// docs/QUANT_FORMAT.md).
 // max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks). prefetch: each
 // warp requests its next rows into L2 ahead (a variant the benchmarks time). Every linear here also takes
 // (geglu, norm_weight, residual, r_out, eps):
@@ -62,7 +63,7 @@ void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bi
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
                bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
                int64_t stream);
-// The same kernel over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.
+// The CUDA-core GEMV (w8a16_gemm's kernel) over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
                 bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
                 int64_t stream);

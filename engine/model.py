@@ -74,7 +74,7 @@ class Ops:
                         geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, the residual stream h + residual, or h) with y = rms_norm(h (+ residual)) @ w^T, or with geglu
         gelu_and_mul of it (w's rows [gate; up]): the norm and GeGLU in the linear's own launch where its CUDA
-        kernel makes them (csrc/quant_gemv.cu), else by their ops."""
+        kernel makes them (csrc/common/linear.cuh), else by their ops."""
         if self.fuses(w):
             return self.linear(h, w, norm=(norm_weight, eps, residual), geglu=geglu)
         if residual is None:

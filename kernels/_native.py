@@ -44,7 +44,7 @@ MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x f
 FUSED_ROWS = 4  # rows of x a linear normalises itself, or applies GeGLU on the CUDA cores (kFusedMaxRows)
 MMA_NORM_BYTES = 48 * 1024  # x [M, K] a tensor-core linear normalises in shared memory (kMmaNormSmem)
 # Ops whose CUDA backend runs its tensor-core kernel by default: "linear", "linear_int8" and "linear_int4"
-# up to MAX_MMA_ROWS rows (csrc/quant_gemv.cu: dense_mma, w8a16_mma, w4a16_mma; by sm_90a SASS the int4
+# up to MAX_MMA_ROWS rows (csrc/mma_gemv.cu: dense_mma, w8a16_mma, w4a16_mma; by sm_90a SASS the int4
 # loop issues 2.6x fewer instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four,
 # the int8 one 13% fewer at one row), "attention" where a KV head has up to 8 query heads
 # (csrc/attention.cu; 1-2 instructions per K/V byte in its loops against 9-13 for the CUDA-core kernel,
@@ -55,7 +55,7 @@ TENSOR_CORE_OPS: set[str] = set()
 MAX_MMA_ROWS = 16
 # The model's RMSNorms and GeGLU in its linears' launches where those run a CUDA GEMV (CUDA cores or tensor
 # cores, up to FUSED_ROWS rows of x; GeGLU on the tensor cores up to 16): `norm=` and `geglu=True` below
-# (csrc/quant_gemv.cu: the input normalised as it is staged, a warp's or lane's rows a gate row and its up
+# (csrc/common/linear.cuh: the input normalised as it is staged, a warp's or lane's rows a gate row and its up
 # row). Three launches a layer fewer at batch 1. engine.model.Ops reads it when a model is built;
 # bench_decode's "-unfused" variants turn it off to time the difference.
 FUSE_INTO_LINEARS = True
