@@ -404,6 +404,22 @@ void check_mma_args(const char* op, int64_t x, int64_t w, int64_t M, int64_t N, 
               std::to_string(k_split));
 }
 
+// The formats whose lane type takes (T, row tiles) alone (int8, dense): K a multiple of `chunk`, one or two
+// tiles of 8 rows of x.
+template <template <typename, int> class Lane>
+void launch_one_scale_mma(const char* op, int64_t chunk, int64_t y, int64_t x, int64_t w, int64_t scales,
+                          int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split, const Fusion& fusion,
+                          int dtype, int64_t stream) {
+  check_mma_args(op, x, w, M, N, K, k_split, fusion);
+  require(K % chunk == 0, op, "K must be a multiple of " + std::to_string(chunk) + ", got " + std::to_string(K));
+  dispatch_half(dtype, op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (M <= 8) launch_mma<Lane<T, 1>>(op, y, x, w, scales, 0, bias, M, N, K, k_split, fusion, stream);
+    else launch_mma<Lane<T, 2>>(op, y, x, w, scales, 0, bias, M, N, K, k_split, fusion, stream);
+  });
+  check_launch(op);
+}
+
 }  // namespace
 
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
@@ -437,31 +453,15 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
 void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
                int64_t k_split, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
                int dtype, int64_t stream) {
-  const char* op = "w8a16_mma";
-  const Fusion fusion{geglu, norm_weight, residual, r_out, eps};
-  check_mma_args(op, x, qweight, M, N, K, k_split, fusion);
-  require(K % 64 == 0, op, "K must be a multiple of 64, got " + std::to_string(K));
-  dispatch_half(dtype, op, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (M <= 8) launch_mma<Int8MmaLane<T, 1>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, fusion, stream);
-    else launch_mma<Int8MmaLane<T, 2>>(op, y, x, qweight, scales, 0, bias, M, N, K, k_split, fusion, stream);
-  });
-  check_launch(op);
+  launch_one_scale_mma<Int8MmaLane>("w8a16_mma", 64, y, x, qweight, scales, bias, M, N, K, k_split,
+                                    Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
 }
 
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
                bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
                int64_t stream) {
-  const char* op = "dense_mma";
-  const Fusion fusion{geglu, norm_weight, residual, r_out, eps};
-  check_mma_args(op, x, weight, M, N, K, k_split, fusion);
-  require(K % 32 == 0, op, "K must be a multiple of 32, got " + std::to_string(K));
-  dispatch_half(dtype, op, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (M <= 8) launch_mma<DenseMmaLane<T, 1>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, fusion, stream);
-    else launch_mma<DenseMmaLane<T, 2>>(op, y, x, weight, 0, 0, bias, M, N, K, k_split, fusion, stream);
-  });
-  check_launch(op);
+  launch_one_scale_mma<DenseMmaLane>("dense_mma", 32, y, x, weight, 0, bias, M, N, K, k_split,
+                                     Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
 }
 
 }  // namespace gf
