@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): Makefile pyproject.toml setup.py $(wildcard CMakeLists.txt) $(wildcard csrc/*.cu csrc/*.cpp csrc/common/* csrc/cpu/* csrc/emu/*)
+$(STAMP): Makefile pyproject.toml setup.py $(wildcard CMakeLists.txt) $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h csrc/common/* csrc/cpu/* csrc/emu/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) "setuptools>=64" wheel "pybind11>=2.12" ninja
 	$(PIP) torch==2.13.0 triton==3.9.0
