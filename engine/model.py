@@ -8,7 +8,8 @@
                 (each norm and GeGLU in the adjacent linear's launch where its CUDA kernel makes them:
                 Ops.rms_norm_linear)
     logits = rms_norm(h, w_final, residual=r)[selected rows] @ head^T, in fp32 (head: the tied embed,
-             or rows of it where a draft's vocabulary is pruned: GemmaWeights.lm_head).
+             or rows of it where a draft's vocabulary is pruned: GemmaWeights.lm_head; the norm, like the
+             layers' two, in the head's launch where its CUDA kernel makes it).
 """
 from __future__ import annotations
 
@@ -135,10 +136,9 @@ class GemmaModel:
             logits = self.native_layers.logits(h, residual, logits_indices)
             return logits if out is None else out.copy_(logits)
         h, residual = self.layers(self.embed(input_ids), meta, cache)
-        x, _ = self.ops.rms_norm(h, self.w.final_norm, self.cfg.rms_norm_eps, residual)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        logits = self.ops.linear(x, self.w.head)
+        if logits_indices is not None:  # (the norm is row by row: only the selected rows need it)
+            h, residual = h[logits_indices], residual[logits_indices]
+        logits, _ = self.ops.rms_norm_linear(h, self.w.final_norm, self.cfg.rms_norm_eps, self.w.head, residual)
         return logits.float() if out is None else out.copy_(logits)  # (the same one conversion)
 
     def layers(self, h: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:

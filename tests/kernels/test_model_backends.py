@@ -151,8 +151,9 @@ def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monke
     and linears of more rows than its kernels take go to Triton's interpreter, dense bf16 linears to the packed
     CPU kernel), bf16 with int8 and int4 weights, with and without the tensor-core kernels: the torch backend's
     greedy tokens, logits within bf16 rounding. The int4 gate_up projections make the norm before them and
-    GeGLU in their own launches (kernels._native.FUSE_INTO_LINEARS) wherever a CUDA kernel runs them: the
-    CUDA-core GEMV in one sequence's decode steps, the tensor-core kernel in steps of up to 4 tokens."""
+    GeGLU in their own launches, the int4 LM head the final norm (kernels._native.FUSE_INTO_LINEARS),
+    wherever a CUDA kernel runs them: the CUDA-core GEMV in one sequence's decode steps, the tensor-core
+    kernel in steps of up to 4 tokens."""
     import gemforge.kernels._native as native
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): prefill attention would need CUDA tensors")
@@ -169,7 +170,8 @@ def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monke
     toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
     kernel = "w4a16_mma" if tensor_cores else "w4a16_gemm" if sequences == 1 else None  # (else Triton's GEMM)
     assert {k for k, _, _ in launches} == ({kernel} if kernel else set()), launches
-    if kernel:  # the gate_up projections with the post-attention norm and GeGLU (steps of at most 4 tokens)
-        assert (kernel, True, True) in launches, launches
+    if kernel:  # (steps of at most 4 tokens) the gate_up projections with the post-attention norm and GeGLU,
+        assert (kernel, True, True) in launches, launches  # the int4 LM head with the final norm
+        assert (kernel, False, True) in launches, launches
     assert toks == ref_toks
     torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
