@@ -29,7 +29,8 @@
 namespace gf {
 namespace {
 
-constexpr size_t kMmaNormSmem = 48 * 1024;  // bytes of normalised x the kernel stages
+// Bytes of normalised x the kernel stages: with its partial sums (4-8 KiB of __shared__) within kSmemPerCta.
+constexpr size_t kMmaNormSmem = 40 * 1024;
 
 constexpr int kMmaWarps = kThreads / 32;
 
@@ -379,6 +380,8 @@ void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales,
   require(smem <= kMmaNormSmem, op, "the norm takes M * K * 2 <= " + std::to_string(kMmaNormSmem) + " bytes of x");
   auto run = [&](auto gg, auto nn) {
     const auto kernel = mma_gemv_kernel<Lane, decltype(gg)::value, decltype(nn)::value>;
+    static const size_t static_bytes = static_smem(kernel);
+    require(smem + static_bytes <= kSmemPerCta, op, "shared memory over " + std::to_string(kSmemPerCta) + " bytes");
     const int64_t tiles = fusion.geglu ? ceil_div(N / 2, 8) : ceil_div(N, 16);
     const int split = k_split ? int(k_split) : mma_k_split(tiles, K / Lane::kChunk, resident_ctas(kernel, smem));
     const int64_t grid = ceil_div(tiles, kMmaWarps / split);

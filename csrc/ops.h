@@ -43,7 +43,7 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
 //   up to 4 rows of x);
 //   norm_weight (nonzero): x is first rms_norm(x (+ residual), norm_weight, eps), and r_out [M, K] gets
 //   x + residual (residual and r_out: both or neither; r_out must not alias x or residual, which other CTAs
-//   read while the first writes it); up to 4 rows of x, on the tensor cores with M * K * 2 <= 48 KiB.
+//   read while the first writes it); up to 4 rows of x, on the tensor cores with M * K * 2 <= 40 KiB.
 void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M,
                 int64_t N, int64_t K, int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight,
                 int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);

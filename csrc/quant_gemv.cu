@@ -26,7 +26,6 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 2;
 constexpr int kXPad = 4;                       // floats of padding after each chunk of x
-constexpr int kXSmemFloats = 48 * 1024 / 4;    // x tile budget
 constexpr float kMagic = 8388608.f;            // 2^23
 constexpr int kPrefetchBytes = 16 * 1024;      // per warp and row group, with `prefetch`
 
@@ -132,10 +131,10 @@ struct DenseFormat {
   __device__ __forceinline__ float row_scale(int64_t) const { return 1.f; }
 };
 
-// Chunks of x (per row) that one shared-memory tile holds.
+// Chunks of x (per row) that one shared-memory tile of `floats` holds.
 template <class Fmt>
-int tile_chunks(int MT, int64_t K) {
-  return static_cast<int>(std::min<int64_t>(K / Fmt::kPerChunk, kXSmemFloats / (MT * (Fmt::kPerChunk + kXPad))));
+int tile_chunks(int MT, int64_t K, size_t floats) {
+  return static_cast<int>(std::min<int64_t>(K / Fmt::kPerChunk, int64_t(floats) / (MT * (Fmt::kPerChunk + kXPad))));
 }
 
 // Stages chunks [c0, c0 + nc) of x's M rows into shared memory as fp32 (zero rows past M).
@@ -259,9 +258,10 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
     require(M <= Fmt::kMaxRows, op, "M (rows of x) must be at most " + std::to_string(Fmt::kMaxRows));
     auto run = [&](auto mt, auto gg, auto nn) {
       constexpr int MT = decltype(mt)::value;
-      const int tile = tile_chunks<Fmt>(MT, K);
-      const size_t smem = size_t(MT) * tile * (Fmt::kPerChunk + kXPad) * sizeof(float);
       const auto kernel = quant_gemv_kernel<T, MT, Fmt, decltype(gg)::value, decltype(nn)::value>;
+      static const size_t static_bytes = static_smem(kernel);  // (a property of the compiled kernel)
+      const int tile = tile_chunks<Fmt>(MT, K, (kSmemPerCta - static_bytes) / sizeof(float));
+      const size_t smem = size_t(MT) * tile * (Fmt::kPerChunk + kXPad) * sizeof(float);
       int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);  // (geglu: N / 2 pairs, kWarps a group: the same)
       if (max_ctas > 0) grid = std::min(grid, max_ctas);
       else if (tile >= K / Fmt::kPerChunk) grid = std::min(grid, resident_ctas(kernel, smem));

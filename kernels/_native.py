@@ -42,7 +42,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/c
 _HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 1  # measured on H100: from 4 rows up the Triton GEMM is 2-15x faster
 FUSED_ROWS = 4  # rows of x a linear normalises itself, or applies GeGLU on the CUDA cores (kFusedMaxRows)
-MMA_NORM_BYTES = 48 * 1024  # x [M, K] a tensor-core linear normalises in shared memory (kMmaNormSmem)
+MMA_NORM_BYTES = 40 * 1024  # x [M, K] a tensor-core linear normalises in shared memory (kMmaNormSmem)
 # Ops whose CUDA backend runs its tensor-core kernel by default: "linear", "linear_int8" and "linear_int4"
 # up to MAX_MMA_ROWS rows (csrc/mma_gemv.cu: dense_mma, w8a16_mma, w4a16_mma; by sm_90a SASS the int4
 # loop issues 2.6x fewer instructions per weight byte than the CUDA-core GEMV at one row and 4.9x at four,

@@ -81,6 +81,19 @@ __device__ __forceinline__ float input_at(const T* __restrict__ x, NormArgs<T> n
   }
 }
 
+// Shared memory a CTA may use without opting in to more: its __shared__ arrays and the launch's dynamic
+// share together.
+constexpr size_t kSmemPerCta = 48 * 1024;
+
+// Bytes of `kernel`'s __shared__ arrays (the norm's sums, the tensor-core kernel's partial sums): what the
+// dynamic share of a launch must leave of kSmemPerCta.
+template <class Kernel>
+size_t static_smem(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  cudaFuncGetAttributes(&attr, kernel);
+  return attr.sharedSizeBytes;
+}
+
 // CTAs of `kernel` (kThreads threads, `smem` bytes) that the current device holds at once.
 template <class Kernel>
 int64_t resident_ctas(Kernel kernel, size_t smem) {

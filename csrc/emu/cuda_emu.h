@@ -52,3 +52,4 @@ using std::min;
 #define cudaGetDevice gf::emu::get_device
 #define cudaDeviceGetAttribute gf::emu::device_attribute
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor gf::emu::occupancy
+#define cudaFuncGetAttributes gf::emu::func_attributes

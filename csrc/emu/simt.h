@@ -46,6 +46,11 @@ const char* error_string(cudaError_t err);
 cudaError_t get_device(int* dev);
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int dev);
 template <typename F>
+cudaError_t func_attributes(cudaFuncAttributes* attr, F) {  // (a host build's __shared__ arrays: none to report)
+  *attr = cudaFuncAttributes{};
+  return cudaSuccess;
+}
+template <typename F>
 cudaError_t occupancy(int* blocks, F, int block_size, size_t smem) {
   constexpr size_t kSmemPerSm = 228 * 1024;
   const int by_threads = 2048 / block_size, by_smem = int(kSmemPerSm / (smem + 1024));

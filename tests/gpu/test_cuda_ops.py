@@ -447,7 +447,7 @@ def test_linear_norm(nan_empty, monkeypatch, dtype, fmt_group, m, nk, residual, 
     """norm=(weight, eps, residual): y = rms_norm(x (+ residual)) W^T (with geglu, gelu_and_mul of it) and
     the residual stream x + residual (or x itself), from the linear's own launch: on the CUDA-core GEMV (x
     staged in one or several tiles: int4 at 4 rows of K = 3072 takes two) and on the tensor-core kernel
-    (which takes M * K * 2 <= 48 KiB: at 4 rows of K = 8192 the rms_norm kernel runs first instead). Against
+    (which takes M * K * 2 <= 40 KiB: at 4 rows of K = 8192 the rms_norm kernel runs first instead). Against
     the torch rms_norm and linear in fp32; the stream exactly as torch adds in the dtype."""
     fmt, group = fmt_group
     n, k = nk
