@@ -471,6 +471,26 @@ def test_linear_norm(nan_empty, monkeypatch, dtype, fmt_group, m, nk, residual, 
         assert torch.equal(stream, x + res)
 
 
+def test_linear_norm_tensor_cores_shared_memory_bound(nan_empty):
+    """The tensor-core kernel normalises x of up to MMA_NORM_BYTES (4 rows of K = 5120: 40 KiB) itself and
+    refuses a byte more with a clear error; the wrapper, sharing the bound, hands larger x to the rms_norm
+    kernel first (if the two bounds disagreed, the fused call below would raise)."""
+    dtype = torch.bfloat16
+    m, k = 4, native.MMA_NORM_BYTES // (4 * 2)
+    qw = quantize_int4((torch.randn(64, k, device=DEV) * k ** -0.5).to(dtype), 64)
+    x, nw = torch.randn(m, k, device=DEV).to(dtype), torch.randn(k, device=DEV).to(dtype)
+    out, _ = _linear_any("cuda", x, qw, None, norm=(nw, 1e-6, None), tensor_cores=True)
+    normed = ref("rms_norm")(x, nw, 1e-6)
+    assert_close(out, _linear_any("torch", normed.float(), qw, None), _linear_any("torch", normed, qw, None),
+                 what="norm at the shared-memory bound")
+    wide = torch.randn(m, k + 64, device=DEV).to(dtype)
+    qw2 = quantize_int4(torch.randn(64, k + 64, device=DEV).to(dtype), 64)
+    y = torch.empty(m, 64, device=DEV, dtype=dtype)
+    with pytest.raises((RuntimeError, ValueError), match="the norm takes M \\* K \\* 2 <= 40960"):
+        native._ext().w4a16_mma(y.data_ptr(), wide.data_ptr(), qw2.qweight.data_ptr(), qw2.scales.data_ptr(), 0, 0,
+                                m, 64, k + 64, 64, 0, False, nw.data_ptr(), 0, 0, 1e-6, 2, 0)
+
+
 def test_linear_norm_falls_back_to_its_op(nan_empty, monkeypatch):
     """Rows past FUSED_ROWS, a residual of strided rows: the rms_norm kernel runs first, the result the same."""
     monkeypatch.setattr(native, "MAX_GEMV_ROWS", 16)
