@@ -112,7 +112,7 @@ part decode_mma 120 "${DECODE[@]}" --batches $BATCHES --quant int4-mma int8-mma 
   --bandwidth-GBps "$BW" --out "$OUT/decode_mma.json"
 part decode_drafts 60 "${DECODE[@]}" --batches 1 --quant int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_drafts.json"
-# GeGLU after the gate_up linear instead of in its launch (where the CUDA GEMV runs it: batch 1), against
+# The RMSNorms and GeGLU as kernels of their own instead of in the linears (where a CUDA GEMV runs: batch 1), against
 # decode_quant's batch-1 rows: what the fusion buys end to end.
 part decode_unfused 45 "${DECODE[@]}" --batches 1 --quant int4-unfused int8-unfused --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_unfused.json"

@@ -51,9 +51,10 @@ def test_emulated_kernels_under_address_sanitizer():
            "ASAN_OPTIONS": "detect_leaks=0", "PYTHONSAFEPATH": "1"}
     tests = [str(ROOT / "tests/gpu/test_cuda_ops.py"), str(ROOT / "tests/kernels/test_model_backends.py")]
     # (--capture=sys: ASan writes its report to fd 2 as it aborts, which pytest's fd capture would swallow)
-    # (fp16 cases left out: the bf16 ones make the same accesses)
+    # (fp16 cases left out: the bf16 ones make the same accesses; "refuses" cases too: a C++ throw aborts under
+    # the preloaded ASan runtime, which cannot intercept __cxa_throw here)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys",
-                          "-k", "emulated and not fp16", *tests], capture_output=True, text=True, env=env, cwd=ROOT)
+                          "-k", "emulated and not fp16 and not refuses", *tests], capture_output=True, text=True, env=env, cwd=ROOT)
     report = run.stdout[-4000:] + run.stderr[-8000:]
     assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, report
     assert " passed" in run.stdout and " failed" not in run.stdout, report

@@ -199,7 +199,7 @@ def kernel_variant(variant: str):
     """Kernels off by default until the GPU suite has timed them, on while a model is built and run:
     "mma" quantized linears on the tensor cores (up to 16 rows), "gemv" the dense one-row linears on the
     CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead;
-    and one on by default, off: "unfused" GeGLU as a kernel of its own after the gate_up linear."""
+    and one on by default, off: "unfused" the RMSNorms and GeGLU as kernels of their own (FUSE_INTO_LINEARS)."""
     ops, linear, fuse = set(native.TENSOR_CORE_OPS), registry.preference("linear"), native.FUSE_INTO_LINEARS
     try:
         if variant == "mma":
@@ -229,7 +229,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
     # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
     # "int4-mma", "int8-mma", "none-gemv", "none-dmma": those weights on kernels off by default; "int4-unfused",
-    # "int8-unfused": GeGLU after the gate_up linear instead of in its launch (kernel_variant)
+    # "int8-unfused": the norms and GeGLU as kernels of their own, not in the linears (kernel_variant)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
@@ -309,7 +309,7 @@ def main(argv=None) -> list[dict]:
                          "'int4-mma', 'int8-mma': on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at "
                          "one row; "
                          "'none-dmma': dense on the tensor-core kernel up to 16 rows; 'int4-unfused', 'int8-unfused': "
-                         "GeGLU as a kernel of its own after the gate_up linear (fused by default)")
+                         "the RMSNorms and GeGLU as kernels of their own (made by the linears by default)")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")

@@ -483,6 +483,13 @@ def test_linear_norm_tensor_cores_shared_memory_bound(nan_empty):
     normed = ref("rms_norm")(x, nw, 1e-6)
     assert_close(out, _linear_any("torch", normed.float(), qw, None), _linear_any("torch", normed, qw, None),
                  what="norm at the shared-memory bound")
+
+
+def test_linear_norm_tensor_cores_refuses_past_the_bound():
+    """(Its own test: under tests/test_cuda_memcheck.py's preloaded AddressSanitizer a C++ throw aborts.)"""
+    dtype = torch.bfloat16
+    m, k = 4, native.MMA_NORM_BYTES // (4 * 2)
+    nw = torch.randn(k, device=DEV).to(dtype)
     wide = torch.randn(m, k + 64, device=DEV).to(dtype)
     qw2 = quantize_int4(torch.randn(64, k + 64, device=DEV).to(dtype), 64)
     y = torch.empty(m, 64, device=DEV, dtype=dtype)
