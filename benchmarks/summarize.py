@@ -31,6 +31,14 @@ def kernel_rows(bench: dict) -> list[dict]:
     return rows
 
 
+WRONG_REL_ERR = 0.1  # bench_decode's logits_rel_err above which a row's kernels compute something else
+
+
+def wrong(row: dict) -> bool:
+    """A decode row whose logits are not the torch backend's (or could not be checked): its speed means nothing."""
+    return "check_error" in row or row.get("logits_rel_err", 0) > WRONG_REL_ERR
+
+
 def implied_speedup(alpha: float, k: int, draft_ratio: float, verify_ratio: float) -> float:
     """Speculative speedup over target-alone decode: expected tokens per step (1 - alpha^(k+1)) /
     (1 - alpha) over the step's cost in target decode steps (k draft steps + one verify window)."""
@@ -45,7 +53,7 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     both relative to one dense 7B decode step; for each acceptance rate the best k. (A pruned head
     costs some acceptance, which these rows do not count.)"""
     step = {(r["model"], r["weights"]): r["gemforge_step_ms"] for r in decode
-            if r.get("batch") == 1 and "gemforge_step_ms" in r}
+            if r.get("batch") == 1 and "gemforge_step_ms" in r and not wrong(r)}
     window = {r["verify_window"] - 1: r["window_over_step"] for r in decode
               if r.get("model") == target and "verify_window" in r}
     if (target, "none") not in step or not window:
@@ -114,7 +122,13 @@ def main(outdir: str) -> None:
         steps = [r for r in decode if "batch" in r]
         parts.append(table(steps, ["model", "dtype", "weights", "batch", "gemforge_tok_s", "gemforge_async_tok_s",
                                    "gemforge_eager_tok_s", "roofline_tok_s", "roofline_frac", "async_roofline_frac",
-                                   "hf_static_tok_s", "speedup_vs_hf"]) + "\n")
+                                   "hf_static_tok_s", "speedup_vs_hf", "logits_rel_err", "greedy_agree"]) + "\n")
+        bad = [r for r in steps if wrong(r)]
+        if bad:  # (left out of the implied speedups below)
+            parts.append(f"**WRONG OUTPUT** (logits_rel_err > {WRONG_REL_ERR} against the torch backend, or the check "
+                         "failed): these rows' kernels compute something else; their speeds mean nothing.\n")
+            parts.append(table(bad, ["model", "weights", "batch", "logits_rel_err", "greedy_agree", "check_error"])
+                         + "\n")
         windows = [r for r in decode if "verify_window" in r]
         if windows:
             parts.append("### Speculative verify window cost (batch 1)\n")

@@ -18,6 +18,7 @@ other quantized cases, go to torch).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -27,7 +28,7 @@ import torch
 from .argmax import argmax_ref
 from .attention import AttnMetadata
 from .linear import PackedWeight
-from .registry import prefer, register, select
+from .registry import prefer, preference, register, select
 from .rotary import rope_inv_freq
 
 # The generic C++ attention kernel (fp32, fp16, and bf16 without AVX512-BF16 or with a head_dim that
@@ -59,6 +60,35 @@ MAX_MMA_ROWS = 16
 # row). Three launches a layer fewer at batch 1. engine.model.Ops reads it when a model is built;
 # bench_decode's "-unfused" variants turn it off to time the difference.
 FUSE_INTO_LINEARS = True
+KERNEL_VARIANTS = ("mma", "gemv", "dmma", "unfused")
+
+
+@contextlib.contextmanager
+def kernel_variant(variant: str | None):
+    """While a model is built and run, kernels other than the defaults (None: the defaults): "mma" the
+    quantized linears on the tensor cores (up to MAX_MMA_ROWS rows), "gemv" the dense one-row linears on the
+    CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to MAX_MMA_ROWS rows on the tensor cores
+    instead, "unfused" the RMSNorms and GeGLU as kernels of their own (FUSE_INTO_LINEARS off). For the
+    benchmarks that time them against the defaults and the GPU tests that check them end to end."""
+    if variant not in (None, *KERNEL_VARIANTS):
+        raise ValueError(f"kernel_variant: unknown variant {variant!r}; expected one of {KERNEL_VARIANTS}")
+    global FUSE_INTO_LINEARS
+    ops, linear, fuse = set(TENSOR_CORE_OPS), preference("linear"), FUSE_INTO_LINEARS
+    try:
+        if variant == "mma":
+            TENSOR_CORE_OPS.update(("linear_int4", "linear_int8"))
+        elif variant == "unfused":
+            FUSE_INTO_LINEARS = False
+        elif variant in ("gemv", "dmma"):
+            prefer("linear", "cuda", "torch")
+            if variant == "dmma":
+                TENSOR_CORE_OPS.add("linear")
+        yield
+    finally:
+        TENSOR_CORE_OPS.clear()
+        TENSOR_CORE_OPS.update(ops)
+        prefer("linear", *linear)
+        FUSE_INTO_LINEARS = fuse
 
 
 def _tensor_cores(op: str, asked: bool | None) -> bool:

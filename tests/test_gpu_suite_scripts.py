@@ -54,7 +54,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     mma = {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4-mma"}  # the int4 weights, other kernel
     assert mma == {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4"}, mma
     assert decode.native.TENSOR_CORE_OPS == set()  # (set for int4-mma and none-dmma only)
-    assert decode.registry.preference("linear") == ("torch", "cuda")  # (the CUDA kernels first for none-*mma only)
+    assert decode.native.preference("linear") == ("torch", "cuda")  # (the CUDA kernels first for none-*mma only)
     assert decode.native.FUSE_INTO_LINEARS  # (off for int4-unfused only)
     for variant in ("none-gemv", "none-dmma"):
         assert {r["model"] for r in steps if r["weights"] == variant} == {"codegemma-2b", "codegemma-7b"}
@@ -62,6 +62,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     head = [r for r in steps if r["weights"] == "int4-head" and r["model"] == "codegemma-2b"]
     assert [r["model"] for r in vocab] == ["codegemma-2b"] and vocab[0]["roofline_tok_s"] > head[0]["roofline_tok_s"]
     assert all(r["gemforge_async_tok_s"] > 0 and 0 < r["async_roofline_frac"] for r in steps)
+    assert all(r["logits_rel_err"] < 1e-4 and r["greedy_agree"] == 1 for r in steps), steps  # (fp32: the same model)
     assert len([r for r in rows if "verify_window" in r]) == 16
     profiled = decode.main(["--models", "codegemma-2b", "--batches", "1", "3", "--prompt-len", "8", "--quant", "none",
                             "int4", "--profile", "--dtype", "float32", "--out", str(tmp_path / "decode_profile.json")])
@@ -106,6 +107,9 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     (tmp_path / "speculative.json").write_text(json.dumps(spec))
     parts = {"decode_quant": ("int4",), "decode_mma": ("int4-mma", "int8-mma", "none-gemv", "none-dmma"),
              "decode_drafts": ("int4-head", "int4-vocab"), "decode_unfused": ("int4-unfused",)}  # the suite's files
+    for r in steps:  # a kernel variant whose logits are not the model's: flagged, not taken for a draft's speed
+        if r["weights"] == "int8-mma":
+            r["logits_rel_err"] = 0.9
     for name, formats in parts.items():
         (tmp_path / f"{name}.json").write_text(json.dumps([r for r in steps if r["weights"] in formats]))
     plain = [r for r in json.loads((tmp_path / "decode.json").read_text()) if r.get("weights", "none") == "none"]
@@ -119,9 +123,31 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert "codegemma-2b int4-head" in summary  # the draft as the engine loads it: its LM head quantized too
     assert all(f"| {formats[-1]} |" in summary for formats in parts.values())  # each part's file read
     assert "codegemma-2b int4-vocab" in summary  # and with its head cut (draft_vocab_size)
+    assert "WRONG OUTPUT" in summary and "codegemma-2b int8-mma" not in summary and "codegemma-2b int4-mma" in summary
     assert "Continuous batching" in summary
     assert "Speculative decoding on nano-codegemma" in summary and "| 2048 | 0.4 | 2.6 | 900.5 |" in summary
     assert "Where an eager decode step's device time goes" in summary and profiled[0]["kernels"][0]["kernel"] in summary
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_bench_check_catches_a_model_computing_something_else(batch):
+    """bench_decode's logits check against the torch backend: a kernel wired wrong (GeGLU's gate and up halves
+    swapped here, in one-row steps only or in every step) shows far above the summary's WRONG_REL_ERR, the
+    same kernels far below it. (A gate for gross faults: bf16 rounding alone gives ~0.017 at CodeGemma-2B's
+    shape on this CPU's kernels; subtle errors are for the kernels' tests.)"""
+    decode = load(BENCH / "engine" / "bench_decode.py")
+    wrong_rel_err = load(BENCH / "summarize.py").WRONG_REL_ERR
+    cfg = dataclasses.replace(preset("codegemma-2b"), hidden_size=128, intermediate_size=256, num_layers=2,
+                              num_heads=2, num_kv_heads=1, head_dim=64, vocab_size=512)
+    model = decode.GemmaModel(cfg, random_weights(cfg, torch.float32, "cpu", seed=4, std=0.3), torch.float32, "cpu",
+                              "auto")
+    assert decode.logits_error(model, batch, cuda_graphs=False)["logits_rel_err"] < 1e-4
+    gelu = model.ops.gelu_and_mul
+    for rows in (1, 2 ** 30):
+        model.ops = dataclasses.replace(model.ops, gelu_and_mul=lambda x, rows=rows: gelu(
+            x.roll(x.shape[-1] // 2, -1) if len(x) <= rows else x))
+        check = decode.logits_error(model, batch, cuda_graphs=False)
+        assert check["logits_rel_err"] > wrong_rel_err or (rows == 1 and batch > 1), check
 
 
 def test_host_overhead_bench_times_speculative_steps(tmp_path):

@@ -7,7 +7,9 @@ runs them, read while the next step runs (`gemforge_async_tok_s`), and the same 
 transformers `generate` (static cache; eager, and with `--hf-compile` its decode step compiled, as
 transformers does by itself on a GPU) on the same weights; speedups use the loop the engine runs by
 default on the device (async on a GPU). Reports tokens/s and the fraction of the bandwidth roofline:
-(weight bytes + KV bytes read per step) / copy bandwidth. `--profile`: instead, the kernels an eager
+(weight bytes + KV bytes read per step) / copy bandwidth, and whether the kernels timed compute the model:
+their logits against the torch backend's on the same weights (`logits_rel_err`; summarize.py marks a row
+above 0.1 WRONG OUTPUT and leaves it out of the implied speedups). `--profile`: instead, the kernels an eager
 decode step spends its device time in (torch.profiler), the top ones per model, format and batch.
 
     python benchmarks/engine/bench_decode.py --models codegemma-2b codegemma-7b --batches 1 8 64 \
@@ -16,7 +18,6 @@ decode step spends its device time in (torch.profiler), the top ones per model, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ from pathlib import Path
 import torch
 
 import gemforge.kernels._native as native
-from gemforge.kernels import registry
 from gemforge.engine.config import ModelConfig, preset
 from gemforge.engine.kv_cache import KVCache
 from gemforge.engine.loader import weights_from_state_dict
@@ -61,7 +61,8 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
     each step launched with the previous step's tokens from the device before the host reads those
     (from a pinned copy behind an event); else each step's tokens are read before the next."""
     cfg = model.cfg
-    runner, cache, last = prefilled(model, batch, prompt_len, prompt_len + steps + 1, cuda_graphs, block_size)
+    runner, cache, logits = prefilled(model, batch, prompt_len, prompt_len + steps + 1, cuda_graphs, block_size)
+    last = logits.argmax(-1).tolist()
 
     def step(pos):
         for i in range(batch):
@@ -98,9 +99,9 @@ def bench_gemforge(model: GemmaModel, batch: int, prompt_len: int, steps: int, c
 
 
 def prefilled(model: GemmaModel, batch: int, prompt_len: int, total: int, cuda_graphs: bool,
-              block_size: int = 16) -> tuple[ModelRunner, KVCache, list[int]]:
+              block_size: int = 16) -> tuple[ModelRunner, KVCache, torch.Tensor]:
     """A runner over a fresh cache for `batch` sequences of up to `total` tokens, their random
-    `prompt_len`-token prompts prefilled; and each sequence's next token."""
+    `prompt_len`-token prompts prefilled; and the logits of each sequence's last prompt token."""
     cfg = model.cfg
     cache = KVCache(cfg.num_layers, batch * -(-total // block_size), block_size, cfg.num_kv_heads,
                     cfg.head_dim, model.dtype, model.device)
@@ -109,8 +110,28 @@ def prefilled(model: GemmaModel, batch: int, prompt_len: int, total: int, cuda_g
     prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
     for i in range(batch):
         cache.blocks.append(i, prompt_len)
-    logits = runner.run([WorkItem(i, prompts[i], 0) for i in range(batch)])
-    return runner, cache, logits.argmax(-1).tolist()
+    return runner, cache, runner.run([WorkItem(i, prompts[i], 0) for i in range(batch)])
+
+
+def logits_error(model: GemmaModel, batch: int, cuda_graphs: bool, prompt_len: int = 16) -> dict:
+    """Whether the kernels timed compute the model: its logits against the torch backend's (reference ops,
+    eager) on the same weights, over a prefill of `batch` random prompts and one decode step fed the
+    reference's greedy tokens, run as the timed steps run (from CUDA graphs where those are on).
+    logits_rel_err: max |ours - ref| / max |ref| over both steps (rounding of the 16-bit types: ~1e-2; a
+    kernel computing something else: ~1); greedy_agree: the share of the decode step's tokens that agree."""
+    ref = GemmaModel(model.cfg, model.w, model.dtype, model.device, "torch")
+    feed, out = None, []
+    for m, graphs in ((ref, False), (model, cuda_graphs)):
+        runner, cache, first = prefilled(m, batch, prompt_len, prompt_len + 1, graphs)
+        first = first.to(torch.float32, copy=True)  # (the next replay of a CUDA graph overwrites its output)
+        feed = first.argmax(-1).tolist() if feed is None else feed
+        for i in range(batch):
+            cache.blocks.append(i, 1)
+        out.append(torch.cat([first, runner.run([WorkItem(i, [feed[i]], prompt_len) for i in range(batch)]).float()]))
+    ours, want = out[1], out[0]
+    err = (ours - want).abs().max() / want.abs().max()
+    agree = (ours[batch:].argmax(-1) == want[batch:].argmax(-1)).float().mean()
+    return {"logits_rel_err": round(float(err), 4), "greedy_agree": round(float(agree), 3)}
 
 
 def profile_decode(model: GemmaModel, batch: int, prompt_len: int, steps: int = 4, top: int = 10) -> dict:
@@ -120,8 +141,8 @@ def profile_decode(model: GemmaModel, batch: int, prompt_len: int, steps: int = 
     the same ones)."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner, cache, last = prefilled(model, batch, prompt_len, prompt_len + steps + 2, cuda_graphs=False)
-    ids = torch.tensor(last, device=model.device)
+    runner, cache, logits = prefilled(model, batch, prompt_len, prompt_len + steps + 2, cuda_graphs=False)
+    ids = logits.argmax(-1)
 
     def step(pos, ids):
         for i in range(batch):
@@ -194,30 +215,6 @@ def bench_hf(model, batch: int, prompt_len: int, steps: int, vocab: int, device,
     return {"step_ms": dt * 1e3, "tokens_per_s": batch / dt}
 
 
-@contextlib.contextmanager
-def kernel_variant(variant: str):
-    """Kernels off by default until the GPU suite has timed them, on while a model is built and run:
-    "mma" quantized linears on the tensor cores (up to 16 rows), "gemv" the dense one-row linears on the
-    CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to 16 rows on the tensor cores instead;
-    and one on by default, off: "unfused" the RMSNorms and GeGLU as kernels of their own (FUSE_INTO_LINEARS)."""
-    ops, linear, fuse = set(native.TENSOR_CORE_OPS), registry.preference("linear"), native.FUSE_INTO_LINEARS
-    try:
-        if variant == "mma":
-            native.TENSOR_CORE_OPS.update(("linear_int4", "linear_int8"))
-        elif variant == "unfused":
-            native.FUSE_INTO_LINEARS = False
-        else:
-            registry.prefer("linear", "cuda", "torch")
-            if variant == "dmma":
-                native.TENSOR_CORE_OPS.add("linear")
-        yield
-    finally:
-        native.TENSOR_CORE_OPS.clear()
-        native.TENSOR_CORE_OPS.update(ops)
-        registry.prefer("linear", *linear)
-        native.FUSE_INTO_LINEARS = fuse
-
-
 def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, device, rows: list[dict],
                 label: str | None = None) -> None:
     """Decode rows (and verify-window rows) for one model in one weight format, HF beside it if given,
@@ -234,7 +231,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
     if head == "vocab" and name not in args.draft_models:
         return
     if head in ("mma", "gemv", "dmma", "unfused"):
-        with kernel_variant(head):
+        with native.kernel_variant(head):
             return bench_model(args, name, cfg, hf, base, dtype, device, rows, label=method)
     quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head in ("head", "vocab"))
     weights = weights_from_state_dict(hf.state_dict(), cfg, dtype, device, quant)
@@ -279,6 +276,10 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
                                 "speedup_vs_hf_compiled": round(default / peer["tokens_per_s"], 2)})
             except Exception as e:  # the peer failing must not lose our numbers
                 row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
+        try:  # (after the timing: a kernel that faults takes the process's CUDA context, not the numbers)
+            row.update(logits_error(model, b, graphs))
+        except Exception as e:
+            row["check_error"] = f"{type(e).__name__}: {e}"[:300]
         record(row)
     if args.verify and dense:  # windows as the engine runs them: from CUDA graphs where it has them
         graphs = device == "cuda" and not args.no_graphs

@@ -16,8 +16,8 @@ PROMPTS = [[2, 5, 9, 100, 7], [2] + list(range(40, 77)), [2, 1000]]
 STEPS = 12
 
 
-def decode(backend: str, graphs: bool, dtype, feed=None, quant: str | None = None):
-    """Prefill PROMPTS, then STEPS decode steps fed with `feed` (or greedy); logits of every step.
+def decode(backend: str, graphs: bool, dtype, feed=None, quant: str | None = None, prompts=PROMPTS):
+    """Prefill `prompts`, then STEPS decode steps fed with `feed` (or greedy); logits of every step.
     `quant` ("int8", "int4"): the layers' linears quantized (int4 in groups of 64)."""
     from gemforge.engine.quantization import LINEARS, QuantConfig
 
@@ -32,14 +32,14 @@ def decode(backend: str, graphs: bool, dtype, feed=None, quant: str | None = Non
     model = GemmaModel(CFG, w, dtype, "cuda", backend)
     cache = KVCache(CFG.num_layers, 64, 16, CFG.num_kv_heads, CFG.head_dim, dtype, "cuda")
     runner = ModelRunner(model, cache, cuda_graphs=graphs, max_graph_batch=8, max_context=512)
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(prompts):
         cache.blocks.append(i, len(p))
-    logits = [runner.run([WorkItem(i, p, 0) for i, p in enumerate(PROMPTS)]).clone()]
+    logits = [runner.run([WorkItem(i, p, 0) for i, p in enumerate(prompts)]).clone()]
     tokens = [logits[-1].argmax(-1).tolist()]
     for s in range(STEPS):
         last = feed[s] if feed is not None else tokens[-1]
         items = []
-        for i, p in enumerate(PROMPTS):
+        for i, p in enumerate(prompts):
             cache.blocks.append(i, 1)
             items.append(WorkItem(i, [last[i]], len(p) + s))
         logits.append(runner.run(items).clone())
@@ -56,6 +56,29 @@ def test_kernels_match_torch_backend(backend, dtype):
     assert torch.isfinite(ours).all()
     err, base = (ours - ref32).abs().max().item(), (ref_lp - ref32).abs().max().item()
     assert err <= 2 * base + 1e-2 * ref32.abs().max().item(), (err, base)
+
+
+@pytest.mark.parametrize("sequences", [1, 3])
+@pytest.mark.parametrize("quant, variant", [(None, None), (None, "gemv"), (None, "dmma"), ("int8", None),
+                                            ("int8", "mma"), ("int8", "unfused"), ("int4", None), ("int4", "mma"),
+                                            ("int4", "unfused")])
+def test_kernel_variants_match_torch_backend(quant, variant, sequences):
+    """The kernels the GPU suite times end to end (bench_decode's formats: the defaults and each
+    kernels._native.kernel_variant), replayed from CUDA graphs as the engine runs them, in bf16 with dense,
+    int8 and int4 weights, one sequence (the one-row GEMVs, with the norms and GeGLU fused) or three: the
+    torch backend's logits on the same weights within the error bf16 gives the dense model against fp32."""
+    from gemforge.kernels._native import kernel_variant
+
+    prompts = PROMPTS[:sequences]
+    tokens, ref32 = decode("torch", False, torch.float32, prompts=prompts)
+    _, ref_lp = decode("torch", False, torch.bfloat16, feed=tokens, prompts=prompts)
+    base = (ref_lp - ref32).abs().max().item()
+    _, want = decode("torch", False, torch.bfloat16, feed=tokens, quant=quant, prompts=prompts)
+    with kernel_variant(variant):
+        _, ours = decode("auto", True, torch.bfloat16, feed=tokens, quant=quant, prompts=prompts)
+    assert torch.isfinite(ours).all()
+    err = (ours - want).abs().max().item()
+    assert err <= 2 * base + 1e-2 * want.abs().max().item(), (err, base)
 
 
 def test_cuda_graph_replay_equals_eager():

@@ -145,15 +145,17 @@ CFG_64 = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_
                      num_kv_heads=1, head_dim=64, max_position_embeddings=128)
 
 
-@pytest.mark.parametrize("tensor_cores, sequences", [(False, 3), (False, 1), (True, 3)])
-def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monkeypatch, tensor_cores, sequences):
+@pytest.mark.parametrize("tensor_cores, sequences, variant", [(False, 3, None), (False, 1, None), (True, 3, None),
+                                                              (False, 1, "unfused")])
+def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monkeypatch, tensor_cores, sequences,
+                                                            variant):
     """The "cuda" backend with its kernels on the emulated device of csrc/emu/ (CPU tensors; prefill attention
     and linears of more rows than its kernels take go to Triton's interpreter, dense bf16 linears to the packed
     CPU kernel), bf16 with int8 and int4 weights, with and without the tensor-core kernels: the torch backend's
     greedy tokens, logits within bf16 rounding. The int4 gate_up projections make the norm before them and
     GeGLU in their own launches, the int4 LM head the final norm (kernels._native.FUSE_INTO_LINEARS),
     wherever a CUDA kernel runs them: the CUDA-core GEMV in one sequence's decode steps, the tensor-core
-    kernel in steps of up to 4 tokens."""
+    kernel in steps of up to 4 tokens; under kernels._native.kernel_variant("unfused"), by kernels of their own."""
     import gemforge.kernels._native as native
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): prefill attention would need CUDA tensors")
@@ -167,11 +169,34 @@ def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monke
         monkeypatch.setattr(emulated_cuda, name, counted)
     prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))][:sequences]
     ref_toks, ref = greedy("torch", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
-    toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
+    with native.kernel_variant(variant):
+        toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
     kernel = "w4a16_mma" if tensor_cores else "w4a16_gemm" if sequences == 1 else None  # (else Triton's GEMM)
     assert {k for k, _, _ in launches} == ({kernel} if kernel else set()), launches
-    if kernel:  # (steps of at most 4 tokens) the gate_up projections with the post-attention norm and GeGLU,
+    if variant == "unfused":
+        assert {(geglu, norm) for _, geglu, norm in launches} == {(False, False)}, launches
+    elif kernel:  # (steps of at most 4 tokens) the gate_up projections with the post-attention norm and GeGLU,
         assert (kernel, True, True) in launches, launches  # the int4 LM head with the final norm
         assert (kernel, False, True) in launches, launches
     assert toks == ref_toks
     torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
+def test_kernel_variant_sets_the_choices_and_restores_them():
+    """kernels._native.kernel_variant: each variant's kernels while it lasts, the defaults again after it (also
+    when its body raises); an unknown name is refused."""
+    import gemforge.kernels._native as native
+    from gemforge.kernels.registry import preference
+
+    defaults = (set(native.TENSOR_CORE_OPS), preference("linear"), native.FUSE_INTO_LINEARS)
+    ops = defaults[0]
+    expect = {"mma": (ops | {"linear_int4", "linear_int8"}, defaults[1], True),
+              "gemv": (ops, ("cuda", "torch"), True), "dmma": (ops | {"linear"}, ("cuda", "torch"), True),
+              "unfused": (ops, defaults[1], False), None: defaults}
+    for variant, choices in expect.items():
+        with pytest.raises(KeyError), native.kernel_variant(variant):
+            assert (native.TENSOR_CORE_OPS, preference("linear"), native.FUSE_INTO_LINEARS) == choices
+            raise KeyError
+        assert (native.TENSOR_CORE_OPS, preference("linear"), native.FUSE_INTO_LINEARS) == defaults
+    with pytest.raises(ValueError, match="unknown variant 'fast'"), native.kernel_variant("fast"):
+        pass
