@@ -112,8 +112,8 @@ part decode_mma 120 "${DECODE[@]}" --batches $BATCHES --quant int4-mma int8-mma 
   --bandwidth-GBps "$BW" --out "$OUT/decode_mma.json"
 part decode_drafts 60 "${DECODE[@]}" --batches 1 --quant int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_drafts.json"
-# The RMSNorms and GeGLU as kernels of their own instead of in the linears (where a CUDA GEMV runs: batch 1), against
-# decode_quant's batch-1 rows: what the fusion buys end to end.
+# The RMSNorms, GeGLU and RoPE (with the cache write) as kernels of their own instead of in the linears (where a
+# CUDA GEMV runs: batch 1), against decode_quant's batch-1 rows: what the fusion buys end to end.
 part decode_unfused 45 "${DECODE[@]}" --batches 1 --quant int4-unfused int8-unfused --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_unfused.json"
 

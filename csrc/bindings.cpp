@@ -85,8 +85,9 @@ static void bind_cuda(py::module_& m) {
         py::arg("context_lens"), py::arg("block_tables"), py::arg("num_seqs"), py::arg("q_stride"),
         py::arg("bt_stride"), py::arg("hq"), py::arg("hk"), py::arg("head_dim"), py::arg("block_size"),
         py::arg("max_parts"), py::arg("scale"), py::arg("tensor_cores"), py::arg("dtype"), py::arg("stream"));
-  // (geglu, norm_weight, residual, r_out, eps): what every linear below makes besides x W^T (ops.h)
-#define GF_FUSION_ARGS py::arg("geglu"), py::arg("norm_weight"), py::arg("residual"), py::arg("r_out"), py::arg("eps")
+  // (geglu, norm_weight, residual, r_out, eps, rope): what every linear below makes besides x W^T (ops.h)
+#define GF_FUSION_ARGS py::arg("geglu"), py::arg("norm_weight"), py::arg("residual"), py::arg("r_out"), \
+    py::arg("eps"), py::arg("rope")
   m.def("w8a16_gemm", &gf::w8a16_gemm, py::arg("y"), py::arg("x"), py::arg("qweight"), py::arg("scales"),
         py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("max_ctas"), py::arg("prefetch"),
         GF_FUSION_ARGS, py::arg("dtype"), py::arg("stream"));

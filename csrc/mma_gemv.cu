@@ -1,7 +1,7 @@
 // Weight-only quantized (and dense 16-bit) linears of 1-16 rows of x on the tensor cores: y [M, N] =
 // x [M, K] @ W^T (+ bias) by mma.sync m16n8k16, the formats of quant_gemv.cu (docs/QUANT_FORMAT.md), fp32
-// accumulation; geglu and the input's norm: common/linear.cuh. mma_gemv_kernel below takes a lane type per
-// format: int4, int8 and dense 16-bit weights; the int4 lane first, as the others follow it.
+// accumulation; geglu, rope and the input's norm: common/linear.cuh. mma_gemv_kernel below takes a lane
+// type per format: int4, int8 and dense 16-bit weights; the int4 lane first, as the others follow it.
 // y = x dequant(W)^T for int4 W (every group size of the format), M <= 16, by mma.sync m16n8k16
 // (16-bit operands in x's dtype, fp32 accumulation). A warp multiplies 16 rows of W (A) by 8 or 16
 // rows of x (B). Lane (r = lane / 4, c = lane % 4) holds W's rows r and r + 8 and, of each
@@ -291,16 +291,19 @@ struct DenseMmaLane : MmaLane<T, NT> {
 // y [M, N] = x [M, K] W^T (+ bias) for M <= 8 * Lane::kRowTiles on the tensor cores. CTA: kMmaWarps warps,
 // kMmaWarps / k_split tiles of 16 rows of W, each tile's chunks of K split among k_split warps. Rows of W
 // past N and of x past M are read as row N - 1 and M - 1 (no predicates in the loop): what they yield is
-// never written. Geglu: a tile is 8 gate rows p0 .. p0 + 7 (A's rows 0-7) and their up rows N/2 + p0 ..
-// (A's rows 8-15), so a lane holds the gate and the up sums of its output column p0 + r. Norm: the CTA
+// never written. Geglu and rope (the paired epilogues): a tile is 8 pairs p0 .. p0 + 7, their first rows A's
+// rows 0-7 and their second rows A's rows 8-15 (geglu: gate rows p0 .. and up rows N/2 + p0 ..), so a lane
+// holds both sums of pair p0 + r. Norm: the CTA
 // first stages x normalised in shared memory (M x K values of T), which the lanes then read instead.
-template <class Lane, bool Geglu, bool Norm>
+template <class Lane, Epilogue E, bool Norm>
 __global__ void __launch_bounds__(kThreads, 2)  // two CTAs an SM: at most 128 registers
 mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype* __restrict__ x,
                 const void* __restrict__ w, const typename Lane::Dtype* __restrict__ scales,
                 const typename Lane::Dtype* __restrict__ zeros, const typename Lane::Dtype* __restrict__ bias, int M,
-                int N, int K, int k_split, NormArgs<typename Lane::Dtype> norm) {
+                int N, int K, int k_split, NormArgs<typename Lane::Dtype> norm,
+                RopeArgs<typename Lane::Dtype> rope) {
   using T = typename Lane::Dtype;
+  constexpr bool kPaired = E != Epilogue::kPlain;
   constexpr int NT = Lane::kRowTiles, kUnroll = Lane::kUnroll;
   __shared__ float partial[kMmaWarps][NT][4][32];
   const T* xin = x;
@@ -317,10 +320,14 @@ mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype
   const int64_t tile = int64_t{blockIdx.x} * (kMmaWarps / k_split) + warp / k_split;
   const int split = warp % k_split, chunks = K / Lane::kChunk;
   const int g0 = split * chunks / k_split, g1 = (split + 1) * chunks / k_split;
-  const int64_t half = N / 2, p = min(tile * 8 + r, half - 1);  // (geglu: the lane's column, clamped)
-  const int64_t rows[2] = {Geglu ? tile * 8 + r : tile * 16 + r, Geglu ? tile * 8 + r + half : tile * 16 + r + 8};
-  const int64_t clamped[2] = {Geglu ? p : min(rows[0], int64_t{N} - 1),
-                              Geglu ? p + half : min(rows[1], int64_t{N} - 1)};
+  // (paired: the lane's pair, clamped, and its first row; rows of a pair past N / 2 are N)
+  const int64_t pairs = N / 2, p = min(tile * 8 + r, pairs - 1), span = kPaired ? pair_span<E>(N, rope) : 0;
+  const int64_t first = kPaired ? pair_row<E>(p, span) : 0;
+  const bool valid = tile * 8 + r < pairs;
+  const int64_t rows[2] = {kPaired ? (valid ? first : N) : tile * 16 + r,
+                           kPaired ? (valid ? first + span : N) : tile * 16 + r + 8};
+  const int64_t clamped[2] = {kPaired ? first : min(rows[0], int64_t{N} - 1),
+                              kPaired ? first + span : min(rows[1], int64_t{N} - 1)};
   Lane lane_state;
   lane_state.init(w, scales, zeros, clamped, c, K, g0);
 #pragma unroll
@@ -350,10 +357,9 @@ mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype
     for (int i = 0; i < 4; ++i) {  // d[i]: row r (+ 8 for i >= 2), row of x nt * 8 + 2c + (i & 1)
       const int64_t row = rows[i >> 1];
       const int m = nt * 8 + 2 * c + (i & 1);
-      if (!Geglu && row < N && m < M) y[int64_t{m} * N + row] = from_float<T>(biased(acc[nt][i], row));
-      if (Geglu && i < 2 && rows[0] < half && m < M)  // (gate i, up i + 2)
-        y[int64_t{m} * half + rows[0]] = from_float<T>(geglu<T>(biased(acc[nt][i], rows[0]),
-                                                                biased(acc[nt][i + 2], rows[1])));
+      if (!kPaired && row < N && m < M) y[int64_t{m} * N + row] = from_float<T>(biased(acc[nt][i], row));
+      if (kPaired && i < 2 && rows[0] < N && m < M)  // (the pair's first row i, its second i + 2)
+        store_pair<E>(y, rope, N, m, rows[0], biased(acc[nt][i], rows[0]), biased(acc[nt][i + 2], rows[1]));
     }
 }
 
@@ -371,30 +377,30 @@ int mma_k_split(int64_t tiles, int64_t groups, int64_t slots) {
   return best;
 }
 
-// Launches mma_gemv_kernel<Lane, geglu>; k_split 0 picks it (mma_k_split).
+// Launches mma_gemv_kernel<Lane, epilogue, norm>; k_split 0 picks it (mma_k_split).
 template <class Lane>
 void launch_mma(const char* op, int64_t y, int64_t x, int64_t w, int64_t scales, int64_t zeros, int64_t bias,
                 int64_t M, int64_t N, int64_t K, int64_t k_split, const Fusion& fusion, int64_t stream) {
   using T = typename Lane::Dtype;
   const size_t smem = fusion.norm() ? size_t(M) * K * sizeof(T) : 0;  // (Norm: x normalised)
   require(smem <= kMmaNormSmem, op, "the norm takes M * K * 2 <= " + std::to_string(kMmaNormSmem) + " bytes of x");
-  auto run = [&](auto gg, auto nn) {
-    const auto kernel = mma_gemv_kernel<Lane, decltype(gg)::value, decltype(nn)::value>;
+  auto run = [&](auto epi, auto nn) {
+    const auto kernel = mma_gemv_kernel<Lane, decltype(epi)::value, decltype(nn)::value>;
     static const size_t static_bytes = static_smem(kernel);
     require(smem + static_bytes <= kSmemPerCta, op, "shared memory over " + std::to_string(kSmemPerCta) + " bytes");
-    const int64_t tiles = fusion.geglu ? ceil_div(N / 2, 8) : ceil_div(N, 16);
+    const int64_t tiles = fusion.epilogue() != Epilogue::kPlain ? ceil_div(N / 2, 8) : ceil_div(N, 16);
     const int split = k_split ? int(k_split) : mma_k_split(tiles, K / Lane::kChunk, resident_ctas(kernel, smem));
     const int64_t grid = ceil_div(tiles, kMmaWarps / split);
     require(grid < (int64_t{1} << 31), op, "too many rows");
     launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, smem, as_stream(stream),
         as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const void>(w), as_ptr<const T>(scales), as_ptr<const T>(zeros),
-        as_ptr<const T>(bias), int(M), int(N), int(K), split, fusion.args<T>());
+        as_ptr<const T>(bias), int(M), int(N), int(K), split, fusion.args<T>(), fusion.rope_args<T>());
   };
-  dispatch_bool(fusion.geglu, [&](auto gg) {
+  dispatch_epilogue(fusion.epilogue(), [&](auto epi) {
     if constexpr (Lane::kRowTiles == 1) {  // (the norm: up to kFusedMaxRows rows of x, one tile)
-      if (fusion.norm()) return run(gg, std::true_type{});
+      if (fusion.norm()) return run(epi, std::true_type{});
     }
-    run(gg, std::false_type{});
+    run(epi, std::false_type{});
   });
 }
 
@@ -427,9 +433,9 @@ void launch_one_scale_mma(const char* op, int64_t chunk, int64_t y, int64_t x, i
 
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
                int64_t N, int64_t K, int64_t group_size, int64_t k_split, bool geglu, int64_t norm_weight,
-               int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream) {
+               int64_t residual, int64_t r_out, double eps, const RopeParams& rope, int dtype, int64_t stream) {
   const char* op = "w4a16_mma";
-  const Fusion fusion{geglu, norm_weight, residual, r_out, eps};
+  const Fusion fusion{geglu, norm_weight, residual, r_out, eps, rope};
   check_mma_args(op, x, qweight, M, N, K, k_split, fusion);
   check_group(op, K, group_size);
   dispatch_half(dtype, op, [&](auto tag) {
@@ -455,16 +461,16 @@ void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t ze
 
 void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
                int64_t k_split, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
-               int dtype, int64_t stream) {
+               const RopeParams& rope, int dtype, int64_t stream) {
   launch_one_scale_mma<Int8MmaLane>("w8a16_mma", 64, y, x, qweight, scales, bias, M, N, K, k_split,
-                                    Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
+                                    Fusion{geglu, norm_weight, residual, r_out, eps, rope}, dtype, stream);
 }
 
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
-               bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
-               int64_t stream) {
+               bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, const RopeParams& rope,
+               int dtype, int64_t stream) {
   launch_one_scale_mma<DenseMmaLane>("dense_mma", 32, y, x, weight, 0, bias, M, N, K, k_split,
-                                     Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
+                                     Fusion{geglu, norm_weight, residual, r_out, eps, rope}, dtype, stream);
 }
 
 }  // namespace gf

@@ -3,6 +3,7 @@
 // elements. Each function validates its arguments (ValueError) and checks the launch
 // (RuntimeError naming the op and the CUDA error).
 #pragma once
+#include <array>
 #include <cstdint>
 
 namespace gf {
@@ -38,34 +39,41 @@ void decode_attention(int64_t out, int64_t part_acc, int64_t part_max, int64_t p
 // docs/QUANT_FORMAT.md).
 // max_ctas: 0 picks the grid; n > 0 caps it at n CTAs (for tests and benchmarks). prefetch: each
 // warp requests its next rows into L2 ahead (a variant the benchmarks time). Every linear here also takes
-// (geglu, norm_weight, residual, r_out, eps):
+// (geglu, norm_weight, residual, r_out, eps, rope):
 //   geglu: y [M, N/2] = gelu_and_mul(x @ W^T (+ bias)) instead, W's rows [gate; up] (the CUDA-core GEMVs:
 //   up to 4 rows of x);
 //   norm_weight (nonzero): x is first rms_norm(x (+ residual), norm_weight, eps), and r_out [M, K] gets
 //   x + residual (residual and r_out: both or neither; r_out must not alias x or residual, which other CTAs
-//   read while the first writes it); up to 4 rows of x, on the tensor cores with M * K * 2 <= 40 KiB.
-void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight,
-                int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);
-void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias,
-                int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, bool geglu,
-                int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);
+//   read while the first writes it); up to 4 rows of x, on the tensor cores with M * K * 2 <= 40 KiB;
+//   rope (RopeParams, not with geglu; the CUDA-core GEMVs: up to 4 rows of x): y is the QKV projection
+//   [M, (q_heads + 2 kv_heads) * head_dim] with its q and k heads rotated as rotary() does (row m at
+//   positions[m]), its k and v heads also written to cache slot slots[m] as write_kv() does.
+// RopeParams: (positions int64 [M], inv_freq fp32 [head_dim / 2], slots int64 [M] (negative: none),
+// k_cache, v_cache [slots, kv_heads, head_dim] in x's dtype, q_heads, kv_heads, head_dim); positions 0: none.
+using RopeParams = std::array<int64_t, 8>;
+void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
+                int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out,
+                double eps, const RopeParams& rope, int dtype, int64_t stream);
+void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
+                int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, bool geglu,
+                int64_t norm_weight, int64_t residual, int64_t r_out, double eps, const RopeParams& rope, int dtype,
+                int64_t stream);
 // int4 on the tensor cores (sm_80+), M <= 16, x 16-byte aligned; k_split: warps that share a tile's K
 // (0: chosen for the device, see mma_k_split; else a power of two up to 8, for tests).
 void w4a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
                int64_t N, int64_t K, int64_t group_size, int64_t k_split, bool geglu, int64_t norm_weight,
-               int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream);
+               int64_t residual, int64_t r_out, double eps, const RopeParams& rope, int dtype, int64_t stream);
 // int8 on the tensor cores, M <= 16, K % 64 == 0 (k_split as for w4a16_mma).
 void w8a16_mma(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
                int64_t k_split, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
-               int dtype, int64_t stream);
+               const RopeParams& rope, int dtype, int64_t stream);
 // The tensor-core kernel over a plain 16-bit weight [N, K] (K % 32 == 0) in x's dtype, M <= 16.
 void dense_mma(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t k_split,
-               bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
-               int64_t stream);
+               bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, const RopeParams& rope,
+               int dtype, int64_t stream);
 // The CUDA-core GEMV (w8a16_gemm's kernel) over a plain 16-bit weight [N, K] (K % 8 == 0) in x's dtype.
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
-                bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
-                int64_t stream);
+                bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
+                const RopeParams& rope, int dtype, int64_t stream);
 
 }  // namespace gf

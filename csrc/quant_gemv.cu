@@ -10,8 +10,7 @@
 // x is staged in shared memory as fp32 (in K tiles when it does not fit), padded by 4 floats per
 // chunk so the lanes' float4 reads are bank-conflict free. Dequantisation is exact in fp32: a byte
 // b is placed in the mantissa of 2^23 (one PRMT) and 2^23 + zero subtracted (one FADD).
-// geglu and the input's norm: common/linear.cuh. The same linears on the tensor cores: mma_gemv.cu.
-#include "common/activation.cuh"
+// geglu, rope and the input's norm: common/linear.cuh. The same linears on the tensor cores: mma_gemv.cu.
 #include "common/launch.cuh"
 #include "common/linear.cuh"
 #include "common/ptx.cuh"
@@ -151,15 +150,17 @@ __device__ __forceinline__ void stage_x(float* xs, const T* __restrict__ x, Norm
 // Grid-stride over groups of kWarps * kRowsPerWarp rows: when x fits one shared-memory tile it is
 // staged once per CTA and the launch keeps only as many CTAs as are resident (one CTA per row group
 // would restage x for every 16 rows: with K = 3072 that is as much work as the rows' weights).
-// Geglu: warp w of group g owns rows p and N/2 + p, p = g * kWarps + w (its output column p).
+// Geglu and rope (the paired epilogues): warp w of group g owns pair p = g * kWarps + w, rows pair_row(p)
+// and pair_row(p) + span.
 // (The explicit minimum of one CTA an SM: without it ptxas held the Norm kernels to 64 registers and spilled
 // the row-group loop's counters; the others compile to the same code either way.)
-template <typename T, int MT, class Fmt, bool Geglu, bool Norm>
+template <typename T, int MT, class Fmt, Epilogue E, bool Norm>
 __global__ void __launch_bounds__(kThreads, 1)
 quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                   const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M,
-                  int N, int K, int group_size, int tile, bool prefetch, NormArgs<T> norm) {
-  static_assert(!Geglu || kRowsPerWarp == 2, "a geglu warp owns one gate row and its up row");
+                  int N, int K, int group_size, int tile, bool prefetch, NormArgs<T> norm, RopeArgs<T> rope) {
+  constexpr bool kPaired = E != Epilogue::kPlain;
+  static_assert(!kPaired || kRowsPerWarp == 2, "a paired epilogue's warp owns the two rows of one pair");
   constexpr int P = Fmt::kPerChunk, PS = P + kXPad;
   constexpr int kUnroll = MT <= 4 ? Fmt::kUnrollSmallM : 2;  // chunks per lane and row loaded before use
   GF_DYNAMIC_SMEM(float, xs);  // [MT][tile * PS]
@@ -168,23 +169,24 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
   const int64_t row_bytes = int64_t{K} / P * 16;  // K (int8) or K / 2 (int4)
   const int ldx = tile * PS, chunks = K / P;
   const bool one_tile = tile >= chunks;
-  const int half = N / 2;  // (geglu: the output's columns)
+  const int pairs = N / 2;  // (the paired epilogues)
+  const int64_t span = kPaired ? pair_span<E>(N, rope) : 0;
   constexpr int kRowsPerGroup = kWarps * kRowsPerWarp;
   const int64_t groups =
-      Geglu ? (int64_t{half} + kWarps - 1) / kWarps : (int64_t{N} + kRowsPerGroup - 1) / kRowsPerGroup;
+      kPaired ? (int64_t{pairs} + kWarps - 1) / kWarps : (int64_t{N} + kRowsPerGroup - 1) / kRowsPerGroup;
   const float* inv = nullptr;  // (Norm: 1 / rms of each row of x)
   if constexpr (Norm) inv = norm_prologue<T, MT>(x, norm, M, K);
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the CTA
-    const int64_t row0 = (g * kWarps + warp) * kRowsPerWarp;
+    const int64_t row0 = (g * kWarps + warp) * kRowsPerWarp, p = g * kWarps + warp;
+    const int64_t first = kPaired && p < pairs ? pair_row<E>(p, span) : N;  // (the pair's first row)
     auto row_of = [&](int r) -> int64_t {  // the warp's rows of W; N where it has none
-      if constexpr (Geglu) {
-        const int64_t p = g * kWarps + warp;
-        return p < half ? p + r * half : N;
+      if constexpr (kPaired) {
+        return first < N ? first + r * span : N;
       } else {
         return row0 + r;
       }
     };
-    if (!Geglu && prefetch) {  // the warp's rows of its next group into L2 (up to kPrefetchBytes) as it works
+    if (!kPaired && prefetch) {  // the warp's rows of its next group into L2 (up to kPrefetchBytes) as it works
       const int64_t next0 = row0 + int64_t{gridDim.x} * kWarps * kRowsPerWarp;
       const int64_t bytes = min(int64_t{kPrefetchBytes}, min(int64_t{kRowsPerWarp}, N - next0) * row_bytes);
       for (int64_t i = int64_t{lane} * 128; i < bytes; i += 32 * 128)
@@ -220,12 +222,11 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
     auto result = [&](int r, float sum) {  // (lane 0, row_of(r) < N)
       return sum * fmt.row_scale(row_of(r)) + (bias ? to_float(bias[row_of(r)]) : 0.f);
     };
-    if constexpr (Geglu) {
+    if constexpr (kPaired) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        const float gate = warp_sum(acc[0][m]), up = warp_sum(acc[1][m]);
-        if (lane == 0 && m < M && row_of(0) < N)
-          y[int64_t{m} * half + row_of(0)] = from_float<T>(geglu<T>(result(0, gate), result(1, up)));
+        const float a = warp_sum(acc[0][m]), b = warp_sum(acc[1][m]);
+        if (lane == 0 && m < M && first < N) store_pair<E>(y, rope, N, m, first, result(0, a), result(1, b));
       }
     } else {
 #pragma unroll
@@ -249,34 +250,34 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
                  const Fusion& fusion, int dtype, int64_t stream) {
   check_shape(op, M, N, K, fusion, true);
   require(max_ctas >= 0, op, "max_ctas must be >= 0, got " + std::to_string(max_ctas));
-  require(!(fusion.geglu && prefetch), op, "prefetch is not available with geglu");
+  require(!((fusion.geglu || fusion.rope()) && prefetch), op, "prefetch is not available with geglu or rope");
   require(aligned16(qweight), op, "qweight must be 16-byte aligned");
   dispatch_half(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Fmt = Format<T>;
     require(K % Fmt::kPerChunk == 0, op, "K must be a multiple of " + std::to_string(Fmt::kPerChunk));
     require(M <= Fmt::kMaxRows, op, "M (rows of x) must be at most " + std::to_string(Fmt::kMaxRows));
-    auto run = [&](auto mt, auto gg, auto nn) {
+    auto run = [&](auto mt, auto epi, auto nn) {
       constexpr int MT = decltype(mt)::value;
-      const auto kernel = quant_gemv_kernel<T, MT, Fmt, decltype(gg)::value, decltype(nn)::value>;
+      const auto kernel = quant_gemv_kernel<T, MT, Fmt, decltype(epi)::value, decltype(nn)::value>;
       static const size_t static_bytes = static_smem(kernel);  // (a property of the compiled kernel)
       const int tile = tile_chunks<Fmt>(MT, K, (kSmemPerCta - static_bytes) / sizeof(float));
       const size_t smem = size_t(MT) * tile * (Fmt::kPerChunk + kXPad) * sizeof(float);
-      int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);  // (geglu: N / 2 pairs, kWarps a group: the same)
+      int64_t grid = ceil_div(N, kWarps * kRowsPerWarp);  // (paired: N / 2 pairs, kWarps a group: the same)
       if (max_ctas > 0) grid = std::min(grid, max_ctas);
       else if (tile >= K / Fmt::kPerChunk) grid = std::min(grid, resident_ctas(kernel, smem));
       launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, smem, as_stream(stream),
           as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
           as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile, prefetch,
-          fusion.args<T>());
+          fusion.args<T>(), fusion.rope_args<T>());
     };
     auto go = [&](auto mt) {  // (the fused kernels: up to kFusedMaxRows rows)
       if constexpr (decltype(mt)::value <= kFusedMaxRows) {
-        if (fusion.geglu || fusion.norm())
-          return dispatch_bool(fusion.geglu, [&](auto gg) { dispatch_bool(fusion.norm(), [&](auto nn) {
-            run(mt, gg, nn); }); });
+        if (fusion.epilogue() != Epilogue::kPlain || fusion.norm())
+          return dispatch_epilogue(fusion.epilogue(), [&](auto epi) { dispatch_bool(fusion.norm(), [&](auto nn) {
+            run(mt, epi, nn); }); });
       }
-      run(mt, std::false_type{}, std::false_type{});
+      run(mt, std::integral_constant<Epilogue, Epilogue::kPlain>{}, std::false_type{});
     };
     if (M == 1) go(std::integral_constant<int, 1>{});
     else if (M == 2) go(std::integral_constant<int, 2>{});
@@ -291,26 +292,27 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
 
 }  // namespace
 
-void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N,
-                int64_t K, int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight, int64_t residual,
-                int64_t r_out, double eps, int dtype, int64_t stream) {
+void w8a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t bias, int64_t M, int64_t N, int64_t K,
+                int64_t max_ctas, bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out,
+                double eps, const RopeParams& rope, int dtype, int64_t stream) {
   launch_gemv<Int8Format>("w8a16_gemm", y, x, qweight, scales, 0, bias, M, N, K, 0, max_ctas, prefetch,
-                          Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
+                          Fusion{geglu, norm_weight, residual, r_out, eps, rope}, dtype, stream);
 }
 
 void w4a16_gemm(int64_t y, int64_t x, int64_t qweight, int64_t scales, int64_t zeros, int64_t bias, int64_t M,
                 int64_t N, int64_t K, int64_t group_size, int64_t max_ctas, bool prefetch, bool geglu,
-                int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype, int64_t stream) {
+                int64_t norm_weight, int64_t residual, int64_t r_out, double eps, const RopeParams& rope, int dtype,
+                int64_t stream) {
   check_group("w4a16_gemm", K, group_size);
   launch_gemv<Int4Format>("w4a16_gemm", y, x, qweight, scales, zeros, bias, M, N, K, group_size, max_ctas, prefetch,
-                          Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
+                          Fusion{geglu, norm_weight, residual, r_out, eps, rope}, dtype, stream);
 }
 
 void dense_gemv(int64_t y, int64_t x, int64_t weight, int64_t bias, int64_t M, int64_t N, int64_t K, int64_t max_ctas,
-                bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps, int dtype,
-                int64_t stream) {
+                bool prefetch, bool geglu, int64_t norm_weight, int64_t residual, int64_t r_out, double eps,
+                const RopeParams& rope, int dtype, int64_t stream) {
   launch_gemv<DenseFormat>("dense_gemv", y, x, weight, 0, 0, bias, M, N, K, 0, max_ctas, prefetch,
-                           Fusion{geglu, norm_weight, residual, r_out, eps}, dtype, stream);
+                           Fusion{geglu, norm_weight, residual, r_out, eps, rope}, dtype, stream);
 }
 
 }  // namespace gf

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from gemforge.kernels import AttnMetadata, rope_inv_freq, select
+from gemforge.kernels import AttnMetadata, RotaryWrite, rope_inv_freq, select
 from gemforge.kernels._native import _ext, embed_packed_cpu
 from gemforge.kernels.linear import PackedWeight
 from gemforge.kernels.quant import QuantizedWeight
@@ -72,17 +72,21 @@ class Ops:
         return cls(**impls, fuses=lambda w: impl_for(w) in fusing, packs_weights=packs, quant=quant)
 
     def rms_norm_linear(self, h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w, residual=None,
-                        geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        geglu: bool = False, rope: RotaryWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, the residual stream h + residual, or h) with y = rms_norm(h (+ residual)) @ w^T, or with geglu
-        gelu_and_mul of it (w's rows [gate; up]): the norm and GeGLU in the linear's own launch where its CUDA
-        kernel makes them (csrc/common/linear.cuh), else by their ops."""
+        gelu_and_mul of it (w's rows [gate; up]); with rope (y the QKV projection) its q and k heads rotated and
+        its k and v heads written to the cache: the norm, GeGLU and RoPE in the linear's own launch where its
+        CUDA kernel makes them (csrc/common/linear.cuh), else by their ops."""
         if self.fuses(w):
-            return self.linear(h, w, norm=(norm_weight, eps, residual), geglu=geglu)
+            return self.linear(h, w, norm=(norm_weight, eps, residual), geglu=geglu, rope=rope)
         if residual is None:
             x, residual = self.rms_norm(h, norm_weight, eps), h
         else:
             x, residual = self.rms_norm(h, norm_weight, eps, residual)
         y = self.linear(x, w)
+        if rope is not None:
+            self.rotary_write_kv(*rope.split(y), rope.positions, rope.theta, rope.k_cache, rope.v_cache,
+                                 rope.slot_mapping)
         return (self.gelu_and_mul(y) if geglu else y), residual
 
 
@@ -144,16 +148,13 @@ class GemmaModel:
     def layers(self, h: torch.Tensor, meta: AttnMetadata, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers op by op: (the last layer's output, the residual stream)."""
         cfg, ops, T = self.cfg, self.ops, h.shape[0]
-        qs, ks = cfg.q_size, cfg.kv_size
         residual = None
         for i, layer in enumerate(self.w.layers):
-            qkv, residual = ops.rms_norm_linear(h, layer.input_norm, cfg.rms_norm_eps, layer.qkv, residual)
-            q = qkv[:, :qs].view(T, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, qs: qs + ks].view(T, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, qs + ks:].view(T, cfg.num_kv_heads, cfg.head_dim)
-            ops.rotary_write_kv(q, k, v, meta.positions, cfg.rope_theta, cache.k[i], cache.v[i], meta.slot_mapping)
+            rope = RotaryWrite(meta.positions, cfg.rope_theta, cache.k[i], cache.v[i], meta.slot_mapping)
+            qkv, residual = ops.rms_norm_linear(h, layer.input_norm, cfg.rms_norm_eps, layer.qkv, residual, rope=rope)
+            q, _, _ = rope.split(qkv)
             attn = ops.attention(q, cache.k[i], cache.v[i], meta, self.scale)
-            h = ops.linear(attn.view(T, qs), layer.o)
+            h = ops.linear(attn.view(T, cfg.q_size), layer.o)
             act, residual = ops.rms_norm_linear(h, layer.post_norm, cfg.rms_norm_eps, layer.gate_up, residual, geglu=True)
             h = ops.linear(act, layer.down)
         return h, residual

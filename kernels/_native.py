@@ -26,7 +26,7 @@ import math
 import torch
 
 from .argmax import argmax_ref
-from .attention import AttnMetadata
+from .attention import AttnMetadata, RotaryWrite
 from .linear import PackedWeight
 from .registry import prefer, preference, register, select
 from .rotary import rope_inv_freq
@@ -54,11 +54,12 @@ MMA_NORM_BYTES = 40 * 1024  # x [M, K] a tensor-core linear normalises in shared
 # cuda_mma peers of bench_cuda_ops, bench_decode's int4-mma, int8-mma and none-dmma).
 TENSOR_CORE_OPS: set[str] = set()
 MAX_MMA_ROWS = 16
-# The model's RMSNorms and GeGLU in its linears' launches where those run a CUDA GEMV (CUDA cores or tensor
-# cores, up to FUSED_ROWS rows of x; GeGLU on the tensor cores up to 16): `norm=` and `geglu=True` below
-# (csrc/common/linear.cuh: the input normalised as it is staged, a warp's or lane's rows a gate row and its up
-# row). Three launches a layer fewer at batch 1. engine.model.Ops reads it when a model is built;
-# bench_decode's "-unfused" variants turn it off to time the difference.
+# The model's RMSNorms, GeGLU and RoPE with the cache write in its linears' launches where those run a CUDA
+# GEMV (CUDA cores or tensor cores, up to FUSED_ROWS rows of x; GeGLU and RoPE on the tensor cores up to 16):
+# `norm=`, `geglu=True` and `rope=` below (csrc/common/linear.cuh: the input normalised as it is staged, a
+# warp's or lane's rows a gate row and its up row, or the two rows of a head that RoPE rotates together).
+# Four launches a layer fewer at batch 1. engine.model.Ops reads it when a model is built; bench_decode's
+# "-unfused" variants turn it off to time the difference.
 FUSE_INTO_LINEARS = True
 KERNEL_VARIANTS = ("mma", "gemv", "dmma", "unfused")
 
@@ -68,7 +69,8 @@ def kernel_variant(variant: str | None):
     """While a model is built and run, kernels other than the defaults (None: the defaults): "mma" the
     quantized linears on the tensor cores (up to MAX_MMA_ROWS rows), "gemv" the dense one-row linears on the
     CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to MAX_MMA_ROWS rows on the tensor cores
-    instead, "unfused" the RMSNorms and GeGLU as kernels of their own (FUSE_INTO_LINEARS off). For the
+    instead, "unfused" the RMSNorms, GeGLU and RoPE with the cache write as kernels of their own
+    (FUSE_INTO_LINEARS off). For the
     benchmarks that time them against the defaults and the GPU tests that check them end to end."""
     if variant not in (None, *KERNEL_VARIANTS):
         raise ValueError(f"kernel_variant: unknown variant {variant!r}; expected one of {KERNEL_VARIANTS}")
@@ -461,24 +463,31 @@ def argmax_cpu(scores: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- quantized linear
 class _Fusion:
-    """What a CUDA linear is asked to make besides x W^T: GeGLU of its product (geglu) and the RMSNorm of its
-    input (norm = (weight, eps, residual or None)), each in the linear's own launch where its kernel can
-    (`geglu_fused`, `norm_fused`), else by the op's own kernel before or after it."""
+    """What a CUDA linear is asked to make besides x W^T: GeGLU of its product (geglu), the RMSNorm of its
+    input (norm = (weight, eps, residual or None)) and RoPE with the cache write of a QKV projection (rope, a
+    RotaryWrite), each in the linear's own launch where its kernel can (`geglu_fused`, `norm_fused`,
+    `rope_fused`), else by the op's own kernel before or after it."""
 
-    def __init__(self, op: str, n: int, geglu: bool, norm, prefetch: bool):
+    _NO_ROPE = (0,) * 8
+
+    def __init__(self, op: str, n: int, geglu: bool, norm, prefetch: bool, rope: RotaryWrite | None = None):
         if geglu and n % 2:
             raise ValueError(f"{op}: geglu needs an even number of weight rows (gate and up), got {n}")
-        if (geglu or norm is not None) and prefetch:
-            raise ValueError(f"{op}: prefetch is not available with geglu or norm")
-        self.op, self.geglu, self.norm = op, geglu, norm
-        self.geglu_fused = self.norm_fused = False
+        if (geglu or norm is not None or rope is not None) and prefetch:
+            raise ValueError(f"{op}: prefetch is not available with geglu, norm or rope")
+        if geglu and rope is not None:
+            raise ValueError(f"{op}: geglu and rope cannot be asked together")
+        self.op, self.n, self.geglu, self.norm, self.rope = op, n, geglu, norm, rope
+        self.geglu_fused = self.norm_fused = self.rope_fused = False
         self.stream = None  # the residual stream x (+ residual), where norm was asked
 
     def fuse(self, x: torch.Tensor, tensor_cores: bool, gemv: bool) -> torch.Tensor:
         """Decides what the kernel about to run makes (tensor_cores / gemv: which runs; neither: another op's
         kernel); returns the x to hand it: normalised here where the kernel will not do it."""
         m, k = x.shape
-        self.geglu_fused = self.geglu and (tensor_cores or (gemv and m <= FUSED_ROWS))
+        paired = tensor_cores or (gemv and m <= FUSED_ROWS)  # (the kernels that pair rows: geglu, rope)
+        self.geglu_fused = self.geglu and paired
+        self.rope_fused = self.rope is not None and paired and self._rope_fits(x)
         if self.norm is None:
             return x
         weight, eps, residual = self.norm
@@ -496,27 +505,51 @@ class _Fusion:
         x, self.stream = _rms_norm("cuda", x, weight, eps, residual)
         return x
 
+    def _rope_fits(self, x: torch.Tensor) -> bool:
+        """Whether the kernel can take rope as given (else rotary_write_kv runs after it, and checks it)."""
+        r, m = self.rope, x.shape[0]
+        if r.k_cache.dim() != 4:
+            return False
+        kv_heads, head_dim = r.k_cache.shape[-2:]
+        q_size = self.n - 2 * kv_heads * head_dim
+        return (r.k_cache.shape == r.v_cache.shape and r.k_cache.dtype == x.dtype
+                and r.v_cache.dtype == x.dtype and r.k_cache.is_contiguous() and r.v_cache.is_contiguous()
+                and q_size > 0 and q_size % head_dim == 0 and head_dim % 2 == 0
+                and all(t.dtype == torch.int64 and t.shape == (m,) and t.is_contiguous() and t.device == x.device
+                        for t in (r.positions, r.slot_mapping))
+                and r.k_cache.device == x.device and r.v_cache.device == x.device)
+
     def launch_args(self) -> tuple:
-        """(geglu, norm_weight, residual, r_out, eps) for the kernel (csrc/ops.h)."""
+        """(geglu, norm_weight, residual, r_out, eps, rope) for the kernel (csrc/ops.h)."""
+        rope = self._NO_ROPE
+        if self.rope_fused:
+            r = self.rope
+            kv_heads, head_dim = r.k_cache.shape[-2:]
+            inv_freq = rope_inv_freq(head_dim, r.theta, r.k_cache.device)
+            rope = (r.positions.data_ptr(), inv_freq.data_ptr(), r.slot_mapping.data_ptr(), r.k_cache.data_ptr(),
+                    r.v_cache.data_ptr(), self.n // head_dim - 2 * kv_heads, kv_heads, head_dim)
         if not self.norm_fused:
-            return self.geglu_fused, 0, 0, 0, 0.0
+            return self.geglu_fused, 0, 0, 0, 0.0, rope
         weight, eps, residual = self.norm
         return (self.geglu_fused, weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
-                0 if residual is None else self.stream.data_ptr(), float(eps))
+                0 if residual is None else self.stream.data_ptr(), float(eps), rope)
 
     def out_features(self, n: int) -> int:
         return n // 2 if self.geglu_fused else n
 
     def result(self, y: torch.Tensor):
-        """The op's result from its kernel's output y: GeGLU applied, and with norm the residual stream too."""
+        """The op's result from its kernel's output y: GeGLU applied, RoPE and the cache write done, and with
+        norm the residual stream too."""
         if self.geglu and not self.geglu_fused:
             y = _gelu_and_mul("cuda", y)
+        if self.rope is not None and not self.rope_fused:
+            self.rope.apply(y)
         return y if self.norm is None else (y, self.stream)
 
 
 def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bias, max_ctas: int = 0,
                   prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0, geglu: bool = False,
-                  norm: tuple | None = None):
+                  norm: tuple | None = None, rope: RotaryWrite | None = None):
     """The CUDA GEMV (up to MAX_GEMV_ROWS rows; with tensor_cores up to MAX_MMA_ROWS; more go to
     Triton) or the C++ CPU kernel (bf16 x, K a multiple of 32; anything else goes to torch). max_ctas
     (CUDA GEMV): 0 lets the kernel size its grid; n > 0 caps it at n CTAs (tests, benchmarks); prefetch
@@ -524,13 +557,14 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
     the benchmarks time, off by default); tensor_cores (CUDA; None follows TENSOR_CORE_OPS; int8 needs K a
     multiple of 64); k_split (tensor cores): warps sharing a tile's K, 0 = chosen. CUDA only: geglu returns
     gelu_and_mul(x W^T) [M, N/2] (W's rows [gate; up]); norm = (weight, eps, residual or None) takes x
-    through rms_norm(x (+ residual), weight, eps) first and returns (y, x + residual or x): both in the
+    through rms_norm(x (+ residual), weight, eps) first and returns (y, x + residual or x); rope (a RotaryWrite,
+    y the QKV projection) rotates y's q and k heads and writes its k and v heads to the cache: each in the
     GEMV's own launch where it can (_Fusion), else by their ops' kernels."""
     op = f"linear_{fmt}"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
-    fusion = _Fusion(op, qweight.shape[0], geglu, norm, prefetch) if kind == "cuda" else None
+    fusion = _Fusion(op, qweight.shape[0], geglu, norm, prefetch, rope) if kind == "cuda" else None
     tensor_cores = (kind == "cuda" and _tensor_cores(op, tensor_cores) and m <= MAX_MMA_ROWS and x.data_ptr() % 16 == 0
                     and (fmt == "int4" or k % 64 == 0))
     gemv = kind == "cuda" and not tensor_cores and m <= MAX_GEMV_ROWS and not (fmt == "int8" and k % 16)
@@ -594,20 +628,20 @@ def _linear_quant(kind: str, fmt: str, x, qweight, scales, zeros, group_size, bi
 @register("linear", "cuda")
 def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 max_ctas: int = 0, prefetch: bool = False, tensor_cores: bool | None = None,
-                k_split: int = 0, geglu: bool = False, norm: tuple | None = None):
+                k_split: int = 0, geglu: bool = False, norm: tuple | None = None, rope: RotaryWrite | None = None):
     """Dense x [..., K] @ weight [N, K]^T (+ b) in fp16/bf16, up to MAX_GEMV_ROWS rows, K a multiple of
     8: the quantized GEMV's kernel over the plain weight (csrc/quant_gemv.cu, DenseFormat); with
     tensor_cores (None: TENSOR_CORE_OPS) up to MAX_MMA_ROWS rows, K a multiple of 32, on the tensor cores
     (dense_mma); anything else: torch (cuBLAS), which also stays "auto"'s choice until the GPU suite has
-    timed them (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense). geglu and norm (x [M, K]) as for
-    the quantized linears (_linear_quant); after cuBLAS by their CUDA ops."""
+    timed them (benchmarks/kernels/bench_cuda_ops.py::test_linear_dense). geglu, norm and rope (x [M, K]) as
+    for the quantized linears (_linear_quant); after cuBLAS by their ops."""
     op = "linear"
     _check_device(op, "cuda", x=x, weight=weight, bias=bias)
-    if norm is not None and x.dim() != 2:
-        raise ValueError(f"{op}: with norm, x must be [M, K], got shape {tuple(x.shape)}")
+    if (norm is not None or rope is not None) and x.dim() != 2:
+        raise ValueError(f"{op}: with norm or rope, x must be [M, K], got shape {tuple(x.shape)}")
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    fusion = _Fusion(op, weight.shape[0], geglu, norm, prefetch)
+    fusion = _Fusion(op, weight.shape[0], geglu, norm, prefetch, rope)
     ours = (x.dtype in _HALF and weight.dtype == x.dtype and k % 8 == 0 and weight.dim() == 2
             and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
     if ours:
@@ -645,20 +679,20 @@ prefer("linear", "torch", "cuda")
 @register("linear_int8", "cuda")
 def linear_int8_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
                      prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0,
-                     geglu: bool = False, norm: tuple | None = None):
+                     geglu: bool = False, norm: tuple | None = None, rope: RotaryWrite | None = None):
     return _linear_quant("cuda", "int8", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, tensor_cores,
-                         k_split, geglu, norm)
+                         k_split, geglu, norm, rope)
 
 
 @register("linear_int4", "cuda")
 def linear_int4_cuda(x, qweight, scales, zeros, group_size, bias=None, *, max_ctas: int = 0,
                      prefetch: bool = False, tensor_cores: bool | None = None, k_split: int = 0,
-                     geglu: bool = False, norm: tuple | None = None):
+                     geglu: bool = False, norm: tuple | None = None, rope: RotaryWrite | None = None):
     return _linear_quant("cuda", "int4", x, qweight, scales, zeros, group_size, bias, max_ctas, prefetch, tensor_cores,
-                         k_split, geglu, norm)
+                         k_split, geglu, norm, rope)
 
 
-# The linears that take geglu and norm (FUSE_INTO_LINEARS).
+# The linears that take geglu, norm and rope (FUSE_INTO_LINEARS).
 FUSING_LINEARS = frozenset({linear_cuda, linear_int8_cuda, linear_int4_cuda})
 
 

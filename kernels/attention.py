@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,33 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     check_rotary(q, k, positions)
     _check_write(k, v, k_cache, v_cache, slot_mapping, "rotary_write_kv")
     select("rotary_write_kv", backend, q.device)(q, k, v, positions, theta, k_cache, v_cache, slot_mapping)
+
+
+class RotaryWrite(NamedTuple):
+    """What the QKV projection's output qkv [T, (Hq + 2 Hk) * D] goes through before attention: RoPE at
+    `positions` on its q and k heads, then its k and v heads into the paged cache at `slot_mapping`
+    (rotary_write_kv). A linear that takes `rope=` does it in its own launch where its kernel can."""
+    positions: torch.Tensor
+    theta: float
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hk, D]: views of qkv, Hk and D the cache's."""
+        kv_heads, head_dim = self.k_cache.shape[-2:]
+        q_size = qkv.shape[-1] - 2 * kv_heads * head_dim
+        if qkv.dim() != 2 or q_size <= 0 or q_size % head_dim:
+            raise ValueError(f"rotary_write_kv: qkv {tuple(qkv.shape)} is not [T, (Hq + 2 * {kv_heads}) * {head_dim}] "
+                             f"for cache {tuple(self.k_cache.shape)}")
+        t, kv = qkv.shape[0], kv_heads * head_dim
+        return (qkv[:, :q_size].view(t, -1, head_dim), qkv[:, q_size:q_size + kv].view(t, kv_heads, head_dim),
+                qkv[:, q_size + kv:].view(t, kv_heads, head_dim))
+
+    def apply(self, qkv: torch.Tensor, backend: str = "auto") -> None:
+        """rotary_write_kv on qkv's q, k and v (q and k in place)."""
+        rotary_write_kv(*self.split(qkv), self.positions, self.theta, self.k_cache, self.v_cache, self.slot_mapping,
+                        backend)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -164,6 +164,34 @@ def test_linear_geglu(benchmark, shape, fmt):
     compare(benchmark, fns, nbytes(*parts, x) + n // 2 * x.element_size())
 
 
+@pytest.mark.parametrize("shape", ("2b_qkv", "7b_qkv"))
+@pytest.mark.parametrize("fmt", ("int4", "int8", "dense"))
+def test_linear_rope(benchmark, shape, fmt):
+    """The QKV projection at one row with RoPE and the cache write in the linear's epilogue (rope=, "auto"'s
+    path for the model: kernels._native.FUSE_INTO_LINEARS) against the same linear then rotary_write_kv
+    ("auto"'s kernel for it: Triton's), on the CUDA-core GEMV and on the tensor-core kernel."""
+    from gemforge.kernels import RotaryWrite
+
+    n, k = GEMV_SHAPES[shape]
+    hk, d = (1, 256) if shape == "2b_qkv" else (16, 256)
+    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
+    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
+    caches = [torch.zeros(64, 16, hk, d, device=DEV, dtype=DTYPE) for _ in range(2)]
+    rope = RotaryWrite(torch.tensor([1000], device=DEV), 10000.0, *caches, torch.tensor([77], device=DEV))
+    if fmt == "dense":
+        lin, parts = (lambda **kw: select("linear", "cuda", DEV)(x, w, **kw)), [w]
+    else:
+        qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
+        cuda = select(f"linear_{fmt}", "cuda", DEV)
+        lin = lambda **kw: cuda(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, **kw)  # noqa: E731
+        parts = [t for t in (qw.qweight, qw.scales, qw.zeros) if t is not None]
+    fns = {"cuda_rope": lambda: lin(tensor_cores=False, rope=rope),
+           "cuda_then_rope": lambda: rope.apply(lin(tensor_cores=False)),
+           "cuda_mma_rope": lambda: lin(tensor_cores=True, rope=rope),
+           "cuda_mma_then_rope": lambda: rope.apply(lin(tensor_cores=True))}
+    compare(benchmark, fns, nbytes(*parts, x) + (n + 2 * hk * d) * x.element_size())
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("tokens", DECODE_TOKENS)
 @pytest.mark.parametrize("fused", (False, True))

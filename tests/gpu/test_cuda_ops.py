@@ -109,6 +109,91 @@ def test_gelu_and_mul(nan_empty, dtype, inter, tokens):
     assert_close(cuda("gelu_and_mul")(gu), ref("gelu_and_mul")(gu.float()), ref("gelu_and_mul")(gu))
 
 
+# ------------------------------------------ the QKV projection with RoPE and the cache write in its epilogue
+def _rope_case(dtype, m, hq, hk, d, blocks=4, block_size=16):
+    """A RotaryWrite of m tokens at random positions into random slots of random caches (one slot -1: skipped
+    where m > 1), and a copy of the caches."""
+    caches = [torch.randn(blocks, block_size, hk, d, device=DEV).to(dtype) for _ in range(2)]
+    slots = torch.randperm(blocks * block_size, device=DEV)[:m]
+    if m > 1:
+        slots[m // 2] = -1
+    positions = torch.randint(0, 8192, (m,), device=DEV)
+    return (native.RotaryWrite(positions, 10000.0, caches[0], caches[1], slots.contiguous()),
+            [c.clone() for c in caches])
+
+
+def _rope_reference(x, w, rope, caches, norm_weight=None):
+    """The torch ops in x's dtype: (rms_norm then) the linear, rotary_write_kv into `caches`; (y, caches)."""
+    y = _linear_any("torch", x if norm_weight is None else ref("rms_norm")(x, norm_weight, 1e-6), w, None)
+    r = rope._replace(k_cache=caches[0], v_cache=caches[1])
+    ref("rotary_write_kv")(*r.split(y), r.positions, r.theta, r.k_cache, r.v_cache, r.slot_mapping)
+    return y, caches
+
+
+def _check_rope(out, x, w, rope, before, what, norm_weight=None):
+    """out and rope's caches against _rope_reference in fp32 and in x's dtype; slots not written unchanged."""
+    y32, c32 = _rope_reference(x.float(), w, rope, [c.float() for c in before],
+                               None if norm_weight is None else norm_weight.float())
+    ylp, clp = _rope_reference(x, w, rope, [c.clone() for c in before], norm_weight)
+    assert_close(out, y32, ylp, what=what)
+    hk, d = before[0].shape[-2:]
+    written = torch.zeros(before[0].shape[0] * before[0].shape[1], dtype=torch.bool, device=DEV)
+    written[rope.slot_mapping[rope.slot_mapping >= 0]] = True
+    for name, ours, want32, want, old in zip("kv", (rope.k_cache, rope.v_cache), c32, clp, before):
+        ours, want32, want, old = (c.view(-1, hk, d) for c in (ours, want32, want, old))
+        assert_close(ours[written], want32[written], want[written], what=f"{what} {name}_cache")
+        assert torch.equal(ours[~written], old[~written]), f"{what}: {name}_cache written outside its slots"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("fmt_group", (("int8", None), ("int4", 32), ("int4", 64), ("dense", None)))
+@pytest.mark.parametrize("m", (1, 3, 16))
+@pytest.mark.parametrize("heads", ((8, 1, 256), (3, 2, 64)))
+@pytest.mark.parametrize("norm", (False, True))
+@pytest.mark.parametrize("tensor_cores", (False, True))
+def test_linear_rope(nan_empty, monkeypatch, dtype, fmt_group, m, heads, norm, tensor_cores):
+    """rope=RotaryWrite(...): the QKV projection y [M, (Hq + 2 Hk) D] with its q and k heads rotated at each
+    row's position and its k and v heads written to each row's cache slot (a slot of -1 skipped), from the
+    linear's own launch, with and without the input's norm: on the CUDA-core GEMV (MAX_GEMV_ROWS raised: up to
+    FUSED_ROWS rows, more by rotary_write_kv after it) and the tensor-core kernel; the 2B's heads (8 q, 1 kv,
+    D = 256) and a small MHA-like shape (3 q, 2 kv, D = 64: pairs past a multiple of 8 rows). Against the torch
+    linear and rotary_write_kv in fp32; the cache slots not written stay as they were, exactly."""
+    fmt, group = fmt_group
+    hq, hk, d = heads
+    if fmt == "dense" and m > 4 and not tensor_cores:
+        pytest.skip("the dense CUDA-core GEMV takes up to 4 rows")
+    monkeypatch.setattr(native, "MAX_GEMV_ROWS", 16)
+    n, k = (hq + 2 * hk) * d, 768
+    w = _quantized(fmt, (torch.randn(n, k, device=DEV) * k ** -0.5).to(dtype), group)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    nw = (torch.randn(k, device=DEV) * 0.5).to(dtype) if norm else None
+    rope, before = _rope_case(dtype, m, hq, hk, d)
+    out = _linear_any("cuda", x, w, None, rope=rope, norm=None if nw is None else (nw, 1e-6, None),
+                      tensor_cores=tensor_cores)
+    _check_rope(out[0] if norm else out, x, w, rope, before,
+                f"{fmt} rope M={m} heads {heads} norm {norm} tc {tensor_cores}", nw)
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4", "dense"))
+def test_linear_rope_unfused_paths_and_errors(nan_empty, fmt):
+    """Where the projection comes from another kernel (17 rows: Triton's GEMM, cuBLAS), rope= still rotates
+    and writes by rotary_write_kv; a QKV width that is not (Hq + 2 Hk) D, rope with geglu or with the L2
+    prefetch: clear errors."""
+    dtype = torch.bfloat16
+    hq, hk, d = 2, 1, 64
+    w = _quantized(fmt, torch.randn((hq + 2 * hk) * d, 256, device=DEV).to(dtype) * 0.05, 64)
+    x = torch.randn(17, 256, device=DEV).to(dtype)
+    rope, before = _rope_case(dtype, 17, hq, hk, d, blocks=2)
+    _check_rope(_linear_any("cuda", x, w, None, rope=rope), x, w, rope, before, f"{fmt} rope unfused")
+    narrow = _quantized(fmt, torch.randn((hq + 2 * hk) * d - 2, 256, device=DEV).to(dtype), 64)
+    with pytest.raises(ValueError, match=r"is not \[T, \(Hq \+ 2 \* 1\) \* 64\]"):
+        _linear_any("cuda", x[:1], narrow, None, rope=_rope_case(dtype, 1, hq, hk, d)[0])
+    with pytest.raises(ValueError, match="geglu and rope"):
+        _linear_any("cuda", x[:1], w, None, geglu=True, rope=_rope_case(dtype, 1, hq, hk, d)[0])
+    with pytest.raises(ValueError, match="prefetch"):
+        _linear_any("cuda", x[:1], w, None, prefetch=True, rope=_rope_case(dtype, 1, hq, hk, d)[0])
+
+
 # ---------------------------------------------------------------------------------- rotary
 @pytest.mark.parametrize("dtype", (torch.float32, *HALF), ids=dtype_id)
 @pytest.mark.parametrize("head_dim", (64, 128, 256, 6))
@@ -495,7 +580,7 @@ def test_linear_norm_tensor_cores_refuses_past_the_bound():
     y = torch.empty(m, 64, device=DEV, dtype=dtype)
     with pytest.raises((RuntimeError, ValueError), match="the norm takes M \\* K \\* 2 <= 40960"):
         native._ext().w4a16_mma(y.data_ptr(), wide.data_ptr(), qw2.qweight.data_ptr(), qw2.scales.data_ptr(), 0, 0,
-                                m, 64, k + 64, 64, 0, False, nw.data_ptr(), 0, 0, 1e-6, 2, 0)
+                                m, 64, k + 64, 64, 0, False, nw.data_ptr(), 0, 0, 1e-6, (0,) * 8, 2, 0)
 
 
 def test_linear_norm_falls_back_to_its_op(nan_empty, monkeypatch):

@@ -65,8 +65,8 @@ def test_kernels_match_torch_backend(backend, dtype):
 def test_kernel_variants_match_torch_backend(quant, variant, sequences):
     """The kernels the GPU suite times end to end (bench_decode's formats: the defaults and each
     kernels._native.kernel_variant), replayed from CUDA graphs as the engine runs them, in bf16 with dense,
-    int8 and int4 weights, one sequence (the one-row GEMVs, with the norms and GeGLU fused) or three: the
-    torch backend's logits on the same weights within the error bf16 gives the dense model against fp32."""
+    int8 and int4 weights, one sequence (the one-row GEMVs, with the norms, GeGLU and RoPE fused) or three:
+    the torch backend's logits on the same weights within the error bf16 gives the dense model against fp32."""
     from gemforge.kernels._native import kernel_variant
 
     prompts = PROMPTS[:sequences]

@@ -152,32 +152,36 @@ def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monke
     """The "cuda" backend with its kernels on the emulated device of csrc/emu/ (CPU tensors; prefill attention
     and linears of more rows than its kernels take go to Triton's interpreter, dense bf16 linears to the packed
     CPU kernel), bf16 with int8 and int4 weights, with and without the tensor-core kernels: the torch backend's
-    greedy tokens, logits within bf16 rounding. The int4 gate_up projections make the norm before them and
-    GeGLU in their own launches, the int4 LM head the final norm (kernels._native.FUSE_INTO_LINEARS),
-    wherever a CUDA kernel runs them: the CUDA-core GEMV in one sequence's decode steps, the tensor-core
-    kernel in steps of up to 4 tokens; under kernels._native.kernel_variant("unfused"), by kernels of their own."""
+    greedy tokens, logits within bf16 rounding. The int8 QKV projections make the norm before them and RoPE
+    with the cache write after them, the int4 gate_up projections the norm and GeGLU, the int4 LM head the final
+    norm, each in its own launch (kernels._native.FUSE_INTO_LINEARS), wherever a CUDA kernel runs them: the
+    CUDA-core GEMV in one sequence's decode steps, the tensor-core kernel in steps of up to 4 tokens; under
+    kernels._native.kernel_variant("unfused"), by kernels of their own."""
     import gemforge.kernels._native as native
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): prefill attention would need CUDA tensors")
     monkeypatch.setattr(native, "TENSOR_CORE_OPS", {"linear", "linear_int8", "linear_int4", "attention"}
                         if tensor_cores else set())
-    launches = []  # (kernel, geglu, norm) of each int4 linear launch
-    for name in ("w4a16_gemm", "w4a16_mma"):
+    launches = []  # (kernel, geglu, norm, rope) of each quantized linear launch
+    for name in ("w4a16_gemm", "w4a16_mma", "w8a16_gemm", "w8a16_mma"):
         def counted(*args, _name=name, _real=getattr(emulated_cuda, name)):
-            launches.append((_name, args[-7], args[-6] != 0))  # (..., geglu, norm_weight, residual, r_out, eps,
-            return _real(*args)                                #  dtype, stream)
+            # (..., geglu, norm_weight, residual, r_out, eps, rope, dtype, stream)
+            launches.append((_name, args[-8], args[-7] != 0, args[-3][0] != 0))
+            return _real(*args)
         monkeypatch.setattr(emulated_cuda, name, counted)
     prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))][:sequences]
     ref_toks, ref = greedy("torch", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
     with native.kernel_variant(variant):
         toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
-    kernel = "w4a16_mma" if tensor_cores else "w4a16_gemm" if sequences == 1 else None  # (else Triton's GEMM)
-    assert {k for k, _, _ in launches} == ({kernel} if kernel else set()), launches
+    kind = "mma" if tensor_cores else "gemm" if sequences == 1 else None  # (else Triton's GEMM)
+    int8, int4 = f"w8a16_{kind}", f"w4a16_{kind}"
+    assert {name for name, *_ in launches} == ({int8, int4} if kind else set()), launches
     if variant == "unfused":
-        assert {(geglu, norm) for _, geglu, norm in launches} == {(False, False)}, launches
-    elif kernel:  # (steps of at most 4 tokens) the gate_up projections with the post-attention norm and GeGLU,
-        assert (kernel, True, True) in launches, launches  # the int4 LM head with the final norm
-        assert (kernel, False, True) in launches, launches
+        assert {tuple(fused) for _, *fused in launches} == {(False, False, False)}, launches
+    elif kind:  # (steps of at most 4 tokens) the QKV projections with the input norm and RoPE + cache write,
+        assert (int8, False, True, True) in launches, launches  # gate_up with the post-attention norm and
+        assert (int4, True, True, False) in launches, launches  # GeGLU, the int4 LM head with the final norm
+        assert (int4, False, True, False) in launches, launches
     assert toks == ref_toks
     torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
 
