@@ -140,28 +140,33 @@ def test_linear_dense(benchmark, shape, m):
     compare(benchmark, fns, nbytes(w, x) + m * n * x.element_size())
 
 
+def one_row_linear(shape: str, fmt: str):
+    """(x [1, K], the CUDA linear of a random weight of GEMV_SHAPES[shape] in fmt as a function of its keyword
+    arguments, the weight's tensors): the one-row linears the fused epilogues are timed on."""
+    n, k = GEMV_SHAPES[shape]
+    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
+    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
+    if fmt == "dense":
+        return x, (lambda **kw: select("linear", "cuda", DEV)(x, w, **kw)), [w]
+    qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
+    cuda = select(f"linear_{fmt}", "cuda", DEV)
+    return (x, lambda **kw: cuda(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, **kw),
+            [t for t in (qw.qweight, qw.scales, qw.zeros) if t is not None])
+
+
 @pytest.mark.parametrize("shape", ("2b_gate_up", "7b_gate_up"))
 @pytest.mark.parametrize("fmt", ("int4", "int8", "dense"))
 def test_linear_geglu(benchmark, shape, fmt):
     """The gate_up projection at one row with GeGLU in the linear's epilogue (geglu=True, "auto"'s path
     for the model: kernels._native.FUSE_INTO_LINEARS) against the same linear then the gelu_and_mul kernel, on
     the CUDA-core GEMV and on the tensor-core kernel."""
-    n, k = GEMV_SHAPES[shape]
-    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
-    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
+    x, lin, parts = one_row_linear(shape, fmt)
     gelu = select("gelu_and_mul", "cuda", DEV)
-    if fmt == "dense":
-        lin, parts = (lambda **kw: select("linear", "cuda", DEV)(x, w, **kw)), [w]
-    else:
-        qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
-        cuda = select(f"linear_{fmt}", "cuda", DEV)
-        lin = lambda **kw: cuda(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, **kw)  # noqa: E731
-        parts = [t for t in (qw.qweight, qw.scales, qw.zeros) if t is not None]
     fns = {"cuda_geglu": lambda: lin(tensor_cores=False, geglu=True),
            "cuda_then_gelu": lambda: gelu(lin(tensor_cores=False)),
            "cuda_mma_geglu": lambda: lin(tensor_cores=True, geglu=True),
            "cuda_mma_then_gelu": lambda: gelu(lin(tensor_cores=True))}
-    compare(benchmark, fns, nbytes(*parts, x) + n // 2 * x.element_size())
+    compare(benchmark, fns, nbytes(*parts, x) + GEMV_SHAPES[shape][0] // 2 * x.element_size())
 
 
 @pytest.mark.parametrize("shape", ("2b_qkv", "7b_qkv"))
@@ -172,24 +177,15 @@ def test_linear_rope(benchmark, shape, fmt):
     ("auto"'s kernel for it: Triton's), on the CUDA-core GEMV and on the tensor-core kernel."""
     from gemforge.kernels import RotaryWrite
 
-    n, k = GEMV_SHAPES[shape]
+    x, lin, parts = one_row_linear(shape, fmt)
     hk, d = (1, 256) if shape == "2b_qkv" else (16, 256)
-    w = torch.randn(n, k, device=DEV, dtype=DTYPE)
-    x = torch.randn(1, k, device=DEV, dtype=DTYPE)
     caches = [torch.zeros(64, 16, hk, d, device=DEV, dtype=DTYPE) for _ in range(2)]
     rope = RotaryWrite(torch.tensor([1000], device=DEV), 10000.0, *caches, torch.tensor([77], device=DEV))
-    if fmt == "dense":
-        lin, parts = (lambda **kw: select("linear", "cuda", DEV)(x, w, **kw)), [w]
-    else:
-        qw = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 128)
-        cuda = select(f"linear_{fmt}", "cuda", DEV)
-        lin = lambda **kw: cuda(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, **kw)  # noqa: E731
-        parts = [t for t in (qw.qweight, qw.scales, qw.zeros) if t is not None]
     fns = {"cuda_rope": lambda: lin(tensor_cores=False, rope=rope),
            "cuda_then_rope": lambda: rope.apply(lin(tensor_cores=False)),
            "cuda_mma_rope": lambda: lin(tensor_cores=True, rope=rope),
            "cuda_mma_then_rope": lambda: rope.apply(lin(tensor_cores=True))}
-    compare(benchmark, fns, nbytes(*parts, x) + (n + 2 * hk * d) * x.element_size())
+    compare(benchmark, fns, nbytes(*parts, x) + (GEMV_SHAPES[shape][0] + 2 * hk * d) * x.element_size())
 
 
 @pytest.mark.parametrize("model", MODELS)
