@@ -85,8 +85,7 @@ class Ops:
             x, residual = self.rms_norm(h, norm_weight, eps, residual)
         y = self.linear(x, w)
         if rope is not None:
-            self.rotary_write_kv(*rope.split(y), rope.positions, rope.theta, rope.k_cache, rope.v_cache,
-                                 rope.slot_mapping)
+            rope.apply(y, self.rotary_write_kv)
         return (self.gelu_and_mul(y) if geglu else y), residual
 
 

@@ -70,8 +70,8 @@ def kernel_variant(variant: str | None):
     quantized linears on the tensor cores (up to MAX_MMA_ROWS rows), "gemv" the dense one-row linears on the
     CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to MAX_MMA_ROWS rows on the tensor cores
     instead, "unfused" the RMSNorms, GeGLU and RoPE with the cache write as kernels of their own
-    (FUSE_INTO_LINEARS off). For the
-    benchmarks that time them against the defaults and the GPU tests that check them end to end."""
+    (FUSE_INTO_LINEARS off). For the benchmarks that time them against the defaults and the GPU tests that
+    check them end to end."""
     if variant not in (None, *KERNEL_VARIANTS):
         raise ValueError(f"kernel_variant: unknown variant {variant!r}; expected one of {KERNEL_VARIANTS}")
     global FUSE_INTO_LINEARS

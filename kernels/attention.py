@@ -135,10 +135,10 @@ class RotaryWrite(NamedTuple):
         return (qkv[:, :q_size].view(t, -1, head_dim), qkv[:, q_size:q_size + kv].view(t, kv_heads, head_dim),
                 qkv[:, q_size + kv:].view(t, kv_heads, head_dim))
 
-    def apply(self, qkv: torch.Tensor, backend: str = "auto") -> None:
-        """rotary_write_kv on qkv's q, k and v (q and k in place)."""
-        rotary_write_kv(*self.split(qkv), self.positions, self.theta, self.k_cache, self.v_cache, self.slot_mapping,
-                        backend)
+    def apply(self, qkv: torch.Tensor, impl=None) -> None:
+        """rotary_write_kv (or `impl`, one of its backends) on qkv's q, k and v: q and k rotated in place."""
+        (impl or rotary_write_kv)(*self.split(qkv), self.positions, self.theta, self.k_cache, self.v_cache,
+                                  self.slot_mapping)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor | None, n: int) -> torch.Tensor:

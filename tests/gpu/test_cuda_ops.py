@@ -125,8 +125,7 @@ def _rope_case(dtype, m, hq, hk, d, blocks=4, block_size=16):
 def _rope_reference(x, w, rope, caches, norm_weight=None):
     """The torch ops in x's dtype: (rms_norm then) the linear, rotary_write_kv into `caches`; (y, caches)."""
     y = _linear_any("torch", x if norm_weight is None else ref("rms_norm")(x, norm_weight, 1e-6), w, None)
-    r = rope._replace(k_cache=caches[0], v_cache=caches[1])
-    ref("rotary_write_kv")(*r.split(y), r.positions, r.theta, r.k_cache, r.v_cache, r.slot_mapping)
+    rope._replace(k_cache=caches[0], v_cache=caches[1]).apply(y, ref("rotary_write_kv"))
     return y, caches
 
 
