@@ -72,6 +72,36 @@ def speculative_rows(decode: list[dict], target: str = "codegemma-7b", draft: st
     return rows
 
 
+# The kernel choices of kernels/_native.py that the decode rows settle: (setting, the weights it changes, the
+# variant's weights, the batches it serves). A variant wins where it is the faster at every such batch measured.
+DECISIONS = (
+    ("FUSE_INTO_LINEARS = False", "int4", "int4-unfused", (1,)),
+    ("FUSE_INTO_LINEARS = False", "int8", "int8-unfused", (1,)),
+    ('TENSOR_CORE_OPS.add("linear_int4")', "int4", "int4-mma", (1, 8)),
+    ('TENSOR_CORE_OPS.add("linear_int8")', "int8", "int8-mma", (1, 8)),
+    ('prefer("linear", "cuda", "torch")', "none", "none-gemv", (1,)),
+    ('prefer("linear", "cuda", "torch"); TENSOR_CORE_OPS.add("linear")', "none", "none-dmma", (1, 8)),
+)
+
+
+def decision_rows(decode: list[dict]) -> list[dict]:
+    """For each setting of DECISIONS and model: the variant's end-to-end speed over the default's at the batches
+    the setting serves (rows marked wrong left out), and whether the numbers support making the variant the
+    default (faster at all of them; unmeasured or wrong: no)."""
+    speed = {(r["model"], r["weights"], r["batch"]): r["gemforge_tok_s"] for r in decode
+             if "batch" in r and "gemforge_tok_s" in r and not wrong(r)}
+    rows = []
+    for setting, default, variant, batches in DECISIONS:
+        for model in sorted({m for m, _, _ in speed}):
+            ratios = {b: round(speed[(model, variant, b)] / speed[(model, default, b)], 3) for b in batches
+                      if (model, variant, b) in speed and (model, default, b) in speed}
+            if ratios:
+                rows.append({"setting": setting, "model": model, "variant": variant, "over": default,
+                             "speed_ratio": " ".join(f"b{b}: {x}" for b, x in ratios.items()),
+                             "supported": len(ratios) == len(batches) and min(ratios.values()) > 1})
+    return rows
+
+
 def profile_rows(profiled: list[dict], top: int = 5) -> list[dict]:
     """One row per kernel of each profiled step (its `top` ones), the step's wall and busy ms on its first."""
     rows = []
@@ -139,6 +169,11 @@ def main(outdir: str) -> None:
             parts.append("### Speculative decoding speedup these costs imply (batch 1, 2B drafts for 7B)\n")
             parts.append(table(spec, ["draft", "draft_over_target_step", "acceptance", "best_k", "verify_over_step",
                                       "implied_speedup"]) + "\n")
+        decisions = decision_rows(decode)
+        if decisions:
+            parts.append("### What these numbers decide (kernels/_native.py; apply a setting where every model "
+                         "supports it, after tests/gpu passes)\n")
+            parts.append(table(decisions, ["setting", "model", "variant", "over", "speed_ratio", "supported"]) + "\n")
         errors = [r for r in decode if "error" in r]
         if errors:
             parts.append(table(errors, ["model", "weights", "error"]) + "\n")

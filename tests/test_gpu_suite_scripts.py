@@ -124,9 +124,25 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert all(f"| {formats[-1]} |" in summary for formats in parts.values())  # each part's file read
     assert "codegemma-2b int4-vocab" in summary  # and with its head cut (draft_vocab_size)
     assert "WRONG OUTPUT" in summary and "codegemma-2b int8-mma" not in summary and "codegemma-2b int4-mma" in summary
+    assert "What these numbers decide" in summary and 'TENSOR_CORE_OPS.add("linear_int4")' in summary
     assert "Continuous batching" in summary
     assert "Speculative decoding on nano-codegemma" in summary and "| 2048 | 0.4 | 2.6 | 900.5 |" in summary
     assert "Where an eager decode step's device time goes" in summary and profiled[0]["kernels"][0]["kernel"] in summary
+
+
+def test_summary_decides_the_kernel_settings_from_the_decode_rows():
+    """summarize.decision_rows: a variant is supported as the default where it is faster than the default's
+    rows at every batch its setting serves; slower, half measured, or marked wrong (left out): not."""
+    summarize = load(BENCH / "summarize.py")
+
+    def row(weights, batch, tok_s, **kw):
+        return {"model": "m", "weights": weights, "batch": batch, "gemforge_tok_s": tok_s, **kw}
+    decode = [row("int4", 1, 100.0), row("int4-unfused", 1, 90.0), row("int4", 8, 300.0), row("int4-mma", 1, 120.0),
+              row("int4-mma", 8, 400.0), row("int8", 1, 80.0), row("int8", 8, 200.0), row("int8-mma", 1, 90.0),
+              row("none", 1, 50.0), row("none-gemv", 1, 60.0, logits_rel_err=0.5)]
+    got = {(r["variant"], r["speed_ratio"], r["supported"]) for r in summarize.decision_rows(decode)}
+    assert got == {("int4-unfused", "b1: 0.9", False), ("int4-mma", "b1: 1.2 b8: 1.333", True),
+                   ("int8-mma", "b1: 1.125", False)}, got
 
 
 @pytest.mark.parametrize("batch", [1, 3])
