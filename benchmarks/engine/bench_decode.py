@@ -230,7 +230,7 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
-    if head in ("mma", "gemv", "dmma", "unfused"):
+    if head in native.KERNEL_VARIANTS:
         with native.kernel_variant(head):
             return bench_model(args, name, cfg, hf, base, dtype, device, rows, label=method)
     quant = None if base == "none" else QuantConfig(base, quantize_lm_head=head in ("head", "vocab"))
