@@ -10,7 +10,7 @@ DRAFT ?= models/nano-codegemma-draft
 GF := $(VENV)/bin/gemforge
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo test test-gpu-stack bench clean-venv
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 # kernels/ folder shadows the `kernels` package that transformers imports (gemforge's is gemforge.kernels).
 test: $(STAMP)
 	PYTHONSAFEPATH=1 $(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
+
+# The same tests under the GPU machine's torch and transformers (a ~5 GB download once; not part of CI).
+test-gpu-stack: $(STAMP)
+	bash scripts/gpu_stack_check.sh $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(GF) bench --model $(MODEL) --draft $(DRAFT)
