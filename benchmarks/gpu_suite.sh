@@ -113,9 +113,10 @@ part decode_mma 120 "${DECODE[@]}" --batches $BATCHES --quant int4-mma int8-mma 
 part decode_drafts 60 "${DECODE[@]}" --batches 1 --quant int4-head int4-vocab --no-hf --bandwidth-GBps "$BW" \
   --out "$OUT/decode_drafts.json"
 # The RMSNorms, GeGLU and RoPE (with the cache write) as kernels of their own instead of in the linears (where a
-# CUDA GEMV runs: batch 1), against decode_quant's batch-1 rows: what the fusion buys end to end.
-part decode_unfused 45 "${DECODE[@]}" --batches 1 --quant int4-unfused int8-unfused --no-hf --bandwidth-GBps "$BW" \
-  --out "$OUT/decode_unfused.json"
+# CUDA GEMV runs: batch 1), and the kernels launched programmatically (each scheduled while the one before it
+# finishes), against decode_quant's batch-1 rows: what the fusion and the launch mode buy end to end.
+part decode_unfused 75 "${DECODE[@]}" --batches 1 --quant int4-unfused int8-unfused int4-pdl int8-pdl --no-hf \
+  --bandwidth-GBps "$BW" --out "$OUT/decode_unfused.json"
 
 # Where the decode steps spend their device time: the top kernels of eager steps (torch.profiler).
 part decode_profile 60 "${DECODE[@]}" --batches 1 64 --quant none int4 --profile --out "$OUT/decode_profile.json"

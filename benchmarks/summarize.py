@@ -81,6 +81,8 @@ DECISIONS = (
     ('TENSOR_CORE_OPS.add("linear_int8")', "int8", "int8-mma", (1, 8)),
     ('prefer("linear", "cuda", "torch")', "none", "none-gemv", (1,)),
     ('prefer("linear", "cuda", "torch"); TENSOR_CORE_OPS.add("linear")', "none", "none-dmma", (1, 8)),
+    ("PROGRAMMATIC_LAUNCH = True", "int4", "int4-pdl", (1,)),
+    ("PROGRAMMATIC_LAUNCH = True", "int8", "int8-pdl", (1,)),
 )
 
 

@@ -29,6 +29,7 @@ template <typename U>
 __global__ void write_kv_kernel(const U* __restrict__ k, const U* __restrict__ v, U* __restrict__ k_cache,
                                 U* __restrict__ v_cache, const int64_t* __restrict__ slots, int row_units,
                                 int64_t k_stride, int64_t v_stride) {
+  prior_grids_done();
   const int64_t t = blockIdx.x, slot = slots[t];
   if (slot < 0) return;
   for (int i = threadIdx.x; i < row_units; i += blockDim.x) {
@@ -155,6 +156,7 @@ struct Partition {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 4)  // <= 128 registers: the default heuristic spilled at 96
 decode_partition_kernel(const DecodeArgs<T> a) {
+  prior_grids_done();
   const Partition<T, false> task(a);
   if (!task.live) return;
   const int g = task.g, start = task.start, n = task.n, G = task.G, part = a.part, tid = threadIdx.x, lane = tid & 31;
@@ -259,6 +261,7 @@ decode_partition_mma_kernel(const DecodeArgs<T> a) {
   constexpr int kJ = D / 32;               // 16-byte chunks of a key row per lane in QK
   constexpr int kTW = D / kWarps / 16;     // 16-dim tiles per warp in PV
   using VRow = typename VecLoad<4 * kTW>::type;  // a lane's 2 kTW dims of one value row
+  prior_grids_done();
   const Partition<T, true> task(a);
   if (!task.live) return;
   const int g = task.g, start = task.start, n = task.n, G = task.G, hk = a.hk;
@@ -338,6 +341,7 @@ __global__ void decode_reduce_kernel(T* __restrict__ out, const float* __restric
                                      const float* __restrict__ part_max, const float* __restrict__ part_sum,
                                      const int* __restrict__ cu_seqlens_q, const int* __restrict__ context_lens,
                                      int hq, int D, int part, int max_parts) {
+  prior_grids_done();
   const int h = blockIdx.x, b = blockIdx.y;
   const int token = cu_seqlens_q[b];
   if (cu_seqlens_q[b + 1] == token) return;

@@ -68,6 +68,8 @@ static void set_dtype_codes(py::module_& m) {
 
 #ifdef GEMFORGE_WITH_CUDA
 static void bind_cuda(py::module_& m) {
+  m.def("set_programmatic_launch", &gf::set_programmatic_launch, py::arg("on"));
+  m.def("programmatic_launch", &gf::programmatic_launch);  // (whether launches now are: on and sm_90+)
   m.def("rms_norm", &gf::rms_norm, py::arg("y"), py::arg("r_out"), py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("rows"), py::arg("hidden"), py::arg("x_stride"), py::arg("res_stride"),
         py::arg("eps"), py::arg("dtype"), py::arg("stream"));

@@ -14,6 +14,7 @@ constexpr int kThreads = 256;
 
 template <typename T, int V>
 __global__ void gelu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t n) {
+  prior_grids_done();
   const int64_t i = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
   if (i >= n) return;
   const T* row = in + blockIdx.x * 2 * n;

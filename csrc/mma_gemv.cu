@@ -306,6 +306,7 @@ mma_gemv_kernel(typename Lane::Dtype* __restrict__ y, const typename Lane::Dtype
   constexpr bool kPaired = E != Epilogue::kPlain;
   constexpr int NT = Lane::kRowTiles, kUnroll = Lane::kUnroll;
   __shared__ float partial[kMmaWarps][NT][4][32];
+  prior_grids_done();
   const T* xin = x;
   if constexpr (Norm) {
     const float* inv = norm_prologue<T, kFusedMaxRows>(x, norm, M, K);

@@ -8,6 +8,11 @@
 
 namespace gf {
 
+// Every later launch of this module programmatic (on: programmatic dependent launch, common/launch.cuh, where
+// the current device is sm_90 or later; before it they stay plain) or plain (off, the default).
+void set_programmatic_launch(bool on);
+bool programmatic_launch();  // on, and the current device sm_90 or later
+
 // y = rms_norm(r) * (1 + w), r = x (+ residual, rounded, also written to r_out). x/residual rows
 // are strided, y/r_out/w contiguous. residual == r_out == 0 selects the plain variant.
 void rms_norm(int64_t y, int64_t r_out, int64_t x, int64_t residual, int64_t weight, int64_t rows,

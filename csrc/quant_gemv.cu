@@ -26,7 +26,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 2;
 constexpr int kXPad = 4;                       // floats of padding after each chunk of x
 constexpr float kMagic = 8388608.f;            // 2^23
-constexpr int kPrefetchBytes = 16 * 1024;      // per warp and row group, with `prefetch`
+constexpr int kPrefetchBytes = 16 * 1024;      // per warp and row group (`prefetch`), per row (programmatic)
 
 // out[i] = (byte i of v) - zero, exactly: float(0x4B0000bb) = 2^23 + b, minus biased_zero = 2^23 + zero.
 __device__ __forceinline__ void bytes_minus(uint32_t v, float biased_zero, float (&out)[4]) {
@@ -158,7 +158,8 @@ template <typename T, int MT, class Fmt, Epilogue E, bool Norm>
 __global__ void __launch_bounds__(kThreads, 1)
 quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __restrict__ qweight,
                   const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias, int M,
-                  int N, int K, int group_size, int tile, bool prefetch, NormArgs<T> norm, RopeArgs<T> rope) {
+                  int N, int K, int group_size, int tile, bool prefetch, bool programmatic, NormArgs<T> norm,
+                  RopeArgs<T> rope) {
   constexpr bool kPaired = E != Epilogue::kPlain;
   static_assert(!kPaired || kRowsPerWarp == 2, "a paired epilogue's warp owns the two rows of one pair");
   constexpr int P = Fmt::kPerChunk, PS = P + kXPad;
@@ -174,6 +175,15 @@ quant_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const uint8_t* __r
   constexpr int kRowsPerGroup = kWarps * kRowsPerWarp;
   const int64_t groups =
       kPaired ? (int64_t{pairs} + kWarps - 1) / kWarps : (int64_t{N} + kRowsPerGroup - 1) / kRowsPerGroup;
+  if (programmatic && blockIdx.x < groups) {  // the warp's first rows into L2 while the previous kernel finishes
+    const int64_t p = int64_t{blockIdx.x} * kWarps + warp;
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t row = kPaired ? (p < pairs ? pair_row<E>(p, span) + r * span : N) : p * kRowsPerWarp + r;
+      for (int64_t i = int64_t{lane} * 128; row < N && i < min(row_bytes, int64_t{kPrefetchBytes}); i += 32 * 128)
+        prefetch_l2(qweight + row * row_bytes + i);
+    }
+  }
+  prior_grids_done();
   const float* inv = nullptr;  // (Norm: 1 / rms of each row of x)
   if constexpr (Norm) inv = norm_prologue<T, MT>(x, norm, M, K);
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform across the CTA
@@ -269,7 +279,7 @@ void launch_gemv(const char* op, int64_t y, int64_t x, int64_t qweight, int64_t 
       launch_kernel(kernel, static_cast<unsigned>(grid), kThreads, smem, as_stream(stream),
           as_ptr<T>(y), as_ptr<const T>(x), as_ptr<const uint8_t>(qweight), as_ptr<const T>(scales),
           as_ptr<const T>(zeros), as_ptr<const T>(bias), int(M), int(N), int(K), int(group_size), tile, prefetch,
-          fusion.args<T>(), fusion.rope_args<T>());
+          programmatic_launch(), fusion.args<T>(), fusion.rope_args<T>());
     };
     auto go = [&](auto mt) {  // (the fused kernels: up to kFusedMaxRows rows)
       if constexpr (decltype(mt)::value <= kFusedMaxRows) {

@@ -17,6 +17,7 @@ template <typename T, int V>
 __global__ void rms_norm_kernel(T* __restrict__ y, T* r_out, const T* __restrict__ x,
                                 const T* __restrict__ residual, const T* __restrict__ weight,
                                 int hidden, int64_t x_stride, int64_t res_stride, float eps) {
+  prior_grids_done();
   const int64_t row = blockIdx.x;
   const T* xr = x + row * x_stride;
   const T* rr = residual ? residual + row * res_stride : nullptr;

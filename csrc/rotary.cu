@@ -16,6 +16,7 @@ __global__ void rotary_kernel(T* q, T* k, const int64_t* __restrict__ positions,
                               const float* __restrict__ inv_freq, int hq, int hk, int half,
                               int64_t q_stride, int64_t k_stride) {
   GF_DYNAMIC_SMEM(float, cos_sin);  // [half] cos, then [half] sin
+  prior_grids_done();
   const int64_t t = blockIdx.x;
   const float pos = static_cast<float>(positions[t]);
   for (int i = threadIdx.x; i < half; i += blockDim.x) sincosf(pos * inv_freq[i], &cos_sin[half + i], &cos_sin[i]);

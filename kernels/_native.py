@@ -61,7 +61,12 @@ MAX_MMA_ROWS = 16
 # Four launches a layer fewer at batch 1. engine.model.Ops reads it when a model is built; bench_decode's
 # "-unfused" variants turn it off to time the difference.
 FUSE_INTO_LINEARS = True
-KERNEL_VARIANTS = ("mma", "gemv", "dmma", "unfused")
+# Programmatic dependent launch of the CUDA kernels on sm_90+ (csrc/common/launch.cuh): each may be scheduled
+# while the kernel before it in the stream finishes (its CTAs start, the GEMVs ask for their first weight rows
+# in L2, then wait), across the five to seven kernel boundaries of a decoder layer at batch 1 (Triton's
+# attention kernels join in: kernels/attention.py). Off until the GPU suite has timed it (bench_decode's "-pdl").
+PROGRAMMATIC_LAUNCH = False
+KERNEL_VARIANTS = ("mma", "gemv", "dmma", "unfused", "pdl")
 
 
 @contextlib.contextmanager
@@ -70,12 +75,12 @@ def kernel_variant(variant: str | None):
     quantized linears on the tensor cores (up to MAX_MMA_ROWS rows), "gemv" the dense one-row linears on the
     CUDA GEMV instead of cuBLAS, "dmma" the dense linears of up to MAX_MMA_ROWS rows on the tensor cores
     instead, "unfused" the RMSNorms, GeGLU and RoPE with the cache write as kernels of their own
-    (FUSE_INTO_LINEARS off). For the benchmarks that time them against the defaults and the GPU tests that
-    check them end to end."""
+    (FUSE_INTO_LINEARS off), "pdl" programmatic dependent launches (PROGRAMMATIC_LAUNCH on). For the
+    benchmarks that time them against the defaults and the GPU tests that check them end to end."""
     if variant not in (None, *KERNEL_VARIANTS):
         raise ValueError(f"kernel_variant: unknown variant {variant!r}; expected one of {KERNEL_VARIANTS}")
     global FUSE_INTO_LINEARS
-    ops, linear, fuse = set(TENSOR_CORE_OPS), preference("linear"), FUSE_INTO_LINEARS
+    ops, linear, fuse, pdl = set(TENSOR_CORE_OPS), preference("linear"), FUSE_INTO_LINEARS, PROGRAMMATIC_LAUNCH
     try:
         if variant == "mma":
             TENSOR_CORE_OPS.update(("linear_int4", "linear_int8"))
@@ -85,12 +90,25 @@ def kernel_variant(variant: str | None):
             prefer("linear", "cuda", "torch")
             if variant == "dmma":
                 TENSOR_CORE_OPS.add("linear")
+        elif variant == "pdl":
+            set_programmatic_launch(True)
         yield
     finally:
         TENSOR_CORE_OPS.clear()
         TENSOR_CORE_OPS.update(ops)
         prefer("linear", *linear)
         FUSE_INTO_LINEARS = fuse
+        set_programmatic_launch(pdl)
+
+
+def set_programmatic_launch(on: bool) -> None:
+    """PROGRAMMATIC_LAUNCH for every later launch, the CUDA kernels' (where _C is built) and Triton's."""
+    global PROGRAMMATIC_LAUNCH
+    PROGRAMMATIC_LAUNCH = bool(on)
+    with contextlib.suppress(ImportError):
+        ext = _ext()
+        if hasattr(ext, "set_programmatic_launch"):  # (built with CUDA)
+            ext.set_programmatic_launch(PROGRAMMATIC_LAUNCH)
 
 
 def _tensor_cores(op: str, asked: bool | None) -> bool:
@@ -99,7 +117,10 @@ def _tensor_cores(op: str, asked: bool | None) -> bool:
 
 @functools.cache
 def _ext():
-    return importlib.import_module("gemforge.kernels._C")
+    ext = importlib.import_module("gemforge.kernels._C")
+    if hasattr(ext, "set_programmatic_launch"):
+        ext.set_programmatic_launch(PROGRAMMATIC_LAUNCH)
+    return ext
 
 
 def _stream(t: torch.Tensor) -> int:

@@ -6,6 +6,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -18,6 +19,23 @@ def row_config(n: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a kernel that handles one row of n elements per program."""
     block = triton.next_power_of_2(max(n, 1))
     return block, max(1, min(16, block // 256))
+
+
+@triton.jit
+def prior_grids_done(PDL: tl.constexpr):
+    """A kernel's first statement, as csrc/common/launch.cuh's: launched programmatically (PDL, launch_pdl), it lets
+    the next kernel of the stream be scheduled, then waits until the previous one has finished."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+def pdl_options(t: torch.Tensor) -> dict:
+    """A launch's PDL constexpr and launch option: programmatic (kernels._native.PROGRAMMATIC_LAUNCH) on an
+    sm_90+ device of t, else not."""
+    from . import _native
+    on = _native.PROGRAMMATIC_LAUNCH and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 # Interpreter shims: Triton 3.9's interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even)

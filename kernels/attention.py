@@ -218,7 +218,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
 
 
 if triton is not None:
-    from ._triton_utils import dot, round_to
+    from ._triton_utils import dot, pdl_options, prior_grids_done, round_to
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -287,11 +287,12 @@ if triton is not None:
                      stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                      G: tl.constexpr, QT: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                      SPLIT: tl.constexpr, ONE_TILE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """One program: up to QT query tokens x the G query heads of KV head `kvh` (row m = token m // G,
         head m % G), against the cached keys [lo, hi) of one partition (all of the causal range unless SPLIT).
         With SPLIT, partition `part` of `num_parts` is the part-th share of the tile's own causal range, in
         whole BLOCK_N tiles: a grid sized for a long context keeps every program busy on a short one."""
+        prior_grids_done(PDL)
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -369,10 +370,11 @@ if triton is not None:
 
     @triton.jit
     def _attn_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_heads, num_parts, stride_ot, stride_oh,
-                            HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """out[t, h] = sum_p w_p acc_p / sum_p w_p l_p, w_p = exp2(m_p - max_p m_p), BLOCK_P partitions at a time
         (an online max, as in the attention loop). Partition 0 is never empty, so the max is finite from the
         first chunk on; empty partitions (m_p = -inf, acc never written) get w_p = 0 and are not read."""
+        prior_grids_done(PDL)
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
@@ -482,6 +484,7 @@ if triton is not None:
         num_tiles = meta.num_seqs if one_tile else num_tokens // qt + meta.num_seqs
         num_parts = (parts or _num_partitions(meta, kv_heads, cfg["BLOCK_N"], q.device)) if one_tile else 1
         split = num_parts > 1
+        pdl = pdl_options(q)
         if split:
             part_acc = torch.empty((num_tokens, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((num_tokens, num_heads, num_parts, 2), dtype=torch.float32, device=q.device)
@@ -491,11 +494,11 @@ if triton is not None:
             q, k_cache, v_cache, out, part_acc, part_ml, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
             scale * 1.4426950408889634, meta.num_seqs, num_heads, num_parts,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], meta.block_tables.stride(0),
-            G=group, QT=qt, HEAD_DIM=head_dim, PAGE=page, SPLIT=split, ONE_TILE=one_tile, **cfg)
+            G=group, QT=qt, HEAD_DIM=head_dim, PAGE=page, SPLIT=split, ONE_TILE=one_tile, **cfg, **pdl)
         if split:
             _attn_reduce_kernel[(num_tokens, num_heads)](
                 part_acc, part_ml, out, num_heads, num_parts, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-                BLOCK_P=min(16, triton.next_power_of_2(num_parts)), BLOCK_D=cfg["BLOCK_D"], num_warps=4)
+                BLOCK_P=min(16, triton.next_power_of_2(num_parts)), BLOCK_D=cfg["BLOCK_D"], num_warps=4, **pdl)
         return out
 
 

@@ -40,7 +40,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "DRAFT_VOCAB", 128)  # (of 512)
     rows = decode.main(["--models", "codegemma-2b", "codegemma-7b", "--batches", "1", "--steps", "8",
                         "--prompt-len", "8", "--quant", "none", "int4", "int4-head", "int4-vocab", "int4-mma",
-                        "int8-mma", "none-gemv", "none-dmma", "int4-unfused",
+                        "int8-mma", "none-gemv", "none-dmma", "int4-unfused", "int4-pdl",
                         "--verify", "--bandwidth-GBps", "50",
                         "--dtype", "float32", "--out", str(tmp_path / "decode.json")])
     assert not [r for r in rows if "error" in r], rows
@@ -50,12 +50,13 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     runs = [decode.bench_gemforge(model, 3, 5, 6, cuda_graphs=False, overlap=o)["tokens"] for o in (False, True)]
     assert runs[0] == runs[1] and len({tuple(t) for t in runs[0]}) > 1  # the overlapped loop decodes the same
     steps = [r for r in rows if "batch" in r]
-    assert len(steps) == 17 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
+    assert len(steps) == 19 and all(r["gemforge_tok_s"] > 0 and 0 < r["roofline_frac"] for r in steps)
     mma = {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4-mma"}  # the int4 weights, other kernel
     assert mma == {r["model"]: r["weight_GB"] for r in steps if r["weights"] == "int4"}, mma
     assert decode.native.TENSOR_CORE_OPS == set()  # (set for int4-mma and none-dmma only)
     assert decode.native.preference("linear") == ("torch", "cuda")  # (the CUDA kernels first for none-*mma only)
     assert decode.native.FUSE_INTO_LINEARS  # (off for int4-unfused only)
+    assert not decode.native.PROGRAMMATIC_LAUNCH  # (on for int4-pdl only)
     for variant in ("none-gemv", "none-dmma"):
         assert {r["model"] for r in steps if r["weights"] == variant} == {"codegemma-2b", "codegemma-7b"}
     vocab = [r for r in steps if r["weights"] == "int4-vocab"]  # the draft only, its head cut to DRAFT_VOCAB rows
@@ -139,10 +140,10 @@ def test_summary_decides_the_kernel_settings_from_the_decode_rows():
         return {"model": "m", "weights": weights, "batch": batch, "gemforge_tok_s": tok_s, **kw}
     decode = [row("int4", 1, 100.0), row("int4-unfused", 1, 90.0), row("int4", 8, 300.0), row("int4-mma", 1, 120.0),
               row("int4-mma", 8, 400.0), row("int8", 1, 80.0), row("int8", 8, 200.0), row("int8-mma", 1, 90.0),
-              row("none", 1, 50.0), row("none-gemv", 1, 60.0, logits_rel_err=0.5)]
+              row("none", 1, 50.0), row("none-gemv", 1, 60.0, logits_rel_err=0.5), row("int4-pdl", 1, 110.0)]
     got = {(r["variant"], r["speed_ratio"], r["supported"]) for r in summarize.decision_rows(decode)}
     assert got == {("int4-unfused", "b1: 0.9", False), ("int4-mma", "b1: 1.2 b8: 1.333", True),
-                   ("int8-mma", "b1: 1.125", False)}, got
+                   ("int8-mma", "b1: 1.125", False), ("int4-pdl", "b1: 1.1", True)}, got
 
 
 @pytest.mark.parametrize("batch", [1, 3])

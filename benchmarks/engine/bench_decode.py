@@ -226,7 +226,8 @@ def bench_model(args, name: str, cfg: ModelConfig, hf, method: str, dtype, devic
     # "int4-head": the tied LM head quantized too (as drafts are); "-vocab": the head also cut to DRAFT_VOCAB
     # rows (a draft with draft_vocab_size; which rows does not change the time), for --draft-models only;
     # "int4-mma", "int8-mma", "none-gemv", "none-dmma": those weights on kernels off by default; "int4-unfused",
-    # "int8-unfused": the norms, GeGLU and RoPE as kernels of their own, not in the linears (kernel_variant)
+    # "int8-unfused": the norms, GeGLU and RoPE as kernels of their own, not in the linears; "int4-pdl", "int8-pdl":
+    # programmatic dependent launches (kernel_variant)
     base, _, head = method.partition("-")
     if head == "vocab" and name not in args.draft_models:
         return
@@ -304,13 +305,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=["none", "int8", "int4", "int8-head", "int4-head", "none-vocab", "int4-vocab", "int4-mma",
-                             "int8-mma", "none-gemv", "none-dmma", "int4-unfused", "int8-unfused"],
+                             "int8-mma", "none-gemv", "none-dmma", "int4-unfused", "int8-unfused", "none-pdl", "int4-pdl",
+                             "int8-pdl"],
                     help="weight formats to run (the HF peer runs beside 'none'); '-head': the LM head too; '-vocab': "
                          f"the LM head (in the format of the rest) cut to {DRAFT_VOCAB} rows, for --draft-models; "
                          "'int4-mma', 'int8-mma': on the tensor-core kernel; 'none-gemv': dense on the CUDA GEMV at "
                          "one row; "
                          "'none-dmma': dense on the tensor-core kernel up to 16 rows; 'int4-unfused', 'int8-unfused': "
-                         "the RMSNorms, GeGLU and RoPE as kernels of their own (made by the linears by default)")
+                         "the RMSNorms, GeGLU and RoPE as kernels of their own (made by the linears by default); "
+                         "'-pdl': the kernels launched programmatically (PROGRAMMATIC_LAUNCH)")
     ap.add_argument("--draft-models", nargs="*", default=["codegemma-2b"],
                     help="the models the '-vocab' formats run for (drafts)")
     ap.add_argument("--bandwidth-GBps", type=float, default=None, help="measured copy bandwidth")

@@ -21,7 +21,24 @@
 
 namespace gf {
 
-// kernel<<<grid, block, smem, stream>>>(args...).
+// Whether launches are programmatic dependent launches (set_programmatic_launch, ops.h; on sm_90 and later): a
+// kernel may then be scheduled while the previous kernel of its stream still runs, once every CTA of that one
+// has started, and waits in prior_grids_done() (each kernel's first statement) for it to finish.
+bool programmatic_launch();
+
+// Every kernel's first statement: lets the next kernel of the stream be scheduled, then waits until the previous
+// one has finished and its writes are visible. Before it a kernel may touch only what no kernel writes (weights).
+// Where the launch was not programmatic, or before sm_90, there is nothing to wait for.
+__device__ __forceinline__ void prior_grids_done() {
+#if defined(GEMFORGE_EMULATED)
+  emu::prior_grids_done();  // (checks that each thread calls it before any barrier, collective or exit)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), programmatic where programmatic_launch() says so.
 template <typename... Params, typename... Args>
 inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           Args&&... args) {
@@ -29,7 +46,21 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
   (void)stream;
   emu::run_grid(grid, block, smem, [&] { kernel(args...); });
 #else
-  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  if (!programmatic_launch()) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return;
+  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);  // (an error is read by check_launch)
 #endif
 }
 

@@ -60,6 +60,7 @@ struct Fiber {
   void* sp = nullptr;  // saved stack pointer while switched out
   State state = State::Ready;
   uint64_t collectives = 0;  // warp collectives this thread has completed
+  bool waited = false;       // called prior_grids_done
 };
 
 // The running block; one launch at a time (callers hold the GIL).
@@ -141,6 +142,11 @@ void run_warp(int w, int n) {
         threadIdx = uint3{unsigned(i % blockDim.x), unsigned(i / blockDim.x % blockDim.y),
                           unsigned(i / (blockDim.x * blockDim.y))};
         switch_to(&blk.scheduler_sp, f.sp, blk.stacks[i].data(), blk.stacks[i].size());
+        if (!f.waited)
+          throw std::runtime_error("thread " + std::to_string(i) + " reached " +
+                                   (f.state == State::Done ? "its end" : f.state == State::AtBarrier ?
+                                    "__syncthreads" : "a warp collective") +
+                                   " without calling prior_grids_done() first (launch.cuh)");
       }
       at_warp += f.state == State::AtWarp;
     }
@@ -165,6 +171,7 @@ void run_block(int n) {
     Fiber& f = blk.fibers[i];
     f.state = State::Ready;
     f.collectives = 0;
+    f.waited = false;
     f.sp = fresh_stack(blk.stacks[i]);
   }
   const int warps = (n + 31) / 32;
@@ -217,6 +224,8 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
 void* dynamic_smem() { return blk.smem.data(); }
 
 void syncthreads() { yield(State::AtBarrier); }
+
+void prior_grids_done() { blk.fibers[blk.current].waited = true; }
 
 int lane_id() { return blk.current & 31; }
 
@@ -271,7 +280,7 @@ cudaError_t get_device(int* dev) {
   return cudaSuccess;
 }
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? 132 : 0;
+  *value = attr == cudaDevAttrMultiProcessorCount ? 132 : attr == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
   return cudaSuccess;
 }
 

@@ -19,6 +19,9 @@ constexpr size_t kSlotBytes = 64;  // what one lane may contribute to a warp col
 // Runs body (the kernel call) as every thread of every block of the grid; returns when all have finished.
 void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 void* dynamic_smem();  // the running block's dynamic shared memory
+// gf::prior_grids_done (launch.cuh): a thread that reaches __syncthreads, a warp collective or its end without
+// having called it first makes the launch raise RuntimeError.
+void prior_grids_done();
 void syncthreads();
 int lane_id();
 // Each lane of the calling warp contributes `bytes` from `mine`; once all 32 have, returns lane l's

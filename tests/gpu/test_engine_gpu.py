@@ -59,9 +59,9 @@ def test_kernels_match_torch_backend(backend, dtype):
 
 
 @pytest.mark.parametrize("sequences", [1, 3])
-@pytest.mark.parametrize("quant, variant", [(None, None), (None, "gemv"), (None, "dmma"), ("int8", None),
-                                            ("int8", "mma"), ("int8", "unfused"), ("int4", None), ("int4", "mma"),
-                                            ("int4", "unfused")])
+@pytest.mark.parametrize("quant, variant", [(None, None), (None, "gemv"), (None, "dmma"), (None, "pdl"), ("int8", None),
+                                            ("int8", "mma"), ("int8", "unfused"), ("int8", "pdl"), ("int4", None),
+                                            ("int4", "mma"), ("int4", "unfused"), ("int4", "pdl")])
 def test_kernel_variants_match_torch_backend(quant, variant, sequences):
     """The kernels the GPU suite times end to end (bench_decode's formats: the defaults and each
     kernels._native.kernel_variant), replayed from CUDA graphs as the engine runs them, in bf16 with dense,

@@ -146,7 +146,7 @@ CFG_64 = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_
 
 
 @pytest.mark.parametrize("tensor_cores, sequences, variant", [(False, 3, None), (False, 1, None), (True, 3, None),
-                                                              (False, 1, "unfused")])
+                                                              (False, 1, "unfused"), (False, 1, "pdl")])
 def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monkeypatch, tensor_cores, sequences,
                                                             variant):
     """The "cuda" backend with its kernels on the emulated device of csrc/emu/ (CPU tensors; prefill attention
@@ -156,7 +156,8 @@ def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monke
     with the cache write after them, the int4 gate_up projections the norm and GeGLU, the int4 LM head the final
     norm, each in its own launch (kernels._native.FUSE_INTO_LINEARS), wherever a CUDA kernel runs them: the
     CUDA-core GEMV in one sequence's decode steps, the tensor-core kernel in steps of up to 4 tokens; under
-    kernels._native.kernel_variant("unfused"), by kernels of their own."""
+    kernels._native.kernel_variant("unfused"), by kernels of their own; under "pdl" launched programmatically
+    (on the emulated sm_90: each kernel's threads call prior_grids_done first, the GEMV prefetches before it)."""
     import gemforge.kernels._native as native
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton's interpreter is off (a GPU is present): prefill attention would need CUDA tensors")
@@ -172,7 +173,9 @@ def test_model_on_emulated_cuda_kernels_matches_torch_model(emulated_cuda, monke
     prompts = [[2, 5, 9, 11, 40, 3, 7], [2, 60], [2] + list(range(10, 29))][:sequences]
     ref_toks, ref = greedy("torch", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
     with native.kernel_variant(variant):
+        assert emulated_cuda.programmatic_launch() == (variant == "pdl")
         toks, ours = greedy("cuda", prompts, 4, "mixed", device="cpu", dtype=torch.bfloat16, cfg=CFG_64)
+    assert not emulated_cuda.programmatic_launch()
     kind = "mma" if tensor_cores else "gemm" if sequences == 1 else None  # (else Triton's GEMM)
     int8, int4 = f"w8a16_{kind}", f"w4a16_{kind}"
     assert {name for name, *_ in launches} == ({int8, int4} if kind else set()), launches
@@ -192,15 +195,20 @@ def test_kernel_variant_sets_the_choices_and_restores_them():
     import gemforge.kernels._native as native
     from gemforge.kernels.registry import preference
 
-    defaults = (set(native.TENSOR_CORE_OPS), preference("linear"), native.FUSE_INTO_LINEARS)
-    ops = defaults[0]
-    expect = {"mma": (ops | {"linear_int4", "linear_int8"}, defaults[1], True),
-              "gemv": (ops, ("cuda", "torch"), True), "dmma": (ops | {"linear"}, ("cuda", "torch"), True),
-              "unfused": (ops, defaults[1], False), None: defaults}
-    for variant, choices in expect.items():
+    def choices():
+        return set(native.TENSOR_CORE_OPS), preference("linear"), native.FUSE_INTO_LINEARS, native.PROGRAMMATIC_LAUNCH
+
+    defaults = choices()
+    ops, linear = defaults[:2]
+    assert defaults[2:] == (True, False)
+    expect = {"mma": (ops | {"linear_int4", "linear_int8"}, linear, True, False),
+              "gemv": (ops, ("cuda", "torch"), True, False), "dmma": (ops | {"linear"}, ("cuda", "torch"), True, False),
+              "unfused": (ops, linear, False, False), "pdl": (ops, linear, True, True), None: defaults}
+    assert set(expect) == {None, *native.KERNEL_VARIANTS}
+    for variant, want in expect.items():
         with pytest.raises(KeyError), native.kernel_variant(variant):
-            assert (native.TENSOR_CORE_OPS, preference("linear"), native.FUSE_INTO_LINEARS) == choices
+            assert choices() == want
             raise KeyError
-        assert (native.TENSOR_CORE_OPS, preference("linear"), native.FUSE_INTO_LINEARS) == defaults
+        assert choices() == defaults
     with pytest.raises(ValueError, match="unknown variant 'fast'"), native.kernel_variant("fast"):
         pass

@@ -10,7 +10,8 @@ the bundled nano pair's small head dims, bf16/fp16/fp32, decode / verify / prefi
 batches, and the int8/int4 linears at 1..512 rows. Each compiled kernel's shared memory, registers
 and spilled bytes (from Triton's own ptxas -v log) are listed. Exit status 1 when a launch fails
 to compile, needs more shared memory per block than the target has, or, for the CodeGemma shapes in
-16 bits on sm_90, spills more than SPILL_LIMIT bytes per thread. Every kernel is compiled afresh
+16 bits on sm_90, spills more than SPILL_LIMIT bytes per thread, or, launched programmatically (PDL), does
+not wait for the previous kernel (griddepcontrol.wait). Every kernel is compiled afresh
 (Triton's cache would skip ptxas and its log).
 
 Run it with another Triton on the path to check that version too (`make check-triton36`: the GPU
@@ -119,6 +120,8 @@ def compile_only(arch: int, records: dict, case: list):
                 res = ptxas_log_resources(log.getvalue())
                 if res is not None:
                     rec.registers, rec.spilled = res
+                if consts.get("PDL") and "griddepcontrol.wait" not in k.asm["ptx"]:
+                    rec.error = "launched programmatically (PDL) but its PTX has no griddepcontrol.wait"
             except Exception as e:  # noqa: BLE001  reported per launch
                 rec.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         rec.cases.append(case[0])
@@ -162,9 +165,22 @@ def _attention_batches():
     yield "ragged graph 64 tokens, 8 sequences", [37, 1, 1, 1, 24, 0, 0, 0], [37, 600, 600, 600, 24, 0, 0, 0]
 
 
-def _cases(dtypes):
+@contextlib.contextmanager
+def _programmatic():
+    """Attention launched as on an sm_90 GPU with kernels._native.PROGRAMMATIC_LAUNCH on (CPU tensors say not)."""
+    attention = importlib.import_module("gemforge.kernels.attention")  # (the package's `attention` is the op)
+    real = attention.pdl_options
+    attention.pdl_options = lambda t: {"PDL": True, "launch_pdl": True}
+    try:
+        yield
+    finally:
+        attention.pdl_options = real
+
+
+def _cases(dtypes, arch: int):
     """(label, thunk): each thunk calls one Triton op function on CPU tensors of a real launch shape
-    (the kernels never run, so the tensors are left uninitialised and the block tables all say 0)."""
+    (the kernels never run, so the tensors are left uninitialised and the block tables all say 0); on sm_90
+    the 16-bit batch-1 decode attention (split-K and its reduction) programmatic too."""
     from gemforge.kernels.attention import AttnMetadata
     from gemforge.kernels.registry import select
 
@@ -195,9 +211,15 @@ def _cases(dtypes):
                     block_tables=torch.zeros(len(new), -(-max(ctx) // page), dtype=torch.int32),
                     slot_mapping=ids(sum(new)), max_query_len=64 if label.startswith("ragged") else max(new),
                     max_context_len=8192 if label.startswith("ragged") else max(ctx))
-                yield f"{tag} attention {label}", lambda meta=meta, dt=dt, page=page: op("attention")(
+                attend = lambda meta=meta, dt=dt, page=page: op("attention")(  # noqa: E731
                     e(meta.num_tokens, hq, d, dtype=dt), e(8, page, hk, d, dtype=dt), e(8, page, hk, d, dtype=dt),
                     meta, d ** -0.5)
+                yield f"{tag} attention {label}", attend
+                if arch >= 90 and dt != torch.float32 and label.startswith("decode 1 "):  # (what PDL is for)
+                    def programmatic(attend=attend):
+                        with _programmatic():
+                            attend()
+                    yield f"{tag} attention {label} programmatic", programmatic
             if dt == torch.float32:
                 continue  # quantized weights serve 16-bit activations
             for proj, (n, k) in {"qkv": ((hq + 2 * hk) * d, hidden), "o": (hidden, hq * d),
@@ -222,7 +244,7 @@ def check(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32)) -> list[Compil
     for arch in archs:
         case = [""]
         with compile_only(arch, records, case):
-            for label, thunk in _cases(dtypes):
+            for label, thunk in _cases(dtypes, arch):
                 case[0] = label
                 thunk()
     return list(records.values())
