@@ -22,15 +22,16 @@ from .kv_cache import KVCache
 from .loader import load_weights, to_dtype
 from .model import GemmaModel
 from .quantization import QuantConfig, step_bytes, weight_bytes
-from .runner import ModelRunner, WorkItem
+from .runner import ModelRunner
 from .sampling import SamplingParams, adjust, apply_penalties, greedy, logprob_entries, sample
 from .scheduler import Scheduler
 from .drafters import NGRAM, Drafter, NgramDrafter, draft_vocabulary
 from .lookahead import Lookahead
 from .speculative import Window, verdicts
 from .sequence import RequestOutput, Sequence
+from .step_input import FlatBatch, InFlight
 from .tokenizer import Tokenizer
-from .transfer import HostCopy, take_rows, to_device
+from .transfer import take_rows, to_device
 from .weights import head_rows
 
 log = logging.getLogger("gemforge")
@@ -87,28 +88,6 @@ class Request:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
                              finished, max(s.cached_prompt_tokens or 0 for s in self.seqs),
                              self.seqs[0].prompt_logprobs, self.first_token_time)
-
-
-@dataclass
-class InFlight:
-    """A step whose sampled tokens the host has not read: its sampling sequences, in row order, their
-    tokens on the device (the next step's input) and their copy on the way to the host."""
-    seqs: list
-    tokens: torch.Tensor
-    copy: HostCopy
-    _rows: dict | None = None
-
-    @classmethod
-    def launch(cls, seqs: list, tokens: torch.Tensor) -> "InFlight":
-        return cls(seqs, tokens, HostCopy(tokens))
-
-    def read(self) -> list[int]:
-        return self.copy.read()
-
-    def row(self, seq) -> int:
-        if self._rows is None:
-            self._rows = {s.seq_id: i for i, s in enumerate(self.seqs)}
-        return self._rows[seq.seq_id]
 
 
 @dataclass
@@ -376,58 +355,16 @@ class Engine:
             return self._collect(touched, finished_only)
         spec = [sc for sc in plan.scheduled if sc.lookahead > 0]
         t_start = time.perf_counter()
-        proposal = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec]) if spec else None
-        window, drafted = {}, 0  # id(sc) -> (its drafts' span in proposal.tokens, their rows in proposal.q)
-        for i, (sc, n) in enumerate(zip(spec, proposal.counts) if spec else ()):
-            if n < sc.lookahead:  # prompt lookup may find fewer (or none): give the other slots back
-                self.cache.blocks.rollback(sc.seq.seq_id, sc.lookahead - n)
-                sc.lookahead = n
-            if n:
-                window[id(sc)] = (slice(drafted, drafted + n), proposal.q_rows[i] if proposal.q_rows else None)
-                drafted += n
+        proposal, window = self._propose(spec) if spec else (None, {})
         spec = [sc for sc in spec if sc.lookahead]
-        items, rows, plain, scored, r, prompt_tokens = [], [], [], [], 0, 0
-        at, src, flat = [], [], 0  # flat positions of tokens not read yet, their rows in inflight.tokens
-        draft_at = []  # flat positions of the windows' drafts (on the device, in proposal.tokens)
-        for i, sc in enumerate(plan.scheduled):  # one pass: the flat batch, its logits rows, who samples
-            seq, start, n = sc.seq, sc.start, sc.num_tokens
-            if not seq.output_ids and not seq.pending:
-                prompt_tokens += n
-            if seq.pending:  # (only ever its last token, sampled by the step in flight, fed alone)
-                at.append(flat)
-                src.append(inflight.row(seq))
-                toks = [0]
-            else:
-                toks = seq.tokens(start, n)
-            w = window.get(id(sc)) if window else None
-            if w is not None:
-                draft_at += range(flat + len(toks), flat + len(toks) + sc.lookahead)
-                items.append(WorkItem(seq.seq_id, toks + [0] * sc.lookahead, start, all_logits=True))
-                rows.append(slice(r, r + 1 + sc.lookahead))
-                r += 1 + sc.lookahead
-            else:
-                every = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids)
-                if every:  # a prompt chunk whose tokens' logprobs are wanted: logits of every row
-                    scored.append(i)
-                items.append(WorkItem(seq.seq_id, toks, start, all_logits=every))
-                rows.append(slice(r, r + (n if every else 1)))
-                if sc.completes:  # brought up to date: a token is sampled
-                    plain.append(i)
-                r = rows[-1].stop
-            flat += len(items[-1].token_ids)
-        if at:  # the step in flight's tokens, gathered on the device
-            ids = inflight.tokens if src == list(range(len(inflight.seqs))) else \
-                inflight.tokens[to_device(src, inflight.tokens.device)]
-            logits = self.runner.run(items, ids, None if len(at) == flat else at)
-        elif draft_at:  # (no token is in flight in a speculative step)
-            logits = self.runner.run(items, proposal.tokens, None if len(draft_at) == flat else draft_at)
-        else:
-            logits = self.runner.run(items)
+        batch = FlatBatch.pack(plan.scheduled, window)
+        logits = self._forward(batch, inflight, proposal)
         for sc in plan.scheduled:
             sc.seq.num_cached = sc.start + sc.num_tokens
         self.stats["steps"] += 1
-        self.stats["prompt_tokens"] += prompt_tokens
-        for i in scored:
+        self.stats["prompt_tokens"] += batch.prompt_tokens
+        rows, plain = batch.rows, batch.plain
+        for i in batch.scored:
             self._prompt_logprobs(plan.scheduled[i], logits[rows[i]])
         if plain:
             for i in [i for i in plain if plan.scheduled[i].seq.params.max_tokens == 0]:
@@ -446,30 +383,8 @@ class Engine:
                     self._append(s, (tok,), (lp,), touched)
         if inflight is not None:
             self._resolve(inflight, touched)
-        verified = [i for i, sc in enumerate(plan.scheduled) if id(sc) in window]
-        for i in verified:
-            s = plan.scheduled[i].seq
-            if s.adjusts:  # row j scores the token j places after the next one
-                adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(rows[i].stop - rows[i].start)])
-        windows = [Window(s.params, s.generator, rows[i], *window[id(plan.scheduled[i])])
-                   for i, s in ((i, plan.scheduled[i].seq) for i in verified)]
-        kept = dict(zip(verified, verdicts(logits, proposal.tokens, windows, proposal.q) if windows else ()))  # one read
-        tops = {i: w.params.logprobs for i, w in zip(verified, windows) if w.params.logprobs is not None}
-        lps = self._window_logprobs(logits, rows, kept, tops) if tops else {}
-        for i in verified:
-            sc = plan.scheduled[i]
-            s, k = sc.seq, sc.lookahead
-            toks = kept[i]
-            accepted = len(toks) - 1
-            self.lookahead.update(s, accepted, k)
-            self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + k
-            self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
-            self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
-            self._append(s, toks, lps.get(i, [None] * len(toks)), touched)
-            if not s.finished:  # keep the KV of the last token and the accepted drafts
-                s.num_cached = sc.start + 1 + accepted
-                self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
-                self.drafter.keep(s.seq_id, s.num_cached)
+        if window:
+            self._verify(plan.scheduled, window, proposal, logits, rows, touched)
         if self.cache.blocks.prefix_caching:  # offer newly filled blocks to later prompts
             bs, blocks = self.cache.block_size, self.cache.blocks
             for sc in plan.scheduled:
@@ -482,6 +397,63 @@ class Engine:
         if measure:
             self.lookahead.measure(self.drafter, spec, len(plan.scheduled), time.perf_counter() - t_start)
         return out
+
+    def _propose(self, spec: list) -> tuple:
+        """(the drafter's proposal for the scheduled sequences `spec`, window): window maps id(sc) to its
+        drafts' span in proposal.tokens and their rows in proposal.q. A sequence given fewer drafts than
+        its lookahead (prompt lookup may find fewer, or none) gives the other KV slots back."""
+        proposal = self.drafter.propose([sc.seq for sc in spec], [sc.lookahead for sc in spec])
+        window, drafted = {}, 0
+        for i, (sc, n) in enumerate(zip(spec, proposal.counts)):
+            if n < sc.lookahead:
+                self.cache.blocks.rollback(sc.seq.seq_id, sc.lookahead - n)
+                sc.lookahead = n
+            if n:
+                window[id(sc)] = (slice(drafted, drafted + n), proposal.q_rows[i] if proposal.q_rows else None)
+                drafted += n
+        return proposal, window
+
+    def _forward(self, batch: "FlatBatch", inflight: "InFlight | None", proposal) -> torch.Tensor:
+        """The model over the flat batch; the tokens not on the host (the step in flight's, a window's
+        drafts) gathered into it on the device."""
+        if batch.at:  # (only ever the last token of a sequence, fed alone)
+            src = [inflight.row(s) for s in batch.fed]
+            ids = inflight.tokens if src == list(range(len(inflight.seqs))) else \
+                inflight.tokens[to_device(src, inflight.tokens.device)]
+            return self.runner.run(batch.items, ids, None if len(batch.at) == batch.size else batch.at)
+        if batch.draft_at:  # (no token is in flight in a speculative step)
+            at = batch.draft_at
+            return self.runner.run(batch.items, proposal.tokens, None if len(at) == batch.size else at)
+        return self.runner.run(batch.items)
+
+    def _verify(self, scheduled, window: dict, proposal, logits: torch.Tensor, rows: list[slice],
+                touched: dict) -> None:
+        """Judge each verify window's drafts against the target's rows (speculative.verdicts, one read),
+        append what is kept, and give the rejected drafts' KV slots back to both models' caches."""
+        verified = [i for i, sc in enumerate(scheduled) if id(sc) in window]
+        for i in verified:
+            s = scheduled[i].seq
+            if s.adjusts:  # row j scores the token j places after the next one
+                adjust(logits[rows[i]], [s.logit_adjustment(j) for j in range(rows[i].stop - rows[i].start)])
+        windows = [Window(scheduled[i].seq.params, scheduled[i].seq.generator, rows[i], *window[id(scheduled[i])])
+                   for i in verified]
+        kept = dict(zip(verified, verdicts(logits, proposal.tokens, windows, proposal.q)))
+        tops = {i: w.params.logprobs for i, w in zip(verified, windows) if w.params.logprobs is not None}
+        lps = self._window_logprobs(logits, rows, kept, tops) if tops else {}
+        for i in verified:
+            sc = scheduled[i]
+            s, k = sc.seq, sc.lookahead
+            toks = kept[i]
+            accepted = len(toks) - 1
+            self.lookahead.update(s, accepted, k)
+            self.stats["spec_proposed"] = self.stats.get("spec_proposed", 0) + k
+            self.stats["spec_accepted"] = self.stats.get("spec_accepted", 0) + accepted
+            self.stats["spec_windows"] = self.stats.get("spec_windows", 0) + 1
+            self._append(s, toks, lps.get(i, [None] * len(toks)), touched)
+            if not s.finished:  # keep the KV of the last token and the accepted drafts
+                s.num_cached = sc.start + 1 + accepted
+                self.cache.blocks.rollback(s.seq_id, sc.lookahead - accepted)
+                self.drafter.keep(s.seq_id, s.num_cached)
 
     @staticmethod
     def _window_logprobs(logits: torch.Tensor, rows: list[slice], kept: dict, tops: dict) -> dict:
