@@ -25,6 +25,7 @@ import importlib
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,16 @@ class _CompileOnlyDriver:
         return True
 
 
+def _pdl_error(ptx: str) -> str | None:
+    """What is wrong with a programmatically launched kernel's PTX: no griddepcontrol.wait, or global memory
+    read or written before it (the previous kernel may still be writing)."""
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0:
+        return "launched programmatically (PDL) but its PTX has no griddepcontrol.wait"
+    early = re.search(r"\b(ld|st|atom|red|cp\.async)\.global\S*", ptx[:wait])
+    return f"launched programmatically (PDL) but {early.group(0)} comes before griddepcontrol.wait" if early else None
+
+
 @contextlib.contextmanager
 def compile_only(arch: int, records: dict, case: list):
     """Within the block, a Triton launch compiles for sm_`arch` and records a `Compiled` (keyed by
@@ -120,8 +131,8 @@ def compile_only(arch: int, records: dict, case: list):
                 res = ptxas_log_resources(log.getvalue())
                 if res is not None:
                     rec.registers, rec.spilled = res
-                if consts.get("PDL") and "griddepcontrol.wait" not in k.asm["ptx"]:
-                    rec.error = "launched programmatically (PDL) but its PTX has no griddepcontrol.wait"
+                if consts.get("PDL"):
+                    rec.error = _pdl_error(k.asm["ptx"])
             except Exception as e:  # noqa: BLE001  reported per launch
                 rec.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         rec.cases.append(case[0])
