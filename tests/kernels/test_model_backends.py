@@ -199,11 +199,10 @@ def test_kernel_variant_sets_the_choices_and_restores_them():
         return set(native.TENSOR_CORE_OPS), preference("linear"), native.FUSE_INTO_LINEARS, native.PROGRAMMATIC_LAUNCH
 
     defaults = choices()
-    ops, linear = defaults[:2]
-    assert defaults[2:] == (True, False)
-    expect = {"mma": (ops | {"linear_int4", "linear_int8"}, linear, True, False),
-              "gemv": (ops, ("cuda", "torch"), True, False), "dmma": (ops | {"linear"}, ("cuda", "torch"), True, False),
-              "unfused": (ops, linear, False, False), "pdl": (ops, linear, True, True), None: defaults}
+    ops, linear, fuse, pdl = defaults
+    expect = {"mma": (ops | {"linear_int4", "linear_int8"}, linear, fuse, pdl),
+              "gemv": (ops, ("cuda", "torch"), fuse, pdl), "dmma": (ops | {"linear"}, ("cuda", "torch"), fuse, pdl),
+              "unfused": (ops, linear, False, pdl), "pdl": (ops, linear, fuse, True), None: defaults}
     assert set(expect) == {None, *native.KERNEL_VARIANTS}
     for variant, want in expect.items():
         with pytest.raises(KeyError), native.kernel_variant(variant):
