@@ -106,9 +106,13 @@ def set_programmatic_launch(on: bool) -> None:
     global PROGRAMMATIC_LAUNCH
     PROGRAMMATIC_LAUNCH = bool(on)
     with contextlib.suppress(ImportError):
-        ext = _ext()
-        if hasattr(ext, "set_programmatic_launch"):  # (built with CUDA)
-            ext.set_programmatic_launch(PROGRAMMATIC_LAUNCH)
+        _apply_launch_mode(_ext())
+
+
+def _apply_launch_mode(ext) -> None:
+    """PROGRAMMATIC_LAUNCH into _C (also when set in this file: _ext() applies it on import)."""
+    if hasattr(ext, "set_programmatic_launch"):  # (built with CUDA)
+        ext.set_programmatic_launch(PROGRAMMATIC_LAUNCH)
 
 
 def _tensor_cores(op: str, asked: bool | None) -> bool:
@@ -118,8 +122,7 @@ def _tensor_cores(op: str, asked: bool | None) -> bool:
 @functools.cache
 def _ext():
     ext = importlib.import_module("gemforge.kernels._C")
-    if hasattr(ext, "set_programmatic_launch"):
-        ext.set_programmatic_launch(PROGRAMMATIC_LAUNCH)
+    _apply_launch_mode(ext)
     return ext
 
 
