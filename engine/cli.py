@@ -81,6 +81,8 @@ def _quantize(args) -> int:
     cfg = ModelConfig.from_pretrained(src)
     if cfg.quantization:
         raise GemforgeError(f"{src}: already quantized ({cfg.quantization})")
+    if not (src / "tokenizer.model").is_file():
+        raise GemforgeError(f"{src / 'tokenizer.model'}: not found (the quantized checkpoint is written with it)")
     quant = QuantConfig(args.method, args.group_size, not args.asymmetric, args.quantize_lm_head)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = to_dtype(cfg.dtype if args.dtype == "auto" else args.dtype)

@@ -93,21 +93,27 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         try:
-            return cls.from_hf_dict(raw)
+            cfg = cls.from_hf_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        extra = [i for i in _generation_eos(Path(model_dir) / "generation_config.json", cfg.vocab_size)
+                 if i not in cfg.eos_token_ids]
+        return cfg.replace(eos_token_ids=cfg.eos_token_ids + tuple(extra)) if extra else cfg
 
     @classmethod
     def from_hf_dict(cls, raw: dict) -> "ModelConfig":
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
-        if model_type != "gemma" and "GemmaForCausalLM" not in archs:
-            raise ConfigError(f"unsupported architecture {archs or model_type!r}: gemforge serves Gemma-1 "
+        if not isinstance(archs, list):
+            raise ConfigError(f"field 'architectures' must be a list, got {archs!r}")
+        if model_type not in ("gemma", None) or (model_type is None and "GemmaForCausalLM" not in archs):
+            raise ConfigError(f"unsupported architecture {model_type or archs!r}: gemforge serves Gemma-1 "
                               f"(GemmaForCausalLM, model_type 'gemma') such as CodeGemma")
-        if raw.get("attention_bias"):
-            raise ConfigError("field 'attention_bias' is true; Gemma-1 has no attention biases")
+        for key in ("attention_bias", "use_bidirectional_attention"):
+            if raw.get(key) not in (None, False):
+                raise ConfigError(f"field {key!r} is {raw[key]!r}; Gemma-1 CodeGemma has it false")
         act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
-        if act not in _GELU_TANH:
+        if not isinstance(act, str) or act not in _GELU_TANH:
             raise ConfigError(f"field 'hidden_activation' is {act!r}; Gemma uses tanh-approximate GELU")
 
         def req(key):
@@ -116,7 +122,7 @@ class ModelConfig:
             return raw[key]
 
         def as_int(key, default=None):
-            v = raw.get(key, default) if default is not None else req(key)
+            v = (default if raw.get(key) is None else raw[key]) if default is not None else req(key)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"field {key!r} must be an integer, got {v!r}")
             return v
@@ -130,6 +136,8 @@ class ModelConfig:
         hidden, heads = as_int("hidden_size"), as_int("num_attention_heads")
         head_dim = raw.get("head_dim")
         if head_dim is None:
+            if heads <= 0:
+                raise ConfigError(f"num_attention_heads must be a positive integer, got {heads}")
             if hidden % heads:
                 raise ConfigError(f"missing field 'head_dim' and hidden_size {hidden} is not divisible by "
                                   f"num_attention_heads {heads}")
@@ -142,17 +150,18 @@ class ModelConfig:
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         if dtype not in _DTYPES:
             raise ConfigError(f"field 'torch_dtype' is {dtype!r}; expected one of {_DTYPES}")
-        if raw.get("tie_word_embeddings", True) is False:
-            raise ConfigError("field 'tie_word_embeddings' is false; Gemma ties the LM head to the embeddings")
+        if raw.get("tie_word_embeddings", True) is not True:
+            raise ConfigError(f"field 'tie_word_embeddings' is {raw['tie_word_embeddings']!r}; Gemma ties the LM "
+                              f"head to the embeddings (true)")
         quant = raw.get("quantization_config")
         if quant is not None and not isinstance(quant, dict):
             raise ConfigError(f"field 'quantization_config' must be an object, got {quant!r}")
         return cls(
             vocab_size=as_int("vocab_size"), hidden_size=hidden,
             intermediate_size=as_int("intermediate_size"), num_layers=as_int("num_hidden_layers"),
-            num_heads=heads, num_kv_heads=as_int("num_key_value_heads", heads),
+            num_heads=heads, num_kv_heads=as_int("num_key_value_heads", heads),  # (null: one per query head)
             head_dim=as_int("head_dim"), rms_norm_eps=as_float("rms_norm_eps", 1e-6),
-            rope_theta=as_float("rope_theta", 10000.0),
+            rope_theta=_rope_theta(raw),
             max_position_embeddings=as_int("max_position_embeddings", 8192), dtype=dtype,
             bos_token_id=as_int("bos_token_id", 2), eos_token_ids=eos_ids,
             pad_token_id=as_int("pad_token_id", 0), quantization=quant,
@@ -163,6 +172,44 @@ class ModelConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _generation_eos(path: Path, vocab_size: int) -> list[int]:
+    """The eos_token_id(s) of a generation_config.json (HF's generate stops on these too); [] without one."""
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size:
+            raise ConfigError(f"{path}: eos_token_id {i!r} is not a token id of the vocabulary (size {vocab_size})")
+    return ids
+
+
+def _rope_theta(raw: dict) -> float:
+    """RoPE's base from `rope_theta` (transformers 4) or `rope_parameters.rope_theta` (transformers 5);
+    a scaled RoPE (any rope_type but "default", or a legacy `rope_scaling`) is refused, not ignored."""
+    params = raw.get("rope_parameters")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"field 'rope_parameters' must be an object, got {params!r}")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ConfigError(f"field 'rope_parameters' asks for {kind!r} RoPE; Gemma-1 uses plain RoPE (rope_type 'default')")
+    if raw.get("rope_scaling") is not None:
+        raise ConfigError(f"field 'rope_scaling' is {raw['rope_scaling']!r}; Gemma-1 uses plain RoPE (rope_scaling null)")
+    top, nested = raw.get("rope_theta"), params.get("rope_theta")
+    if top is not None and nested is not None and top != nested:
+        raise ConfigError(f"fields 'rope_theta' ({top!r}) and 'rope_parameters.rope_theta' ({nested!r}) disagree")
+    theta = top if top is not None else nested if nested is not None else 10000.0
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise ConfigError(f"field 'rope_theta' must be a number, got {theta!r}")
+    return float(theta)
 
 
 _GEMMA_VOCAB = 256000

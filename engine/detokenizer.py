@@ -12,6 +12,8 @@ The pieces returned by push() and flush() concatenate to exactly the final `text
 """
 from __future__ import annotations
 
+import functools
+
 from .tokenizer import Tokenizer
 
 # Decode a window that starts this many tokens before the unread ones, so sentencepiece sees the
@@ -23,6 +25,9 @@ class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
         self.tok = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self._borders = [_borders(s) for s in self.stop]
+        self._matched = [0] * len(self.stop)  # per stop: its longest prefix that the text ends with
+        self._scanned = 0  # characters of _decoded the stop strings have been matched against
         self.ids: list[int] = []
         self.prefix_offset = 0   # window start
         self.read_offset = 0     # tokens whose text is already in self._decoded
@@ -74,26 +79,51 @@ class Detokenizer:
 
     def _release(self) -> str:
         text = self._decoded
-        if self.stop:
-            start = max(0, self.emitted - max(map(len, self.stop)))
-            hits = [(i, s) for s in self.stop if (i := text.find(s, max(start, self.stop_floor - len(s) + 1))) >= 0]
-            if hits:
-                cut, s = min(hits)
-                self.stopped, self.stop_reason = True, s
-                out = text[self.emitted: cut]
-                self.emitted = cut
-                return out
-        end = len(text) - self._held_back(text)
+        hit = self._scan(text) if self.stop else None
+        if hit is not None:
+            cut, self.stop_reason = hit
+            self.stopped = True
+            out = text[self.emitted: cut]
+            self.emitted = cut
+            return out
+        end = len(text) - max(self._matched, default=0)  # (a suffix that may begin a stop string waits)
         out = text[self.emitted: end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return out
 
-    def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+    def _scan(self, text: str) -> tuple[int, str] | None:
+        """Match the stop strings against the characters added since the last scan (Knuth-Morris-Pratt:
+        O(1) amortised per character and stop string). Returns (start, stop string) of the stop string
+        that starts first among those completed in them, counting only those that end past
+        stop_floor; else None, with _matched holding each one's partial match at the end of `text`."""
+        hits = []
+        for j, (s, border) in enumerate(zip(self.stop, self._borders)):
+            m, first = self._matched[j], None
+            for e in range(self._scanned, len(text)):
+                c = text[e]
+                while m and s[m] != c:
+                    m = border[m]
+                if s[m] == c:
+                    m += 1
+                if m == len(s):
+                    if first is None and e >= self.stop_floor:
+                        first = e + 1 - m
+                    m = border[m]
+            self._matched[j] = m
+            if first is not None:
+                hits.append((first, s))
+        self._scanned = len(text)
+        return min(hits) if hits else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _borders(s: str) -> tuple[int, ...]:
+    """KMP's table: entry n is the length of the longest proper prefix of s[:n] that is also its suffix."""
+    border, k = [0] * (len(s) + 1), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = border[k]
+        if s[i] == s[k]:
+            k += 1
+        border[i + 1] = k
+    return tuple(border)

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from gemforge.kernels.registry import BACKENDS, BackendUnavailable
+
 from .config import ModelConfig
 from .errors import RequestError
 from .kv_cache import KVCache
-from .loader import load_weights, to_dtype
-from .model import GemmaModel
+from .loader import DTYPES, load_weights, to_dtype
+from .model import GemmaModel, Ops
 from .quantization import QuantConfig, step_bytes, weight_bytes
 from .runner import ModelRunner
 from .sampling import SamplingParams, adjust, apply_penalties, greedy, logprob_entries, sample
@@ -41,6 +44,35 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def host_memory_available() -> int:
+    """Bytes of RAM the kernel can hand out now (/proc/meminfo's MemAvailable; else the machine's total)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_device(device: str) -> str:
+    """`device` if gemforge can run there (cpu, or an available cuda[:N]); else RequestError."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RequestError(f"device {device!r} is not a device name (cpu, cuda, cuda:N)", field="device") from None
+    if d.type not in ("cpu", "cuda"):
+        raise RequestError(f"device {device!r}: gemforge runs on cpu or cuda", field="device")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError(f"device {device!r}: no CUDA device is available (torch.cuda.is_available() is False)",
+                           field="device")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise RequestError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                           field="device")
+    return device
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products in hardware (x86 AVX512-BF16 or AMX, Arm BF16),
@@ -59,6 +91,8 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, device: str) -> torch.dtype:
     """"auto": the checkpoint's dtype on a GPU; on a CPU, a bf16 checkpoint's bf16 where the CPU has
     native bf16 (it halves the weight reads that bound decoding; benchmarks/README.md has the figures),
     else float32 (emulated bf16 or fp16 matmuls are slow)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise RequestError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
     if dtype == "auto":
         ckpt = to_dtype(cfg.dtype)
         if device.startswith("cuda"):
@@ -117,6 +151,18 @@ class EngineConfig:
     draft_cost: float | None = None  # a draft step in target decode steps; None: measured (StepCosts)
 
 
+def check_sizes(ec: EngineConfig, cfg: ModelConfig) -> None:
+    """The engine's sizes are positive integers, and max_model_len within the model's positions; else RequestError."""
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len", "kv_cache_tokens"):
+        v = getattr(ec, name)
+        if (v is not None or name in ("max_num_seqs", "max_num_batched_tokens", "block_size")) and (
+                not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise RequestError(f"{name} must be a positive integer, got {v!r}", field=name)
+    if ec.max_model_len is not None and ec.max_model_len > cfg.max_position_embeddings:
+        raise RequestError(f"max_model_len {ec.max_model_len} exceeds the model's max_position_embeddings "
+                           f"({cfg.max_position_embeddings})", field="max_model_len")
+
+
 class Engine:
     def __init__(self, model: str | Path, config: EngineConfig | None = None, progress: bool = True):
         ec = self.ec = config or EngineConfig()
@@ -125,18 +171,24 @@ class Engine:
                                field="gpu_memory_utilization")
         self.model_dir = Path(model)
         self.cfg = ModelConfig.from_pretrained(self.model_dir)
+        check_sizes(ec, self.cfg)
         self.tokenizer = Tokenizer(self.model_dir / "tokenizer.model")
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise RequestError(f"{self.tokenizer.path}: tokenizer has {self.tokenizer.vocab_size} pieces but "
                                f"config.json's vocab_size is {self.cfg.vocab_size}", field="tokenizer")
-        self.device = ec.device or default_device()
+        self.device = check_device(ec.device) if ec.device else default_device()
         self.dtype = resolve_dtype(ec.dtype, self.cfg, self.device)
+        if ec.backend not in ("auto", *BACKENDS):
+            raise RequestError(f"backend must be 'auto' or one of {BACKENDS}, got {ec.backend!r}", field="backend")
+        try:  # (before the weights load: the model resolves its ops the same way)
+            Ops.resolve(ec.backend, self.device)
+        except BackendUnavailable as e:
+            raise RequestError(f"backend {ec.backend!r}: {e}", field="backend") from None
         weights = load_weights(self.model_dir, self.cfg, self.dtype, self.device,
                                self._quant(ec.quantization, ec.quantize_lm_head), progress=progress)
         self.weight_bytes = weight_bytes(weights)
         self.model = GemmaModel(self.cfg, weights, self.dtype, self.device, ec.backend)
-        self.max_model_len = min(ec.max_model_len or self.cfg.max_position_embeddings,
-                                 self.cfg.max_position_embeddings)
+        self.max_model_len = ec.max_model_len or self.cfg.max_position_embeddings
         tokens = ec.kv_cache_tokens or self._default_cache_tokens()
         self.cache = KVCache(self.cfg.num_layers, -(-tokens // ec.block_size), ec.block_size,
                              self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device,
@@ -195,9 +247,13 @@ class Engine:
         dcfg = ModelConfig.from_pretrained(d)
         dtok = Tokenizer(d / "tokenizer.model")
         if dcfg.vocab_size != self.cfg.vocab_size or not self.tokenizer.same_vocab(dtok):
-            raise RequestError(f"draft model {d}: its vocabulary (size {dcfg.vocab_size}, {dtok.path}) differs from "
-                               f"the target's (size {self.cfg.vocab_size}, {self.tokenizer.path}); speculative "
-                               f"decoding needs the same tokenizer", field="draft_model")
+            i = self.tokenizer.first_difference(dtok)
+            where = "" if i is None else \
+                f"; id {i} is {dtok.sp.IdToPiece(i)!r} in the draft's, {self.tokenizer.sp.IdToPiece(i)!r} in the target's"
+            raise RequestError(f"draft model {d}: its vocabulary (config vocab_size {dcfg.vocab_size}, "
+                               f"{dtok.vocab_size} pieces in {dtok.path}) differs from the target's (vocab_size "
+                               f"{self.cfg.vocab_size}, {self.tokenizer.vocab_size} pieces in {self.tokenizer.path}"
+                               f"{where}); speculative decoding needs the same tokenizer", field="draft_model")
         if self.ec.draft_vocab_corpus is not None and self.ec.draft_vocab_size is None:
             raise RequestError("draft_vocab_corpus ranks the tokens draft_vocab_size keeps: give a size too",
                                field="draft_vocab_corpus")
@@ -247,10 +303,18 @@ class Engine:
         per_token = KVCache.bytes_per_token(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim,
                                             torch.tensor([], dtype=self.dtype).element_size())
         if self.device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            budget = free - (1 - self.ec.gpu_memory_utilization) * total
-            return max(self.max_model_len, int(budget) // per_token)
-        return max(self.max_model_len, min(65536, (2 << 30) // per_token))
+            free, total = torch.cuda.mem_get_info(self.device)
+            room = free - (1 - self.ec.gpu_memory_utilization) * total
+            tokens = int(room) // per_token
+        else:
+            room = host_memory_available()
+            tokens = min(65536, (2 << 30) // per_token)
+        if tokens >= self.max_model_len or self.max_model_len * per_token <= room:
+            return max(tokens, self.max_model_len)  # (one whole-context sequence at least)
+        raise RequestError(f"the KV cache of one {self.max_model_len}-token sequence "
+                           f"({self.max_model_len * per_token / 1e9:.1f} GB) does not fit the memory available on "
+                           f"{self.device} ({room / 1e9:.1f} GB): give a smaller max_model_len (--max-model-len)",
+                           field="max_model_len")
 
     # -- requests ---------------------------------------------------------------------------
     def encode_prompt(self, prompt, suffix: str | None = None, fim_mode: str = "psm") -> tuple[str | None, list[int]]:
@@ -301,7 +365,8 @@ class Engine:
         needs_tokens = (params.logprobs is not None or params.prompt_logprobs is not None or params.max_tokens == 0
                         or params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty)
         for s in seqs:
-            s.spec_rate = self.lookahead.rate
+            if not s.seeded:  # (a seeded one starts from the same estimate whatever ran before it)
+                s.spec_rate = self.lookahead.rate
             self._by_seq[s.seq_id] = req
             self.scheduler.add(s)
             if needs_tokens:
@@ -431,6 +496,8 @@ class Engine:
         """Judge each verify window's drafts against the target's rows (speculative.verdicts, one read),
         append what is kept, and give the rejected drafts' KV slots back to both models' caches."""
         verified = [i for i, sc in enumerate(scheduled) if id(sc) in window]
+        raw = logits.clone() if any(scheduled[i].seq.adjusts and scheduled[i].seq.params.logprobs is not None
+                                    for i in verified) else logits  # what logprobs report (see _sample)
         for i in verified:
             s = scheduled[i].seq
             if s.adjusts:  # row j scores the token j places after the next one
@@ -439,7 +506,7 @@ class Engine:
                    for i in verified]
         kept = dict(zip(verified, verdicts(logits, proposal.tokens, windows, proposal.q)))
         tops = {i: w.params.logprobs for i, w in zip(verified, windows) if w.params.logprobs is not None}
-        lps = self._window_logprobs(logits, rows, kept, tops) if tops else {}
+        lps = self._window_logprobs(raw, rows, kept, tops) if tops else {}
         for i in verified:
             sc = scheduled[i]
             s, k = sc.seq, sc.lookahead
@@ -505,12 +572,14 @@ class Engine:
                 self._append(s, (tok,), (None,), touched)
 
     def _sample(self, seqs, logits):
-        """(tokens, logprob dicts) for the rows of `logits`, adjustments, penalties and filters applied."""
-        tokens = self._pick(seqs, logits)
+        """(tokens, logprob dicts) for the rows of `logits`: the tokens picked with adjustments, penalties
+        and filters applied, their logprobs those of the model's own logits (as the prompt's are)."""
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw = logits[want] if want else None  # (a copy: _pick edits logits in place)
+        tokens = self._pick(seqs, logits)
         lp_dicts: list[dict | None] = [None] * len(seqs)
         if want:
-            entries = logprob_entries(logits[want], tokens[want], [seqs[i].params.logprobs for i in want])
+            entries = logprob_entries(raw, tokens[want], [seqs[i].params.logprobs for i in want])
             for i, entry in zip(want, entries):
                 lp_dicts[i] = entry
         return tokens.tolist(), lp_dicts

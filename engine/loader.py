@@ -38,26 +38,47 @@ def to_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def shard_index(model_dir: str | Path) -> dict[str, str] | None:
+    """The `weight_map` (tensor name -> shard file name) of a sharded checkpoint's index; None if unsharded."""
+    d = Path(model_dir)
+    index = d / INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: malformed shard index ({e!r})") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file name")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {d}")
+    return weight_map
+
+
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint, single-file or sharded (via its index)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: model directory not found")
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({e!r})") from None
+    weight_map = shard_index(d)
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (d / f).is_file()]
         if missing:
-            raise CheckpointError(f"{index}: lists shard {missing[0]!r}, which is not in {d}")
+            raise CheckpointError(f"{d / INDEX}: lists shard {missing[0]!r}, which is not in {d}")
         return [d / f for f in files]
     single = d / "model.safetensors"
     if single.is_file():
         return [single]
-    raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json found")
+    bins = sorted(p.name for p in d.glob("*.bin"))
+    raise CheckpointError(f"{d}: no model.safetensors or {INDEX} found" + (
+        f" ({', '.join(bins)}: PyTorch .bin checkpoints are not read; save the model with "
+        f"save_pretrained(..., safe_serialization=True) to get safetensors)" if bins else ""))
 
 
 def _open(path: Path):
@@ -67,10 +88,21 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _hf_tensors(files: list[Path]):
-    """Yield (key, read(), file) for every tensor of the safetensors files, one file open at a time."""
+def _hf_tensors(files: list[Path], weight_map: dict[str, str] | None = None):
+    """Yield (key, read(), file) for every tensor of the safetensors files, one file open at a time;
+    with a shard index, each shard must hold exactly the tensors the index assigns it."""
     for path in files:
         with _open(path) as f:
+            if weight_map is not None:
+                listed = {k for k, shard in weight_map.items() if shard == path.name}
+                held = set(f.keys())
+                wrong = sorted(listed ^ held)
+                if wrong:
+                    key = wrong[0]
+                    raise CheckpointError(
+                        f"{path.parent / INDEX}: says tensor {key!r} is in {path.name}, which does not hold it"
+                        if key in listed else
+                        f"{path}: holds tensor {key!r}, which {INDEX} places {'in ' + weight_map[key] if key in weight_map else 'nowhere'}")
             for key in f.keys():
                 def read(f=f, key=key, path=path):
                     try:
@@ -89,10 +121,13 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
     parameter at a time exists beside the quantized model.
     """
     files = checkpoint_files(model_dir)
-    saved = QuantConfig.from_dict(cfg.quantization) if cfg.quantization else None
+    try:
+        saved = QuantConfig.from_dict(cfg.quantization) if cfg.quantization else None
+    except ConfigError as e:
+        raise ConfigError(f"{Path(model_dir) / 'config.json'}: {e}") from None
     if saved is not None and quant is not None and quant != saved:
         raise ConfigError(f"{model_dir}: checkpoint is quantized as {saved}, which differs from the requested {quant}")
-    return fuse_tensors(_hf_tensors(files), cfg, dtype, device, saved, quant if saved is None else None, progress,
+    return fuse_tensors(_hf_tensors(files, shard_index(model_dir)), cfg, dtype, device, saved, quant if saved is None else None, progress,
                         where=", ".join(p.name for p in files), desc=f"loading {Path(model_dir).name}")
 
 
@@ -121,6 +156,8 @@ def fuse_tensors(items, cfg: ModelConfig, dtype: torch.dtype, device, saved: Qua
     """Copy (HF name, read(), source) items into the fused parameters, checking names and shapes.
     `saved`: the checkpoint holds quantized components; `quant`: quantize dense ones on the fly."""
     slots, shapes = hf_slots(cfg), fused_shapes(cfg)
+    if quant is not None:
+        quant.check_shapes(shapes)
     expected: dict[str, tuple] = {}  # checkpoint key -> (slot, component)
     for key, slot in slots.items():
         if saved is not None and saved.applies_to(slot.target):
@@ -173,7 +210,7 @@ def fuse_tensors(items, cfg: ModelConfig, dtype: torch.dtype, device, saved: Qua
         del t
         parts_left[slot.target] -= 1
         if parts_left[slot.target] == 0:
-            params[slot.target] = _finish(slot.target, params[slot.target], saved, quant, shapes)
+            params[slot.target] = _finish(slot.target, params[slot.target], saved, quant, shapes, where)
         bar.update(1)
     bar.close()
     missing = [k for k in expected if k not in seen]
@@ -183,15 +220,15 @@ def fuse_tensors(items, cfg: ModelConfig, dtype: torch.dtype, device, saved: Qua
     return assemble(cfg, params)
 
 
-def _finish(name: str, value, saved: QuantConfig | None, quant: QuantConfig | None, shapes):
+def _finish(name: str, value, saved: QuantConfig | None, quant: QuantConfig | None, shapes, where: str):
     """A fully read parameter: assemble saved quantized components, or quantize a dense one."""
-    if isinstance(value, dict):
-        try:
+    try:
+        if isinstance(value, dict):
             return QuantizedWeight(saved.method, value["qweight"], value["scales"], value.get("zeros"),
                                    saved.group_size if saved.method == "int4" else None, tuple(shapes[name]))
-        except ValueError as e:
-            raise CheckpointError(f"quantized parameter {name}: {e}") from None
-    return quant.on_load(name, value) if quant is not None else value
+        return quant.on_load(name, value) if quant is not None else value
+    except ValueError as e:  # (malformed saved components; a dense weight with NaN or inf cannot be quantized)
+        raise CheckpointError(f"{where}: parameter {name}: {e}") from None
 
 
 def hf_state_dict(cfg: ModelConfig, weights: GemmaWeights) -> dict[str, torch.Tensor]:
@@ -226,7 +263,12 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, weights: GemmaWeights
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    # weights of an earlier checkpoint here would shadow these (an index wins over model.safetensors)
+    for stale in [out / "model.safetensors", out / INDEX, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
     sd = {k: v.cpu() for k, v in hf_state_dict(cfg, weights).items()}
     shards, cur, size = [], {}, 0
     for k, v in sd.items():

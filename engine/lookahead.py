@@ -116,7 +116,9 @@ class Lookahead:
     with the most expected tokens per unit of time (`best_lookahead`) at the sequence's recent
     acceptance rate, under the costs of a draft step and of a verify window's tokens, as given
     (`draft_cost`, in plain decode steps: then windows count as free) or measured (`costs`,
-    `draft_prior` until then); else k_max."""
+    `draft_prior` until then); else k_max. A seeded sampled request (Sequence.seeded) adapts to its own
+    acceptance only, under the given or prior cost, and skips the calibrating plain steps: how many
+    random draws its windows take then depends on nothing outside it, so its seed replays."""
 
     def __init__(self, k_max: int, adaptive: bool, draft_cost: float | None, draft_prior: float):
         self.k_max, self.adaptive, self.given = k_max, adaptive, draft_cost
@@ -124,6 +126,12 @@ class Lookahead:
         self.rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
         self.since_plain = 0  # speculative steps measured since the last plain one
         self._memo: tuple = (None, {})  # (costs, {acceptance in hundredths: best k})
+        self._fixed: dict[int, int] = {}  # the same for seeded requests, under the given or prior draft cost
+
+    @property
+    def given_or_prior(self) -> float:
+        """A draft step in plain decode steps as given, else as estimated before any step ran (a fixed cost)."""
+        return self.given if self.given is not None else self.costs.draft_prior
 
     @property
     def draft_cost(self) -> float:
@@ -155,15 +163,20 @@ class Lookahead:
         calibrate = self.adaptive and self.given is None and self.since_plain >= CALIBRATE_EVERY
         for s in running:
             p = s.params
-            if calibrate or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
+            if (calibrate and not s.seeded) or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
                 s.lookahead = 0
                 continue
             want = self.k_max
             if self.adaptive:
                 rate = round(s.spec_rate * 100)
-                want = memo.get(rate)
-                if want is None:
-                    want = memo[rate] = best_lookahead(rate / 100, *costs)
+                if s.seeded:  # its own acceptance under fixed costs: the draws it takes replay with its seed
+                    want = self._fixed.get(rate)
+                    if want is None:
+                        want = self._fixed[rate] = best_lookahead(rate / 100, self.k_max, self.given_or_prior)
+                else:
+                    want = memo.get(rate)
+                    if want is None:
+                        want = memo[rate] = best_lookahead(rate / 100, *costs)
                 if want:
                     s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
                 else:

@@ -42,11 +42,27 @@ class QuantConfig:
         if d.get("quant_method") != "gemforge":
             raise ConfigError(f"quantization_config.quant_method {d.get('quant_method')!r} is not supported "
                               f"(gemforge reads its own 'gemforge' int8/int4 checkpoints)")
-        try:
-            return cls(d["method"], int(d.get("group_size", 128)), bool(d.get("symmetric", True)),
-                       bool(d.get("quantize_lm_head", False)))
-        except KeyError as e:
-            raise ConfigError(f"quantization_config is missing field {e.args[0]!r}") from None
+        if d.get("method") is None:
+            raise ConfigError("quantization_config is missing field 'method'")
+        fields = {"group_size": (int, 128), "symmetric": (bool, True), "quantize_lm_head": (bool, False)}
+        values = {}
+        for name, (kind, default) in fields.items():
+            v = d.get(name, default)
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise ConfigError(f"quantization_config.{name} must be {'an integer' if kind is int else 'true or false'}, "
+                                  f"got {v!r}")
+            values[name] = v
+        return cls(d["method"], **values)
+
+    def check_shapes(self, shapes: dict[str, tuple]) -> None:
+        """Every parameter this quantizes (name -> (out_features, in_features)) fits its format: int4
+        groups must tile in_features. ConfigError naming the first that does not, before any weight is read."""
+        if self.method != "int4":
+            return
+        for name, shape in shapes.items():
+            if self.applies_to(name) and shape[-1] % self.group_size:
+                raise ConfigError(f"int4 quantization of {name}: in_features {shape[-1]} is not a multiple of "
+                                  f"group_size {self.group_size} (choose a group size that divides it: 32, 64 or 128)")
 
     def applies_to(self, param: str) -> bool:
         """Whether fused parameter `param` (e.g. 'layers.3.qkv', 'embed') is quantized."""

@@ -90,7 +90,10 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(seq.num_tokens - seq.num_cached, budget)
-            la = min(seq.lookahead, budget - n) if seq.num_tokens - seq.num_cached == 1 else 0
+            decoding = seq.num_tokens - seq.num_cached == 1
+            la = min(seq.lookahead, budget - n) if decoding else 0
+            if decoding and la < seq.lookahead and seq.seeded:
+                continue  # its window whole next step, not cut by the batch (Sequence.seeded)
             while not self.blocks.reserve(seq.seq_id, n + la):
                 victim = self.running[-1]
                 self._preempt(victim, out)

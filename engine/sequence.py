@@ -115,6 +115,12 @@ class Sequence:
         return self._adjustments[ban]
 
     @property
+    def seeded(self) -> bool:
+        """Sampled with a seed: how many draws its steps take must depend on the request alone (not on
+        other requests, step timings or the batch's token budget), or the seed would not replay."""
+        return self.generator is not None and self.params.seed is not None
+
+    @property
     def reuses_prefix(self) -> bool:
         """Whether the prefix cache may stand in for its prompt (not when it collects every prompt
         token's logprob: those need the prompt computed)."""

@@ -69,8 +69,14 @@ class Tokenizer:
 
     def same_vocab(self, other: "Tokenizer") -> bool:
         """True when both tokenizers map every id to the same piece."""
-        return self.vocab_size == other.vocab_size and all(
-            self.sp.IdToPiece(i) == other.sp.IdToPiece(i) for i in range(self.vocab_size))
+        return self.vocab_size == other.vocab_size and self.first_difference(other) is None
+
+    def first_difference(self, other: "Tokenizer") -> int | None:
+        """The first id both tokenizers have that they map to different pieces; None if there is none."""
+        for i in range(min(self.vocab_size, other.vocab_size)):
+            if self.sp.IdToPiece(i) != other.sp.IdToPiece(i):
+                return i
+        return None
 
     def token_id(self, piece: str) -> int:
         """The id of a special token; TokenizerError if this tokenizer lacks it."""
@@ -92,10 +98,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
-        """Text of `ids`; control tokens (bos/eos/pad) are dropped when `skip_special`."""
-        if skip_special:
-            ids = [i for i in ids if i not in self._control]
-        return self.sp.DecodeIds(list(ids))
+        """Text of `ids`; control tokens (bos/eos/pad) are dropped when `skip_special`, and so are ids past
+        the tokenizer's pieces (a checkpoint may pad its embedding table beyond them): they have no text."""
+        n = self.vocab_size
+        return self.sp.DecodeIds([i for i in ids if 0 <= i < n and not (skip_special and i in self._control)])
 
     def fim_prompt(self, prefix: str, suffix: str, mode: str = "psm") -> str:
         """CodeGemma fill-in-the-middle prompt; the model then generates the middle."""

@@ -125,8 +125,12 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
         prompt = chat_prompt(req.messages)
         default_max_tokens = 1
         if req.requested_max_tokens is None:  # OpenAI's default: as much as the context leaves
-            left = min(core.max_model_len, core.capacity) - len(core.encode_prompt(prompt)[1])
-            default_max_tokens = max(1, left)
+            context = min(core.max_model_len, core.capacity)
+            n_prompt = len(core.encode_prompt(prompt)[1])
+            if n_prompt >= context:
+                raise RequestError(f"the messages are {n_prompt} tokens, which leaves none of the model's context "
+                                   f"of {context} tokens to answer in", field="messages")
+            default_max_tokens = context - n_prompt
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             params = req.sampling_params(default_max_tokens)

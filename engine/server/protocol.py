@@ -68,8 +68,8 @@ class _GenerateRequest(_Request):
         """logit_bias with its JSON keys (token ids written as decimal strings) as integers."""
         bias = {}
         for key, value in self.logit_bias.items():
-            if not (key.isascii() and key.isdigit()):
-                raise RequestError(f"logit_bias keys must be token ids written as decimal integers, got {key!r}",
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise RequestError(f"logit_bias keys must be token ids written as decimal integers, got {key[:24]!r}",
                                    field="logit_bias")
             bias[int(key)] = value
         return bias
@@ -344,14 +344,16 @@ def parse_request(model: type[_Request], raw: bytes) -> _Request:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise RequestError(f"request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer past 4300 digits; deep nesting
         raise RequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(f"request body must be a JSON object, got {type(data).__name__}")
-    if (where := _bad_string(data)) is not None:
-        raise RequestError(f"{where} holds an unpaired surrogate (invalid Unicode)", field=where)
     try:
+        if (where := _bad_string(data)) is not None:
+            raise RequestError(f"{where} holds an unpaired surrogate (invalid Unicode)", field=where)
         return model.model_validate(data)
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
     except ValidationError as e:
         errs = e.errors(include_url=False)
         first = errs[0]

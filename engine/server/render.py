@@ -80,8 +80,13 @@ class CompletionRenderer(Renderer):
         self._offset[index] = offset
         return CompletionLogprobs(
             tokens=tokens, token_logprobs=[e["logprob"] for e in entries], text_offset=offsets,
-            top_logprobs=[None if e["top"] is None else {self.token(t)[0]: lp for t, lp in e["top"].items()}
-                          for e in entries])
+            top_logprobs=[None if e["top"] is None else self._top(e, text) for e, text in zip(entries, tokens)])
+
+    def _top(self, entry: dict, text: str) -> dict[str, float]:
+        """The entry's top tokens and, as OpenAI's legacy format has it (up to logprobs + 1 of them), its own."""
+        top = {self.token(t)[0]: lp for t, lp in entry["top"].items()}
+        top.setdefault(text, entry["logprob"])
+        return top
 
     def stream_choice(self, prompt_index, index, text, entries, finish_reason, first):
         if first and self.echo is not None:

@@ -34,6 +34,7 @@ SHAPES = {
     "mqa": {},                                                            # 1 KV head, like the 2B
     "mha": dict(num_key_value_heads=4, head_dim=16),                      # like the 7B
     "gqa_wide_heads": dict(hidden_size=48, num_key_value_heads=2, head_dim=32),  # heads*head_dim != hidden
+    "rope_theta_1e6": dict(rope_theta=1e6),  # (transformers 5 writes it inside rope_parameters only)
 }
 
 

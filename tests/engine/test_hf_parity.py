@@ -20,7 +20,7 @@ def runner_for(llm):
     return ModelRunner(llm.model, llm.cache)
 
 
-@pytest.mark.parametrize("shape", ["mqa", "mha", "gqa_wide_heads"])
+@pytest.mark.parametrize("shape", ["mqa", "mha", "gqa_wide_heads", "rope_theta_1e6"])
 def test_logits_match_hf_fp32_in_one_flat_batch(make_checkpoint, shape):
     d, hf = make_checkpoint(shape)
     llm = LLM(d, dtype="float32", device="cpu", progress=False)

@@ -110,3 +110,47 @@ def test_serve_flags_reach_the_engine_config(make_checkpoint):
     with pytest.raises(RequestError, match=r"gpu_memory_utilization must be in \(0, 1\], got 1.5") as e:
         Engine(d, c, progress=False)
     assert e.value.field == "gpu_memory_utilization"
+
+
+@pytest.mark.parametrize("options, field, message", [
+    (dict(device="tpu"), "device", "'tpu' is not a device name"),
+    (dict(device="cuda:7"), "device", "(no CUDA device is available|has .* CUDA device)"),
+    (dict(backend="cuda"), "backend", "backend 'cuda': .*unavailable"),
+    (dict(backend="tritonn"), "backend", "backend must be 'auto' or one of"),
+    (dict(dtype="float64"), "dtype", "dtype must be 'auto' or one of"),
+    (dict(max_model_len=0), "max_model_len", "max_model_len must be a positive integer, got 0"),
+    (dict(max_model_len=10 ** 6), "max_model_len", "exceeds the model's max_position_embeddings"),
+    (dict(max_num_seqs=0), "max_num_seqs", "max_num_seqs must be a positive integer"),
+    (dict(kv_cache_tokens=-16), "kv_cache_tokens", "kv_cache_tokens must be a positive integer"),
+])
+def test_engine_options_are_checked_before_loading(make_checkpoint, capsys, options, field, message):
+    d, _ = make_checkpoint("mqa", seed=5)
+    options = {"device": "cpu", **options}
+    with pytest.raises(RequestError, match=message) as e:
+        LLM(d, progress=False, **options)
+    assert e.value.field == field
+    if field == "device":  # the CLI says it in one line
+        assert main(["generate", "--model", str(d), "--prompt", "a", "--device", options["device"]]) == 2
+        assert capsys.readouterr().err.startswith("gemforge: error: device")
+
+
+def test_kv_cache_that_cannot_fit_names_max_model_len(make_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    src, _ = make_checkpoint("mqa", seed=5)
+    d = tmp_path / "long"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 10 ** 12}))
+    with pytest.raises(RequestError, match="KV cache of one 1000000000000-token sequence .* does not fit") as e:
+        LLM(d, device="cpu", progress=False)
+    assert e.value.field == "max_model_len"
+    assert LLM(d, device="cpu", progress=False, max_model_len=512).engine.max_model_len == 512
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(llm):
+    """A checkpoint may pad its embedding table past the tokenizer's pieces: such ids have no text."""
+    tok = llm.tokenizer
+    hello = tok.encode("hello", add_bos=False)
+    assert tok.decode(hello + [tok.vocab_size, tok.vocab_size + 5] + hello) == "hellohello"

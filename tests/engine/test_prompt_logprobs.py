@@ -84,3 +84,29 @@ def test_max_tokens_zero_needs_prompt_logprobs():
     with pytest.raises(RequestError, match="prompt_logprobs") as e:
         SamplingParams(max_tokens=0)
     assert e.value.field == "max_tokens"
+
+
+@pytest.mark.parametrize("draft", [None, "self"], ids=["plain", "speculative"])
+def test_generated_logprobs_are_the_models_own_like_the_prompts(ckpt, draft):
+    """A logit_bias that forces a token, a repetition penalty, or a temperature changes what is picked,
+    not the logprobs reported: generated tokens' logprobs are the model's own, as HF scores them and as
+    the same tokens get when scored as a prompt (one scale in one response). Speculating (the target
+    drafting for itself, so windows verify) reports the same."""
+    d, hf = ckpt
+    prompt = prompts_of(1, seed=30)[0]
+    forced = 777
+    kw = {} if draft is None else dict(draft_model=str(d), num_speculative_tokens=3, adaptive_lookahead=False)
+    for params in (SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=TOP,
+                                  logit_bias={forced: 100.0}),
+                   SamplingParams(max_tokens=4, temperature=0.7, seed=1, ignore_eos=True, logprobs=TOP,
+                                  repetition_penalty=1.5)):
+        eng = make_engine(d, **kw)
+        out = run_all(eng, [("g", prompt, params)])["g"].outputs[0]
+        if params.logit_bias:
+            assert out.token_ids == [forced] * 4 and (draft is None or out.spec["accepted"] > 0)
+        full = prompt + out.token_ids
+        lp = hf_logits(hf, full)[len(prompt) - 1: -1].log_softmax(-1)
+        want = lp.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        got = torch.tensor([e["logprob"] for e in out.logprobs])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert [list(e["top"]) for e in out.logprobs] == lp.topk(TOP, dim=-1).indices.tolist()

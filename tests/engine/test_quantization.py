@@ -108,3 +108,28 @@ def test_memory_report_matches_format_arithmetic(make_checkpoint):
     assert r4["int4"] == linear // 2 + (linear // 32) * 4
     dense = LLM(d, dtype="float32", device="cpu", progress=False).memory_report()["weights"]
     assert dense["total"] == dense_rest + linear * 4
+
+
+def test_quantize_replaces_an_older_checkpoint_in_its_output_folder(make_checkpoint, tmp_path, capsys):
+    """An index left from an earlier sharded checkpoint would win over the new model.safetensors: saving
+    removes the old weight files first. Without a tokenizer, or onto a file, `gemforge quantize` refuses
+    before writing anything."""
+    from gemforge.engine.loader import save_checkpoint
+
+    d, _ = make_checkpoint("mha", seed=22)
+    out = tmp_path / "q8"
+    old = LLM(d, dtype="float32", device="cpu", progress=False)
+    save_checkpoint(out, old.model.cfg, old.model.w, d / "tokenizer.model", max_shard_bytes=4096)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*-of-*"))) > 2
+    assert main(["quantize", str(d), str(out), "--method", "int8", "--device", "cpu", "--dtype", "float32"]) == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert LLM(out, dtype="float32", device="cpu", progress=False).model.w.layers[0].qkv.fmt == "int8"
+    capsys.readouterr()
+    src = tmp_path / "no_tokenizer"
+    shutil.copytree(d, src)
+    (src / "tokenizer.model").unlink()
+    assert main(["quantize", str(src), str(tmp_path / "never"), "--method", "int8", "--device", "cpu"]) == 2
+    assert "tokenizer.model: not found" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["quantize", str(d), str(tmp_path / "a_file"), "--method", "int8", "--device", "cpu"]) == 2
+    assert "a_file: exists and is not a directory" in capsys.readouterr().err

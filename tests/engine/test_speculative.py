@@ -297,6 +297,32 @@ def test_sampled_seeded_run_is_reproducible(pair):
     assert a == b
 
 
+def test_seed_replays_under_the_adaptive_lookahead_whatever_runs_beside_it(pair):
+    """How many draws a seeded request's windows take must not depend on measured step times, on the
+    acceptance of requests before it, or on the batch's token budget cutting its window: alone on a
+    fresh engine, again after other requests, and beside others in a batch of 24 tokens, the same
+    seed gives the same tokens (and it drafts all along)."""
+    target, draft = pair
+    p = SamplingParams(max_tokens=24, temperature=0.9, seed=11, ignore_eos=True)
+    prompt = prompts_of(1, seed=21)[0]
+
+    def fresh(**kw):
+        eng = engine(target, draft, k=4, adaptive_lookahead=True, **kw)
+        eng.lookahead.costs.draft_prior = 0.05  # (a cheap draft's prior: seeded requests draft by it)
+        return eng
+
+    eng = fresh()
+    alone = run_all(eng, [("s", prompt, p)])["s"].outputs[0]
+    assert alone.spec["verify_steps"] > 0
+    others = [(f"o{i}", q, SamplingParams(max_tokens=20, temperature=0.7 * (i % 2), ignore_eos=True))
+              for i, q in enumerate(prompts_of(4, seed=22))]
+    run_all(eng, others)  # (measured costs and the overall acceptance move)
+    assert run_all(eng, [("s", prompt, p)])["s"].outputs[0].token_ids == alone.token_ids
+    crowded = fresh(max_num_batched_tokens=24)
+    out = run_all(crowded, others[:2] + [("s", prompt, p)] + others[2:])
+    assert out["s"].outputs[0].token_ids == alone.token_ids
+
+
 @pytest.mark.parametrize("q", [[0.05, 0.40, 0.05, 0.30, 0.10, 0.10], [0.0, 0.6, 0.0, 0.4, 0.0, 0.0]],
                          ids=["poor-draft", "pruned-draft-vocabulary"])
 def test_rejection_sampler_output_distribution_is_the_targets(q):

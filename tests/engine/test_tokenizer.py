@@ -101,3 +101,44 @@ def test_stop_strings_count_only_past_the_quiet_tokens(tok, quiet, expected):
     cut = TEXTS[0].find("e", max(0, floor - len("e") + 1))
     assert "".join(pieces) == d.text == (expected if expected is not None else TEXTS[0][:cut])
     assert d.stopped and TEXTS[0][:cut].count("e") == TEXTS[0][:floor].count("e")
+
+
+def _expected_stream(tok, ids, stops, quiet):
+    """What push/flush must hand out, from the definition: after each token the text so far less its
+    longest suffix that begins a stop string; at the first token whose text completes a stop string
+    (ending past the text of the first `quiet` tokens), the text up to the one that starts first."""
+    pieces, emitted, floor = [], 0, 0
+    for t in range(1, len(ids) + 1):
+        text = tok.decode(ids[:t])
+        if t <= quiet:
+            floor = len(text)
+        hits = [(i, s) for s in stops if (i := text.find(s, max(0, floor - len(s) + 1))) >= 0 and t > quiet]
+        if hits:
+            cut = min(hits)[0]
+            pieces.append(text[emitted:cut])
+            return pieces + [""] * (len(ids) - t + 1), text[:cut]
+        held = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        end = max(emitted, len(text) - held)
+        pieces.append(text[emitted:end])
+        emitted = end
+    text = tok.decode(ids)
+    return pieces + [text[emitted:]], text
+
+
+def test_stop_strings_match_their_definition_on_random_overlapping_text(tok):
+    """Random token streams over a four-character alphabet against random stop strings that overlap
+    themselves and each other (the cases a matcher's fallbacks are for): every piece handed out equals
+    the definition's, with and without quiet (min_tokens) tokens."""
+    alphabet = set("ab \n")
+    pool = [i for i in range(tok.vocab_size) if (t := tok.token_text(i)) and set(t) <= alphabet]
+    assert len(pool) >= 8
+    rng = random.Random(20261208)
+    for _ in range(3000):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 24))]
+        stops = ["".join(rng.choice("ab \n") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        quiet = rng.choice([0, 0, 1, 3])
+        d = Detokenizer(tok, stops)
+        pieces = [d.push(i, stops=j >= quiet) for j, i in enumerate(ids)] + [d.flush()]
+        want_pieces, want_text = _expected_stream(tok, ids, stops, quiet)
+        assert (pieces, d.text) == (want_pieces, want_text), (ids, stops, quiet)
+

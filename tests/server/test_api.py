@@ -49,6 +49,18 @@ def test_logprobs_legacy_format(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
+def test_legacy_top_logprobs_always_hold_the_sampled_token(client):
+    """OpenAI's legacy format: top_logprobs has the chosen token besides the top `logprobs` (up to
+    logprobs + 1 entries); logprobs=0 gives the chosen token alone."""
+    for k in (0, 1):
+        r = client.completions.create(model=MODEL, prompt="x = ", max_tokens=12, temperature=1.5, seed=3, logprobs=k,
+                                      extra_body={"ignore_eos": True})
+        lp = r.choices[0].logprobs
+        assert len(lp.tokens) == 12
+        for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top[tok] == chosen and k <= len(top) <= k + 1
+
+
 def test_infill_via_suffix_is_the_fim_prompt(client, server):
     tok = server.core.tokenizer
     prefix, suffix = "def add(a, b):\n    ", "\n    return result\n"
@@ -168,7 +180,8 @@ def test_echo_with_logprobs_scores_the_prompt(client, server):
     lp = c.logprobs
     assert len(lp.tokens) == n_ids - 1 and "".join(lp.tokens) == prompt
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
-    assert all(v is not None and v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) in (2, 3) and t[tok] == v for tok, v, t in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
     more = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2, max_tokens=3, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0]
     assert more.text.startswith(prompt) and len(more.logprobs.tokens) == len(lp.tokens) + 3

@@ -107,6 +107,11 @@ CASES = [
     ("C", b"", 400, None),
     ("H", b"null", 400, None),
     ("C", json.dumps(with_(C, prompt="x" * (5 << 20))).encode(), 413, None),
+    ("C", b'{"model": "%s", "prompt": %s}' % (MODEL.encode(), b"[" * 100_000 + b"]" * 100_000), 400, None),  # nesting
+    ("C", b'{"model": "%s", "prompt": [[[%s]]]}' % (MODEL.encode(), b"[" * 980 + b"]" * 980), 400, None),
+    ("C", b'{"model": "%s", "prompt": "x", "max_tokens": 1%s}' % (MODEL.encode(), b"0" * 5000), 400, None),
+    ("C", with_(C, logit_bias={"1" + "0" * 5000: 1}), 400, "logit_bias"),
+    ("H", with_(H, max_tokens=DROP, messages=[{"role": "user", "content": "x " * CONTEXT}]), 400, "messages"),
 ]
 
 
