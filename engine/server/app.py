@@ -164,9 +164,19 @@ def build_app(async_engine: AsyncEngine, model_name: str, api_key: str | None = 
                                field="tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(req.tokens))
 
+    def card() -> ModelCard:
+        return ModelCard(id=model_name, created=created, max_model_len=core.max_model_len)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created, max_model_len=core.max_model_len)])
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> ModelCard:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return card()
 
     @app.get("/health")
     async def health() -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from ..errors import RequestError
 from ..sampling import SamplingParams
@@ -232,8 +232,13 @@ class ChatCompletionResponse(BaseModel):
 
 
 class Delta(BaseModel):
+    """A chat chunk's delta: only the fields it carries (OpenAI's chunks omit the others)."""
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, serialize):
+        return {k: v for k, v in serialize(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,5 +1,7 @@
 """The OpenAI API through the official `openai` client: completions, infill, chat, streaming,
 models, health, metrics and auth."""
+import json
+
 import httpx2 as httpx
 import openai
 import pytest
@@ -257,6 +259,9 @@ def test_tokenize_and_detokenize(server, client):
 
 def test_models_health_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
     assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code == 200
     text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
     for name in ("gemforge_requests_total", "gemforge_requests_running", "gemforge_requests_waiting",
@@ -322,3 +327,14 @@ def test_api_key(checkpoint):
         assert ok.usage.completion_tokens == 1
     finally:
         s.stop()
+
+
+def test_chat_stream_deltas_carry_only_their_fields(server):
+    """As OpenAI's: the first delta names the role, later ones carry content only (no nulls)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["role"] == "assistant" and all("role" not in d and None not in d.values() for d in deltas[1:])
+    assert any("content" in d for d in deltas[1:])
