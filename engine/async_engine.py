@@ -12,10 +12,15 @@ while there is work (no thread hop and no event-loop turn between steps); the ev
 queues requests and delivers outputs, so it keeps serving HTTP meanwhile. A coroutine that stops
 iterating (a client disconnect) aborts its request. An exception inside a step fails the requests
 in flight with EngineError; if the engine cannot be cleaned up afterwards it is marked dead.
+Each `generate` call runs in the Engine under a key of its own (request id and a serial number), so
+a request id may be used again as soon as its last consumer has stopped listening: nothing of the
+old request reaches the new one.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -36,7 +41,7 @@ class EngineError(GemforgeError, RuntimeError):
 
 @dataclass
 class _Pending:
-    request_id: str
+    key: str  # the request's id in the Engine: one per generate call
     prompt: object
     params: SamplingParams
     suffix: str | None
@@ -54,7 +59,9 @@ class AsyncEngine:
         self.stall_seconds = stall_seconds
         self.overlap = str(engine.device).startswith("cuda") if overlap is None else overlap
         self._delivered = threading.Event()
-        self._queues: dict[str, asyncio.Queue] = {}  # touched on the event loop only
+        self._queues: dict[str, asyncio.Queue] = {}  # engine key -> its consumer's queue (event loop only)
+        self._keys: dict[str, str] = {}  # request id -> the engine key of its running generate (event loop only)
+        self._serial = itertools.count()
         self._lock = threading.Lock()  # guards _adds and _aborts, shared with the worker
         self._adds: list[_Pending] = []
         self._aborts: set[str] = set()
@@ -94,15 +101,16 @@ class AsyncEngine:
         stream=False the final one only."""
         if self.dead is not None:
             raise EngineError(f"engine is dead: {self.dead!r}")
-        if request_id in self._queues:
+        if request_id in self._keys:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
         _, ids = self.engine.encode_prompt(prompt, suffix, fim_mode)  # validation errors raise here
         self.engine.check_request(len(ids), params)
         self._ensure_worker()
+        key = f"{request_id}#{next(self._serial)}"
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._queues[key], self._keys[request_id] = queue, key
         with self._lock:
-            self._adds.append(_Pending(request_id, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream))
+            self._adds.append(_Pending(key, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream))
         self._work.set()
         finished = False
         try:
@@ -110,29 +118,32 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield dataclasses.replace(item, request_id=request_id)
                 if item.finished:
                     finished = True
                     return
         finally:
             if not finished:
-                self._abort_later(request_id)
-            self._queues.pop(request_id, None)
+                self._abort_later(key)
+            self._queues.pop(key, None)
+            if self._keys.get(request_id) == key:
+                del self._keys[request_id]
 
-    def _abort_later(self, request_id: str) -> None:
+    def _abort_later(self, key: str) -> None:
         with self._lock:
-            self._aborts.add(request_id)
+            self._aborts.add(key)
         self._work.set()
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its generator ends with a final output whose finish_reason is 'abort'."""
-        self._abort_later(request_id)
+        if request_id in self._keys:
+            self._abort_later(self._keys[request_id])
 
     def _deliver(self, items: list[tuple[str, object]]) -> None:
-        """(event loop) Each item to its request's queue, if the request is still listening; once the
-        consumers it wakes have run, `_delivered` is set."""
-        for request_id, item in items:
-            q = self._queues.get(request_id)
+        """(event loop) Each item to its request's queue (by engine key), if the request is still
+        listening; once the consumers it wakes have run, `_delivered` is set."""
+        for key, item in items:
+            q = self._queues.get(key)
             if q is not None:
                 q.put_nowait(item)
         self._loop.call_soon(self._delivered.set)  # (after the woken consumers' turns)
@@ -155,18 +166,15 @@ class AsyncEngine:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, set()
         out = []
-        for p in adds:
-            if p.request_id in aborts:
-                continue
+        for p in adds:  # (one aborted already is added too: its abort below gives its final output)
             try:
-                self.engine.add_request(p.request_id, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids,
-                                        p.stream)
+                self.engine.add_request(p.key, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids, p.stream)
             except Exception as e:  # validated already; anything here is still the request's own failure
-                out.append((p.request_id, e if isinstance(e, GemforgeError) else EngineError(str(e))))
-        for rid in aborts:
-            final = self.engine.abort(rid)
+                out.append((p.key, e if isinstance(e, GemforgeError) else EngineError(str(e))))
+        for key in aborts:
+            final = self.engine.abort(key)
             if final is not None:
-                out.append((rid, final))
+                out.append((key, final))
         return out
 
     def _fail_all(self, error: BaseException) -> list[tuple[str, object]]:

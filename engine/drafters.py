@@ -120,12 +120,13 @@ class Drafter:
 
         The first step feeds each sequence what the draft has not cached (its last token, two after a
         window accepted whole, a whole prompt when new); each later step feeds the token the step
-        before picked, on the device."""
+        before picked, on the device. A sequence whose slots the draft's pool cannot hold now drafts
+        nothing this time (the pool has the target's block count, but shares less of it)."""
         q_steps: list[torch.Tensor] = []  # each step's distributions of its sampled sequences
         q_rows: list[list[int]] = [[] for _ in seqs]  # each sequence's rows in their concatenation
         q_count = 0
-        blocks = self.cache.blocks
-        self.most_fed = 0
+        ks, starts = self._reserve(seqs, ks)
+        self.most_fed = max((seqs[i].num_tokens - start for i, start in starts.items()), default=0)
         steps = []  # (rows of seqs that drafted, their tokens on the device)
         self._marks = [self._mark()]
         for j in range(max(ks, default=0)):
@@ -133,18 +134,12 @@ class Drafter:
             items, ids = [], None
             for i in live:
                 s = seqs[i]
-                start, n = self.cached.get(s.seq_id, 0), s.num_tokens   # feed token_ids from start
-                if j == 0:
-                    if blocks.prefix_caching:  # what it holds is the sequence's own (see keep)
-                        if s.seq_id in blocks.tables:
-                            blocks.register(s.seq_id, s.tokens, start)
-                        else:
-                            start = blocks.match(s.seq_id, s.tokens(0, n - 1))
+                n = s.num_tokens
+                if j == 0:  # what it has not cached
+                    start = starts[i]
                     feed = s.tokens(start, n - start)
-                    self.most_fed = max(self.most_fed, len(feed))
                 else:  # the previous draft, on the device
-                    feed = [0]
-                blocks.append(s.seq_id, len(feed))
+                    start, feed = n + j - 1, [0]
                 items.append(WorkItem(s.seq_id, feed, start))
                 self.cached[s.seq_id] = n + j
             if j:
@@ -190,6 +185,29 @@ class Drafter:
                     rank[j] += 1
             flat = flat[to_device(order, flat.device)]
         return Proposal(list(ks), flat, q, [rows or None for rows in q_rows])
+
+    def _reserve(self, seqs: list, ks: list[int]) -> tuple[list[int], dict[int, int]]:
+        """Take the pool slots each drafting sequence's propose fills (what it has not cached, then k - 1
+        drafts), starting a new one from the prefix blocks it matches; a sequence they do not fit drafts
+        0. Returns (the ks drafted, {index: first uncached token})."""
+        blocks, ks, starts = self.cache.blocks, list(ks), {}
+        for i, k in enumerate(ks):
+            if not k:
+                continue
+            s = seqs[i]
+            start, n, new = self.cached.get(s.seq_id, 0), s.num_tokens, s.seq_id not in blocks.tables
+            if blocks.prefix_caching:  # what it holds is the sequence's own (see keep)
+                if new:
+                    start = blocks.match(s.seq_id, s.tokens(0, n - 1))
+                else:
+                    blocks.register(s.seq_id, s.tokens, start)
+            if blocks.reserve(s.seq_id, n - start + k - 1):
+                starts[i] = start
+            else:
+                ks[i] = 0
+                if new:
+                    blocks.free(s.seq_id)  # (the blocks its match took)
+        return ks, starts
 
     @property
     def seconds(self) -> list[float]:

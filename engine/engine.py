@@ -201,7 +201,8 @@ class Engine:
         self.drafter = self._load_draft(graphs) if ec.draft_model else None
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
         # prior (prompt lookup: free); unless given, the costs are then measured on the running decode steps
-        self.lookahead = Lookahead(ec.num_speculative_tokens, ec.adaptive_lookahead, ec.draft_cost,
+        self.lookahead = Lookahead(min(ec.num_speculative_tokens, ec.max_num_batched_tokens - 1),  # (a window fits a step)
+                                   ec.adaptive_lookahead, ec.draft_cost,
                                    step_bytes(self.drafter.model.w) / step_bytes(self.model.w)
                                    if self.drafter is not None and self.drafter.model is not None else 0.0)
         self.requests: dict[str, Request] = {}

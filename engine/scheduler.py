@@ -90,7 +90,10 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(seq.num_tokens - seq.num_cached, budget)
-            decoding = seq.num_tokens - seq.num_cached == 1
+            # a window follows the one token left, but a seeded sequence's first token comes from a plain
+            # step whether or not chunking or the prefix cache left its prompt's last token alone
+            decoding = seq.num_tokens - seq.num_cached == 1 and not (
+                seq.seeded and seq.num_cached < len(seq.prompt_ids))
             la = min(seq.lookahead, budget - n) if decoding else 0
             if decoding and la < seq.lookahead and seq.seeded:
                 continue  # its window whole next step, not cut by the batch (Sequence.seeded)

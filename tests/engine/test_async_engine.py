@@ -127,6 +127,37 @@ def test_abort_and_cancellation_free_blocks(aengine):
     assert aengine.engine.cache.blocks.num_used == 0 and not aengine.engine.requests
 
 
+def test_request_id_can_be_used_again_once_its_consumer_stops(aengine):
+    """A consumer that walks away aborts its request; the same id, used again at once, runs its own
+    prompt to the end and gets nothing of the old request (each generate call has its own engine key).
+    An abort asked before the worker took the request still ends its generator, with 'abort'."""
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        background = asyncio.ensure_future(collect(aengine, "bg", "import os\n", long))  # (keeps the worker busy)
+        gen = aengine.generate("def f(x):\n", long, "X")
+        for _ in range(3):
+            await gen.__anext__()
+        await gen.aclose()
+        again = await collect(aengine, "X", "class A:\n", short)
+        early = aengine.generate("y = 2", long, "early")
+        first = asyncio.ensure_future(early.__anext__())
+        await asyncio.sleep(0)  # (generate has queued it; the worker may not have taken it yet)
+        await aengine.abort("early")
+        ended = [await first] + [o async for o in early]
+        await aengine.abort("bg")
+        await background
+        return again, ended
+
+    again, ended = asyncio.run(main())
+    out = again[-1]
+    assert out.request_id == "X" and out.prompt == "class A:\n" and out.outputs[0].finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == 5
+    assert ended[-1].finished and ended[-1].outputs[0].finish_reason == "abort" and ended[-1].request_id == "early"
+    assert aengine.engine.cache.blocks.num_used == 0 and not aengine.engine.requests
+
+
 def test_bad_request_raises_at_once(aengine):
     async def main():
         with pytest.raises(RequestError, match="max_tokens"):

@@ -321,6 +321,35 @@ def test_seed_replays_under_the_adaptive_lookahead_whatever_runs_beside_it(pair)
     crowded = fresh(max_num_batched_tokens=24)
     out = run_all(crowded, others[:2] + [("s", prompt, p)] + others[2:])
     assert out["s"].outputs[0].token_ids == alone.token_ids
+    # a budget that chunks the prompt leaving its last token alone: the first token is still a plain step's
+    chunked = fresh(max_num_batched_tokens=len(prompt) - 1)
+    assert run_all(chunked, [("s", prompt, p)])["s"].outputs[0].token_ids == alone.token_ids
+
+
+def test_windows_fit_the_step_budget(pair):
+    """A lookahead wider than max_num_batched_tokens allows is cut to fit (a seeded request, whose
+    window is never cut by the batch, would otherwise wait for ever)."""
+    target, draft = pair
+    p = SamplingParams(max_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
+    eng = engine(target, draft, k=4, max_num_batched_tokens=4)
+    out = run_all(eng, [("s", prompts_of(1, seed=5)[0], p)])["s"].outputs[0]
+    assert eng.lookahead.k_max == 3 and out.finish_reason == "length" and out.spec["verify_steps"] > 0
+
+
+def test_draft_pool_that_cannot_hold_a_window_drafts_less(pair):
+    """The draft's pool has the target's block count but shares prompts less (samples of one request
+    drafting for the first time in the same step each compute their own copy): a sequence whose
+    slots it cannot hold drafts nothing that step, instead of the step failing. Output equals the
+    target alone's, and both pools end empty."""
+    target, draft = pair
+    prompt = [2] + [(7 * i) % 1000 + 10 for i in range(400)]
+    reqs = [("n3", prompt, SamplingParams(n=3, max_tokens=20, temperature=0.0, ignore_eos=True))]
+    plain = run_all(engine(target, kv_cache_tokens=512), reqs)["n3"].outputs
+    eng = engine(target, draft, k=4, kv_cache_tokens=512)
+    run_all(eng, [("warm", prompt, SamplingParams(max_tokens=1, temperature=0.0))])  # (only the target caches it)
+    spec = run_all(eng, reqs)["n3"].outputs
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert eng.cache.blocks.num_used == 0 and eng.drafter.cache.blocks.num_used == 0 and not eng.drafter.cached
 
 
 @pytest.mark.parametrize("q", [[0.05, 0.40, 0.05, 0.30, 0.10, 0.10], [0.0, 0.6, 0.0, 0.4, 0.0, 0.0]],
