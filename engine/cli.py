@@ -21,9 +21,16 @@ def _generate(args) -> int:
               warmup=False)  # one request: capturing every batch bucket's graphs first would only delay it
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or [])
-    out = llm.generate([args.prompt], params, suffixes=[args.suffix] if args.suffix is not None else None,
-                       fim_mode=args.fim_mode, use_tqdm=False)[0].outputs[0]
-    if args.suffix is not None:
+    if args.chat and args.suffix is not None:
+        raise GemforgeError("--chat and --suffix (infill) cannot be used together")
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0].outputs[0]
+    else:
+        out = llm.generate([args.prompt], params, suffixes=[args.suffix] if args.suffix is not None else None,
+                           fim_mode=args.fim_mode, use_tqdm=False)[0].outputs[0]
+    if args.chat:
+        print(out.text)
+    elif args.suffix is not None:
         print(f"{args.prompt}\033[1m{out.text}\033[0m{args.suffix}" if sys.stdout.isatty() else out.text)
     else:
         print(args.prompt + out.text)
@@ -154,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="HF-layout model directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--suffix", default=None, help="text after the gap: CodeGemma fill-in-the-middle")
+    g.add_argument("--chat", action="store_true", help="the prompt is a user's message, answered through the "
+                   "chat template (an instruction-tuned model such as codegemma-7b-it)")
     g.add_argument("--fim-mode", default="psm", choices=["psm", "spm"])
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)

@@ -3,6 +3,7 @@
     llm = LLM(model="models/nano-codegemma")
     outs = llm.generate(["def f(x):"], SamplingParams(max_tokens=64, temperature=0.0))
     outs[0].outputs[0].text
+    llm.chat([{"role": "user", "content": "Write a binary search."}])   # the IT model's chat template
 """
 from __future__ import annotations
 
@@ -79,13 +80,34 @@ class LLM:
         suffixes = suffixes if suffixes is not None else [None] * n
         if len(params) != n or len(suffixes) != n:
             raise RequestError(f"{n} prompts but {len(params)} params and {len(suffixes)} suffixes", field="params")
+        return self._run(prompts, params, suffixes, fim_mode, (), use_tqdm)
+
+    def chat(self, messages, params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer a conversation ([{"role": "system" | "user" | "assistant", "content": str}, ...], ending
+        with the user's turn), or each of a list of them, through the Gemma chat template (the IT
+        model's); an answer ends at <end_of_turn>, which it does not include."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {'role', 'content'} turns, or a list of "
+                               "such conversations", field="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.chat_prompt(c) for c in conversations]
+        n = len(prompts)
+        params = params if isinstance(params, list) else [params or SamplingParams()] * n
+        if len(params) != n:
+            raise RequestError(f"{n} conversations but {len(params)} params", field="params")
+        return self._run(prompts, params, [None] * n, "psm", tuple(self.tokenizer.chat_stop_ids()), use_tqdm)
+
+    def _run(self, prompts, params, suffixes, fim_mode, extra_stop_ids, use_tqdm) -> list[RequestOutput]:
+        """Validate every request, queue them all, step until each has finished; outputs in input order."""
+        n = len(prompts)
         eng = self.engine
         for prompt, p, suf in zip(prompts, params, suffixes):
             eng.check_request(len(eng.encode_prompt(prompt, suf, fim_mode)[1]), p)
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
         try:
             for rid, prompt, p, suf in zip(ids, prompts, params, suffixes):
-                eng.add_request(rid, prompt, p, suf, fim_mode)
+                eng.add_request(rid, prompt, p, suf, fim_mode, extra_stop_ids)
             final: dict[str, RequestOutput] = {}
             with tqdm(total=n, desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
                 while len(final) < n:

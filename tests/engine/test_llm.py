@@ -154,3 +154,31 @@ def test_ids_past_the_tokenizer_decode_to_nothing(llm):
     tok = llm.tokenizer
     hello = tok.encode("hello", add_bos=False)
     assert tok.decode(hello + [tok.vocab_size, tok.vocab_size + 5] + hello) == "hellohello"
+
+
+def test_chat_answers_through_the_template_and_ends_at_end_of_turn(llm, capsys):
+    """LLM.chat is generate over the Gemma chat template, stopping at <end_of_turn> (not in the text);
+    one conversation or a list of them; `gemforge generate --chat` prints the answer."""
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list"}]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    tok = llm.tokenizer
+    same = llm.generate([tok.chat_prompt(convo)], greedy, use_tqdm=False)[0].outputs[0]
+    [one] = llm.chat(convo, greedy, use_tqdm=False)
+    assert one.prompt == tok.chat_prompt(convo) and one.outputs[0].token_ids[:2] == same.token_ids[:2]
+    eot = tok.token_id("<end_of_turn>")
+    ends = SamplingParams(max_tokens=6, min_tokens=2, temperature=0.0, logit_bias={eot: 100.0})
+    two = llm.chat([convo, [{"role": "user", "content": "hi"}]], ends, use_tqdm=False)
+    for out in two:
+        o = out.outputs[0]
+        assert len(o.token_ids) == 3 and o.token_ids[-1] == eot and o.finish_reason == "stop" and "<end" not in o.text
+    with pytest.raises(RequestError, match="messages must be a non-empty list"):
+        llm.chat([], greedy)
+    with pytest.raises(RequestError, match="alternate|must end"):
+        llm.chat([{"role": "assistant", "content": "x"}], greedy)
+
+
+def test_cli_generate_chat(make_checkpoint, capsys):
+    d, _ = make_checkpoint("mqa", seed=5)
+    assert main(["generate", "--model", str(d), "--prompt", "hi", "--chat", "--max-tokens", "3", "--device", "cpu"]) == 0
+    assert "tokens, finish_reason=" in capsys.readouterr().err
+    assert main(["generate", "--model", str(d), "--prompt", "a", "--chat", "--suffix", "b", "--device", "cpu"]) == 2
