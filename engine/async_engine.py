@@ -48,6 +48,7 @@ class _Pending:
     fim_mode: str
     extra_stop_ids: tuple
     stream: bool
+    encoded: tuple  # encode_prompt's (text, ids)
 
 
 class AsyncEngine:
@@ -96,21 +97,23 @@ class AsyncEngine:
             self._worker.start()
 
     async def generate(self, prompt, params: SamplingParams, request_id: str, suffix: str | None = None,
-                       fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True) -> AsyncIterator[RequestOutput]:
+                       fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True,
+                       encoded=None) -> AsyncIterator[RequestOutput]:
         """The request's outputs as the engine makes them: one each step it progresses, or with
-        stream=False the final one only."""
+        stream=False the final one only. encoded: Engine.encode_prompt's (text, ids) of this prompt,
+        where the caller has them (it is tokenized once)."""
         if self.dead is not None:
             raise EngineError(f"engine is dead: {self.dead!r}")
         if request_id in self._keys:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
-        _, ids = self.engine.encode_prompt(prompt, suffix, fim_mode)  # validation errors raise here
-        self.engine.check_request(len(ids), params)
+        encoded = encoded or self.engine.encode_prompt(prompt, suffix, fim_mode)  # validation errors raise here
+        self.engine.check_request(len(encoded[1]), params)
         self._ensure_worker()
         key = f"{request_id}#{next(self._serial)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[key], self._keys[request_id] = queue, key
         with self._lock:
-            self._adds.append(_Pending(key, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream))
+            self._adds.append(_Pending(key, prompt, params, suffix, fim_mode, tuple(extra_stop_ids), stream, encoded))
         self._work.set()
         finished = False
         try:
@@ -168,7 +171,8 @@ class AsyncEngine:
         out = []
         for p in adds:  # (one aborted already is added too: its abort below gives its final output)
             try:
-                self.engine.add_request(p.key, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids, p.stream)
+                self.engine.add_request(p.key, p.prompt, p.params, p.suffix, p.fim_mode, p.extra_stop_ids, p.stream,
+                                        p.encoded)
             except Exception as e:  # validated already; anything here is still the request's own failure
                 out.append((p.key, e if isinstance(e, GemforgeError) else EngineError(str(e))))
         for key in aborts:

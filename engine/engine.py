@@ -351,12 +351,13 @@ class Engine:
                 raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {V})", field=name)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, suffix: str | None = None,
-                    fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True) -> Request:
+                    fim_mode: str = "psm", extra_stop_ids=(), stream: bool = True, encoded=None) -> Request:
         """Queue a request. stream=False: `step` returns its output only once it has finished (a
-        caller that wants no deltas saves building and delivering one every step)."""
+        caller that wants no deltas saves building and delivering one every step). encoded: what
+        encode_prompt returned for this prompt, where the caller has it (a long prompt is tokenized once)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", field="request_id")
-        text, ids = self.encode_prompt(prompt, suffix, fim_mode)
+        text, ids = encoded or self.encode_prompt(prompt, suffix, fim_mode)
         self.check_request(len(ids), params)
         extra = tuple(extra_stop_ids) + (tuple(self.tokenizer.fim_stop_ids()) if suffix is not None else ())
         seqs = [Sequence.create(request_id, j, ids, params, self.tokenizer, self.cfg.eos_token_ids, extra, self.device)

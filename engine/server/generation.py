@@ -32,15 +32,17 @@ class Generation:
         core = engine.engine
         self.prompt_texts: list[str] = []
         self.prompt_ids: list[list[int]] = []
+        encoded = []
         for p in prompts:  # the engine's own validation, for all prompts before any of them runs
             text, ids = core.encode_prompt(p, suffix, fim_mode)
             core.check_request(len(ids), params)
             self.prompt_texts.append(text if text is not None else core.tokenizer.decode(ids))
             self.prompt_ids.append(ids)
+            encoded.append((text, ids))
         self.engine, self.metrics = engine, metrics
         self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        self._args = [(p, params, rid, suffix, fim_mode, tuple(extra_stop_ids), stream)
-                      for p, rid in zip(prompts, self.ids)]
+        self._args = [(p, params, rid, suffix, fim_mode, tuple(extra_stop_ids), stream, enc)
+                      for p, rid, enc in zip(prompts, self.ids, encoded)]
         self.latest: list[RequestOutput | None] = [None] * len(prompts)  # per prompt, its last output
         self.error: BaseException | None = None
         self._tasks: list[asyncio.Task] = []

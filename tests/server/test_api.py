@@ -338,3 +338,15 @@ def test_chat_stream_deltas_carry_only_their_fields(server):
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas[0]["role"] == "assistant" and all("role" not in d and None not in d.values() for d in deltas[1:])
     assert any("content" in d for d in deltas[1:])
+
+
+def test_a_prompt_is_tokenized_once(client, server, monkeypatch):
+    """The server validates a request's prompts before queueing them and hands their token ids on:
+    a long prompt costs one tokenization, not one per layer it passes (the event loop's included)."""
+    tok = server.core.tokenizer
+    calls = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, *a, **kw: calls.append(text) or encode(text, *a, **kw))
+    prompt = "def g(x):\n    return x\n" * 20
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert calls == [prompt]
