@@ -162,8 +162,9 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set; [B, V] fp32 (the rule of
     `_filter_sorted`). On a CPU, where sorting a 256000-token row costs ~30 ms: min_p alone is a
     comparison with the best logit, and a top-k / top-p cut is looked for among the row's
-    FILTER_CANDIDATES best tokens (topk), where it lies when its top_k does or when their mass reaches
-    its top_p; only the rows where neither holds are sorted whole."""
+    FILTER_CANDIDATES best tokens (topk), where it lies when the top-k set (ties at its k-th value
+    included) ends inside them, or, without top_k, when their mass reaches top_p; only the other rows
+    are sorted whole."""
     V = logits.shape[-1]
     if logits.device.type != "cpu" or V <= FILTER_CANDIDATES:
         return _filter_sorted(logits, top_k, top_p, min_p)
@@ -176,13 +177,19 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     k = torch.where(tk <= 0, V, tk.clamp(max=V))
     cand = min(V, max(FILTER_CANDIDATES, int(tk.max())))
     vals, order = x.topk(cand, dim=-1)
-    p = (vals - x.logsumexp(-1, keepdim=True)).exp()
+    limited = k < V
+    kth = vals.gather(-1, (k.clamp(max=cand) - 1)[:, None])
+    keep = (vals >= kth) | ~limited[:, None]
+    # the top-k set's own distribution (top_p is a share of it); without top_k, the whole row's
+    norm = torch.where(limited, vals.masked_fill(~keep, -INF).logsumexp(-1), x.logsumexp(-1))
+    p = (vals - norm[:, None]).exp().masked_fill(~keep, 0.0)
     mass_before = p.cumsum(-1) - p
-    drop = ((torch.arange(cand)[None, :] >= k[:, None]) | ((mass_before >= tp[:, None]) & (tp[:, None] < 1))
-            | (p < mp[:, None] * p[:, :1]))
+    drop = ~keep | ((mass_before >= tp[:, None]) & (tp[:, None] < 1)) | (p < mp[:, None] * p[:, :1])
     drop[:, 0] = False  # the most likely token always survives
     cut = torch.full_like(x, -INF).scatter_(-1, order, vals.masked_fill(drop, -INF))
-    beyond = (k > cand) & (p.sum(-1) < tp)  # rows whose set may reach past their candidates
+    # rows whose set may reach past their candidates: a top-k set that does (k beyond them, or ties at
+    # its k-th value down to the last candidate), or, without top_k, a top-p cut their mass does not reach
+    beyond = torch.where(limited, (k > cand) | (vals[:, -1] >= kth[:, 0]), p.sum(-1) < tp) & (cand < V)
     if bool(beyond.any()):
         cut[beyond] = _filter_sorted(x[beyond], tk[beyond], tp[beyond], mp[beyond])
     out[ranked] = cut
@@ -190,14 +197,15 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
 
 
 def _filter_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set, by a full sort of each row:
-    drop rank >= top_k, or mass before it >= top_p, or probability < min_p x the best's; keep the best."""
+    """Mask (to -inf) tokens outside each row's top-k / top-p / min-p set, by a full sort of each row, in
+    HF transformers' order (vLLM's too for top-k and top-p): drop a logit below the k-th largest (ties
+    with it stay), then, in the distribution of what is left, a token with at least top_p of the mass
+    before it, then one whose probability is below min_p x the best's; the best always stays."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     V = logits.shape[-1]
-    ranks = torch.arange(V, device=logits.device)
     k = torch.where(top_k <= 0, V, top_k.clamp(max=V))
-    drop = ranks[None, :] >= k[:, None]
-    probs = sorted_logits.softmax(-1)
+    drop = sorted_logits < sorted_logits.gather(-1, (k - 1)[:, None])
+    probs = sorted_logits.masked_fill(drop, -INF).softmax(-1)
     mass_before = probs.cumsum(-1) - probs
     drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # (fp32 sums reach 1 before the tail)
     drop |= probs < min_p[:, None] * probs[:, :1]

@@ -137,3 +137,44 @@ def test_cpu_filter_keeps_what_the_full_sort_keeps(seed):
         assert abs(mass_before[r, t] - tp[r]) < 1e-5, (r, t, mass_before[r, t].item(), tp[r].item())
     assert (kept != ref_kept).sum() <= 2
     assert kept[0].all() and kept[1].sum() == 5 and kept[5].sum() == 1  # no filter; top_k 5 (top_p 1); top_k 1
+
+
+def _hf_probs(logits: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """HF generate's sampling chain, its own warpers in its order: temperature, top-k, top-p, min-p."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = ([TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
+               + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + ([MinPLogitsWarper(min_p)] if min_p > 0 else []))
+    ids, s = torch.zeros(1, 1, dtype=torch.long), logits[None].clone()
+    for warper in warpers:
+        s = warper(ids, s)
+    return s.softmax(-1)[0]
+
+
+@pytest.mark.parametrize("vocab", [64, 3000])  # 3000: the CPU's candidate path (FILTER_CANDIDATES)
+def test_filters_give_hf_transformers_distribution(vocab):
+    """probs() against HF's own warpers on random rows: top_p is a share of what top_k left (with top_k 3
+    of tokens holding 0.3, 0.2, 0.12, ... and top_p 0.7, two stay), ties at the k-th logit all stay
+    (bf16 logits tie often), min_p is relative to the best. Rows with exact ties are checked with top_k
+    alone: where a top-p cut falls between tied tokens, which of them stay is either library's choice."""
+    from gemforge.engine.sampling import probs
+
+    g = torch.Generator().manual_seed(vocab)
+    worst = 0.0
+    for case in range(120):
+        tied = case % 3 == 0
+        x = torch.randn(vocab, generator=g) * 3
+        x = x.to(torch.bfloat16).float() if tied else x
+        t = (0.05, 0.7, 1.0, 2.0)[case % 4]
+        top_k = (0, 1, 3, 40, vocab + 5)[case % 5]
+        top_p = 1.0 if tied else (1.0, 0.9, 0.5, 0.1)[case // 5 % 4]
+        min_p = (0.0, 0.0, 0.05)[case // 20 % 3]
+        p = SamplingParams(temperature=t, top_k=top_k, top_p=top_p, min_p=min_p)
+        ours, ref = probs(x[None], [p])[0], _hf_probs(x, t, top_k, top_p, min_p)
+        assert torch.equal(ours > 0, ref > 0), (case, t, top_k, top_p, min_p)
+        worst = max(worst, (ours - ref).abs().sum().item())
+    assert worst < 1e-5
+    skewed = torch.tensor([0.30, 0.20, 0.12, 0.11, 0.10, 0.09, 0.08]).log()
+    got = probs(skewed[None], [SamplingParams(temperature=1.0, top_k=3, top_p=0.7)])[0]
+    torch.testing.assert_close(got, torch.tensor([0.6, 0.4, 0, 0, 0, 0, 0]))
