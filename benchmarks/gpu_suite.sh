@@ -82,11 +82,12 @@ BW=$($PY -c "import json; print(json.load(open('$OUT/ceilings.json'))['copy_GBps
 # compile-time checks of tests/kernels run in CI against CI's nvcc and Triton: here they would only add
 # minutes, or fail on another nvcc's register choices. Up to 10 failures are reported before it stops.
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+TESTS_FROM=$(wc -l <"$LOG")  # (the log outlives a SUITE_ONLY rerun: its own lines only)
 part tests 120 $PY -m pytest -v --tb=short --maxfail=10 $XDIST --timeout=120 -p no:cacheprovider \
   "$ROOT/tests/gpu" "$ROOT/tests/kernels" \
   --ignore="$ROOT/tests/kernels/test_triton_compile.py" --ignore="$ROOT/tests/kernels/test_cuda_resources.py" \
   --junitxml="$OUT/tests.xml" 2>/dev/null || true
-grep -E "passed|failed|error" "$LOG" | tail -1 >>"$STATUS"
+tail -n +"$((TESTS_FROM + 1))" "$LOG" | grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" | tail -1 >>"$STATUS"
 
 # Kernel benchmarks in two runs, each writing its own JSON, and each case a JSON line as it is measured
 # (pytest-benchmark writes its JSON at the end: a run cut by its limit leaves only the lines).

@@ -301,20 +301,22 @@ class Engine:
         return self.cache.blocks.num_blocks * self.cache.block_size
 
     def _default_cache_tokens(self) -> int:
+        """A GPU: what gpu_memory_utilization leaves of the card; a CPU: up to 2 GiB (65536 tokens); never
+        more than max_num_seqs whole-context sequences use, never less than one (where it fits at all)."""
         per_token = KVCache.bytes_per_token(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim,
                                             torch.tensor([], dtype=self.dtype).element_size())
         if self.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info(self.device)
-            room = free - (1 - self.ec.gpu_memory_utilization) * total
-            tokens = int(room) // per_token
+            tokens = int(free - (1 - self.ec.gpu_memory_utilization) * total) // per_token
         else:
-            room = host_memory_available()
+            free = host_memory_available()
             tokens = min(65536, (2 << 30) // per_token)
-        if tokens >= self.max_model_len or self.max_model_len * per_token <= room:
-            return max(tokens, self.max_model_len)  # (one whole-context sequence at least)
+        tokens = min(tokens, self.ec.max_num_seqs * self.max_model_len)
+        if tokens >= self.max_model_len or self.max_model_len * per_token <= free:
+            return max(tokens, self.max_model_len)
         raise RequestError(f"the KV cache of one {self.max_model_len}-token sequence "
                            f"({self.max_model_len * per_token / 1e9:.1f} GB) does not fit the memory available on "
-                           f"{self.device} ({room / 1e9:.1f} GB): give a smaller max_model_len (--max-model-len)",
+                           f"{self.device} ({free / 1e9:.1f} GB): give a smaller max_model_len (--max-model-len)",
                            field="max_model_len")
 
     # -- requests ---------------------------------------------------------------------------

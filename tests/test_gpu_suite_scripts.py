@@ -99,6 +99,7 @@ def test_decode_bench_and_summary_run_on_cpu(tmp_path, monkeypatch):
     assert run.returncode == 0, run.stdout[-2000:]
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert logged and all(r["benchmark"].startswith("test_rms_norm") and r["impl"] for r in logged)
+    assert len({r["benchmark"] for r in logged}) == len(logged)  # (each case once: a named file was collected twice)
     compiled = [{"model": "codegemma-2b", "dtype": "bfloat16", "gemforge_async_tok_s": 300.0, "gemforge_tok_s": 290.0,
                  "hf_static_tok_s": 60.0, "hf_compiled_tok_s": 150.0, "speedup_vs_hf_compiled": 2.0}]
     (tmp_path / "decode_hf_compiled.json").write_text(json.dumps(compiled))  # (the GPU-only part's rows)

@@ -36,8 +36,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    # each repeat computes the whole prompt; one sequence at a time, warmed up below (serving's warm-up would
+    # capture the decode graphs of every batch size: seconds of the suite's part, for steps never run here)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=False, enable_prefix_caching=False,
-              max_num_batched_tokens=max(2048, max(args.lengths)))  # each repeat computes the whole prompt
+              max_num_batched_tokens=max(2048, max(args.lengths)), max_num_seqs=1, warmup=False)
     from transformers import GemmaForCausalLM
 
     hf = GemmaForCausalLM.from_pretrained(args.model, dtype=llm.engine.dtype).to(args.device).eval()

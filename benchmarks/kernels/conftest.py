@@ -8,5 +8,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # common.py
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # (a file named on the command line pytest collects by itself: collecting it here too ran it twice)
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)

@@ -182,3 +182,12 @@ def test_cli_generate_chat(make_checkpoint, capsys):
     assert main(["generate", "--model", str(d), "--prompt", "hi", "--chat", "--max-tokens", "3", "--device", "cpu"]) == 0
     assert "tokens, finish_reason=" in capsys.readouterr().err
     assert main(["generate", "--model", str(d), "--prompt", "a", "--chat", "--suffix", "b", "--device", "cpu"]) == 2
+
+
+def test_default_kv_cache_holds_max_num_seqs_whole_sequences_at_most(make_checkpoint):
+    """Sized by memory (a GPU: gpu_memory_utilization of the card), but never past what max_num_seqs
+    whole-context sequences use: a small model does not take the card, and a second engine fits beside it."""
+    d, _ = make_checkpoint("mqa", seed=5)
+    eng = LLM(d, device="cpu", progress=False, max_num_seqs=3).engine
+    assert eng.capacity == 3 * eng.max_model_len
+    assert LLM(d, device="cpu", progress=False, max_num_seqs=1, max_model_len=100).engine.capacity == 112  # (blocks of 16)
