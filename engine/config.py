@@ -200,9 +200,11 @@ def _rope_theta(raw: dict) -> float:
         raise ConfigError(f"field 'rope_parameters' must be an object, got {params!r}")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise ConfigError(f"field 'rope_parameters' asks for {kind!r} RoPE; Gemma-1 uses plain RoPE (rope_type 'default')")
+        raise ConfigError(f"field 'rope_parameters' asks for {kind!r} RoPE; Gemma-1 uses plain RoPE "
+                          f"(rope_type 'default')")
     if raw.get("rope_scaling") is not None:
-        raise ConfigError(f"field 'rope_scaling' is {raw['rope_scaling']!r}; Gemma-1 uses plain RoPE (rope_scaling null)")
+        raise ConfigError(f"field 'rope_scaling' is {raw['rope_scaling']!r}; Gemma-1 uses plain RoPE "
+                          f"(rope_scaling null)")
     top, nested = raw.get("rope_theta"), params.get("rope_theta")
     if top is not None and nested is not None and top != nested:
         raise ConfigError(f"fields 'rope_theta' ({top!r}) and 'rope_parameters.rope_theta' ({nested!r}) disagree")

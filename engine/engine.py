@@ -189,7 +189,8 @@ class Engine:
         self.weight_bytes = weight_bytes(weights)
         self.model = GemmaModel(self.cfg, weights, self.dtype, self.device, ec.backend)
         self.max_model_len = ec.max_model_len or self.cfg.max_position_embeddings
-        tokens = ec.kv_cache_tokens or self._default_cache_tokens()
+        draft = self._load_draft() if ec.draft_model else None  # (its weights in memory before the pools are sized)
+        tokens = ec.kv_cache_tokens or self._default_cache_tokens(draft[0].cfg if isinstance(draft, tuple) else None)
         self.cache = KVCache(self.cfg.num_layers, -(-tokens // ec.block_size), ec.block_size,
                              self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device,
                              ec.enable_prefix_caching)
@@ -198,10 +199,10 @@ class Engine:
                                   max_context=self.max_model_len,  # verify windows are k + 1 tokens
                                   max_graph_width=ec.num_speculative_tokens + 1 if ec.draft_model else 1)
         self.scheduler = Scheduler(self.cache.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
-        self.drafter = self._load_draft(graphs) if ec.draft_model else None
+        self.drafter = self._with_pool(draft, graphs) if draft is not None else None
         # at small batch a decode step costs about its weight bytes (the 2B ~0.29 of the 7B in bf16): the
         # prior (prompt lookup: free); unless given, the costs are then measured on the running decode steps
-        self.lookahead = Lookahead(min(ec.num_speculative_tokens, ec.max_num_batched_tokens - 1),  # (a window fits a step)
+        self.lookahead = Lookahead(min(ec.num_speculative_tokens, ec.max_num_batched_tokens - 1),  # (fits a step)
                                    ec.adaptive_lookahead, ec.draft_cost,
                                    step_bytes(self.drafter.model.w) / step_bytes(self.model.w)
                                    if self.drafter is not None and self.drafter.model is not None else 0.0)
@@ -230,9 +231,9 @@ class Engine:
             rep["draft_kv_cache"] = self.drafter.cache.nbytes
         return rep
 
-    def _load_draft(self, graphs: bool) -> Drafter | NgramDrafter:
-        """The draft model (same tokenizer and vocabulary, its own KV pool of the same block count), or
-        prompt lookup for draft_model "[ngram]"."""
+    def _load_draft(self) -> NgramDrafter | tuple[GemmaModel, torch.Tensor | None]:
+        """The draft model (same tokenizer and vocabulary) and the ids its pruned head keeps (None: all),
+        or prompt lookup for draft_model "[ngram]"."""
         if not 1 <= self.ec.num_speculative_tokens <= 16:
             raise RequestError(f"num_speculative_tokens must be in [1, 16], got {self.ec.num_speculative_tokens}",
                                field="num_speculative_tokens")
@@ -249,8 +250,8 @@ class Engine:
         dtok = Tokenizer(d / "tokenizer.model")
         if dcfg.vocab_size != self.cfg.vocab_size or not self.tokenizer.same_vocab(dtok):
             i = self.tokenizer.first_difference(dtok)
-            where = "" if i is None else \
-                f"; id {i} is {dtok.sp.IdToPiece(i)!r} in the draft's, {self.tokenizer.sp.IdToPiece(i)!r} in the target's"
+            where = "" if i is None else (f"; id {i} is {dtok.sp.IdToPiece(i)!r} in the draft's, "
+                                          f"{self.tokenizer.sp.IdToPiece(i)!r} in the target's")
             raise RequestError(f"draft model {d}: its vocabulary (config vocab_size {dcfg.vocab_size}, "
                                f"{dtok.vocab_size} pieces in {dtok.path}) differs from the target's (vocab_size "
                                f"{self.cfg.vocab_size}, {self.tokenizer.vocab_size} pieces in {self.tokenizer.path}"
@@ -267,8 +268,13 @@ class Engine:
         if vocab is not None:  # the LM head cut to those rows (CodeGemma-2B's full head: a fifth of a step's reads)
             vocab = to_device(vocab, self.device, torch.long)
             weights.lm_head = head_rows(weights.embed, vocab)
-        model = GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend)
-        blocks = self.cache.blocks
+        return GemmaModel(dcfg, weights, self.dtype, self.device, self.ec.backend), vocab
+
+    def _with_pool(self, draft, graphs: bool) -> Drafter | NgramDrafter:
+        """A loaded draft model with its own KV pool of the target's block count (prompt lookup needs none)."""
+        if isinstance(draft, NgramDrafter):
+            return draft
+        (model, vocab), blocks, dcfg = draft, self.cache.blocks, draft[0].cfg
         cache = KVCache(dcfg.num_layers, blocks.num_blocks, blocks.block_size, dcfg.num_kv_heads, dcfg.head_dim,
                         self.dtype, self.device, blocks.prefix_caching)
         return Drafter(model, cache, cuda_graphs=graphs, max_batch=min(self.ec.max_num_seqs, 256),
@@ -300,11 +306,13 @@ class Engine:
     def capacity(self) -> int:
         return self.cache.blocks.num_blocks * self.cache.block_size
 
-    def _default_cache_tokens(self) -> int:
+    def _default_cache_tokens(self, draft_cfg: ModelConfig | None = None) -> int:
         """A GPU: what gpu_memory_utilization leaves of the card; a CPU: up to 2 GiB (65536 tokens); never
-        more than max_num_seqs whole-context sequences use, never less than one (where it fits at all)."""
-        per_token = KVCache.bytes_per_token(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim,
-                                            torch.tensor([], dtype=self.dtype).element_size())
+        more than max_num_seqs whole-context sequences use, never less than one (where it fits at all).
+        A draft model's pool has as many blocks: a token costs both models' K and V."""
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        per_token = sum(KVCache.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, size)
+                        for c in (self.cfg, draft_cfg) if c is not None)
         if self.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info(self.device)
             tokens = int(free - (1 - self.ec.gpu_memory_utilization) * total) // per_token

@@ -99,10 +99,10 @@ def _hf_tensors(files: list[Path], weight_map: dict[str, str] | None = None):
                 wrong = sorted(listed ^ held)
                 if wrong:
                     key = wrong[0]
+                    placed = f"in {weight_map[key]}" if key in weight_map else "nowhere"
                     raise CheckpointError(
                         f"{path.parent / INDEX}: says tensor {key!r} is in {path.name}, which does not hold it"
-                        if key in listed else
-                        f"{path}: holds tensor {key!r}, which {INDEX} places {'in ' + weight_map[key] if key in weight_map else 'nowhere'}")
+                        if key in listed else f"{path}: holds tensor {key!r}, which {INDEX} places {placed}")
             for key in f.keys():
                 def read(f=f, key=key, path=path):
                     try:
@@ -127,7 +127,8 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, de
         raise ConfigError(f"{Path(model_dir) / 'config.json'}: {e}") from None
     if saved is not None and quant is not None and quant != saved:
         raise ConfigError(f"{model_dir}: checkpoint is quantized as {saved}, which differs from the requested {quant}")
-    return fuse_tensors(_hf_tensors(files, shard_index(model_dir)), cfg, dtype, device, saved, quant if saved is None else None, progress,
+    return fuse_tensors(_hf_tensors(files, shard_index(model_dir)), cfg, dtype, device, saved,
+                        quant if saved is None else None, progress,
                         where=", ".join(p.name for p in files), desc=f"loading {Path(model_dir).name}")
 
 

@@ -191,3 +191,12 @@ def test_default_kv_cache_holds_max_num_seqs_whole_sequences_at_most(make_checkp
     eng = LLM(d, device="cpu", progress=False, max_num_seqs=3).engine
     assert eng.capacity == 3 * eng.max_model_len
     assert LLM(d, device="cpu", progress=False, max_num_seqs=1, max_model_len=100).engine.capacity == 112  # (blocks of 16)
+    from gemforge.engine.config import preset
+    from gemforge.engine.kv_cache import KVCache
+
+    seven_b = preset("codegemma-7b")  # a draft's pool has the target's blocks: a token costs both
+    both = KVCache.bytes_per_token(eng.cfg.num_layers, eng.cfg.num_kv_heads, eng.cfg.head_dim, 4) + \
+        KVCache.bytes_per_token(seven_b.num_layers, seven_b.num_kv_heads, seven_b.head_dim, 4)
+    wide = LLM(d, device="cpu", progress=False).engine
+    assert wide._default_cache_tokens() == 64 * wide.max_model_len
+    assert wide._default_cache_tokens(seven_b) == (2 << 30) // both
