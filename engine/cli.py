@@ -114,6 +114,13 @@ def _bench(args) -> int:
     bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
     if not (bench_dir / "engine").is_dir():
         raise GemforgeError(f"gemforge bench runs from a source checkout; {bench_dir} not found")
+    from .config import ModelConfig
+
+    models = bench_dir.parent / "models"
+    model = Path(args.model) if args.model else models / "nano-codegemma"
+    draft = Path(args.draft) if args.draft else models / "nano-codegemma-draft"
+    for path in (model, draft) if args.draft else (model,):
+        ModelConfig.from_pretrained(path)  # (a wrong path fails now, not after the kernel benchmarks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -125,14 +132,14 @@ def _bench(args) -> int:
         spec.loader.exec_module(mod)
         return mod
 
-    draft = Path(args.draft) if args.draft else None
-    parts = [("kernels", None), ("host_overhead", ["--model", args.model, "--batches", "1", "64", "256"]),
-             ("throughput", ["--model", args.model, "--concurrency", "1", "8", "64", "--max-tokens", "32"]),
-             ("step_breakdown", ["--model", args.model, "--concurrency", "1", "64", "--max-tokens", "32"]),
-             ("prefill", ["--model", args.model, "--lengths", "128", "512"]),
-             ("prefix_cache", ["--model", args.model, "--prefix", "1000", "--requests", "6", "--batch", "8"])]
-    if draft is not None and draft.is_dir():
-        parts.append(("speculative", ["--target", args.model, "--draft", str(draft), "--ks", "2", "4"]))
+    m = str(model)
+    parts = [("kernels", None), ("host_overhead", ["--model", m, "--batches", "1", "64", "256"]),
+             ("throughput", ["--model", m, "--concurrency", "1", "8", "64", "--max-tokens", "32"]),
+             ("step_breakdown", ["--model", m, "--concurrency", "1", "64", "--max-tokens", "32"]),
+             ("prefill", ["--model", m, "--lengths", "128", "512"]),
+             ("prefix_cache", ["--model", m, "--prefix", "1000", "--requests", "6", "--batch", "8"])]
+    if draft.is_dir():  # (the bundled draft, where it is; one given was checked above)
+        parts.append(("speculative", ["--target", m, "--draft", str(draft), "--ks", "2", "4"]))
     results = {}
     for name, argv in tqdm(parts, desc="gemforge bench", unit="part"):
         if name == "kernels":
@@ -190,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_quantize)
 
     b = sub.add_parser("bench", help="CPU-capable benchmarks: kernels, host overhead, throughput vs HF transformers")
-    b.add_argument("--model", default="models/nano-codegemma")
-    b.add_argument("--draft", default="models/nano-codegemma-draft", help="draft for the speculative sweep, if present")
+    b.add_argument("--model", default=None, help="HF-layout model directory (default: the bundled nano-codegemma)")
+    b.add_argument("--draft", default=None, help="draft for the speculative sweep (default: the bundled "
+                   "nano-codegemma-draft)")
     b.add_argument("--out", default="bench-results", help="directory for the JSON results")
     b.set_defaults(func=_bench)
 

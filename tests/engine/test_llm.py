@@ -200,3 +200,12 @@ def test_default_kv_cache_holds_max_num_seqs_whole_sequences_at_most(make_checkp
     wide = LLM(d, device="cpu", progress=False).engine
     assert wide._default_cache_tokens() == 64 * wide.max_model_len
     assert wide._default_cache_tokens(seven_b) == (2 << 30) // both
+
+
+def test_cli_bench_checks_its_models_first(capsys, tmp_path):
+    """`gemforge bench` finds the bundled pair from any working directory, and a wrong path fails at once
+    (not after minutes of kernel benchmarks)."""
+    assert main(["bench", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "nope/config.json: config.json not found" in capsys.readouterr().err
+    assert main(["bench", "--draft", str(tmp_path / "nope2"), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
