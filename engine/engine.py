@@ -8,11 +8,8 @@ The LLM (offline) and AsyncEngine (serving) APIs both drive this one class.
 """
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +19,7 @@ from gemforge.kernels.registry import BACKENDS, BackendUnavailable
 from .config import ModelConfig
 from .errors import RequestError
 from .kv_cache import KVCache
-from .loader import DTYPES, load_weights, to_dtype
+from .loader import load_weights
 from .model import GemmaModel, Ops
 from .quantization import QuantConfig, step_bytes, weight_bytes
 from .runner import ModelRunner
@@ -31,136 +28,14 @@ from .scheduler import Scheduler
 from .drafters import NGRAM, Drafter, NgramDrafter, draft_vocabulary
 from .lookahead import Lookahead
 from .speculative import Window, verdicts
-from .sequence import RequestOutput, Sequence
+from .options import EngineConfig, check_device, check_sizes, default_device, host_memory_available, resolve_dtype
+from .sequence import Request, RequestOutput, Sequence
 from .step_input import FlatBatch, InFlight
 from .tokenizer import Tokenizer
 from .transfer import take_rows, to_device
 from .weights import head_rows
 
 log = logging.getLogger("gemforge")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def host_memory_available() -> int:
-    """Bytes of RAM the kernel can hand out now (/proc/meminfo's MemAvailable; else the machine's total)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_device(device: str) -> str:
-    """`device` if gemforge can run there (cpu, or an available cuda[:N]); else RequestError."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RequestError(f"device {device!r} is not a device name (cpu, cuda, cuda:N)", field="device") from None
-    if d.type not in ("cpu", "cuda"):
-        raise RequestError(f"device {device!r}: gemforge runs on cpu or cuda", field="device")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise RequestError(f"device {device!r}: no CUDA device is available (torch.cuda.is_available() is False)",
-                           field="device")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise RequestError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
-                           field="device")
-    return device
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (x86 AVX512-BF16 or AMX, Arm BF16),
-    read from /proc/cpuinfo's flags (False where there is none, e.g. not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False
-
-
-def resolve_dtype(dtype: str, cfg: ModelConfig, device: str) -> torch.dtype:
-    """"auto": the checkpoint's dtype on a GPU; on a CPU, a bf16 checkpoint's bf16 where the CPU has
-    native bf16 (it halves the weight reads that bound decoding; benchmarks/README.md has the figures),
-    else float32 (emulated bf16 or fp16 matmuls are slow)."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise RequestError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}", field="dtype")
-    if dtype == "auto":
-        ckpt = to_dtype(cfg.dtype)
-        if device.startswith("cuda"):
-            return ckpt
-        return ckpt if ckpt == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
-    return to_dtype(dtype)
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_ids: list[int]
-    seqs: list[Sequence]
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    stream: bool = True  # an output every step it makes progress; False: only the final one
-
-    @property
-    def finished(self) -> bool:
-        for s in self.seqs:
-            if s.finish_reason is None:
-                return False
-        return True
-
-    def output(self, finished: bool) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
-                             finished, max(s.cached_prompt_tokens or 0 for s in self.seqs),
-                             self.seqs[0].prompt_logprobs, self.first_token_time)
-
-
-@dataclass
-class EngineConfig:
-    dtype: str = "auto"
-    device: str | None = None
-    backend: str = "auto"
-    kv_cache_tokens: int | None = None
-    block_size: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True  # share the cached blocks of identical prompt prefixes
-    cuda_graphs: bool = True
-    warmup: bool = True  # on a GPU: compile kernels and capture every CUDA graph at start, not mid-serving
-    async_scheduling: bool | None = None  # launch each step before reading the last one's tokens; None: on a GPU
-    gpu_memory_utilization: float = 0.85
-    quantization: str | None = None      # "int8" | "int4": quantize while loading
-    quantize_lm_head: bool = False
-    group_size: int = 128
-    draft_model: str | None = None       # a draft model's directory, or "[ngram]" for prompt lookup
-    draft_quantization: str | None = None
-    draft_vocab_size: int | None = None  # the draft proposes among this many tokens only (its LM head cut to them)
-    draft_vocab_corpus: str | None = None  # text whose most frequent tokens those are (else: the tokenizer's scores)
-    num_speculative_tokens: int = 4
-    adaptive_lookahead: bool = True
-    draft_cost: float | None = None  # a draft step in target decode steps; None: measured (StepCosts)
-
-
-def check_sizes(ec: EngineConfig, cfg: ModelConfig) -> None:
-    """The engine's sizes are positive integers, and max_model_len within the model's positions; else RequestError."""
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len", "kv_cache_tokens"):
-        v = getattr(ec, name)
-        if (v is not None or name in ("max_num_seqs", "max_num_batched_tokens", "block_size")) and (
-                not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise RequestError(f"{name} must be a positive integer, got {v!r}", field=name)
-    if ec.max_model_len is not None and ec.max_model_len > cfg.max_position_embeddings:
-        raise RequestError(f"max_model_len {ec.max_model_len} exceeds the model's max_position_embeddings "
-                           f"({cfg.max_position_embeddings})", field="max_model_len")
 
 
 class Engine:

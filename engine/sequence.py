@@ -1,8 +1,10 @@
-"""A request's sequence: its tokens, its place in the cache, its stop rules, and its outputs."""
+"""A request's sequence: its tokens, its place in the cache, its stop rules, and its outputs; a Request
+groups the n sequences of one prompt."""
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -179,3 +181,26 @@ class Sequence:
         return {"proposed": self.spec_proposed, "accepted": self.spec_accepted, "verify_steps": self.spec_steps,
                 "acceptance_rate": self.spec_accepted / max(1, self.spec_proposed),
                 "tokens_per_step": (self.spec_accepted + self.spec_steps) / self.spec_steps}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    stream: bool = True  # an output every step it makes progress; False: only the final one
+
+    @property
+    def finished(self) -> bool:
+        for s in self.seqs:
+            if s.finish_reason is None:
+                return False
+        return True
+
+    def output(self, finished: bool) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, [s.output() for s in self.seqs],
+                             finished, max(s.cached_prompt_tokens or 0 for s in self.seqs),
+                             self.seqs[0].prompt_logprobs, self.first_token_time)

@@ -151,15 +151,15 @@ def test_streamed_outputs_are_snapshots(ckpt):
     ("float16", True, torch.float32), ("float32", True, torch.float32)])
 def test_auto_dtype_on_cpu(monkeypatch, ckpt_dtype, native_bf16, expected):
     """"auto" on a CPU: a bf16 checkpoint runs in bf16 only where the CPU has bf16 hardware."""
-    from gemforge.engine import engine as engine_mod
+    from gemforge.engine import options
     from gemforge.engine.config import ModelConfig
 
-    monkeypatch.setattr(engine_mod, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(options, "cpu_has_native_bf16", lambda: native_bf16)
     cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
                       num_kv_heads=1, head_dim=8, dtype=ckpt_dtype)
-    assert engine_mod.resolve_dtype("auto", cfg, "cpu") == expected
-    assert engine_mod.resolve_dtype("auto", cfg, "cuda") == getattr(torch, ckpt_dtype)
-    assert engine_mod.resolve_dtype("float16", cfg, "cpu") == torch.float16
+    assert options.resolve_dtype("auto", cfg, "cpu") == expected
+    assert options.resolve_dtype("auto", cfg, "cuda") == getattr(torch, ckpt_dtype)
+    assert options.resolve_dtype("float16", cfg, "cpu") == torch.float16
 
 
 def random_params(rng: random.Random, vocab: int) -> SamplingParams:
