@@ -3,8 +3,8 @@
     app = build_app(AsyncEngine(Engine(model_dir)), "codegemma-2b", api_key=None)
 
 Routes: POST /v1/completions (`suffix` -> CodeGemma infill), POST /v1/chat/completions,
-GET /v1/models, POST /tokenize and /detokenize (vLLM's), GET /health (503 while the engine is
-unhealthy), GET /metrics (Prometheus).
+GET /v1/models (and /v1/models/{id}), POST /tokenize and /detokenize (vLLM's), GET /health (503 while the
+engine is unhealthy), GET /metrics (Prometheus).
 With an api key, every route but /health needs `Authorization: Bearer KEY`. Bodies are read with a
 size limit and parsed strictly (protocol.py); every error leaves through errors.py.
 """
