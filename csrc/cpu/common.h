@@ -112,7 +112,9 @@ inline float exp_vec(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return underflow ? 0.0f : p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) * (1 << 23));
+  const float whole = n == n ? n : 0.0f;  // (NaN: p is NaN already; converting NaN to an int is undefined)
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23;  // 2^n
+  return underflow ? 0.0f : p * __builtin_bit_cast(float, bits);
 }
 
 // GeGLU of one element in fp32: gelu_tanh(g) * u with z = sqrt(2/pi)(g + 0.044715 g^3) and
