@@ -30,6 +30,20 @@ def test_gelu_and_mul_extreme_inputs(kernel, nan_empty):
     assert_close(gelu_and_mul(x, backend=kernel.backend), gelu_and_mul_ref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_and_mul_propagates_nan_where_the_reference_does(kernel, dtype, nan_empty):
+    """A NaN gate or up gives NaN in its own output element only (the CPU kernel's vectorised exp takes the
+    NaN through its range reduction without converting it to an integer); the rest matches the reference."""
+    g = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(4, 2 * 40, generator=g)).to(dtype)
+    x[0, 3] = x[1, 40 + 7] = x[3, 0] = float("nan")  # gates of rows 0 and 3, an up of row 1
+    out = gelu_and_mul(x.to(kernel.device), backend=kernel.backend).cpu()
+    ref = gelu_and_mul_ref(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 3
+    keep = ~ref.isnan()
+    assert_close(out[keep], gelu_and_mul_ref(x.float())[keep], ref[keep])
+
+
 def test_gelu_and_mul_leading_dims(kernel, nan_empty):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 96, generator=g).to(kernel.device, torch.float16)
