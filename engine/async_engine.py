@@ -19,7 +19,6 @@ old request reaches the new one.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import threading
@@ -121,7 +120,8 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield dataclasses.replace(item, request_id=request_id)
+                item.request_id = request_id  # (the engine built it for this consumer alone)
+                yield item
                 if item.finished:
                     finished = True
                     return

@@ -12,8 +12,6 @@ The pieces returned by push() and flush() concatenate to exactly the final `text
 """
 from __future__ import annotations
 
-import functools
-
 from .tokenizer import Tokenizer
 
 # Decode a window that starts this many tokens before the unread ones, so sentencepiece sees the
@@ -116,7 +114,6 @@ class Detokenizer:
         return min(hits) if hits else None
 
 
-@functools.lru_cache(maxsize=1024)
 def _borders(s: str) -> tuple[int, ...]:
     """KMP's table: entry n is the length of the longest proper prefix of s[:n] that is also its suffix."""
     border, k = [0] * (len(s) + 1), 0

@@ -41,9 +41,6 @@ log = logging.getLogger("gemforge")
 class Engine:
     def __init__(self, model: str | Path, config: EngineConfig | None = None, progress: bool = True):
         ec = self.ec = config or EngineConfig()
-        if not 0 < ec.gpu_memory_utilization <= 1:
-            raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {ec.gpu_memory_utilization}",
-                               field="gpu_memory_utilization")
         self.model_dir = Path(model)
         self.cfg = ModelConfig.from_pretrained(self.model_dir)
         check_sizes(ec, self.cfg)

@@ -7,6 +7,7 @@ cost: at acceptance rate alpha a window of k drafts yields (1 - alpha^(k+1)) / (
 """
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import deque
 
@@ -45,6 +46,10 @@ def updated_rate(rate: float, accepted: int, proposed: int, decay: float) -> flo
     for _ in range(accepted):
         rate = decay * rate + (1 - decay)
     return decay * rate if accepted < proposed else rate
+
+
+# (called per running sequence each step: the acceptance rate in hundredths and the costs repeat)
+_best_lookahead = functools.lru_cache(maxsize=1 << 14)(best_lookahead)
 
 
 class StepCosts:
@@ -125,8 +130,6 @@ class Lookahead:
         self.costs = StepCosts(draft_prior)
         self.rate = 1.0  # acceptance over all sequences: a new sequence's starting estimate
         self.since_plain = 0  # speculative steps measured since the last plain one
-        self._memo: tuple = (None, {})  # (costs, {acceptance in hundredths: best k})
-        self._fixed: dict[int, int] = {}  # the same for seeded requests, under the given or prior draft cost
 
     @property
     def given_or_prior(self) -> float:
@@ -157,9 +160,7 @@ class Lookahead:
         costs are relative to."""
         timed = self.costs.window_costs if self.given is None else ()
         costs = (self.k_max, self.draft_cost, self.verify_slope, self.first_draft_cost, timed)
-        if self._memo[0] != costs:  # best k by acceptance rate in hundredths, under these costs
-            self._memo = (costs, {})
-        memo = self._memo[1]
+        fixed = (self.k_max, self.given_or_prior)  # a seeded request's: the draws it takes replay with its seed
         calibrate = self.adaptive and self.given is None and self.since_plain >= CALIBRATE_EVERY
         for s in running:
             p = s.params
@@ -168,15 +169,7 @@ class Lookahead:
                 continue
             want = self.k_max
             if self.adaptive:
-                rate = round(s.spec_rate * 100)
-                if s.seeded:  # its own acceptance under fixed costs: the draws it takes replay with its seed
-                    want = self._fixed.get(rate)
-                    if want is None:
-                        want = self._fixed[rate] = best_lookahead(rate / 100, self.k_max, self.given_or_prior)
-                else:
-                    want = memo.get(rate)
-                    if want is None:
-                        want = memo[rate] = best_lookahead(rate / 100, *costs)
+                want = _best_lookahead(round(s.spec_rate * 100) / 100, *(fixed if s.seeded else costs))
                 if want:
                     s.spec_idle, s.spec_probe_every = 0, PROBE_EVERY
                 else:

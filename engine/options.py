@@ -43,12 +43,16 @@ class EngineConfig:
 
 
 def check_sizes(ec: EngineConfig, cfg: ModelConfig) -> None:
-    """The engine's sizes are positive integers, and max_model_len within the model's positions; else RequestError."""
+    """The engine's sizes are positive integers, gpu_memory_utilization in (0, 1], and max_model_len within the
+    model's positions; else RequestError naming the field."""
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len", "kv_cache_tokens"):
         v = getattr(ec, name)
         if (v is not None or name in ("max_num_seqs", "max_num_batched_tokens", "block_size")) and (
                 not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise RequestError(f"{name} must be a positive integer, got {v!r}", field=name)
+    if not 0 < ec.gpu_memory_utilization <= 1:
+        raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {ec.gpu_memory_utilization}",
+                           field="gpu_memory_utilization")
     if ec.max_model_len is not None and ec.max_model_len > cfg.max_position_embeddings:
         raise RequestError(f"max_model_len {ec.max_model_len} exceeds the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings})", field="max_model_len")
